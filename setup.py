@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="lineas_fast",
+    version="0.1.0",
+    description="Fast LinEAS activation steering: fused Triton kernels, lean trainer, weight folding",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["lineas_fast", "lineas_fast.kernels"],
+    package_dir={"lineas_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2,<3.10; platform_system == 'Linux'",
+        "transformers>=4.46,<6",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "diffusers": ["diffusers>=0.30"],
+        "demo": ["gguf>=0.10", "alt-profanity-check>=1.5", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["lineas-fast=lineas_fast.cli:main"]},
+)

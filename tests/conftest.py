@@ -1,0 +1,11 @@
+"""Test lanes (see tests/run.sh): tests/cpu runs the PyTorch paths; tests/interpret runs the
+Triton kernels on CPU and needs TRITON_INTERPRET=1 set before Triton is imported; tests/compile
+builds every kernel for sm_80/sm_90 and needs it unset. Each lane collects only its own folder."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+_interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+collect_ignore = ["compile", "cpu", "gpu"] if _interpreting else ["interpret"]
