@@ -17,7 +17,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.7"],
         "diffusers": ["diffusers>=0.30"],
         "demo": ["gguf>=0.10", "alt-profanity-check>=1.5", "matplotlib>=3.7"],
     },

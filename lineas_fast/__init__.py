@@ -1,8 +1,13 @@
-"""lineas_fast: fast LinEAS activation steering (see README.md and SPEC)."""
-from .functional import affine_steer
-from .wasserstein import PackedTargetProfile, TargetProfile, pack_profiles, sliced_wasserstein
-
+"""lineas_fast: fast LinEAS activation steering (see README.md)."""
 __version__ = "0.1.0"
 
+from .functional import affine_steer  # noqa: E402
+from .linear_act import fit_linear_act, linear_act_map  # noqa: E402
+from .steering import Steering, SteeringHandle, model_fingerprint  # noqa: E402
+from .trainer import TrainingDivergedError, train  # noqa: E402
+from .wasserstein import (PackedTargetProfile, TargetProfile, pack_profiles,  # noqa: E402
+                          sliced_wasserstein)
+
 __all__ = ["affine_steer", "sliced_wasserstein", "TargetProfile", "PackedTargetProfile",
-           "pack_profiles", "__version__"]
+           "pack_profiles", "Steering", "SteeringHandle", "model_fingerprint", "train",
+           "TrainingDivergedError", "linear_act_map", "fit_linear_act", "__version__"]

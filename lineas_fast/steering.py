@@ -1,0 +1,277 @@
+"""``Steering``: one affine map (ω, b) per module, saved as safetensors, applied by hooks."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from typing import Mapping, Union
+
+import torch
+from torch import nn
+
+from .functional import affine_steer
+from .io import atomic_path
+from .modules import channel_dim_of, coordinate_dim, nearby_names
+
+FORMAT = "lineas_fast.steering"
+StrengthSpec = Union[float, Mapping[str, float]]
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """What identifies a model's architecture and size (not its weights): its config's
+    model_type and a hash of every parameter's name and shape."""
+    cfg = getattr(model, "config", None)
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+    return {"model_type": getattr(cfg, "model_type", type(model).__name__),
+            "name_or_path": getattr(cfg, "_name_or_path", "") or "",
+            "shapes_sha256": digest}
+
+
+class Steering:
+    """Per-module affine maps T(z) = ω⊙z + b (SPEC §3, §7).
+
+    Args:
+        maps: {module name: (omega (d,), bias (d,))} float tensors (kept as given, so training
+            can pass its leaf parameters).
+        metadata: free-form JSON-able information saved with the maps (model fingerprint,
+            hyperparameters, ...).
+    """
+
+    def __init__(self, maps: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                 metadata: dict | None = None):
+        if not maps:
+            raise ValueError("a Steering needs at least one module map")
+        self._maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, pair in maps.items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"map for {name!r} must be a pair (omega, bias)")
+            omega, bias = pair
+            if omega.ndim != 1 or omega.shape != bias.shape:
+                raise ValueError(f"map for {name!r}: omega {tuple(omega.shape)} and bias "
+                                 f"{tuple(bias.shape)} must both be (d,)")
+            self._maps[name] = (omega, bias)
+        self.metadata = dict(metadata or {})
+
+    # --- inspection -------------------------------------------------------------------------
+    @property
+    def modules(self) -> list[str]:
+        return list(self._maps)
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._maps[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._maps
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def dims(self) -> dict[str, int]:
+        return {n: om.shape[0] for n, (om, _) in self._maps.items()}
+
+    def support(self, per_module: bool = False):
+        """Coordinates whose map is not the identity (ω ≠ 1 or b ≠ 0): a total, or per module."""
+        counts = {n: int(((om != 1) | (b != 0)).sum()) for n, (om, b) in self._maps.items()}
+        return counts if per_module else sum(counts.values())
+
+    def __repr__(self) -> str:
+        return (f"Steering({len(self)} modules, support {self.support()}/"
+                f"{sum(self.dims().values())})")
+
+    # --- algebra ------------------------------------------------------------------------------
+    def detach(self) -> "Steering":
+        return Steering({n: (om.detach().clone(), b.detach().clone())
+                         for n, (om, b) in self._maps.items()}, self.metadata)
+
+    def to(self, device=None, dtype=None) -> "Steering":
+        return Steering({n: (om.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+                         for n, (om, b) in self._maps.items()}, self.metadata)
+
+    def inverse(self) -> "Steering":
+        """T⁻¹(z) = (z − b)/ω as an affine map: ω' = 1/ω, b' = −b/ω."""
+        out = {}
+        for n, (om, b) in self._maps.items():
+            if bool((om == 0).any()):
+                raise ValueError(f"module {n!r}: omega has zeros, the map has no inverse")
+            out[n] = (1.0 / om, -b / om)
+        return Steering(out, {**self.metadata, "inverse_of": self.metadata.get("name", "")})
+
+    def compose(self, other: "Steering") -> "Steering":
+        """self ∘ other: ``other`` applied first, then ``self`` (SPEC §3:
+        (T₂∘T₁)(z) = ω₂ω₁⊙z + ω₂b₁ + b₂). A module in only one of them keeps its map."""
+        out = dict(other._maps)
+        for n, (om2, b2) in self._maps.items():
+            if n in out:
+                om1, b1 = out[n]
+                if om1.shape != om2.shape:
+                    raise ValueError(f"module {n!r}: cannot compose maps of dims "
+                                     f"{om1.shape[0]} and {om2.shape[0]}")
+                out[n] = (om2 * om1, om2 * b1 + b2)
+            else:
+                out[n] = (om2, b2)
+        return Steering(out, {**other.metadata, **self.metadata})
+
+    # --- files -------------------------------------------------------------------------------
+    def save(self, path: str, **metadata) -> None:
+        """Write safetensors (tensors ``<module>.omega`` / ``<module>.bias``, float32) with JSON
+        metadata, atomically."""
+        from safetensors.torch import save_file
+        from . import __version__
+        tensors = {}
+        for n, (om, b) in self._maps.items():
+            tensors[f"{n}.omega"] = om.detach().float().cpu().contiguous()
+            tensors[f"{n}.bias"] = b.detach().float().cpu().contiguous()
+        meta = {**self.metadata, **metadata}
+        header = {"format": FORMAT, "library_version": __version__,
+                  "modules": json.dumps(self.modules), "dims": json.dumps(self.dims()),
+                  "metadata": json.dumps(meta, default=str)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=header)
+
+    @classmethod
+    def load(cls, path: str, device=None) -> "Steering":
+        """Read a file written by ``save`` (safetensors: no unpickling)."""
+        from safetensors import SafetensorError, safe_open
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"steering file {path!r} does not exist")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+                if header.get("format") != FORMAT:
+                    raise ValueError(f"{path!r} is not a lineas_fast steering file "
+                                     f"(format {header.get('format')!r})")
+                modules = json.loads(header["modules"])
+                maps = {}
+                for n in modules:
+                    om, b = f.get_tensor(f"{n}.omega"), f.get_tensor(f"{n}.bias")
+                    maps[n] = (om.to(device) if device else om, b.to(device) if device else b)
+        except (SafetensorError, json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"cannot read steering file {path!r}: {e}") from None
+        return cls(maps, json.loads(header.get("metadata", "{}")))
+
+    # --- use on a model ------------------------------------------------------------------------
+    def validate(self, model: nn.Module, strict: bool = True) -> dict[str, nn.Module]:
+        """Check every map's module exists with the map's dimension (and, if ``strict`` and
+        the file recorded one, the same model fingerprint). Returns {name: module}."""
+        named = dict(model.named_modules())
+        missing = [n for n in self._maps if n not in named]
+        if missing:
+            raise ValueError(f"steering maps modules missing from {type(model).__name__}: "
+                             f"{missing[:5]}; nearby names: {nearby_names(list(named), missing[0])}")
+        for n, (om, _) in self._maps.items():
+            d = coordinate_dim(named[n])
+            if d is not None and d != om.shape[0]:
+                raise ValueError(f"module {n!r} has {d} coordinates but its map has "
+                                 f"{om.shape[0]}: this steering was trained on another model")
+        want = self.metadata.get("model")
+        if strict and want:
+            have = model_fingerprint(model)
+            if (want.get("model_type"), want.get("shapes_sha256")) != (
+                    have["model_type"], have["shapes_sha256"]):
+                raise ValueError(f"steering was trained on model {want} but this model is {have}; "
+                                 f"pass strict=False to apply it anyway")
+        return {n: named[n] for n in self._maps}
+
+    def strengths(self, strength: StrengthSpec) -> dict[str, float]:
+        """Per-module strength from a float or {name or regex: float} (others get 1.0)."""
+        if isinstance(strength, Mapping):
+            out = {n: 1.0 for n in self._maps}
+            for key, val in strength.items():
+                hits = [n for n in self._maps if n == key or re.fullmatch(key, n)]
+                if not hits:
+                    raise ValueError(f"strength key {key!r} matches no steered module "
+                                     f"(steered: {self.modules[:5]}...)")
+                for n in hits:
+                    out[n] = float(val)
+            return out
+        if isinstance(strength, torch.Tensor):
+            raise TypeError("a per-token strength tensor is set per call with affine_steer; "
+                            "attach/apply take a float or a per-module dict")
+        return {n: float(strength) for n in self._maps}
+
+    def attach(self, model: nn.Module, strength: StrengthSpec = 1.0, strict: bool = True,
+               backend: str | None = None) -> "SteeringHandle":
+        """Register forward hooks applying each map to its module's output with the fused
+        kernel; a negative strength applies the inverse map with |strength|. Returns a handle
+        with ``.remove()``."""
+        modules = self.validate(model, strict)
+        strengths = self.strengths(strength)
+        handles = []
+        for n, mod in modules.items():
+            s = strengths[n]
+            if s == 0.0:
+                continue
+            om, b = self._maps[n]
+            handles.append(mod.register_forward_hook(_make_hook(n, om, b, s, backend)))
+        return SteeringHandle(handles)
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, strength: StrengthSpec = 1.0, strict: bool = True,
+              backend: str | None = None):
+        """Context manager: ``with steering.apply(model, strength=0.5): model.generate(...)``."""
+        handle = self.attach(model, strength, strict, backend)
+        try:
+            yield model
+        finally:
+            handle.remove()
+
+    def plot_support(self, path: str) -> None:
+        """Bar chart of the support (coordinates switched on) per module, as a PNG."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        counts, dims = self.support(per_module=True), self.dims()
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(counts)), 3.5))
+        ax.bar(range(len(counts)), [counts[n] / dims[n] for n in counts])
+        ax.set_xticks(range(len(counts)))
+        ax.set_xticklabels(list(counts), rotation=90, fontsize=6)
+        ax.set_ylabel("support (fraction of coordinates)")
+        ax.set_ylim(0, 1)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+
+
+class SteeringHandle:
+    """Hooks registered by ``Steering.attach``; ``remove()`` takes them all off."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _make_hook(name: str, omega: torch.Tensor, bias: torch.Tensor, strength: float,
+               backend: str | None):
+    inverse = strength < 0
+    lam = abs(strength)
+    cache = {}
+
+    def hook(module, _args, out):
+        h = out[0] if isinstance(out, (tuple, list)) else out
+        key = h.device
+        if key not in cache:
+            cache[key] = (omega.to(h.device), bias.to(h.device)) if not omega.requires_grad else None
+        om, b = cache[key] or (omega.to(h.device), bias.to(h.device))
+        cd = channel_dim_of(module, h, om.shape[0], name)
+        y = affine_steer(h, om, b, lam, inverse=inverse, channel_dim=cd, backend=backend)
+        if isinstance(out, tuple):
+            return (y,) + tuple(out[1:])
+        if isinstance(out, list):
+            return [y] + list(out[1:])
+        return y
+
+    return hook

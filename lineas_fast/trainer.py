@@ -1,0 +1,265 @@
+"""LinEAS training (SPEC §4): all maps jointly, proximal SGD/Adam with cosine decay."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .activations import ActivationReader
+from .io import atomic_path
+from .modules import match_modules
+from .steering import Steering, model_fingerprint
+from .wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or Inf; the maps of the last good step are kept."""
+
+
+@dataclass
+class TrainConfig:
+    modules: str = ".*post.*layernorm"
+    loss_modules: Optional[str] = None
+    steps: int = 1000
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: Optional[float] = None
+    reduction: str = "reference"
+    sparsity: float = 0.0
+    l1: float = 1.0
+    group: float = 1.0
+    seed: int = 0
+    max_length: int = 128
+    init: Optional[str] = None
+    autocast_dtype: Optional[str] = None
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return 0.1 if self.optimizer == "sgd" else 1e-2
+
+    def check(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, "
+                             f"{self.batch_size}")
+        if self.resolved_lr() <= 0 or self.sparsity < 0 or self.l1 < 0 or self.group < 0:
+            raise ValueError("lr must be > 0 and sparsity, l1, group >= 0")
+        if self.init not in (None, "linear_act"):
+            raise ValueError(f"init must be None or 'linear_act', got {self.init!r}")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    per_layer: list = field(default_factory=list)
+    support: int = 0
+    lr: float = 0.0
+
+
+def cosine_factor(step: int, steps: int, floor: float = 1e-3) -> float:
+    """Learning-rate multiplier: cosine from 1 at step 0 to ``floor`` at the last step."""
+    if steps <= 1:
+        return 1.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / (steps - 1)))
+
+
+@torch.no_grad()
+def proximal_step(v: torch.Tensor, tau: float, sparsity: float, l1: float, group: float) -> None:
+    """Sparse group lasso prox in place on v (d,): soft-threshold by τγλ₁, then shrink the
+    group by max(0, 1 − τγλ_G√d/‖v‖)."""
+    if sparsity <= 0:
+        return
+    t = tau * sparsity * l1
+    if t > 0:
+        v.copy_(torch.sign(v) * (v.abs() - t).clamp_min(0))
+    g = tau * sparsity * group * math.sqrt(v.numel())
+    if g > 0:
+        norm = v.norm()
+        v.mul_((1 - g / norm).clamp_min(0) if norm > 0 else 0.0)
+
+
+def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[str],
+          modules: str = ".*post.*layernorm", steps: int = 1000, *,
+          loss_modules: str | None = None, batch_size: int = 32, optimizer: str = "sgd",
+          lr: float | None = None, reduction: str = "reference", sparsity: float = 0.0,
+          l1: float = 1.0, group: float = 1.0, seed: int = 0, max_length: int = 128,
+          init: str | Steering | None = None, autocast_dtype: torch.dtype | None = None,
+          checkpoint_every: int = 0, checkpoint_path: str | None = None,
+          resume_from: str | None = None, callback: Callable[[StepRecord], None] | None = None,
+          progress: bool = True, backend: str | None = None) -> Steering:
+    """Train LinEAS maps at ``modules`` so the steered source matches the target at
+    ``loss_modules`` (default: the same modules).
+
+    Model weights are frozen (no weight gradients), the forward stops after the last loss
+    module, batches are length-bucketed, targets are computed once as profiles. Returns a
+    ``Steering`` whose ``metadata["history"]`` holds per-step loss, per-layer loss and support.
+
+    Checkpointing: every ``checkpoint_every`` steps the maps and optimizer, scheduler and RNG
+    state are written atomically to ``checkpoint_path``; ``resume_from`` continues such a run
+    to the same result as an uninterrupted one. A NaN/Inf loss raises TrainingDivergedError
+    (the last checkpoint is left untouched).
+    """
+    cfg = TrainConfig(modules=modules, loss_modules=loss_modules, steps=steps,
+                      batch_size=batch_size, optimizer=optimizer, lr=lr, reduction=reduction,
+                      sparsity=sparsity, l1=l1, group=group, seed=seed, max_length=max_length,
+                      init=init if isinstance(init, (str, type(None))) else "steering",
+                      autocast_dtype=str(autocast_dtype) if autocast_dtype else None)
+    if cfg.init == "steering":
+        cfg.init = None
+    cfg.check()
+    if checkpoint_every and not checkpoint_path:
+        raise ValueError("checkpoint_every needs checkpoint_path")
+    names = match_modules(model, modules, "modules")
+    loss_names = match_modules(model, loss_modules, "loss_modules") if loss_modules else names
+    reader = ActivationReader(model, tokenizer, max_length, autocast_dtype)
+    src, tgt = reader.encode(source, "source"), reader.encode(target, "target")
+    n = min(batch_size, len(src))
+
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            tgt_acts = reader.pooled(tgt, loss_names, stop=True)
+        profiles = pack_profiles([TargetProfile(tgt_acts[m], n) for m in loss_names])
+        start = _initial_maps(model, tokenizer, source, target, names, init, cfg, reader, src)
+        params = [t for pair in start.values() for t in pair]
+        opt = (torch.optim.SGD(params, lr=cfg.resolved_lr()) if cfg.optimizer == "sgd"
+               else torch.optim.Adam(params, lr=cfg.resolved_lr()))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, cfg.steps))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        history: list[StepRecord] = []
+        first = 0
+        if resume_from:
+            first, history = _load_checkpoint(resume_from, cfg, start, opt, sched, gen)
+        steering = Steering(start)
+        bar = _progress(range(first, cfg.steps), progress, first, cfg.steps)
+        for step in bar:
+            idx = torch.randperm(len(src), generator=gen)[:n].tolist()
+            tau = opt.param_groups[0]["lr"]
+            with steering.attach(model, strict=False, backend=backend):
+                acts = reader.pooled(src, loss_names, idx, stop=True)
+            dev = profiles.mean.device
+            loss, per_layer = sliced_wasserstein([acts[m].to(dev) for m in loss_names], profiles,
+                                                 cfg.reduction, return_per_layer=True,
+                                                 backend=backend)
+            if not torch.isfinite(loss):
+                bad = [m for m, v in zip(loss_names, per_layer.tolist()) if not math.isfinite(v)]
+                where = f"; last checkpoint: {checkpoint_path}" if checkpoint_path else ""
+                raise TrainingDivergedError(
+                    f"loss is {loss.item()} at step {step} (non-finite at {bad[:5]}); lower the "
+                    f"learning rate or use autocast_dtype=None{where}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for omega, bias in start.values():
+                with torch.no_grad():
+                    v = omega - 1
+                    proximal_step(v, tau, cfg.sparsity, cfg.l1, cfg.group)
+                    omega.copy_(v + 1)
+                    proximal_step(bias, tau, cfg.sparsity, cfg.l1, cfg.group)
+            sched.step()
+            rec = StepRecord(step, loss.item(), per_layer.tolist(), steering.support(), tau)
+            history.append(rec)
+            if progress:
+                bar.set_postfix(loss=f"{rec.loss:.4g}", support=rec.support)
+            if callback:
+                callback(rec)
+            if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+                _save_checkpoint(checkpoint_path, step + 1, cfg, start, opt, sched, gen, history)
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    meta = {"model": model_fingerprint(model), "method": "lineas",
+            "hyperparameters": asdict(cfg), "history": [asdict(r) for r in history]}
+    return Steering({m: (om.detach().clone(), b.detach().clone()) for m, (om, b) in start.items()},
+                    meta)
+
+
+def _initial_maps(model, tokenizer, source, target, names, init, cfg, reader, src):
+    """Leaf (ω, b) float32 per module on its parameters' device: identity, Linear-AcT or a
+    given Steering."""
+    mods = dict(model.named_modules())
+    if isinstance(init, Steering):
+        given = init
+    elif init == "linear_act":
+        from .linear_act import fit_linear_act
+        given = fit_linear_act(model, tokenizer, source, target, cfg.modules, cfg.max_length)
+    else:
+        given = None
+    maps = {}
+    for m in names:
+        dev = _module_device(mods[m], model)
+        if given is not None:
+            if m not in given:
+                raise ValueError(f"init steering has no map for module {m!r}")
+            om, b = given[m]
+        else:
+            d = _module_width(model, reader, src, m)
+            om, b = torch.ones(d), torch.zeros(d)
+        maps[m] = (om.detach().float().to(dev).clone().requires_grad_(),
+                   b.detach().float().to(dev).clone().requires_grad_())
+    return maps
+
+
+def _module_device(mod: nn.Module, model: nn.Module) -> torch.device:
+    for p in mod.parameters():
+        return p.device
+    return next(model.parameters()).device
+
+
+def _module_width(model, reader, src, name) -> int:
+    from .modules import coordinate_dim
+    d = coordinate_dim(dict(model.named_modules())[name])
+    if d is None:
+        with torch.no_grad():
+            d = reader.pooled(src[:1], [name], stop=True)[name].shape[1]
+    return d
+
+
+def _progress(it, enabled, first, total):
+    from tqdm.auto import tqdm
+    return tqdm(it, disable=not enabled, initial=first, total=total, desc="lineas", leave=False)
+
+
+def _save_checkpoint(path, step, cfg, maps, opt, sched, gen, history):
+    state = {"step": step, "config": asdict(cfg),
+             "maps": {m: (om.detach().cpu(), b.detach().cpu()) for m, (om, b) in maps.items()},
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "generator": gen.get_state(), "history": [asdict(r) for r in history]}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path, cfg, maps, opt, sched, gen):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["config"]
+    diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(f"checkpoint {path!r} was written with other settings "
+                         f"(saved, now): {diff}")
+    if set(state["maps"]) != set(maps):
+        raise ValueError(f"checkpoint {path!r} holds maps for other modules")
+    with torch.no_grad():
+        for m, (om, b) in maps.items():
+            om.copy_(state["maps"][m][0])
+            b.copy_(state["maps"][m][1])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    history = [StepRecord(**r) for r in state["history"]]
+    return int(state["step"]), history
