@@ -1,0 +1,37 @@
+"""Result-file helpers shared by the benchmark scripts: environment facts and atomic JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+
+def environment() -> dict:
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+            f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "torch": torch.__version__, "triton": triton_version,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "commit": commit + ("+dirty" if dirty else "")}
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")

@@ -1,0 +1,105 @@
+"""GPU kernel benchmark: writes bench/results/kernels-<device>.json.
+
+    python bench/kernels_gpu.py [--out PATH]
+
+Forward, backward and full (fwd+bwd) time (median of triton.testing.do_bench) and peak memory
+for the loss at the paper's shapes (n=32; d ∈ {1536, 2304, 3584}; 28 and 56 layers) and for the
+intervention at (8192 tokens, d=3584) bf16, per provider (lineas_fast, torch eager,
+torch.compile). The intervention's achieved bandwidth is reported against the device's copy
+bandwidth measured in the same run. Needs CUDA: it refuses to write numbers it did not measure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import environment, write_json  # noqa: E402
+from providers import loss_fn, loss_inputs, steer_fn  # noqa: E402
+
+
+def timed(fn, setup=None):
+    """(median ms, peak MiB above the baseline) of fn()."""
+    from triton.testing import do_bench
+    fn()                                                     # compile / warm up
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return ms, peak
+
+
+def bench_loss(provider, n, d, layers):
+    xs, ys = loss_inputs(n, d, layers, "cuda")
+    fwd = loss_fn(provider, xs, ys)
+    rows = {}
+    with torch.no_grad() if provider != "lineas_fast" else torch.enable_grad():
+        rows["forward"] = timed(lambda: fwd())
+    rows["full"] = timed(lambda: fwd().backward())
+    loss = fwd()
+    rows["backward"] = timed(lambda: loss.backward(retain_graph=True))
+    return rows
+
+
+def bench_steer(provider, tokens, d):
+    z = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    om = (torch.rand(d, device="cuda") + 0.5).requires_grad_()
+    b = torch.randn(d, device="cuda").requires_grad_()
+    fwd = steer_fn(provider, z, om, b)
+    g = torch.ones_like(z)
+    rows = {}
+    with torch.no_grad():
+        rows["forward"] = timed(lambda: fwd())
+    rows["full"] = timed(lambda: fwd().backward(g))
+    y = fwd()
+    rows["backward"] = timed(lambda: y.backward(g, retain_graph=True))
+    return rows
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms, _ = timed(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9                     # GB/s, read + write
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels_gpu.py: no CUDA device; GPU numbers are only written from a GPU run")
+        return 2
+    providers = ["lineas_fast", "torch_eager"] + ([] if args.no_compile else ["torch_compile"])
+    env = environment()
+    results = []
+    for layers in (28, 56):
+        for d in (1536, 2304, 3584):
+            for p in providers:
+                for mode, (ms, peak) in bench_loss(p, 32, d, layers).items():
+                    results.append({"op": "loss", "provider": p, "n": 32, "d": d,
+                                    "layers": layers, "mode": mode, "ms": ms, "peak_mib": peak})
+                    print(results[-1])
+    tokens, d = 8192, 3584
+    bw = copy_bandwidth(tokens * d * 2)
+    for p in providers:
+        for mode, (ms, peak) in bench_steer(p, tokens, d).items():
+            moved = tokens * d * 2 * (2 if mode == "forward" else 3 if mode == "backward" else 5)
+            gbs = moved / (ms * 1e-3) / 1e9
+            results.append({"op": "affine_steer", "provider": p, "tokens": tokens, "d": d,
+                            "dtype": "bfloat16", "mode": mode, "ms": ms, "peak_mib": peak,
+                            "GB_per_s": gbs, "fraction_of_copy_bw": gbs / bw})
+            print(results[-1])
+    name = env["device"].replace(" ", "_")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernels-{name}.json")
+    write_json(out, {**env, "copy_bandwidth_GB_per_s": bw, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
