@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from . import affine_steer, wasserstein
+from . import affine_steer, rms_norm_shift, wasserstein
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -82,5 +82,23 @@ def affine_configs() -> list[KernelConfig]:
     return out
 
 
+def rms_norm_shift_configs() -> list[KernelConfig]:
+    out = []
+    k = rms_norm_shift._rms_norm_shift_fwd_kernel
+    seen = set()
+    for p in range(4, rms_norm_shift.MAX_D.bit_length()):   # d from 16 to MAX_D
+        cfg = rms_norm_shift.launch_config(1 << p)
+        if (cfg["BLOCK_D"], cfg["num_warps"]) in seen:
+            continue
+        seen.add((cfg["BLOCK_D"], cfg["num_warps"]))
+        for dt, gemma in itertools.product(DTYPES, (False, True)):
+            types = {"x_ptr": f"*{dt}", "w_ptr": "*fp32", "c_ptr": "*fp32", "y_ptr": f"*{dt}",
+                     "d": "i32", "eps": "fp32"}
+            out.append(KernelConfig("rms_norm_shift_fwd", k, _signature(k, types),
+                                    {"GEMMA": gemma, "BLOCK_D": cfg["BLOCK_D"]}, cfg["num_warps"],
+                                    paper_shapes=cfg["BLOCK_D"] <= 8192, tags={"dtype": dt}))
+    return out
+
+
 def all_configs() -> list[KernelConfig]:
-    return wasserstein_configs() + affine_configs()
+    return wasserstein_configs() + affine_configs() + rms_norm_shift_configs()

@@ -2,6 +2,8 @@
 __version__ = "0.1.0"
 
 from .functional import affine_steer  # noqa: E402
+from .fusion import FusionError, fuse  # noqa: E402
+from .fused_norm import SteeredRMSNorm, fuse_in_memory, unfuse_in_memory  # noqa: E402
 from .linear_act import fit_linear_act, linear_act_map  # noqa: E402
 from .steering import Steering, SteeringHandle, model_fingerprint  # noqa: E402
 from .trainer import TrainingDivergedError, train  # noqa: E402
@@ -10,4 +12,5 @@ from .wasserstein import (PackedTargetProfile, TargetProfile, pack_profiles,  # 
 
 __all__ = ["affine_steer", "sliced_wasserstein", "TargetProfile", "PackedTargetProfile",
            "pack_profiles", "Steering", "SteeringHandle", "model_fingerprint", "train",
-           "TrainingDivergedError", "linear_act_map", "fit_linear_act", "__version__"]
+           "TrainingDivergedError", "fuse", "FusionError", "fuse_in_memory",
+           "unfuse_in_memory", "SteeredRMSNorm", "linear_act_map", "fit_linear_act", "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: ``lineas-fast train | generate``."""
+"""Command line: ``lineas-fast train | generate | fuse``."""
 from __future__ import annotations
 
 import argparse
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
     g.set_defaults(func=cmd_generate)
 
+    from .fusion_cli import add_fuse_parser
+    add_fuse_parser(sub)
     return ap
 
 

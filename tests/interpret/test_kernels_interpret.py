@@ -71,3 +71,40 @@ def test_affine_kernel_frozen_params_and_strength_zero():
     gz, = torch.autograd.grad(y.sum(), z)
     assert torch.allclose(gz, (1 + 0.5 * (om - 1)).expand_as(z))
     assert torch.equal(lf.affine_steer(z, om, b, 0.0, backend=TRITON), z)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 33), (1, 1023)])
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_shift_kernel(shape, gemma, dtype):
+    from lineas_fast.kernels.rms_norm_shift import rms_norm_shift_triton
+    from lineas_fast.kernels.rms_norm_shift_ref import rms_norm_shift_ref
+    gen = torch.Generator().manual_seed(0)
+    d = shape[-1]
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    w, c = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    got = rms_norm_shift_triton(x, w, c, 1e-6, gemma)
+    ref = rms_norm_shift_ref(x, w, c, 1e-6, gemma)
+    exact = rms_norm_shift_ref(x.double(), w.double(), c.double(), 1e-6, gemma)
+    assert got.dtype == dtype and got.shape == x.shape
+    # flash-attention's rule against the float64 computation on the same input. Triton's
+    # interpreter truncates float32 -> bfloat16 where the compiled kernel rounds to nearest
+    # (cvt.rn.bf16.f32 in its PTX), so allow that one extra ulp here.
+    ulp = torch.finfo(dtype).eps * exact.abs() if dtype != torch.float32 else 0
+    assert ((got.double() - exact).abs() - ulp).max() <= 2 * (ref.double() - exact).abs().max() + 1e-5
+
+
+def test_steered_rms_norm_module_uses_kernel_without_grad():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16) + 0.5)
+    a, c = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
+    mod = lf.SteeredRMSNorm(norm, a, c, backend=TRITON)
+    x = torch.randn(3, 4, 16)
+    expected = a.float() * norm(x) + c.float()
+    with torch.no_grad():
+        assert torch.allclose(mod(x), expected, atol=1e-5)
+    xg = x.clone().requires_grad_()
+    mod(xg).sum().backward()                    # the PyTorch path carries the gradient
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()

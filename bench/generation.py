@@ -1,0 +1,75 @@
+"""Generation throughput per steering provider; writes bench/results/generation-<device>.json.
+
+    python bench/generation.py                     # CPU: SmolLM2-135M-sized Llama, fp32
+    python bench/generation.py --qwen 1.5B 7B      # GPU: Qwen2.5 configs, random weights, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import environment, write_json  # noqa: E402
+from generation_setup import PROVIDERS, QWEN25, prepare, random_steering, throughput  # noqa: E402
+
+
+def models(args):
+    if args.qwen:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        for size in args.qwen:
+            cfg = Qwen2Config(**QWEN25[size], max_position_embeddings=4096)
+            with torch.device("cuda"):
+                torch.manual_seed(0)
+                m = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+            yield f"Qwen2.5-{size} config, random weights, bf16", m
+    else:
+        from trainer_setup import smollm2_sized
+        yield "SmolLM2-135M-sized Llama, random weights, fp32", smollm2_sized()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--qwen", nargs="*", choices=sorted(QWEN25), default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=None)
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    gpu = bool(args.qwen)
+    if gpu and not torch.cuda.is_available():
+        print("generation.py: --qwen needs a CUDA device; GPU numbers come only from a GPU run")
+        return 2
+    batches = args.batch or ([1, 16, 64] if gpu else [1, 8])
+    prompt_len = args.prompt_len or (512 if gpu else 64)
+    new_tokens = args.new_tokens or (64 if gpu else 16)
+    rows = []
+    for label, model in models(args):
+        steering = random_steering(model)
+        for provider in PROVIDERS:
+            run, handle = prepare(provider, model, steering)
+            for b in batches:
+                r = throughput(run, b, prompt_len, new_tokens)
+                rows.append({"model": label, "provider": provider, "batch": b,
+                             "prompt_len": prompt_len, "new_tokens": new_tokens, **r})
+                print(f"{label[:28]:28s} {provider:16s} B={b:3d} prefill {r['prefill_tok_s']:9.1f} "
+                      f"tok/s  decode {r['decode_tok_s']:8.1f} tok/s")
+            if handle:
+                handle.remove()
+            del run
+        base = {(r["model"], r["batch"]): r for r in rows if r["provider"] == "unsteered"}
+        for r in rows:
+            u = base[(r["model"], r["batch"])]
+            r["prefill_vs_unsteered"] = r["prefill_tok_s"] / u["prefill_tok_s"]
+            r["decode_vs_unsteered"] = r["decode_tok_s"] / u["decode_tok_s"]
+    env = environment()
+    name = env["device"].replace(" ", "_") if gpu else "cpu"
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"generation-{name}.json")
+    write_json(out, {**env, "threads": torch.get_num_threads(), "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Folding steering into weights: fused == hooked, checkpoints load without lineas_fast."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lineas_fast as lf
+from lineas_fast.cli import main
+from tiny_models import tiny_model, tiny_tokenizer
+
+FOLDABLE = {
+    "llama": r"model\.layers\.\d+\.(input|post_attention)_layernorm",
+    "qwen2": r"model\.layers\.\d+\.(input|post_attention)_layernorm",
+    "mistral": r"model\.layers\.\d+\.(input|post_attention)_layernorm",
+    "gemma2": r"model\.layers\.\d+\.input_layernorm",
+    "gemma3": r"model\.layers\.\d+\.input_layernorm",
+    "gpt2": r"transformer\.(h\.\d+\.ln_\d|ln_f)",
+}
+REL_BOUND = 1e-5           # fp32: max |fused − hooked| ≤ 1e-5 × max |logit|
+
+
+def steering_for(model, pattern, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    d = model.config.hidden_size
+    names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+    return lf.Steering({n: (1 + scale * torch.randn(d, generator=g),
+                            scale * torch.randn(d, generator=g)) for n in names},
+                       {"model": lf.model_fingerprint(model)})
+
+
+def batch():
+    return tiny_tokenizer()(["hello there you", "ab"], return_tensors="pt", padding=True)
+
+
+def logits(model, enc):
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def assert_close_logits(a, b):
+    assert (a - b).abs().max().item() <= REL_BOUND * a.abs().max().item()
+
+
+@pytest.mark.parametrize("family", list(FOLDABLE))
+@pytest.mark.parametrize("strength", [1.0, 0.6, -0.8])
+def test_fused_equals_hooked(family, strength):
+    model = tiny_model(family)
+    st = steering_for(model, FOLDABLE[family])
+    enc = batch()
+    with st.apply(model, strength=strength):
+        hooked = logits(model, enc)
+        hooked_gen = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    fused = lf.fuse(model, st, strength=strength)
+    assert_close_logits(hooked, logits(fused, enc))
+    assert torch.equal(hooked_gen, fused.generate(**enc, max_new_tokens=6, do_sample=False,
+                                                  pad_token_id=0))
+
+
+def test_several_steerings_compose_in_order():
+    model = tiny_model("llama")
+    s1 = steering_for(model, FOLDABLE["llama"], seed=1)
+    s2 = steering_for(model, r"model\.layers\.[01]\.post_attention_layernorm", seed=2)
+    enc = batch()
+    h1, h2 = s1.attach(model), s2.attach(model)
+    hooked = logits(model, enc)
+    h1.remove(), h2.remove()
+    fused = lf.fuse(model, [s1, s2])
+    assert_close_logits(hooked, logits(fused, enc))
+
+
+def test_strength_zero_leaves_weights_bit_identical():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = model.config.to_dict()
+    out = lf.fuse(model, steering_for(model, FOLDABLE["llama"]), strength=0.0)
+    assert out is model and model.config.to_dict() == cfg
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_non_foldable_raise_naming_each_module_and_leave_model_untouched():
+    model = tiny_model("gemma2")
+    st = steering_for(model, r"model\.layers\.0\.(input|post_attention|pre_feedforward|"
+                             r"post_feedforward)_layernorm|model\.norm|model\.layers\.1\.mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lf.FusionError) as err:
+        lf.fuse(model, st)
+    problems = err.value.problems
+    assert set(problems) == {"model.layers.0.post_attention_layernorm",
+                             "model.layers.0.pre_feedforward_layernorm",
+                             "model.layers.0.post_feedforward_layernorm", "model.norm",
+                             "model.layers.1.mlp"}
+    assert "residual stream" in problems["model.layers.0.post_attention_layernorm"]
+    assert "no bias parameters" in problems["model.layers.0.pre_feedforward_layernorm"]
+    assert "not a normalization" in problems["model.layers.1.mlp"]
+    assert "fuse_in_memory" in str(err.value)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_scale_only_maps_fold_even_after_residual_norms():
+    model = tiny_model("gemma2")
+    st = steering_for(model, r"model\.layers\.\d+\.post_attention_layernorm")
+    st = lf.Steering({n: (om, torch.zeros_like(b)) for n, (om, b) in
+                      ((n, st[n]) for n in st.modules)})
+    enc = batch()
+    with st.apply(model):
+        hooked = logits(model, enc)
+    assert_close_logits(hooked, logits(lf.fuse(model, st), enc))
+
+
+def test_fuse_in_memory_handles_what_cannot_fold():
+    model = tiny_model("gemma2")
+    st = steering_for(model, r"model\.layers\.\d+\.(post_attention|pre_feedforward)_layernorm"
+                             r"|model\.norm")
+    enc = batch()
+    plain = logits(model, enc)
+    with st.apply(model, strength=0.7):
+        hooked = logits(model, enc)
+    lf.fuse_in_memory(model, st, strength=0.7)
+    assert isinstance(model.model.norm, lf.SteeredRMSNorm)
+    assert_close_logits(hooked, logits(model, enc))
+    lf.unfuse_in_memory(model)
+    assert torch.equal(logits(model, enc), plain)
+
+
+def test_fuse_in_memory_layernorm_gpt2():
+    model = tiny_model("gpt2")
+    st = steering_for(model, FOLDABLE["gpt2"])
+    enc = batch()
+    with st.apply(model):
+        hooked = logits(model, enc)
+    lf.fuse_in_memory(model, st)
+    assert_close_logits(hooked, logits(model, enc))
+
+
+def test_groupnorm_in_a_tiny_unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        norm_num_groups=8, attention_head_dim=8).eval()
+    pattern = r".*(norm\d?|norm_out)"
+    names = [n for n, m in unet.named_modules() if re.fullmatch(pattern, n)
+             and isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    g = torch.Generator().manual_seed(0)
+    dims = {n: lf.steering.coordinate_dim(unet.get_submodule(n)) for n in names}
+    st = lf.Steering({n: (1 + 0.2 * torch.randn(d, generator=g), 0.2 * torch.randn(d, generator=g))
+                      for n, d in dims.items()})
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        with st.apply(unet, strength=0.9):
+            hooked = unet(x, t, ctx).sample
+        lf.fuse(unet, st, strength=0.9)
+        fused = unet(x, t, ctx).sample
+    assert len(names) > 10
+    assert (hooked - fused).abs().max() <= REL_BOUND * hooked.abs().max()
+
+
+RELOAD = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([[5, 9, 20, 33, 7]])
+with torch.no_grad():
+    torch.save({"logits": m(input_ids=ids).logits, "cls": type(m).__name__,
+                "lineas_imported": any(k.startswith("lineas_fast") for k in sys.modules)},
+               sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gpt2"])
+def test_cli_fuse_checkpoint_loads_without_lineas_fast(tmp_path, family):
+    model = tiny_model(family)
+    model_dir, out = tmp_path / "model", tmp_path / "fused"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    st = steering_for(model, FOLDABLE[family])
+    st.save(str(tmp_path / "s.safetensors"))
+    assert main(["fuse", "--model", str(model_dir), "--steering", str(tmp_path / "s.safetensors"),
+                 "--strength", "0.9", "--out", str(out)]) == 0
+    assert "strength 0.9" in (out / "README.md").read_text()
+    res = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "r.pt")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stderr
+    got = torch.load(tmp_path / "r.pt")
+    assert got["lineas_imported"] is False
+    ids = torch.tensor([[5, 9, 20, 33, 7]])
+    with st.apply(model, strength=0.9):
+        hooked = logits(model, {"input_ids": ids})
+    assert_close_logits(hooked, got["logits"])
+    assert main(["fuse", "--model", str(model_dir), "--steering", str(tmp_path / "s.safetensors"),
+                 "--out", str(out)]) == 2                         # refuses a non-empty folder
+
+
+def test_cli_fuse_reports_unfoldable(tmp_path, capsys):
+    model = tiny_model("gemma2")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    steering_for(model, r"model\.norm").save(str(tmp_path / "s.safetensors"))
+    assert main(["fuse", "--model", str(tmp_path / "m"), "--steering",
+                 str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "model.norm" in capsys.readouterr().err and not (tmp_path / "o").exists()
