@@ -19,7 +19,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.7"],
         "diffusers": ["diffusers>=0.30"],
-        "demo": ["gguf>=0.10", "alt-profanity-check>=1.5", "matplotlib>=3.7"],
+        "demo": ["gguf>=0.10", "accelerate>=0.30", "alt-profanity-check>=1.5", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["lineas-fast=lineas_fast.cli:main"]},
 )

