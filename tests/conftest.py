@@ -9,3 +9,4 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 _interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 collect_ignore = ["compile", "cpu", "gpu"] if _interpreting else ["interpret"]
+

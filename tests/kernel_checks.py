@@ -42,17 +42,19 @@ def expected_grad(x, y, reduction, n_layers):
     return scale * (xd - g)
 
 
-def check_loss_and_grad(n, m, dims, reduction, backend, dtype=torch.float32, seed=0, ties=False):
+def check_loss_and_grad(n, m, dims, reduction, backend, dtype=torch.float32, seed=0, ties=False,
+                        device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(n, d, generator=gen) for d in dims]
     ys = [torch.randn(m, d, generator=gen) * 1.5 + 0.3 for d in dims]
     if ties:
         xs = [torch.round(x * 2) / 2 for x in xs]
         ys = [torch.round(y * 2) / 2 for y in ys]
-    xs = [x.to(dtype).requires_grad_() for x in xs]
-    loss, per_layer = lf.sliced_wasserstein(xs, ys, reduction, return_per_layer=True,
-                                            backend=backend)
-    grads = torch.autograd.grad(loss, xs)
+    xs = [x.to(device, dtype).requires_grad_() for x in xs]
+    loss, per_layer = lf.sliced_wasserstein(xs, [y.to(device) for y in ys], reduction,
+                                            return_per_layer=True, backend=backend)
+    grads = [g.cpu() for g in torch.autograd.grad(loss, xs)]
+    xs, loss, per_layer = [x.detach().cpu() for x in xs], loss.cpu(), per_layer.cpu()
     exact, exact_layers = expected_loss([x.detach().float() for x in xs], ys, reduction)
     tol = 1e-5 if dtype == torch.float32 else 1e-4   # inputs rounded to dtype, math in fp32
     assert loss.dtype == torch.float32
@@ -106,35 +108,37 @@ def closed_form_steer(z, omega, bias, lam, inverse, channel_dim):
     return z.double() + lam * (t - z.double())
 
 
-def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torch.float32, seed=0):
+def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torch.float32, seed=0,
+                 device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     cd = channel_dim % len(shape)
     d = shape[cd]
-    z = torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
-    omega = (torch.rand(d, generator=gen) + 0.5).requires_grad_()
-    bias = torch.randn(d, generator=gen).requires_grad_()
+    z = torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_()
+    omega = (torch.rand(d, generator=gen) + 0.5).to(device).requires_grad_()
+    bias = torch.randn(d, generator=gen).to(device).requires_grad_()
     tok_shape = [s for i, s in enumerate(shape) if i != cd]
     if strength_kind == "float":
         strength, lam = 0.7, torch.tensor(0.7, dtype=torch.float64)
     else:
-        strength = torch.rand(*tok_shape, generator=gen).requires_grad_()
-        lam = strength.detach().double().unsqueeze(cd)
+        strength = torch.rand(*tok_shape, generator=gen).to(device).requires_grad_()
+        lam = strength.detach().cpu().double().unsqueeze(cd)
     y = lf.affine_steer(z, omega, bias, strength, inverse=inverse, channel_dim=channel_dim,
                         backend=backend)
     assert y.shape == z.shape and y.dtype == dtype
-    ref = closed_form_steer(z.detach(), omega.detach(), bias.detach(), lam, inverse, cd)
+    ref = closed_form_steer(z.detach().cpu(), omega.detach().cpu(), bias.detach().cpu(), lam,
+                            inverse, cd)
     otol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (y.double() - ref).abs().max().item() <= otol * max(1.0, ref.abs().max().item())
+    assert (y.detach().cpu().double() - ref).abs().max().item() <= otol * max(1.0, ref.abs().max().item())
     # every gradient against autograd through the float64 closed form
     g = torch.randn(*shape, generator=gen)
     inputs = [z, omega, bias] + ([strength] if strength_kind == "tensor" else [])
-    grads = torch.autograd.grad(y, inputs, g.to(dtype))
-    z64 = z.detach().double().requires_grad_()
-    om64 = omega.detach().double().requires_grad_()
-    b64 = bias.detach().double().requires_grad_()
+    grads = [t.cpu() for t in torch.autograd.grad(y, inputs, g.to(device, dtype))]
+    z64 = z.detach().cpu().double().requires_grad_()
+    om64 = omega.detach().cpu().double().requires_grad_()
+    b64 = bias.detach().cpu().double().requires_grad_()
     extra = []
     if strength_kind == "tensor":
-        s64 = strength.detach().double().requires_grad_()
+        s64 = strength.detach().cpu().double().requires_grad_()
         lam64, extra = s64.unsqueeze(cd), [s64]
     else:
         lam64 = lam

@@ -6,7 +6,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export TRITON_DEFAULT_FP_FUSION=1
-lanes=("${@:-cpu interpret compile}")
+lanes=("${@:-cpu interpret compile gpu}")
 status=0
 run_lane() {
   local name=$1; shift
