@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from . import affine_steer, rms_norm_shift, wasserstein
+from . import affine_steer, gated_steer, rms_norm_shift, wasserstein
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -100,5 +100,32 @@ def rms_norm_shift_configs() -> list[KernelConfig]:
     return out
 
 
+def gated_configs() -> list[KernelConfig]:
+    out = []
+    fwd, bwd = gated_steer._gated_steer_fwd_kernel, gated_steer._gated_steer_bwd_kernel
+    seen = set()
+    for p in range(4, gated_steer.MAX_D.bit_length()):
+        cfg = gated_steer.launch_config(1 << p)
+        key = (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["num_warps"])
+        if key in seen:
+            continue
+        seen.add(key)
+        blocks = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_D": cfg["BLOCK_D"]}
+        for dt, relu in itertools.product(DTYPES, (False, True)):
+            common = {"u_ptr": "*fp32", "b_ptr": "*fp32", "w_ptr": "*fp32", "c_ptr": "*fp32",
+                      "lam": "fp32", "T": "i32", "D": "i32"}
+            types = {**common, "z_ptr": f"*{dt}", "y_ptr": f"*{dt}", "s_ptr": "*fp32"}
+            out.append(KernelConfig("gated_steer_fwd", fwd, _signature(fwd, types),
+                                    {"RELU": relu, **blocks}, cfg["num_warps"], tags={"dtype": dt}))
+            for dparam in (False, True):
+                types = {**common, "z_ptr": f"*{dt}", "g_ptr": f"*{dt}", "dz_ptr": f"*{dt}",
+                         "part_ptr": "*fp32"}
+                out.append(KernelConfig("gated_steer_bwd", bwd, _signature(bwd, types),
+                                        {"RELU": relu, "NEED_DPARAM": dparam, **blocks},
+                                        cfg["num_warps"], tags={"dtype": dt}))
+    return out
+
+
 def all_configs() -> list[KernelConfig]:
-    return wasserstein_configs() + affine_configs() + rms_norm_shift_configs()
+    return (wasserstein_configs() + affine_configs() + rms_norm_shift_configs()
+            + gated_configs())

@@ -92,3 +92,47 @@ def affine_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor,
             return AffineSteerFn.apply(z, u.float().contiguous(), b.float().contiguous(), lam_flat, 0.0, cd)
         return AffineSteerFn.apply(z, u.float().contiguous(), b.float().contiguous(), None, lam, cd)
     return affine_steer_ref(z, u, b, lam, cd)
+
+
+def gated_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor, gate_w: torch.Tensor,
+                gate_c: torch.Tensor, strength: float = 1.0, gate: str = "sigmoid",
+                inverse: bool = False, return_strengths: bool = False, *,
+                backend: str | None = None):
+    """DSAS (SPEC §5): steer each token with strength λ·g(z_t), g = σ(w·z_t + c) ("sigmoid") or
+    clamp(w·z_t + c, 0, 1) ("relu"), the gate computed on the activation entering the map.
+
+    Args:
+        z: (..., d) channel-last activations (float32/bfloat16/float16).
+        omega, bias, gate_w: (d,) float32; gate_c: a 0-d or (1,) float32 tensor.
+        strength: the float λ. inverse: use T⁻¹ (ω must have no zeros).
+        return_strengths: also return the per-token strengths λ·g, shape z.shape[:-1], float32.
+    On CUDA (d ≤ 8192) one fused kernel computes gate and map in a single pass over z.
+    Gradients flow to z, omega, bias, gate_w and gate_c.
+    """
+    from .kernels.gated_steer import MAX_D, GatedSteerFn
+    from .kernels.gated_steer_ref import GATES, gated_steer_ref
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim < 1:
+        raise TypeError("z must be a floating-point tensor (..., d)")
+    d = z.shape[-1]
+    for name, p in (("omega", omega), ("bias", bias), ("gate_w", gate_w)):
+        if not isinstance(p, torch.Tensor) or p.shape != (d,):
+            raise ValueError(f"{name} must have shape ({d},) to match z.shape {tuple(z.shape)}, got "
+                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+    if not isinstance(gate_c, torch.Tensor) or gate_c.numel() != 1:
+        raise ValueError("gate_c must be a tensor holding one value")
+    if isinstance(strength, torch.Tensor):
+        raise TypeError("gated_steer takes a float strength; the gate makes it per token")
+    device = check_same_device(z=z, omega=omega, bias=bias, gate_w=gate_w, gate_c=gate_c)
+    u, b = map_coefficients(omega, bias, inverse)
+    lead = z.shape[:-1]
+    if (use_triton(device, backend) and d <= MAX_D
+            and z.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        y, s = GatedSteerFn.apply(z.reshape(-1, d).contiguous(), u.float().contiguous(),
+                                  b.float().contiguous(), gate_w.float().contiguous(),
+                                  gate_c.float().reshape(1), float(strength), gate == "relu")
+        y, s = y.view(z.shape), s.view(lead)
+    else:
+        y, s = gated_steer_ref(z, u, b, gate_w, gate_c.reshape(()), float(strength), gate)
+    return (y, s) if return_strengths else y

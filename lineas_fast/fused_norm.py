@@ -45,6 +45,8 @@ def fuse_in_memory(model: nn.Module, steering: Steering, strength: float = 1.0,
                    inverse: bool = False, backend: str | None = None) -> nn.Module:
     """Apply each map inside its norm: LayerNorm/GroupNorm with bias get folded weights (the
     same module type); RMSNorms become ``SteeredRMSNorm``. In place; returns the model."""
+    from .fusion import refuse_gates
+    refuse_gates([steering])
     named = dict(model.named_modules())
     steering.validate(model, strict=False)
     problems, swaps = {}, []

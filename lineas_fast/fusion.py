@@ -163,6 +163,7 @@ def fuse(model: nn.Module, steering: Union[Steering, Sequence[Steering]], streng
     steerings = [steering] if isinstance(steering, Steering) else list(steering)
     if not steerings:
         raise ValueError("fuse needs at least one steering")
+    refuse_gates(steerings)
     if strength == 0:
         for st in steerings:
             st.validate(model, strict=False)
@@ -178,6 +179,14 @@ def fuse(model: nn.Module, steering: Union[Steering, Sequence[Steering]], streng
         for p in plans:
             _fold(p)
     return model
+
+
+def refuse_gates(steerings: Sequence[Steering]) -> None:
+    gated = {n: "per-token DSAS gate: the strength differs per token, so no fixed weight holds "
+                "it; use steering.attach(model), which runs the gate inside the fused kernel"
+             for st in steerings for n in st.gates}
+    if gated:
+        raise FusionError(gated)
 
 
 def effective_map(steering: Steering, strength: float, inverse: bool = False) -> Steering:

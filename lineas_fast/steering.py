@@ -11,7 +11,7 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 
-from .functional import affine_steer
+from .functional import affine_steer, gated_steer
 from .io import atomic_path
 from .modules import channel_dim_of, coordinate_dim, nearby_names
 
@@ -41,7 +41,7 @@ class Steering:
     """
 
     def __init__(self, maps: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, gates: Mapping[str, dict] | None = None):
         if not maps:
             raise ValueError("a Steering needs at least one module map")
         self._maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -54,6 +54,17 @@ class Steering:
                                  f"{tuple(bias.shape)} must both be (d,)")
             self._maps[name] = (omega, bias)
         self.metadata = dict(metadata or {})
+        self.gates: dict[str, dict] = {}
+        for name, gate in (gates or {}).items():
+            if name not in self._maps:
+                raise ValueError(f"gate for {name!r}, which has no map")
+            w, c, kind = gate["w"], gate["c"], gate.get("kind", "sigmoid")
+            if w.shape != self._maps[name][0].shape or c.numel() != 1:
+                raise ValueError(f"gate for {name!r}: w must be ({self._maps[name][0].shape[0]},) "
+                                 f"and c one value, got {tuple(w.shape)} and {tuple(c.shape)}")
+            if kind not in ("sigmoid", "relu"):
+                raise ValueError(f"gate kind for {name!r} must be 'sigmoid' or 'relu', got {kind!r}")
+            self.gates[name] = {"w": w, "c": c.reshape(1), "kind": kind}
 
     # --- inspection -------------------------------------------------------------------------
     @property
@@ -78,17 +89,24 @@ class Steering:
         return counts if per_module else sum(counts.values())
 
     def __repr__(self) -> str:
+        gated = f", {len(self.gates)} gated" if self.gates else ""
         return (f"Steering({len(self)} modules, support {self.support()}/"
-                f"{sum(self.dims().values())})")
+                f"{sum(self.dims().values())}{gated})")
+
+    def _map_gates(self, fn) -> dict:
+        return {n: {"w": fn(g["w"]), "c": fn(g["c"]), "kind": g["kind"]}
+                for n, g in self.gates.items()}
 
     # --- algebra ------------------------------------------------------------------------------
     def detach(self) -> "Steering":
         return Steering({n: (om.detach().clone(), b.detach().clone())
-                         for n, (om, b) in self._maps.items()}, self.metadata)
+                         for n, (om, b) in self._maps.items()}, self.metadata,
+                        self._map_gates(lambda t: t.detach().clone()))
 
     def to(self, device=None, dtype=None) -> "Steering":
         return Steering({n: (om.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-                         for n, (om, b) in self._maps.items()}, self.metadata)
+                         for n, (om, b) in self._maps.items()}, self.metadata,
+                        self._map_gates(lambda t: t.to(device=device, dtype=dtype)))
 
     def inverse(self) -> "Steering":
         """T⁻¹(z) = (z − b)/ω as an affine map: ω' = 1/ω, b' = −b/ω."""
@@ -97,12 +115,17 @@ class Steering:
             if bool((om == 0).any()):
                 raise ValueError(f"module {n!r}: omega has zeros, the map has no inverse")
             out[n] = (1.0 / om, -b / om)
-        return Steering(out, {**self.metadata, "inverse_of": self.metadata.get("name", "")})
+        return Steering(out, {**self.metadata, "inverse_of": self.metadata.get("name", "")},
+                        self.gates)
 
     def compose(self, other: "Steering") -> "Steering":
         """self ∘ other: ``other`` applied first, then ``self`` (SPEC §3:
         (T₂∘T₁)(z) = ω₂ω₁⊙z + ω₂b₁ + b₂). A module in only one of them keeps its map."""
         out = dict(other._maps)
+        both_gated = [n for n in self._maps if n in other._maps and (n in self.gates or n in other.gates)]
+        if both_gated:
+            raise ValueError(f"cannot compose gated maps at the same module: {both_gated[:5]} "
+                             f"(a gated map composed with another is not one gated affine map)")
         for n, (om2, b2) in self._maps.items():
             if n in out:
                 om1, b1 = out[n]
@@ -112,7 +135,7 @@ class Steering:
                 out[n] = (om2 * om1, om2 * b1 + b2)
             else:
                 out[n] = (om2, b2)
-        return Steering(out, {**other.metadata, **self.metadata})
+        return Steering(out, {**other.metadata, **self.metadata}, {**other.gates, **self.gates})
 
     # --- files -------------------------------------------------------------------------------
     def save(self, path: str, **metadata) -> None:
@@ -124,10 +147,14 @@ class Steering:
         for n, (om, b) in self._maps.items():
             tensors[f"{n}.omega"] = om.detach().float().cpu().contiguous()
             tensors[f"{n}.bias"] = b.detach().float().cpu().contiguous()
+        for n, g in self.gates.items():
+            tensors[f"{n}.gate_w"] = g["w"].detach().float().cpu().contiguous()
+            tensors[f"{n}.gate_c"] = g["c"].detach().float().cpu().reshape(1).contiguous()
         meta = {**self.metadata, **metadata}
         header = {"format": FORMAT, "library_version": __version__,
                   "modules": json.dumps(self.modules), "dims": json.dumps(self.dims()),
-                  "metadata": json.dumps(meta, default=str)}
+                  "metadata": json.dumps(meta, default=str),
+                  "gates": json.dumps({n: g["kind"] for n, g in self.gates.items()})}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=header)
 
@@ -148,9 +175,14 @@ class Steering:
                 for n in modules:
                     om, b = f.get_tensor(f"{n}.omega"), f.get_tensor(f"{n}.bias")
                     maps[n] = (om.to(device) if device else om, b.to(device) if device else b)
+                gates = {}
+                for n, kind in json.loads(header.get("gates", "{}")).items():
+                    w, c = f.get_tensor(f"{n}.gate_w"), f.get_tensor(f"{n}.gate_c")
+                    gates[n] = {"w": w.to(device) if device else w,
+                                "c": c.to(device) if device else c, "kind": kind}
         except (SafetensorError, json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"cannot read steering file {path!r}: {e}") from None
-        return cls(maps, json.loads(header.get("metadata", "{}")))
+        return cls(maps, json.loads(header.get("metadata", "{}")), gates)
 
     # --- use on a model ------------------------------------------------------------------------
     def validate(self, model: nn.Module, strict: bool = True) -> dict[str, nn.Module]:
@@ -193,28 +225,35 @@ class Steering:
         return {n: float(strength) for n in self._maps}
 
     def attach(self, model: nn.Module, strength: StrengthSpec = 1.0, strict: bool = True,
-               backend: str | None = None) -> "SteeringHandle":
+               backend: str | None = None, use_gates: bool = True,
+               record_strengths: bool = False) -> "SteeringHandle":
         """Register forward hooks applying each map to its module's output with the fused
-        kernel; a negative strength applies the inverse map with |strength|. Returns a handle
-        with ``.remove()``."""
+        kernel (the gated kernel for modules with a DSAS gate, unless ``use_gates=False``); a
+        negative strength applies the inverse map with |strength|. Returns a handle with
+        ``.remove()``; with ``record_strengths=True`` its ``.strengths[module]`` collects the
+        per-token strengths λ·g of every call (float32, the output's leading shape)."""
         modules = self.validate(model, strict)
         strengths = self.strengths(strength)
-        handles = []
+        handle = SteeringHandle([])
         for n, mod in modules.items():
             s = strengths[n]
             if s == 0.0:
                 continue
             om, b = self._maps[n]
-            handles.append(mod.register_forward_hook(_make_hook(n, om, b, s, backend)))
-        return SteeringHandle(handles)
+            gate = self.gates.get(n) if use_gates else None
+            rec = handle.strengths.setdefault(n, []) if record_strengths else None
+            handle.handles.append(mod.register_forward_hook(
+                _make_hook(n, om, b, s, backend, gate, rec)))
+        return handle
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, strength: StrengthSpec = 1.0, strict: bool = True,
-              backend: str | None = None):
-        """Context manager: ``with steering.apply(model, strength=0.5): model.generate(...)``."""
-        handle = self.attach(model, strength, strict, backend)
+              backend: str | None = None, use_gates: bool = True, record_strengths: bool = False):
+        """Context manager: ``with steering.apply(model, strength=0.5) as handle: ...``
+        (the handle holds recorded strengths when asked)."""
+        handle = self.attach(model, strength, strict, backend, use_gates, record_strengths)
         try:
-            yield model
+            yield handle
         finally:
             handle.remove()
 
@@ -241,6 +280,7 @@ class SteeringHandle:
 
     def __init__(self, handles):
         self.handles = handles
+        self.strengths: dict[str, list] = {}
 
     def remove(self) -> None:
         for h in self.handles:
@@ -255,19 +295,38 @@ class SteeringHandle:
 
 
 def _make_hook(name: str, omega: torch.Tensor, bias: torch.Tensor, strength: float,
-               backend: str | None):
+               backend: str | None, gate: dict | None = None, record: list | None = None):
     inverse = strength < 0
     lam = abs(strength)
     cache = {}
 
+    def params(device):
+        if omega.requires_grad or (gate is not None and gate["w"].requires_grad):
+            return _on(device)                         # training: keep the autograd link
+        if device not in cache:
+            cache[device] = _on(device)
+        return cache[device]
+
+    def _on(device):
+        g = None if gate is None else (gate["w"].to(device), gate["c"].to(device))
+        return omega.to(device), bias.to(device), g
+
     def hook(module, _args, out):
         h = out[0] if isinstance(out, (tuple, list)) else out
-        key = h.device
-        if key not in cache:
-            cache[key] = (omega.to(h.device), bias.to(h.device)) if not omega.requires_grad else None
-        om, b = cache[key] or (omega.to(h.device), bias.to(h.device))
-        cd = channel_dim_of(module, h, om.shape[0], name)
-        y = affine_steer(h, om, b, lam, inverse=inverse, channel_dim=cd, backend=backend)
+        om, b, g = params(h.device)
+        if g is not None:
+            if h.shape[-1] != om.shape[0]:
+                raise ValueError(f"module {name!r}: a gated map needs channel-last outputs "
+                                 f"(..., {om.shape[0]}), got {tuple(h.shape)}")
+            y, s = gated_steer(h, om, b, g[0], g[1], lam, gate["kind"], inverse,
+                               return_strengths=True, backend=backend)
+            if record is not None:
+                record.append(s.detach())
+        else:
+            cd = channel_dim_of(module, h, om.shape[0], name)
+            y = affine_steer(h, om, b, lam, inverse=inverse, channel_dim=cd, backend=backend)
+            if record is not None:
+                record.append(torch.full(h.shape[:cd % h.ndim] + h.shape[cd % h.ndim + 1:], lam))
         if isinstance(out, tuple):
             return (y,) + tuple(out[1:])
         if isinstance(out, list):

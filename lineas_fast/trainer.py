@@ -36,6 +36,9 @@ class TrainConfig:
     max_length: int = 128
     init: Optional[str] = None
     autocast_dtype: Optional[str] = None
+    gate: Optional[str] = None
+    gate_kind: str = "sigmoid"
+    control_weight: float = 1.0
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -54,6 +57,10 @@ class TrainConfig:
             raise ValueError("lr must be > 0 and sparsity, l1, group >= 0")
         if self.init not in (None, "linear_act"):
             raise ValueError(f"init must be None or 'linear_act', got {self.init!r}")
+        if self.gate not in (None, "e2e"):
+            raise ValueError(f"gate must be None or 'e2e', got {self.gate!r}")
+        if self.gate_kind not in ("sigmoid", "relu"):
+            raise ValueError(f"gate_kind must be 'sigmoid' or 'relu', got {self.gate_kind!r}")
 
 
 @dataclass
@@ -63,6 +70,7 @@ class StepRecord:
     per_layer: list = field(default_factory=list)
     support: int = 0
     lr: float = 0.0
+    control_loss: float = 0.0
 
 
 def cosine_factor(step: int, steps: int, floor: float = 1e-3) -> float:
@@ -95,7 +103,9 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
           init: str | Steering | None = None, autocast_dtype: torch.dtype | None = None,
           checkpoint_every: int = 0, checkpoint_path: str | None = None,
           resume_from: str | None = None, callback: Callable[[StepRecord], None] | None = None,
-          progress: bool = True, backend: str | None = None) -> Steering:
+          progress: bool = True, backend: str | None = None, gate: str | None = None,
+          gate_kind: str = "sigmoid", control: Sequence[str] | None = None,
+          control_weight: float = 1.0) -> Steering:
     """Train LinEAS maps at ``modules`` so the steered source matches the target at
     ``loss_modules`` (default: the same modules).
 
@@ -107,12 +117,18 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     state are written atomically to ``checkpoint_path``; ``resume_from`` continues such a run
     to the same result as an uninterrupted one. A NaN/Inf loss raises TrainingDivergedError
     (the last checkpoint is left untouched).
+
+    End-to-end DSAS (``gate="e2e"``): a gate g = σ(w·z + c) (``gate_kind="relu"``: clamp to
+    [0, 1]) per module is trained with the maps; the loss adds ``control_weight`` × the mean
+    squared difference between steered and unsteered pooled activations of ``control``
+    sentences, so the gate learns to stay shut on neutral text.
     """
     cfg = TrainConfig(modules=modules, loss_modules=loss_modules, steps=steps,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, reduction=reduction,
                       sparsity=sparsity, l1=l1, group=group, seed=seed, max_length=max_length,
                       init=init if isinstance(init, (str, type(None))) else "steering",
-                      autocast_dtype=str(autocast_dtype) if autocast_dtype else None)
+                      autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
+                      gate=gate, gate_kind=gate_kind, control_weight=control_weight)
     if cfg.init == "steering":
         cfg.init = None
     cfg.check()
@@ -123,6 +139,9 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     reader = ActivationReader(model, tokenizer, max_length, autocast_dtype)
     src, tgt = reader.encode(source, "source"), reader.encode(target, "target")
     n = min(batch_size, len(src))
+    if cfg.gate == "e2e" and not control:
+        raise ValueError("gate='e2e' needs control sentences (control=[...])")
+    ctrl = reader.encode(control, "control") if cfg.gate == "e2e" else None
 
     frozen = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -132,9 +151,12 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     try:
         with torch.no_grad():
             tgt_acts = reader.pooled(tgt, loss_names, stop=True)
+            ctrl_ref = reader.pooled(ctrl, loss_names, stop=True) if ctrl else None
         profiles = pack_profiles([TargetProfile(tgt_acts[m], n) for m in loss_names])
         start = _initial_maps(model, tokenizer, source, target, names, init, cfg, reader, src)
+        gates = _initial_gates(start, cfg) if cfg.gate else {}
         params = [t for pair in start.values() for t in pair]
+        params += [g[k] for g in gates.values() for k in ("w", "c")]
         opt = (torch.optim.SGD(params, lr=cfg.resolved_lr()) if cfg.optimizer == "sgd"
                else torch.optim.Adam(params, lr=cfg.resolved_lr()))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, cfg.steps))
@@ -142,8 +164,8 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
         history: list[StepRecord] = []
         first = 0
         if resume_from:
-            first, history = _load_checkpoint(resume_from, cfg, start, opt, sched, gen)
-        steering = Steering(start)
+            first, history = _load_checkpoint(resume_from, cfg, start, gates, opt, sched, gen)
+        steering = Steering(start, gates=gates)
         bar = _progress(range(first, cfg.steps), progress, first, cfg.steps)
         for step in bar:
             idx = torch.randperm(len(src), generator=gen)[:n].tolist()
@@ -154,6 +176,14 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
             loss, per_layer = sliced_wasserstein([acts[m].to(dev) for m in loss_names], profiles,
                                                  cfg.reduction, return_per_layer=True,
                                                  backend=backend)
+            control_loss = torch.zeros((), device=loss.device)
+            if ctrl_ref is not None:
+                cidx = torch.randperm(len(ctrl), generator=gen)[:n].tolist()
+                with steering.attach(model, strict=False, backend=backend):
+                    cacts = reader.pooled(ctrl, loss_names, cidx, stop=True)
+                control_loss = torch.stack([((cacts[m].to(dev) - ctrl_ref[m][cidx].to(dev)) ** 2).mean()
+                                            for m in loss_names]).mean()
+                loss = loss + cfg.control_weight * control_loss
             if not torch.isfinite(loss):
                 bad = [m for m, v in zip(loss_names, per_layer.tolist()) if not math.isfinite(v)]
                 where = f"; last checkpoint: {checkpoint_path}" if checkpoint_path else ""
@@ -170,14 +200,16 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
                     omega.copy_(v + 1)
                     proximal_step(bias, tau, cfg.sparsity, cfg.l1, cfg.group)
             sched.step()
-            rec = StepRecord(step, loss.item(), per_layer.tolist(), steering.support(), tau)
+            rec = StepRecord(step, loss.item(), per_layer.tolist(), steering.support(), tau,
+                             control_loss.item())
             history.append(rec)
             if progress:
                 bar.set_postfix(loss=f"{rec.loss:.4g}", support=rec.support)
             if callback:
                 callback(rec)
             if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
-                _save_checkpoint(checkpoint_path, step + 1, cfg, start, opt, sched, gen, history)
+                _save_checkpoint(checkpoint_path, step + 1, cfg, start, gates, opt, sched, gen,
+                                 history)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
@@ -185,7 +217,17 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     meta = {"model": model_fingerprint(model), "method": "lineas",
             "hyperparameters": asdict(cfg), "history": [asdict(r) for r in history]}
     return Steering({m: (om.detach().clone(), b.detach().clone()) for m, (om, b) in start.items()},
-                    meta)
+                    meta, {m: {"w": g["w"].detach().clone(), "c": g["c"].detach().clone(),
+                               "kind": g["kind"]} for m, g in gates.items()})
+
+
+def _initial_gates(maps, cfg) -> dict:
+    """Gate parameters per module: w = 0 and c giving g = 0.5 (sigmoid: c = 0; relu: c = 0.5,
+    inside the clamp so the gate has a gradient)."""
+    c0 = 0.0 if cfg.gate_kind == "sigmoid" else 0.5
+    return {m: {"w": torch.zeros_like(om).requires_grad_(),
+                "c": torch.full((1,), c0, device=om.device).requires_grad_(), "kind": cfg.gate_kind}
+            for m, (om, _) in maps.items()}
 
 
 def _initial_maps(model, tokenizer, source, target, names, init, cfg, reader, src):
@@ -234,16 +276,17 @@ def _progress(it, enabled, first, total):
     return tqdm(it, disable=not enabled, initial=first, total=total, desc="lineas", leave=False)
 
 
-def _save_checkpoint(path, step, cfg, maps, opt, sched, gen, history):
+def _save_checkpoint(path, step, cfg, maps, gates, opt, sched, gen, history):
     state = {"step": step, "config": asdict(cfg),
              "maps": {m: (om.detach().cpu(), b.detach().cpu()) for m, (om, b) in maps.items()},
+             "gates": {m: (g["w"].detach().cpu(), g["c"].detach().cpu()) for m, g in gates.items()},
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "generator": gen.get_state(), "history": [asdict(r) for r in history]}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path, cfg, maps, opt, sched, gen):
+def _load_checkpoint(path, cfg, maps, gates, opt, sched, gen):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -258,6 +301,9 @@ def _load_checkpoint(path, cfg, maps, opt, sched, gen):
         for m, (om, b) in maps.items():
             om.copy_(state["maps"][m][0])
             b.copy_(state["maps"][m][1])
+        for m, g in gates.items():
+            g["w"].copy_(state["gates"][m][0])
+            g["c"].copy_(state["gates"][m][1])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])

@@ -149,3 +149,33 @@ def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torc
         assert a.shape == b.shape, name
         scale = max(1.0, b.abs().max().item())
         assert (a.double() - b).abs().max().item() <= gtol * scale, name
+
+
+def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, device="cpu"):
+    """Gated steering against autograd through a float64 closed form: y and the per-token
+    strength, and the gradients of z, ω, b, w and c."""
+    from lineas_fast.kernels.gated_steer_ref import gate_fn
+    gen = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    mk = lambda t: t.to(device).requires_grad_()
+    z = (torch.randn(*shape, generator=gen)).to(device, dtype).requires_grad_()
+    om = mk(torch.rand(d, generator=gen) + 0.5)
+    b = mk(torch.randn(d, generator=gen))
+    w = mk(torch.randn(d, generator=gen) / d ** 0.5)
+    c = mk(torch.tensor([0.2]))
+    y, s = lf.gated_steer(z, om, b, w, c, 0.8, gate, inverse, return_strengths=True,
+                          backend=backend)
+    g = torch.randn(*shape, generator=gen).to(device, dtype)
+    grads = [t.cpu().double() for t in torch.autograd.grad(y, [z, om, b, w, c], g)]
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (z, om, b, w, c)]
+    z64, om64, b64, w64, c64 = leaves
+    lam = 0.8 * gate_fn(z64 @ w64 + c64, gate)
+    t = (z64 - b64) / om64 if inverse else om64 * z64 + b64
+    ref = z64 + lam.unsqueeze(-1) * (t - z64)
+    ref_grads = torch.autograd.grad(ref, leaves, g.cpu().double())
+    otol, gtol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 5e-2)
+    scale = max(1.0, ref.abs().max().item())
+    assert (y.detach().cpu().double() - ref).abs().max().item() <= otol * scale
+    assert (s.cpu().double() - lam.detach()).abs().max().item() <= otol
+    for name, a, r in zip(["z", "omega", "bias", "gate_w", "gate_c"], grads, ref_grads):
+        assert (a - r).abs().max().item() <= gtol * max(1.0, r.abs().max().item()), name

@@ -108,3 +108,16 @@ def test_steered_rms_norm_module_uses_kernel_without_grad():
     xg = x.clone().requires_grad_()
     mod(xg).sum().backward()                    # the PyTorch path carries the gradient
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3, 5), (4, 33), (1, 300)])
+@pytest.mark.parametrize("gate", ["sigmoid", "relu"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gated_kernel(shape, gate, inverse):
+    from kernel_checks import check_gated
+    check_gated(shape, gate, inverse, backend=TRITON)
+
+
+def test_gated_kernel_low_precision():
+    from kernel_checks import check_gated
+    check_gated((3, 40), "sigmoid", False, backend=TRITON, dtype=torch.bfloat16)
