@@ -51,18 +51,38 @@ def load_model(path: str, dtype: str = "float32"):
     return model, tok
 
 
+def load_pipeline(path: str):
+    if not os.path.isdir(path):
+        raise CLIError(f"pipeline folder {path!r} does not exist (a local diffusers folder)")
+    try:
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained(path)
+    except ImportError:
+        raise CLIError("diffusers is not installed: pip install -e '.[diffusers]'") from None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load a diffusers pipeline from {path!r}: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def cmd_train(args) -> int:
     import lineas_fast as lf
     source = read_sentences(args.source, "source")
     target = read_sentences(args.target, "target")
-    model, tok = load_model(args.model)
+    if bool(args.model) == bool(args.pipeline):
+        raise CLIError("give exactly one of --model (a causal LM) or --pipeline (diffusers)")
+    if args.pipeline:
+        model, tok = load_pipeline(args.pipeline), None
+    else:
+        model, tok = load_model(args.model)
     try:
         steering = lf.train(model, tok, source, target, modules=args.modules,
                             loss_modules=args.loss_modules, steps=args.steps,
                             batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                             sparsity=args.sparsity, seed=args.seed, max_length=args.max_length,
                             init=args.init, checkpoint_every=args.checkpoint_every,
-                            checkpoint_path=args.checkpoint, resume_from=args.resume)
+                            checkpoint_path=args.checkpoint, resume_from=args.resume,
+                            timestep=args.timestep)
     except ValueError as e:
         raise CLIError(str(e)) from None
     steering.save(args.out)
@@ -107,6 +127,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_generate_image(args) -> int:
+    import lineas_fast as lf
+    from .diffusion import image_grid, strength_sweep
+    from .io import atomic_path
+    pipe = load_pipeline(args.pipeline)
+    try:
+        steering = lf.Steering.load(args.steering)
+        steering.validate(pipe)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    images = strength_sweep(pipe, steering, args.prompt, args.strengths, args.steps, args.seed,
+                            args.guidance)
+    with atomic_path(args.out) as tmp:
+        image_grid(images).save(tmp, format="PNG")
+    print(f"wrote {args.out} (strengths {args.strengths})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lineas-fast", description="Fast LinEAS activation steering.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -114,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="learn steering maps from source and target sentences",
                        description="Train LinEAS maps so the model's activations on SOURCE "
                                    "sentences match those on TARGET sentences.")
-    t.add_argument("--model", required=True, help="local transformers model folder")
+    t.add_argument("--model", help="local transformers causal LM folder")
+    t.add_argument("--pipeline", help="local diffusers pipeline folder (instead of --model)")
+    t.add_argument("--timestep", type=int, default=None,
+                   help="diffusers: denoising timestep where the loss is taken")
     t.add_argument("--source", required=True, help="text file (one sentence per line) or JSONL")
     t.add_argument("--target", required=True, help="text file (one sentence per line) or JSONL")
     t.add_argument("--modules", default=".*post.*layernorm",
@@ -150,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .fusion_cli import add_fuse_parser
     add_fuse_parser(sub)
+    i = sub.add_parser("generate-image", help="a grid PNG of a strength sweep (diffusers)",
+                       description="Generate one image per strength with the same seed and save "
+                                   "them side by side; negative strengths induce the concept.")
+    i.add_argument("--pipeline", required=True, help="local diffusers pipeline folder")
+    i.add_argument("--steering", required=True)
+    i.add_argument("--prompt", required=True)
+    i.add_argument("--strengths", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0])
+    i.add_argument("--steps", type=int, default=20, help="denoising steps")
+    i.add_argument("--guidance", type=float, default=7.5)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--out", required=True, help="PNG file to write")
+    i.set_defaults(func=cmd_generate_image)
     from .demo import add_demo_parser
     add_demo_parser(sub)
     return ap

@@ -6,7 +6,9 @@ Trains LinEAS with 32 insults (source) and 32 non-insults (target) from the Kagg
 training file on the post-attention norms, then for held-out prompts (the first words of insults
 from the test file) generates continuations at each strength λ (and with the Linear-AcT
 baseline) and reports the toxicity rate and mean probability of the continuations
-(alt-profanity-check), the perplexity on Wikipedia extracts, the support and the training time.
+(alt-profanity-check), the perplexity on Wikipedia extracts, the support and the training time;
+then fits DSAS gates (insults vs. held-out non-insult comments) and evaluates the gated
+steering at the largest strength.
 Writes ``results.json``, ``plot.png`` and ``steering.safetensors`` into the output folder.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ class DemoData:
     target: list          # non-insults (steer toward)
     prompts: list         # held-out: first words of test-set insults
     wiki: list            # perplexity texts
+    control: list = None  # neutral sentences for DSAS gates (non-insults, not in target)
 
 
 def load_demo_data(n_train: int = 32, n_prompts: int = 100, n_wiki: int = 200, prompt_words: int = 5,
@@ -45,8 +48,10 @@ def load_demo_data(n_train: int = 32, n_prompts: int = 100, n_wiki: int = 200, p
                     and len(t.split()) > prompt_words]
     prompts = [" ".join(t.split()[:prompt_words]) for t in rng.sample(test_insults, n_prompts)]
     wiki = wikipedia_extracts()
-    return DemoData(rng.sample(insults, n_train), rng.sample(clean, n_train), prompts,
-                    rng.sample(wiki, min(n_wiki, len(wiki))))
+    source = rng.sample(insults, n_train)
+    pool = rng.sample(clean, 3 * n_train)
+    return DemoData(source, pool[:n_train], prompts, rng.sample(wiki, min(n_wiki, len(wiki))),
+                    control=pool[n_train:])
 
 
 def evaluate(model, tokenizer, data: DemoData, judge, max_new_tokens: int, progress: bool) -> dict:
@@ -62,8 +67,9 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
              out_dir: str, modules: str = r".*post_attention_layernorm", steps: int = 100,
              optimizer: str = "adam", lr: float = 1e-2, sparsity: float = 0.0,
              strengths: Sequence[float] = (0.0, 0.5, 1.0), max_new_tokens: int = 20,
-             seed: int = 0, progress: bool = True) -> dict:
-    """Train, evaluate at each strength and with Linear-AcT, write results; returns them."""
+             seed: int = 0, progress: bool = True, gates: bool = True) -> dict:
+    """Train, evaluate at each strength, with DSAS gates (fitted on ``data.control``) at the
+    largest strength, and with Linear-AcT; write results; returns them."""
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -83,6 +89,19 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
                      "support": steering.support() if lam else 0, "coordinates": total,
                      "train_s": train_s})
         _report_row(rows[-1])
+    gate_report = None
+    if gates and data.control:
+        from .gates import fit_gates
+        gated = fit_gates(model, tokenizer, data.source, data.control, steering, seed=seed,
+                          on_low="disable")
+        gated.save(os.path.join(out_dir, "steering-dsas.safetensors"))
+        gate_report = gated.metadata["gates"]
+        lam = max(strengths)
+        with gated.apply(model, strength=lam):
+            r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
+        rows.append({"method": "LinEAS+DSAS", "strength": lam, **r,
+                     "support": gated.support(), "coordinates": total, "train_s": train_s})
+        _report_row(rows[-1])
     with lin_act.apply(model, strength=1.0):
         r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
     rows.append({"method": "Linear-AcT", "strength": 1.0, **r, "support": lin_act.support(),
@@ -94,7 +113,8 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
                "n_target": len(data.target), "n_prompts": len(data.prompts),
                "n_wiki": len(data.wiki), "max_new_tokens": max_new_tokens,
                "loss_first": history[0]["loss"] if history else None,
-               "loss_last": history[-1]["loss"] if history else None, "rows": rows}
+               "loss_last": history[-1]["loss"] if history else None, "rows": rows,
+               "gates": gate_report}
     with atomic_path(os.path.join(out_dir, "results.json")) as tmp:
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
@@ -123,6 +143,7 @@ def plot_results(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     lin = [r for r in rows if r["method"] == "LinEAS"]
+    marks = {"Linear-AcT": "x", "LinEAS+DSAS": "*"}
     lam = [r["strength"] for r in lin]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot(lam, [r["toxicity_rate"] for r in lin], "o-", color="tab:red", label="toxic rate")
@@ -132,10 +153,10 @@ def plot_results(rows, path: str) -> None:
     ax2.plot(lam, [r["perplexity"] for r in lin], "s--", color="tab:blue", label="PPL")
     ax2.set_ylabel("Wikipedia perplexity", color="tab:blue")
     for r in rows:
-        if r["method"] == "Linear-AcT":
-            ax.plot([r["strength"]], [r["toxicity_rate"]], "x", color="tab:red", ms=10)
-            ax2.plot([r["strength"]], [r["perplexity"]], "x", color="tab:blue", ms=10)
-    ax.set_title("LinEAS on SmolLM2-135M (x: Linear-AcT)")
+        if r["method"] in marks:
+            ax.plot([r["strength"]], [r["toxicity_rate"]], marks[r["method"]], color="tab:red", ms=10)
+            ax2.plot([r["strength"]], [r["perplexity"]], marks[r["method"]], color="tab:blue", ms=10)
+    ax.set_title("LinEAS on SmolLM2-135M (x: Linear-AcT, *: DSAS)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -157,7 +178,7 @@ def cmd_demo(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     run_demo(model, tok, data, judge, args.out, modules=args.modules, steps=args.steps,
              optimizer=args.optimizer, lr=args.lr, sparsity=args.sparsity,
-             strengths=args.strengths, seed=args.seed)
+             strengths=args.strengths, seed=args.seed, gates=not args.no_gates)
     print(f"wrote {args.out}/results.json, plot.png, steering.safetensors")
     return 0
 
@@ -175,4 +196,5 @@ def add_demo_parser(sub) -> None:
     d.add_argument("--prompts", type=int, default=100, help="held-out prompts")
     d.add_argument("--wiki", type=int, default=200, help="Wikipedia extracts for perplexity")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-gates", action="store_true", help="skip the DSAS-gated evaluation")
     d.set_defaults(func=cmd_demo)

@@ -160,9 +160,14 @@ def fuse(model: nn.Module, steering: Union[Steering, Sequence[Steering]], streng
     ``inverse=True``) folds the inverse map. Raises FusionError, leaving the model untouched,
     when any map cannot fold.
     """
+    from .diffusion import as_module, is_pipeline
+    if is_pipeline(model):
+        fuse(as_module(model), steering, strength, inverse)     # folds into the shared modules
+        return model
     steerings = [steering] if isinstance(steering, Steering) else list(steering)
     if not steerings:
         raise ValueError("fuse needs at least one steering")
+    steerings = [_for_component(model, st) for st in steerings]
     refuse_gates(steerings)
     if strength == 0:
         for st in steerings:
@@ -179,6 +184,18 @@ def fuse(model: nn.Module, steering: Union[Steering, Sequence[Steering]], streng
         for p in plans:
             _fold(p)
     return model
+
+
+def _for_component(model: nn.Module, steering: Steering) -> Steering:
+    """A pipeline's steering (``unet.…`` names) applied to the component itself (``pipeline.unet``)
+    loses the prefix."""
+    names = {n for n, _ in model.named_modules()}
+    if any(n in names for n in steering.modules):
+        return steering
+    prefix = steering.modules[0].split(".", 1)[0] + "."
+    if all(n.startswith(prefix) and n[len(prefix):] in names for n in steering.modules):
+        return steering.strip_prefix(prefix)
+    return steering
 
 
 def refuse_gates(steerings: Sequence[Steering]) -> None:

@@ -12,7 +12,8 @@ def add_fuse_parser(sub) -> None:
                        description="Fold the steering maps into the model's norms (and the biases "
                                    "of the linear layers reading them) and save a checkpoint that "
                                    "AutoModelForCausalLM.from_pretrained loads without lineas_fast.")
-    f.add_argument("--model", required=True, help="local transformers model folder")
+    f.add_argument("--model", help="local transformers model folder")
+    f.add_argument("--pipeline", help="local diffusers pipeline folder (instead of --model)")
     f.add_argument("--steering", required=True, help="steering file (.safetensors)")
     f.add_argument("--strength", type=float, default=1.0, help="negative: fold the inverse map")
     f.add_argument("--out", required=True, help="output folder (must be empty or absent)")
@@ -26,7 +27,13 @@ def cmd_fuse(args) -> int:
     from .cli import CLIError, load_model
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise CLIError(f"output folder {args.out!r} is not empty; pass --overwrite to replace it")
-    model, tok = load_model(args.model)
+    from .cli import load_pipeline
+    if bool(args.model) == bool(args.pipeline):
+        raise CLIError("give exactly one of --model or --pipeline")
+    if args.pipeline:
+        model, tok = load_pipeline(args.pipeline), None
+    else:
+        model, tok = load_model(args.model)
     try:
         steering = lf.Steering.load(args.steering)
         steering.validate(model, strict=not args.no_strict)
@@ -39,7 +46,8 @@ def cmd_fuse(args) -> int:
 
 
 def write_checkpoint(model, tokenizer, out: str, steering, strength: float, source: str) -> None:
-    """save_pretrained into a temporary sibling folder, then move it into place."""
+    """save_pretrained (a model or a diffusers pipeline) into a temporary sibling folder, then
+    move it into place."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".fuse-", dir=parent)
@@ -64,7 +72,7 @@ def model_card(model, steering, strength: float, source: str) -> str:
     return (f"# Steered checkpoint (lineas_fast {__version__})\n\n"
             f"Folded the LinEAS {kind} from `{os.path.basename(source)}` with strength "
             f"{abs(strength)} into the weights of {len(steering)} modules. The architecture is "
-            f"`{type(model).__name__}`; it loads with plain transformers and runs at the "
+            f"`{type(model).__name__}`; it loads with plain transformers (or diffusers) and runs at the "
             f"unsteered model's cost.\n\nSupport: {steering.support()} of "
             f"{sum(steering.dims().values())} coordinates.\n\nSteering metadata:\n\n```json\n"
             f"{json.dumps({k: v for k, v in steering.metadata.items() if k != 'history'}, indent=1, default=str)}\n"

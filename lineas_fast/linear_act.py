@@ -6,7 +6,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .activations import ActivationReader
 from .modules import match_modules
 from .steering import Steering, model_fingerprint
 from .wasserstein import TargetProfile
@@ -46,11 +45,14 @@ def linear_act_map(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def fit_linear_act(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[str],
                    modules: str = ".*post.*layernorm", max_length: int = 128,
-                   autocast_dtype: torch.dtype | None = None) -> Steering:
+                   autocast_dtype: torch.dtype | None = None, timestep: int | None = None,
+                   seed: int = 0) -> Steering:
     """Fit Linear-AcT maps module after module (in execution order), each on source
-    activations with the earlier modules' maps active, against the untouched model's target."""
+    activations with the earlier modules' maps active, against the untouched model's target.
+    ``model`` may be a diffusers pipeline (``tokenizer`` None; see ``lf.train``)."""
+    from .trainer import make_reader
+    reader, model = make_reader(model, tokenizer, max_length, autocast_dtype, timestep, seed)
     names = match_modules(model, modules, "modules")
-    reader = ActivationReader(model, tokenizer, max_length, autocast_dtype)
     src, tgt = reader.encode(source, "source"), reader.encode(target, "target")
     was_training = model.training
     model.eval()
@@ -72,13 +74,13 @@ def fit_linear_act(model: nn.Module, tokenizer, source: Sequence[str], target: S
     return Steering({n: maps[n] for n in names}, meta)
 
 
-def _execution_order(reader: ActivationReader, encoded, names) -> list[str]:
+def _execution_order(reader, encoded, names) -> list[str]:
     """Module names in the order the forward pass runs them (one short pass)."""
     order = []
     hooks = [reader.modules[n].register_forward_hook(
         lambda _m, _a, _o, n=n: order.append(n) if n not in order else None) for n in names]
     try:
-        reader.pooled(encoded[:1], names, stop=True)
+        reader.pooled(encoded, names, idx=[0], stop=True)
     finally:
         for h in hooks:
             h.remove()

@@ -187,7 +187,10 @@ class Steering:
     # --- use on a model ------------------------------------------------------------------------
     def validate(self, model: nn.Module, strict: bool = True) -> dict[str, nn.Module]:
         """Check every map's module exists with the map's dimension (and, if ``strict`` and
-        the file recorded one, the same model fingerprint). Returns {name: module}."""
+        the file recorded one, the same model fingerprint). ``model`` may be a diffusers
+        pipeline (names prefixed by component, ``unet.…``). Returns {name: module}."""
+        from .diffusion import as_module
+        model = as_module(model)
         named = dict(model.named_modules())
         missing = [n for n in self._maps if n not in named]
         if missing:
@@ -206,6 +209,15 @@ class Steering:
                 raise ValueError(f"steering was trained on model {want} but this model is {have}; "
                                  f"pass strict=False to apply it anyway")
         return {n: named[n] for n in self._maps}
+
+    def strip_prefix(self, prefix: str) -> "Steering":
+        """The same maps with ``prefix`` removed from every module name (e.g. "unet." to apply a
+        pipeline's steering to ``pipeline.unet`` alone)."""
+        if not all(n.startswith(prefix) for n in self._maps):
+            raise ValueError(f"not every module name starts with {prefix!r}")
+        cut = len(prefix)
+        return Steering({n[cut:]: m for n, m in self._maps.items()}, self.metadata,
+                        {n[cut:]: g for n, g in self.gates.items()})
 
     def strengths(self, strength: StrengthSpec) -> dict[str, float]:
         """Per-module strength from a float or {name or regex: float} (others get 1.0)."""

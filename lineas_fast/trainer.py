@@ -105,7 +105,8 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
           resume_from: str | None = None, callback: Callable[[StepRecord], None] | None = None,
           progress: bool = True, backend: str | None = None, gate: str | None = None,
           gate_kind: str = "sigmoid", control: Sequence[str] | None = None,
-          control_weight: float = 1.0) -> Steering:
+          control_weight: float = 1.0, timestep: int | None = None,
+          resolution: int | None = None) -> Steering:
     """Train LinEAS maps at ``modules`` so the steered source matches the target at
     ``loss_modules`` (default: the same modules).
 
@@ -122,6 +123,11 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     [0, 1]) per module is trained with the maps; the loss adds ``control_weight`` × the mean
     squared difference between steered and unsteered pooled activations of ``control``
     sentences, so the gate learns to stay shut on neutral text.
+
+    Diffusers pipelines (``model`` a StableDiffusion(XL) pipeline, ``tokenizer`` None): source
+    and target are prompts; modules are regexes over ``unet.…`` names; activations are pooled per
+    image at denoising ``timestep`` (default: the first sampling step) at latent ``resolution``
+    (default: the UNet's sample size). See ``lineas_fast.diffusion``.
     """
     cfg = TrainConfig(modules=modules, loss_modules=loss_modules, steps=steps,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, reduction=reduction,
@@ -134,9 +140,10 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     cfg.check()
     if checkpoint_every and not checkpoint_path:
         raise ValueError("checkpoint_every needs checkpoint_path")
+    reader, model = make_reader(model, tokenizer, max_length, autocast_dtype, timestep, seed,
+                                resolution)
     names = match_modules(model, modules, "modules")
     loss_names = match_modules(model, loss_modules, "loss_modules") if loss_modules else names
-    reader = ActivationReader(model, tokenizer, max_length, autocast_dtype)
     src, tgt = reader.encode(source, "source"), reader.encode(target, "target")
     n = min(batch_size, len(src))
     if cfg.gate == "e2e" and not control:
@@ -221,6 +228,19 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
                                "kind": g["kind"]} for m, g in gates.items()})
 
 
+def make_reader(model, tokenizer, max_length=128, autocast_dtype=None, timestep=None, seed=0,
+                resolution=None):
+    """(activation reader, module tree) for a causal LM or a diffusers pipeline."""
+    from .diffusion import DiffusionReader, as_module, is_pipeline
+    if is_pipeline(model):
+        return (DiffusionReader(model, timestep, seed, resolution, autocast_dtype=autocast_dtype),
+                as_module(model))
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed for a language model (None is for diffusers "
+                         "pipelines)")
+    return ActivationReader(model, tokenizer, max_length, autocast_dtype), model
+
+
 def _initial_gates(maps, cfg) -> dict:
     """Gate parameters per module: w = 0 and c giving g = 0.5 (sigmoid: c = 0; relu: c = 0.5,
     inside the clamp so the gate has a gradient)."""
@@ -238,7 +258,8 @@ def _initial_maps(model, tokenizer, source, target, names, init, cfg, reader, sr
         given = init
     elif init == "linear_act":
         from .linear_act import fit_linear_act
-        given = fit_linear_act(model, tokenizer, source, target, cfg.modules, cfg.max_length)
+        given = fit_linear_act(getattr(reader, "pipe", model), tokenizer, source, target,
+                               cfg.modules, cfg.max_length)
     else:
         given = None
     maps = {}
@@ -267,7 +288,7 @@ def _module_width(model, reader, src, name) -> int:
     d = coordinate_dim(dict(model.named_modules())[name])
     if d is None:
         with torch.no_grad():
-            d = reader.pooled(src[:1], [name], stop=True)[name].shape[1]
+            d = reader.pooled(src, [name], idx=[0], stop=True)[name].shape[1]
     return d
 
 

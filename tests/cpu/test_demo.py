@@ -22,12 +22,16 @@ def keyword_judge(texts):
 
 def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     data = DemoData(SOURCE, TARGET, prompts=["you are a", "what a", "go away", "nobody"],
-                    wiki=["the cat sat on the mat", "rivers flow to the sea in spring"])
+                    wiki=["the cat sat on the mat", "rivers flow to the sea in spring"],
+                    control=["the sun rises in the east", "a table has four legs",
+                             "water boils when heated", "trains run on rails"])
     res = run_demo(tiny_model("llama"), tiny_tokenizer(), data, keyword_judge, str(tmp_path),
                    modules=r"model\.layers\.\d+\.post_attention_layernorm", steps=4,
                    strengths=(0.0, 1.0), max_new_tokens=4, progress=False)
     assert [(r["method"], r["strength"]) for r in res["rows"]] == \
-        [("LinEAS", 0.0), ("LinEAS", 1.0), ("Linear-AcT", 1.0)]
+        [("LinEAS", 0.0), ("LinEAS", 1.0), ("LinEAS+DSAS", 1.0), ("Linear-AcT", 1.0)]
+    assert set(res["gates"]) == set(lf.Steering.load(str(tmp_path / "steering.safetensors")).modules)
+    assert lf.Steering.load(str(tmp_path / "steering-dsas.safetensors")).metadata["gates"]
     assert res["loss_last"] < res["loss_first"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["support"] == 0 and saved["rows"][1]["support"] > 0
