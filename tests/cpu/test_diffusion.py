@@ -131,3 +131,18 @@ def test_bad_input(trained):
                                       attention_head_dim=8)
     with pytest.raises(ValueError, match="coordinates but its map has|trained on model"):
         st.attach(other)
+
+
+def test_sdxl_pipeline_trains_and_fuses():
+    from tiny_pipeline import tiny_sdxl_pipeline
+    pipe = tiny_sdxl_pipeline()
+    hist = []
+    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=NORMS, steps=4,
+                  optimizer="adam", lr=0.05, batch_size=len(SOURCE_PROMPTS), progress=False,
+                  callback=hist.append, timestep=399)
+    assert hist[-1].loss < hist[0].loss
+    with st.apply(pipe):
+        hooked = latents(pipe)
+    lf.fuse(pipe, st)
+    fused = latents(pipe)
+    assert (hooked - fused).abs().max() <= REL_BOUND * hooked.abs().max()
