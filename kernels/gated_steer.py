@@ -32,9 +32,10 @@ def _gate(logit, RELU: tl.constexpr):
 
 
 @triton.jit
-def _gated_steer_fwd_kernel(z_ptr, y_ptr, s_ptr, u_ptr, b_ptr, w_ptr, c_ptr, lam, T, D,
-                            RELU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
+def _row_tile(z_ptr, u_ptr, b_ptr, w_ptr, c_ptr, pid, T, D, BLOCK_T: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """This program's whole-row tile: token indices, masks, offsets, z (float32), the map and
+    gate parameters, and the gate logit per token."""
     t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.arange(0, BLOCK_D)
     tmask, dmask = t < T, j < D
@@ -44,8 +45,15 @@ def _gated_steer_fwd_kernel(z_ptr, y_ptr, s_ptr, u_ptr, b_ptr, w_ptr, c_ptr, lam
     u = tl.load(u_ptr + j, mask=dmask, other=0.0)[None, :]
     b = tl.load(b_ptr + j, mask=dmask, other=0.0)[None, :]
     w = tl.load(w_ptr + j, mask=dmask, other=0.0)[None, :]
-    c = tl.load(c_ptr)
-    logit = tl.sum(z * w, axis=1) + c
+    logit = tl.sum(z * w, axis=1) + tl.load(c_ptr)
+    return t, j, tmask, dmask, mask, off, z, u, b, w, logit
+
+
+@triton.jit
+def _gated_steer_fwd_kernel(z_ptr, y_ptr, s_ptr, u_ptr, b_ptr, w_ptr, c_ptr, lam, T, D,
+                            RELU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    t, j, tmask, dmask, mask, off, z, u, b, w, logit = _row_tile(
+        z_ptr, u_ptr, b_ptr, w_ptr, c_ptr, tl.program_id(0), T, D, BLOCK_T, BLOCK_D)
     g, _ = _gate(logit, RELU)
     s = lam * g
     y = z + s[:, None] * (u * z + b)
@@ -58,18 +66,9 @@ def _gated_steer_bwd_kernel(z_ptr, g_ptr, dz_ptr, u_ptr, b_ptr, w_ptr, c_ptr, la
                             RELU: tl.constexpr, NEED_DPARAM: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    j = tl.arange(0, BLOCK_D)
-    tmask, dmask = t < T, j < D
-    mask = tmask[:, None] & dmask[None, :]
-    off = t[:, None] * D + j[None, :]
-    z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    t, j, tmask, dmask, mask, off, z, u, b, w, logit = _row_tile(
+        z_ptr, u_ptr, b_ptr, w_ptr, c_ptr, pid, T, D, BLOCK_T, BLOCK_D)
     G = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + j, mask=dmask, other=0.0)[None, :]
-    b = tl.load(b_ptr + j, mask=dmask, other=0.0)[None, :]
-    w = tl.load(w_ptr + j, mask=dmask, other=0.0)[None, :]
-    c = tl.load(c_ptr)
-    logit = tl.sum(z * w, axis=1) + c
     g, dg = _gate(logit, RELU)
     s = tl.where(tmask, lam * g, 0.0)
     ldg = tl.where(tmask, lam * dg, 0.0)

@@ -39,6 +39,17 @@ def length_buckets(lengths: Sequence[int], max_waste: float = 0.25) -> list[list
     return buckets
 
 
+def check_texts(texts, what: str) -> list[str]:
+    """The texts as a list, or a ValueError naming the empty list or the bad entries."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"{what}: empty list of {'prompts' if 'prompt' in what else 'sentences'}")
+    bad = [i for i, s in enumerate(texts) if not isinstance(s, str) or not s.strip()]
+    if bad:
+        raise ValueError(f"{what}: entries {bad[:10]} are empty or not strings")
+    return texts
+
+
 class ActivationReader:
     """Tokenizes sentences once and returns pooled activations at named modules.
 
@@ -66,12 +77,7 @@ class ActivationReader:
         return p.device
 
     def encode(self, sentences: Iterable[str], what: str = "sentences") -> list[list[int]]:
-        sentences = list(sentences)
-        if not sentences:
-            raise ValueError(f"{what}: empty list of sentences")
-        bad = [i for i, s in enumerate(sentences) if not isinstance(s, str) or not s.strip()]
-        if bad:
-            raise ValueError(f"{what}: entries {bad[:10]} are empty or not strings")
+        sentences = check_texts(sentences, what)
         ids = self.tokenizer(sentences, truncation=True, max_length=self.max_length,
                              add_special_tokens=True)["input_ids"]
         return [list(x) for x in ids]

@@ -65,16 +65,20 @@ def load_pipeline(path: str):
     return pipe
 
 
+def load_model_or_pipeline(args):
+    """(model, tokenizer) from --model, or (pipeline, None) from --pipeline: exactly one."""
+    if bool(args.model) == bool(args.pipeline):
+        raise CLIError("give exactly one of --model (a causal LM) or --pipeline (diffusers)")
+    if args.pipeline:
+        return load_pipeline(args.pipeline), None
+    return load_model(args.model)
+
+
 def cmd_train(args) -> int:
     import lineas_fast as lf
     source = read_sentences(args.source, "source")
     target = read_sentences(args.target, "target")
-    if bool(args.model) == bool(args.pipeline):
-        raise CLIError("give exactly one of --model (a causal LM) or --pipeline (diffusers)")
-    if args.pipeline:
-        model, tok = load_pipeline(args.pipeline), None
-    else:
-        model, tok = load_model(args.model)
+    model, tok = load_model_or_pipeline(args)
     try:
         steering = lf.train(model, tok, source, target, modules=args.modules,
                             loss_modules=args.loss_modules, steps=args.steps,

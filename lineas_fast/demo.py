@@ -67,7 +67,8 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
              out_dir: str, modules: str = r".*post_attention_layernorm", steps: int = 100,
              optimizer: str = "adam", lr: float = 1e-2, sparsity: float = 0.0,
              strengths: Sequence[float] = (0.0, 0.5, 1.0), max_new_tokens: int = 20,
-             seed: int = 0, progress: bool = True, gates: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, gates: bool = True,
+             gate_threshold: float = 0.75) -> dict:
     """Train, evaluate at each strength, with DSAS gates (fitted on ``data.control``) at the
     largest strength, and with Linear-AcT; write results; returns them."""
     torch.manual_seed(seed)
@@ -92,16 +93,21 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
     gate_report = None
     if gates and data.control:
         from .gates import fit_gates
-        gated = fit_gates(model, tokenizer, data.source, data.control, steering, seed=seed,
-                          on_low="disable")
-        gated.save(os.path.join(out_dir, "steering-dsas.safetensors"))
-        gate_report = gated.metadata["gates"]
-        lam = max(strengths)
-        with gated.apply(model, strength=lam):
-            r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
-        rows.append({"method": "LinEAS+DSAS", "strength": lam, **r,
-                     "support": gated.support(), "coordinates": total, "train_s": train_s})
-        _report_row(rows[-1])
+        try:
+            gated = fit_gates(model, tokenizer, data.source, data.control, steering, seed=seed,
+                              threshold=gate_threshold, on_low="disable")
+        except ValueError as e:            # no module's gate reached the threshold
+            gated, gate_report = None, {"error": str(e)}
+            print(f"[LinEAS+DSAS] skipped: {e}")
+        if gated is not None:
+            gated.save(os.path.join(out_dir, "steering-dsas.safetensors"))
+            gate_report = gated.metadata["gates"]
+            lam = max(strengths)
+            with gated.apply(model, strength=lam):
+                r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
+            rows.append({"method": "LinEAS+DSAS", "strength": lam, **r,
+                         "support": gated.support(), "coordinates": total, "train_s": train_s})
+            _report_row(rows[-1])
     with lin_act.apply(model, strength=1.0):
         r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
     rows.append({"method": "Linear-AcT", "strength": 1.0, **r, "support": lin_act.support(),

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .activations import StopForward
+from .activations import StopForward, check_texts
 
 
 def is_pipeline(obj) -> bool:
@@ -80,13 +80,8 @@ class DiffusionReader:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def encode(self, prompts: Sequence[str], what: str = "prompts") -> dict:
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError(f"{what}: empty list of prompts")
-        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
-        if bad:
-            raise ValueError(f"{what}: entries {bad[:10]} are empty or not strings")
+    def encode(self, prompts: Sequence[str], what: str = "source") -> dict:
+        prompts = check_texts(prompts, f"{what} prompts")
         with torch.no_grad():
             out = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
                                           do_classifier_free_guidance=False)

@@ -24,16 +24,11 @@ def add_fuse_parser(sub) -> None:
 
 def cmd_fuse(args) -> int:
     import lineas_fast as lf
-    from .cli import CLIError, load_model
+    from .cli import CLIError
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise CLIError(f"output folder {args.out!r} is not empty; pass --overwrite to replace it")
-    from .cli import load_pipeline
-    if bool(args.model) == bool(args.pipeline):
-        raise CLIError("give exactly one of --model or --pipeline")
-    if args.pipeline:
-        model, tok = load_pipeline(args.pipeline), None
-    else:
-        model, tok = load_model(args.model)
+    from .cli import load_model_or_pipeline
+    model, tok = load_model_or_pipeline(args)
     try:
         steering = lf.Steering.load(args.steering)
         steering.validate(model, strict=not args.no_strict)
