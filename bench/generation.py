@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     rows = []
     for label, model in models(args):
         steering = random_steering(model)
+        throughput(model, batches[0], prompt_len, new_tokens, repeats=1)   # process warm-up
         for provider in PROVIDERS:
             run, handle = prepare(provider, model, steering)
             for b in batches:

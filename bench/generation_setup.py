@@ -73,12 +73,14 @@ def _sync(dev):
 
 
 @torch.no_grad()
-def throughput(model, batch, prompt_len, new_tokens, repeats=3, seed=0):
+def throughput(model, batch, prompt_len, new_tokens, repeats=5, seed=0):
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g).to(dev)
     mask = torch.ones_like(ids)
-    model(input_ids=ids, attention_mask=mask)                      # warm-up
+    model(input_ids=ids, attention_mask=mask)                      # warm-up: forward and
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                   pad_token_id=0)                                 # a short generate
     pre, gen = [], []
     for _ in range(repeats):
         _sync(dev)

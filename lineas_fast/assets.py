@@ -25,6 +25,8 @@ import tarfile
 import tempfile
 import zipfile
 
+from .io import default_mode
+
 
 class AssetError(RuntimeError):
     """An asset could not be fetched or loaded; the message says what to install."""
@@ -134,6 +136,7 @@ def smollm2_folder() -> str:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        os.chmod(tmp, default_mode(directory=True))
         os.replace(tmp, out)
     finally:
         if os.path.isdir(tmp):

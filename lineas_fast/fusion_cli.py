@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+from .io import default_mode
+
 
 def add_fuse_parser(sub) -> None:
     f = sub.add_parser("fuse", help="fold a steering into the weights and save a plain checkpoint",
@@ -52,6 +54,7 @@ def write_checkpoint(model, tokenizer, out: str, steering, strength: float, sour
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(model, steering, strength, source))
+        os.chmod(tmp, default_mode(directory=True))
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -160,3 +160,12 @@ def test_support_plot(tmp_path):
                       for i in range(4)})
     st.plot_support(str(tmp_path / "support.png"))
     assert (tmp_path / "support.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    import os
+    st = lf.Steering({"m": (torch.ones(2), torch.zeros(2))})
+    st.save(str(tmp_path / "s.safetensors"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (os.stat(tmp_path / "s.safetensors").st_mode & 0o777) == (0o666 & ~mask)
