@@ -13,7 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json  # noqa: E402
-from generation_setup import PROVIDERS, QWEN25, prepare, random_steering, throughput  # noqa: E402
+from generation_setup import (PROVIDERS, QWEN25, ops_per_forward, prepare,  # noqa: E402
+                              random_steering, throughput)
 
 
 def models(args):
@@ -51,12 +52,14 @@ def main(argv=None) -> int:
         throughput(model, batches[0], prompt_len, new_tokens, repeats=1)   # process warm-up
         for provider in PROVIDERS:
             run, handle = prepare(provider, model, steering)
+            ops = ops_per_forward(run)
             for b in batches:
                 r = throughput(run, b, prompt_len, new_tokens)
                 rows.append({"model": label, "provider": provider, "batch": b,
-                             "prompt_len": prompt_len, "new_tokens": new_tokens, **r})
+                             "prompt_len": prompt_len, "new_tokens": new_tokens,
+                             "aten_ops_per_forward": ops, **r})
                 print(f"{label[:28]:28s} {provider:16s} B={b:3d} prefill {r['prefill_tok_s']:9.1f} "
-                      f"tok/s  decode {r['decode_tok_s']:8.1f} tok/s")
+                      f"tok/s  decode {r['decode_tok_s']:8.1f} tok/s  ops/forward {ops}")
             if handle:
                 handle.remove()
             del run

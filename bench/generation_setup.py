@@ -97,3 +97,24 @@ def throughput(model, batch, prompt_len, new_tokens, repeats=5, seed=0):
     return {"prefill_tok_s": batch * prompt_len / p,
             "decode_tok_s": batch * new_tokens / max(g_ - p, 1e-9),
             "prefill_s": p, "generate_s": g_}
+
+
+@torch.no_grad()
+def ops_per_forward(model, batch=1, prompt_len=16, seed=0) -> int:
+    """ATen operator calls in one forward pass (deterministic, unlike CPU timings): a folded
+    model must match the unsteered count exactly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g).to(dev)
+    with Count():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return Count.n
