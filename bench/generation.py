@@ -1,4 +1,5 @@
-"""Generation throughput per steering provider; writes bench/results/generation-<device>.json.
+"""Generation throughput per steering provider (unsteered, reference hooks, lineas_fast hooks,
+DSAS-gated hooks, in-memory fused norms, folded); writes bench/results/generation-<device>.json.
 
     python bench/generation.py                     # CPU: SmolLM2-135M-sized Llama, fp32
     python bench/generation.py --qwen 1.5B 7B      # GPU: Qwen2.5 configs, random weights, bf16

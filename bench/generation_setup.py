@@ -3,6 +3,7 @@
 * ``unsteered``: the plain model;
 * ``reference_hooks``: plain PyTorch forward hooks computing z + λ((ω−1)z + b) (research-code style);
 * ``lineas_hooks``: ``Steering.attach`` (the fused ``affine_steer`` kernel on CUDA);
+* ``lineas_gated``: the same maps with DSAS gates (the fused gated kernel on CUDA);
 * ``fused_norms``: ``lf.fuse_in_memory`` (map inside the norm; no extra op);
 * ``folded``: ``lf.fuse`` (weights and biases changed; the plain graph).
 Prefill tokens/s is B·T / time of one forward over the prompt; decode tokens/s is B·N / (time of
@@ -18,7 +19,8 @@ import torch
 
 import lineas_fast as lf
 
-PROVIDERS = ["unsteered", "reference_hooks", "lineas_hooks", "fused_norms", "folded"]
+PROVIDERS = ["unsteered", "reference_hooks", "lineas_hooks", "lineas_gated", "fused_norms",
+             "folded"]
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 
 QWEN25 = {
@@ -51,6 +53,12 @@ def prepare(provider, model, steering, strength=1.0):
         return model, _Handles(hs)
     if provider == "lineas_hooks":
         return model, st.attach(model, strength=strength, strict=False)
+    if provider == "lineas_gated":
+        g = torch.Generator().manual_seed(1)
+        gates = {n: {"w": (torch.randn(st[n][0].shape[0], generator=g) * 0.01).to(dev),
+                     "c": torch.zeros(1, device=dev), "kind": "sigmoid"} for n in st.modules}
+        gated = lf.Steering({n: st[n] for n in st.modules}, gates=gates)
+        return model, gated.attach(model, strength=strength, strict=False)
     if provider == "fused_norms":
         return lf.fuse_in_memory(copy.deepcopy(model), st, strength), None
     if provider == "folded":

@@ -146,3 +146,15 @@ def test_sdxl_pipeline_trains_and_fuses():
     lf.fuse(pipe, st)
     fused = latents(pipe)
     assert (hooked - fused).abs().max() <= REL_BOUND * hooked.abs().max()
+
+
+def test_bf16_unet_trains_with_float32_maps():
+    pipe = tiny_pipeline()
+    pipe.unet.to(torch.bfloat16)
+    pipe.text_encoder.to(torch.bfloat16)
+    hist = []
+    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=r"unet\.down_blocks\..*norm\d?",
+                  steps=4, optimizer="adam", lr=0.05, batch_size=len(SOURCE_PROMPTS),
+                  progress=False, callback=hist.append)
+    assert hist[-1].loss < hist[0].loss
+    assert all(st[n][0].dtype == torch.float32 for n in st.modules)
