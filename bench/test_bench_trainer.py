@@ -1,6 +1,6 @@
 """pytest-benchmark: one training step, lf.train vs the reference-style trainer, same model
 (a SmolLM2-135M-sized Llama on CPU; 8 layers here to keep the suite short; the full 30-layer
-comparison is bench/trainer_cpu.py).
+comparison is bench/trainer_step.py).
 
     pytest bench/test_bench_trainer.py
 """
