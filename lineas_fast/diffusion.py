@@ -10,6 +10,7 @@ so every sample is conditional.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -140,7 +141,7 @@ class DiffusionReader:
             for i in range(0, len(idx), self.batch_size):
                 state["seen"] = set()
                 ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-                       if self.autocast_dtype else _Null())
+                       if self.autocast_dtype else nullcontext())
                 with ctx:
                     try:
                         self.unet(**self._unet_kwargs(enc, idx[i:i + self.batch_size]))
@@ -152,14 +153,6 @@ class DiffusionReader:
             for h in handles:
                 h.remove()
         return {n: torch.cat(rows[n]) for n in names}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def image_grid(images, rows: int = 1):

@@ -12,6 +12,14 @@ from .kernels.affine_steer_ref import affine_steer_ref
 Strength = Union[float, int, torch.Tensor]
 
 
+def check_param_shapes(d: int, where: str, **params) -> None:
+    """Each named parameter must be a (d,) tensor; the error names it and ``where`` d comes from."""
+    for name, p in params.items():
+        if not isinstance(p, torch.Tensor) or p.shape != (d,):
+            raise ValueError(f"{name} must have shape ({d},) to match {where}, got "
+                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+
+
 def map_coefficients(omega: torch.Tensor, bias: torch.Tensor, inverse: bool = False):
     """(u, b') with steer(z) = z + λ(u⊙z + b'): u = ω − 1, b' = b for T; u = 1/ω − 1,
     b' = −b/ω for T⁻¹. Float32 (float64 for float64 parameters), differentiable in ω and b."""
@@ -75,11 +83,8 @@ def affine_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor,
     if cd is None:
         raise ValueError(f"channel_dim {channel_dim} out of range for z of shape {tuple(z.shape)}")
     d = z.shape[cd]
-    for name, p in (("omega", omega), ("bias", bias)):
-        if not isinstance(p, torch.Tensor) or p.shape != (d,):
-            raise ValueError(f"{name} must have shape ({d},) to match z's axis {channel_dim} of "
-                             f"z.shape {tuple(z.shape)}, got "
-                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+    check_param_shapes(d, f"z's axis {channel_dim} of z.shape {tuple(z.shape)}", omega=omega,
+                       bias=bias)
     tensors = dict(z=z, omega=omega, bias=bias)
     if isinstance(strength, torch.Tensor):
         tensors["strength"] = strength
@@ -116,10 +121,7 @@ def gated_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor, gate_w
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim < 1:
         raise TypeError("z must be a floating-point tensor (..., d)")
     d = z.shape[-1]
-    for name, p in (("omega", omega), ("bias", bias), ("gate_w", gate_w)):
-        if not isinstance(p, torch.Tensor) or p.shape != (d,):
-            raise ValueError(f"{name} must have shape ({d},) to match z.shape {tuple(z.shape)}, got "
-                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+    check_param_shapes(d, f"z.shape {tuple(z.shape)}", omega=omega, bias=bias, gate_w=gate_w)
     if not isinstance(gate_c, torch.Tensor) or gate_c.numel() != 1:
         raise ValueError("gate_c must be a tensor holding one value")
     if isinstance(strength, torch.Tensor):

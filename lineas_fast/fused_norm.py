@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fusion import FusionError, _norm_kind, coefficients
+from .fusion import FusionError, _fold, _norm_kind, _Plan, coefficients
 from .kernels._backend import use_triton
 from .kernels.rms_norm_shift import MAX_D, rms_norm_shift_triton
 from .kernels.rms_norm_shift_ref import rms_norm_shift_ref
@@ -68,9 +68,7 @@ def fuse_in_memory(model: nn.Module, steering: Steering, strength: float = 1.0,
         for name, mod, kind in swaps:
             a, c = coefficients(*steering[name], strength, inverse)
             if kind == "affine_norm":
-                w, b = mod.weight, mod.bias
-                w.copy_((a.to(w.device) * w.double()).to(w.dtype))
-                b.copy_((a.to(b.device) * b.double() + c.to(b.device)).to(b.dtype))
+                _fold(_Plan(name, mod, a, c, kind))
             else:
                 parent_name, _, local = name.rpartition(".")
                 parent = named[parent_name] if parent_name else model

@@ -18,6 +18,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from .functional import map_coefficients
 from .steering import Steering
 
 
@@ -69,14 +70,10 @@ class _Plan:
 
 def coefficients(omega, bias, strength: float, inverse: bool = False):
     """(a, c) float64 with steer(z) = a⊙z + c; a negative strength means the inverse map."""
-    om, b = omega.detach().double().cpu(), bias.detach().double().cpu()
     if strength < 0:
         inverse, strength = (not inverse), -strength
-    if inverse:
-        if bool((om == 0).any()):
-            raise ValueError("inverse map needs omega != 0 everywhere")
-        om, b = 1.0 / om, -b / om
-    return 1 - strength + strength * om, strength * b
+    u, b = map_coefficients(omega.detach().double().cpu(), bias.detach().double().cpu(), inverse)
+    return 1 + strength * u, strength * b
 
 
 def _norm_kind(mod: nn.Module) -> str | None:

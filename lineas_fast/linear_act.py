@@ -1,6 +1,7 @@
 """Linear-AcT (SPEC §4): the closed-form per-coordinate map, and fitting it module after module."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -61,7 +62,7 @@ def fit_linear_act(model: nn.Module, tokenizer, source: Sequence[str], target: S
             target_acts = reader.pooled(tgt, names, stop=True)
             maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for name in _execution_order(reader, src, names):
-                with Steering(maps).attach(model, strict=False) if maps else _null():
+                with Steering(maps).attach(model, strict=False) if maps else nullcontext():
                     x = reader.pooled(src, [name], stop=True)[name]
                 omega, bias = linear_act_map(x, target_acts[name])
                 dev = next(model.parameters()).device
@@ -85,11 +86,3 @@ def _execution_order(reader, encoded, names) -> list[str]:
         for h in hooks:
             h.remove()
     return order
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

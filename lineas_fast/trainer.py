@@ -132,11 +132,9 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     cfg = TrainConfig(modules=modules, loss_modules=loss_modules, steps=steps,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, reduction=reduction,
                       sparsity=sparsity, l1=l1, group=group, seed=seed, max_length=max_length,
-                      init=init if isinstance(init, (str, type(None))) else "steering",
+                      init=init if isinstance(init, str) else None,
                       autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
                       gate=gate, gate_kind=gate_kind, control_weight=control_weight)
-    if cfg.init == "steering":
-        cfg.init = None
     cfg.check()
     if checkpoint_every and not checkpoint_path:
         raise ValueError("checkpoint_every needs checkpoint_path")
@@ -221,11 +219,10 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    meta = {"model": model_fingerprint(model), "method": "lineas",
-            "hyperparameters": asdict(cfg), "history": [asdict(r) for r in history]}
-    return Steering({m: (om.detach().clone(), b.detach().clone()) for m, (om, b) in start.items()},
-                    meta, {m: {"w": g["w"].detach().clone(), "c": g["c"].detach().clone(),
-                               "kind": g["kind"]} for m, g in gates.items()})
+    result = steering.detach()
+    result.metadata = {"model": model_fingerprint(model), "method": "lineas",
+                       "hyperparameters": asdict(cfg), "history": [asdict(r) for r in history]}
+    return result
 
 
 def make_reader(model, tokenizer, max_length=128, autocast_dtype=None, timestep=None, seed=0,
@@ -270,7 +267,7 @@ def _initial_maps(model, tokenizer, source, target, names, init, cfg, reader, sr
                 raise ValueError(f"init steering has no map for module {m!r}")
             om, b = given[m]
         else:
-            d = _module_width(model, reader, src, m)
+            d = _module_width(mods[m], reader, src, m)
             om, b = torch.ones(d), torch.zeros(d)
         maps[m] = (om.detach().float().to(dev).clone().requires_grad_(),
                    b.detach().float().to(dev).clone().requires_grad_())
@@ -283,9 +280,9 @@ def _module_device(mod: nn.Module, model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _module_width(model, reader, src, name) -> int:
+def _module_width(module, reader, src, name) -> int:
     from .modules import coordinate_dim
-    d = coordinate_dim(dict(model.named_modules())[name])
+    d = coordinate_dim(module)
     if d is None:
         with torch.no_grad():
             d = reader.pooled(src, [name], idx=[0], stop=True)[name].shape[1]
