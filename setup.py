@@ -17,7 +17,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff>=0.5"],
         "diffusers": ["diffusers>=0.30"],
         "demo": ["gguf>=0.10", "accelerate>=0.30", "alt-profanity-check>=1.5", "matplotlib>=3.7"],
     },

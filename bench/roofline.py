@@ -44,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--bandwidth-tbs", type=float, default=3.35, help="H100 SXM HBM3: 3.35")
     args = ap.parse_args(argv)
     bw = args.bandwidth_tbs * 1e12
-    print(f"| op | shape | forward MB | backward MB | ops | bound fwd µs | bound bwd µs |")
+    print("| op | shape | forward MB | backward MB | ops | bound fwd µs | bound bwd µs |")
     print("|---|---|---|---|---|---|---|")
     for layers in (28, 56):
         for d in (1536, 2304, 3584):

@@ -94,7 +94,6 @@ def lineas_step_times(model, tok, source, target, pattern, steps, **kw):
     """Per-step seconds of ``lf.train`` (from its callback; target profiles excluded)."""
     import lineas_fast as lf
     stamps = []
-    t0 = [None]
 
     def cb(_rec):
         stamps.append(time.perf_counter())

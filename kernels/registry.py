@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from . import affine_steer, gated_steer, rms_norm_shift, wasserstein
+from . import affine_steer, gated_steer, rms_norm_shift, wasserstein, wasserstein_triton
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -37,7 +37,7 @@ def _signature(kernel, types: dict) -> dict:
 
 def wasserstein_configs() -> list[KernelConfig]:
     out = []
-    k = wasserstein._wasserstein_fwd_kernel
+    k = wasserstein_triton._wasserstein_fwd_kernel
     n_values = [1 << p for p in range(0, 12) if (1 << p) <= wasserstein.MAX_N]
     seen = set()
     for n in n_values:

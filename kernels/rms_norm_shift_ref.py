@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# The kernel's limit (``rms_norm_shift.py``, which re-exports it), kept here so a dispatcher can
+# read it without importing Triton: above it the PyTorch path runs (wider rows spill registers).
+MAX_D = 16384
+
 
 def rms_norm_shift_ref(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, eps: float,
                        gemma: bool) -> torch.Tensor:

@@ -15,7 +15,6 @@ import codecs
 import csv
 import glob
 import importlib.util
-import io
 import json
 import os
 import shutil

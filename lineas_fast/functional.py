@@ -1,15 +1,36 @@
-"""Public steering map: ``affine_steer`` (SPEC §3)."""
+"""Public steering maps: ``affine_steer`` (SPEC §3) and ``gated_steer`` (SPEC §5).
+
+Each validates its inputs, computes the map's coefficients (``map_coefficients``) and calls the
+low-level entry point, ``apply_affine`` / ``apply_gated``: no checks and no host
+synchronisation, for callers (the steering hooks) that prepared the coefficients once. The
+Triton kernel modules are imported on the first call that runs them, so this module imports
+where Triton is not installed.
+"""
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import torch
 
 from .kernels._backend import check_same_device, use_triton
-from .kernels.affine_steer import AffineSteerFn
 from .kernels.affine_steer_ref import affine_steer_ref
+from .kernels.gated_steer_ref import GATES, gated_steer_ref
 
 Strength = Union[float, int, torch.Tensor]
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _affine_kernel():
+    from .kernels.affine_steer import AffineSteerFn
+    return AffineSteerFn
+
+
+@functools.lru_cache(maxsize=None)
+def _gated_kernel():
+    from .kernels.gated_steer import MAX_D, GatedSteerFn
+    return MAX_D, GatedSteerFn
 
 
 def check_param_shapes(d: int, where: str, **params) -> None:
@@ -59,6 +80,35 @@ def token_strength(strength: torch.Tensor, z_shape: torch.Size, channel_dim: int
     return s.unsqueeze(channel_dim)
 
 
+def apply_affine(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, lam: Union[float, torch.Tensor],
+                 channel_dim: int, backend: str | None = None) -> torch.Tensor:
+    """y = z + λ(u⊙z + b) with no validation and no host synchronisation (the hooks' per-call path).
+
+    Args:
+        z: activations of any shape, the coordinates at ``channel_dim``.
+        u, b: (d,) float32 coefficients on z's device (``map_coefficients``: u = ω − 1 and b, or
+            u = 1/ω − 1 and −b/ω for the inverse map); contiguous for the kernel.
+        lam: a Python float, or a float32 strength tensor already shaped by ``token_strength``.
+        backend: as for ``affine_steer``.
+    Runs ``AffineSteerFn`` (Triton) or ``affine_steer_ref`` exactly as ``affine_steer`` does.
+    """
+    cd = channel_dim % z.ndim
+    if use_triton(z.device, backend) and z.dtype in KERNEL_DTYPES:
+        fn = _affine_kernel()
+        u, b = u.float().contiguous(), b.float().contiguous()
+        if isinstance(lam, torch.Tensor):
+            lam_flat = lam.squeeze(cd).to(torch.float32).contiguous().reshape(-1)
+            return fn.apply(z, u, b, lam_flat, 0.0, cd)
+        return fn.apply(z, u, b, None, lam, cd)
+    return affine_steer_ref(z, u, b, lam, cd)
+
+
+def _channel_axis(z: torch.Tensor, channel_dim: int) -> int:
+    if not -z.ndim <= channel_dim < z.ndim:
+        raise ValueError(f"channel_dim {channel_dim} out of range for z of shape {tuple(z.shape)}")
+    return channel_dim % z.ndim
+
+
 def affine_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor,
                  strength: Strength = 1.0, inverse: bool = False, channel_dim: int = -1,
                  *, backend: str | None = None) -> torch.Tensor:
@@ -79,62 +129,83 @@ def affine_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor,
                         f"{getattr(z, 'dtype', type(z).__name__)}")
     if z.ndim == 0:
         raise ValueError("z must have at least one axis (the coordinates)")
-    cd = channel_dim % z.ndim if -z.ndim <= channel_dim < z.ndim else None
-    if cd is None:
-        raise ValueError(f"channel_dim {channel_dim} out of range for z of shape {tuple(z.shape)}")
+    cd = _channel_axis(z, channel_dim)
     d = z.shape[cd]
     check_param_shapes(d, f"z's axis {channel_dim} of z.shape {tuple(z.shape)}", omega=omega,
                        bias=bias)
     tensors = dict(z=z, omega=omega, bias=bias)
     if isinstance(strength, torch.Tensor):
         tensors["strength"] = strength
-    device = check_same_device(**tensors)
+    check_same_device(**tensors)
     u, b = map_coefficients(omega, bias, inverse)
     lam = token_strength(strength, z.shape, cd) if isinstance(strength, torch.Tensor) else float(strength)
-    if use_triton(device, backend) and z.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        if isinstance(lam, torch.Tensor):
-            lam_flat = lam.squeeze(cd).to(torch.float32).contiguous().reshape(-1)
-            return AffineSteerFn.apply(z, u.float().contiguous(), b.float().contiguous(), lam_flat, 0.0, cd)
-        return AffineSteerFn.apply(z, u.float().contiguous(), b.float().contiguous(), None, lam, cd)
-    return affine_steer_ref(z, u, b, lam, cd)
+    return apply_affine(z, u, b, lam, cd, backend)
+
+
+def apply_gated(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, gate_w: torch.Tensor,
+                gate_c: torch.Tensor, lam: float, relu: bool, channel_dim: int = -1,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated steering with no validation and no host synchronisation (the hooks' per-call path).
+
+    Args:
+        z: activations of any shape, the coordinates at ``channel_dim``.
+        u, b: (d,) float32 map coefficients on z's device (see ``map_coefficients``).
+        gate_w: (d,) float32; gate_c: a one-element float32 tensor; both on z's device.
+        lam: the float strength λ; relu: the gate is clamp(w·z + c, 0, 1) (else the sigmoid).
+    Returns:
+        (y of z's shape and dtype, per-token strengths λ·g float32 of z's shape without the
+        channel axis). A channel axis other than the last is moved last for the computation and
+        back (the output is contiguous when z is).
+    """
+    cd = channel_dim % z.ndim
+    if cd != z.ndim - 1:
+        y, s = apply_gated(z.movedim(cd, -1), u, b, gate_w, gate_c, lam, relu, -1, backend)
+        y = y.movedim(-1, cd)
+        return (y.contiguous() if z.is_contiguous() else y), s
+    d = z.shape[-1]
+    if use_triton(z.device, backend) and z.dtype in KERNEL_DTYPES:
+        max_d, fn = _gated_kernel()
+        if d <= max_d:
+            y, s = fn.apply(z.reshape(-1, d).contiguous(), u.float().contiguous(),
+                            b.float().contiguous(), gate_w.float().contiguous(),
+                            gate_c.float().reshape(1), float(lam), bool(relu))
+            return y.view(z.shape), s.view(z.shape[:-1])
+    return gated_steer_ref(z, u, b, gate_w, gate_c.reshape(()), float(lam),
+                           "relu" if relu else "sigmoid")
 
 
 def gated_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor, gate_w: torch.Tensor,
                 gate_c: torch.Tensor, strength: float = 1.0, gate: str = "sigmoid",
-                inverse: bool = False, return_strengths: bool = False, *,
+                inverse: bool = False, return_strengths: bool = False, channel_dim: int = -1, *,
                 backend: str | None = None):
     """DSAS (SPEC §5): steer each token with strength λ·g(z_t), g = σ(w·z_t + c) ("sigmoid") or
     clamp(w·z_t + c, 0, 1) ("relu"), the gate computed on the activation entering the map.
 
     Args:
-        z: (..., d) channel-last activations (float32/bfloat16/float16).
+        z: activations (..., d) (``channel_dim=-1``) or channel-first maps such as UNet features
+            (B, C, H, W) (``channel_dim=1``: a token is one pixel, its gate computed on its
+            C-vector); float32/bfloat16/float16.
         omega, bias, gate_w: (d,) float32; gate_c: a 0-d or (1,) float32 tensor.
         strength: the float λ. inverse: use T⁻¹ (ω must have no zeros).
-        return_strengths: also return the per-token strengths λ·g, shape z.shape[:-1], float32.
-    On CUDA (d ≤ 8192) one fused kernel computes gate and map in a single pass over z.
+        return_strengths: also return the per-token strengths λ·g, float32, of z's shape without
+            the channel axis (z.shape[:-1] for channel-last; (B, H, W) for (B, C, H, W)).
+    On CUDA (d ≤ 8192) one fused kernel computes gate and map in a single pass over z; a
+    channel-first z is moved channel-last for it (one copy in, one out).
     Gradients flow to z, omega, bias, gate_w and gate_c.
     """
-    from .kernels.gated_steer import MAX_D, GatedSteerFn
-    from .kernels.gated_steer_ref import GATES, gated_steer_ref
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim < 1:
         raise TypeError("z must be a floating-point tensor (..., d)")
-    d = z.shape[-1]
-    check_param_shapes(d, f"z.shape {tuple(z.shape)}", omega=omega, bias=bias, gate_w=gate_w)
+    cd = _channel_axis(z, channel_dim)
+    d = z.shape[cd]
+    check_param_shapes(d, f"z's axis {channel_dim} of z.shape {tuple(z.shape)}", omega=omega,
+                       bias=bias, gate_w=gate_w)
     if not isinstance(gate_c, torch.Tensor) or gate_c.numel() != 1:
         raise ValueError("gate_c must be a tensor holding one value")
     if isinstance(strength, torch.Tensor):
         raise TypeError("gated_steer takes a float strength; the gate makes it per token")
-    device = check_same_device(z=z, omega=omega, bias=bias, gate_w=gate_w, gate_c=gate_c)
+    check_same_device(z=z, omega=omega, bias=bias, gate_w=gate_w, gate_c=gate_c)
     u, b = map_coefficients(omega, bias, inverse)
-    lead = z.shape[:-1]
-    if (use_triton(device, backend) and d <= MAX_D
-            and z.dtype in (torch.float32, torch.bfloat16, torch.float16)):
-        y, s = GatedSteerFn.apply(z.reshape(-1, d).contiguous(), u.float().contiguous(),
-                                  b.float().contiguous(), gate_w.float().contiguous(),
-                                  gate_c.float().reshape(1), float(strength), gate == "relu")
-        y, s = y.view(z.shape), s.view(lead)
-    else:
-        y, s = gated_steer_ref(z, u, b, gate_w, gate_c.reshape(()), float(strength), gate)
+    y, s = apply_gated(z, u, b, gate_w, gate_c, float(strength), gate == "relu", cd, backend)
     return (y, s) if return_strengths else y

@@ -73,3 +73,36 @@ def test_bad_input(kwargs, match):
 def test_integer_activations_rejected():
     with pytest.raises(TypeError, match="floating-point"):
         lf.affine_steer(torch.ones(2, 4, dtype=torch.long), torch.ones(4), torch.zeros(4))
+
+
+@pytest.mark.parametrize("shape,cd", [((3, 5, 8), -1), ((2, 8, 3, 4), -3), ((2, 8, 3, 4), 1)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_apply_affine_with_precomputed_coefficients(shape, cd, inverse):
+    """The hooks' entry point: coefficients from ``map_coefficients`` once, then a plain call
+    (channel_dim may be negative) matches the float64 closed form, float and per-token λ."""
+    from kernel_checks import closed_form_steer
+    from lineas_fast.functional import apply_affine, map_coefficients, token_strength
+    gen = torch.Generator().manual_seed(2)
+    cdp = cd % len(shape)
+    d = shape[cdp]
+    z = torch.randn(*shape, generator=gen)
+    om, b = torch.rand(d, generator=gen) + 0.5, torch.randn(d, generator=gen)
+    u, bb = map_coefficients(om, b, inverse)
+    y = apply_affine(z, u, bb, 0.6, cd)
+    ref = closed_form_steer(z, om, b, torch.tensor(0.6, dtype=torch.float64), inverse, cdp)
+    assert y.shape == z.shape and torch.allclose(y.double(), ref, atol=1e-5)
+    s = torch.rand(shape[0], generator=gen)
+    lam = token_strength(s, z.shape, cdp)
+    y = apply_affine(z, u, bb, lam, cd)
+    ref = closed_form_steer(z, om, b, lam.double(), inverse, cdp)
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+
+
+def test_apply_affine_no_host_sync():
+    """No .item(), no bool(tensor), no checks: it runs on meta tensors, which have no values."""
+    from lineas_fast.functional import apply_affine
+    u, b = torch.empty(8, device="meta"), torch.empty(8, device="meta")
+    z = torch.empty(2, 8, 3, 3, device="meta")
+    assert apply_affine(z, u, b, 0.5, 1, backend="torch").shape == z.shape
+    lam = torch.empty(2, 1, 3, 3, device="meta")
+    assert apply_affine(z, u, b, lam, -3).device.type == "meta"

@@ -3,8 +3,7 @@ references as the CPU lanes (collected only where CUDA is available)."""
 import pytest
 import torch
 
-import lineas_fast as lf
-from kernel_checks import check_affine, check_loss_and_grad, check_low_precision_rule
+from kernel_checks import check_affine, check_loss_and_grad
 
 CUDA = "cuda"
 
