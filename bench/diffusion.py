@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         return p("a cat", num_inference_steps=gen_steps, generator=g, output_type="latent")
 
     rows = {"unsteered": timed(lambda: generate(pipe), 3)}
-    mods = dict(lf.diffusion.as_module(pipe).named_modules())
+    mods = lf.as_target(pipe).named
     hs = [mods[n].register_forward_hook(
         lambda m, a, out, om=steering[n][0], b=steering[n][1]:
         out + ((om - 1).view(1, -1, *([1] * (out.ndim - 2))) * out

@@ -3,75 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from .cli_io import CLIError, load_model, load_model_or_pipeline, load_pipeline, read_sentences
+from .demo import add_demo_parser
+from .fusion_cli import add_fuse_parser
 
-class CLIError(Exception):
-    """A user-facing problem with the arguments or files (printed without a traceback)."""
-
-
-def read_sentences(path: str, what: str) -> list[str]:
-    """One sentence per line (blank lines skipped), or JSONL with a "text" field (or strings)."""
-    if not os.path.isfile(path):
-        raise CLIError(f"{what} file {path!r} does not exist")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CLIError(f"{path}:{i}: not valid JSON ({e})") from None
-                text = obj.get("text") if isinstance(obj, dict) else obj
-                if not isinstance(text, str):
-                    raise CLIError(f"{path}:{i}: expected a string or an object with \"text\"")
-                out.append(text)
-            else:
-                out.append(line)
-    if not out:
-        raise CLIError(f"{what} file {path!r} holds no sentences")
-    return out
-
-
-def load_model(path: str, dtype: str = "float32"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not os.path.isdir(path):
-        raise CLIError(f"model folder {path!r} does not exist (a local transformers folder)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
-        raise CLIError(f"cannot load a causal LM from {path!r}: {e}") from None
-    model.eval()
-    return model, tok
-
-
-def load_pipeline(path: str):
-    if not os.path.isdir(path):
-        raise CLIError(f"pipeline folder {path!r} does not exist (a local diffusers folder)")
-    try:
-        from diffusers import DiffusionPipeline
-        pipe = DiffusionPipeline.from_pretrained(path)
-    except ImportError:
-        raise CLIError("diffusers is not installed: pip install -e '.[diffusers]'") from None
-    except (OSError, ValueError) as e:
-        raise CLIError(f"cannot load a diffusers pipeline from {path!r}: {e}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_model_or_pipeline(args):
-    """(model, tokenizer) from --model, or (pipeline, None) from --pipeline: exactly one."""
-    if bool(args.model) == bool(args.pipeline):
-        raise CLIError("give exactly one of --model (a causal LM) or --pipeline (diffusers)")
-    if args.pipeline:
-        return load_pipeline(args.pipeline), None
-    return load_model(args.model)
 
 
 def cmd_train(args) -> int:
@@ -193,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
     g.set_defaults(func=cmd_generate)
 
-    from .fusion_cli import add_fuse_parser
     add_fuse_parser(sub)
     i = sub.add_parser("generate-image", help="a grid PNG of a strength sweep (diffusers)",
                        description="Generate one image per strength with the same seed and save "
@@ -207,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--out", required=True, help="PNG file to write")
     i.set_defaults(func=cmd_generate_image)
-    from .demo import add_demo_parser
     add_demo_parser(sub)
     return ap
 

@@ -17,7 +17,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -172,7 +172,7 @@ def plot_results(rows, path: str) -> None:
 def cmd_demo(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from .assets import AssetError, smollm2_folder, toxicity_judge
-    from .cli import CLIError
+    from .cli_io import CLIError
     try:
         judge = toxicity_judge()
         print("fetching data (cached after the first run)...", flush=True)

@@ -26,10 +26,10 @@ def add_fuse_parser(sub) -> None:
 
 def cmd_fuse(args) -> int:
     import lineas_fast as lf
-    from .cli import CLIError
+    from .cli_io import CLIError
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise CLIError(f"output folder {args.out!r} is not empty; pass --overwrite to replace it")
-    from .cli import load_model_or_pipeline
+    from .cli_io import load_model_or_pipeline
     model, tok = load_model_or_pipeline(args)
     try:
         steering = lf.Steering.load(args.steering)
@@ -64,7 +64,7 @@ def write_checkpoint(model, tokenizer, out: str, steering, strength: float, sour
 
 
 def model_card(model, steering, strength: float, source: str) -> str:
-    from . import __version__
+    from ._version import __version__
     kind = "inverse map (induces the concept)" if strength < 0 else "map (removes the concept)"
     mods = "\n".join(f"- `{m}`" for m in steering.modules)
     return (f"# Steered checkpoint (lineas_fast {__version__})\n\n"

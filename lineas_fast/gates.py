@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
-from .activations import ActivationReader
 from .steering import Steering
+from .targets import as_target
 
 
 def logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0,
@@ -75,12 +74,14 @@ def fit_gate(src: torch.Tensor, ctrl: torch.Tensor, k: int = 5, l2: float = 1.0,
             "val_accuracy": acc(val) if val.any() else train_acc}
 
 
-def fit_gates(model: nn.Module, tokenizer, source: Sequence[str], control: Sequence[str],
+def fit_gates(model, tokenizer, source: Sequence[str], control: Sequence[str],
               steering: Steering, k: int = 5, l2: float = 1.0, threshold: float = 0.75,
               on_low: str = "ungated", gate: str = "sigmoid", val_fraction: float = 0.25,
               max_length: int = 128, seed: int = 0) -> Steering:
     """A copy of ``steering`` with a DSAS gate per module, fitted on the untouched model's pooled
     activations at each module: ``source`` (label 1) against neutral ``control`` (label 0).
+    ``model`` is a causal LM with its tokenizer, a diffusers pipeline (``tokenizer`` None; the
+    gate is fitted on per-image means and applied per pixel) or a ``Target``.
 
     A module whose validation accuracy is below ``threshold`` gets no gate (``on_low="ungated"``:
     plain steering there) or loses its map (``on_low="disable"``). Per-module accuracies and
@@ -90,17 +91,14 @@ def fit_gates(model: nn.Module, tokenizer, source: Sequence[str], control: Seque
         raise ValueError(f"on_low must be 'ungated' or 'disable', got {on_low!r}")
     if gate not in ("sigmoid", "relu"):
         raise ValueError(f"gate must be 'sigmoid' or 'relu', got {gate!r}")
-    steering.validate(model, strict=False)
-    reader = ActivationReader(model, tokenizer, max_length)
+    steered = as_target(model, tokenizer, max_length=max_length)
+    steering = steered.resolve(steering)
+    steering.validate(steered, strict=False)
     names = steering.modules
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            src = reader.pooled(reader.encode(source, "source"), names)
-            ctrl = reader.pooled(reader.encode(control, "control"), names)
-    finally:
-        model.train(was_training)
+    source_enc, control_enc = steered.encode(source, "source"), steered.encode(control, "control")
+    with steered.frozen(), torch.no_grad():
+        src = steered.pooled(source_enc, names)
+        ctrl = steered.pooled(control_enc, names)
     maps, gates, report = {}, {}, {}
     for n in names:
         fit = fit_gate(src[n].cpu(), ctrl[n].cpu(), k, l2, val_fraction, seed)

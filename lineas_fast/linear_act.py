@@ -5,10 +5,9 @@ from contextlib import nullcontext
 from typing import Sequence
 
 import torch
-from torch import nn
 
-from .modules import match_modules
-from .steering import Steering, model_fingerprint
+from .steering import Steering
+from .targets import as_target
 from .wasserstein import TargetProfile
 
 
@@ -44,45 +43,29 @@ def linear_act_map(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return omega.float(), bias.float()
 
 
-def fit_linear_act(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[str],
+def fit_linear_act(model, tokenizer, source: Sequence[str], target: Sequence[str],
                    modules: str = ".*post.*layernorm", max_length: int = 128,
                    autocast_dtype: torch.dtype | None = None, timestep: int | None = None,
                    seed: int = 0) -> Steering:
     """Fit Linear-AcT maps module after module (in execution order), each on source
     activations with the earlier modules' maps active, against the untouched model's target.
-    ``model`` may be a diffusers pipeline (``tokenizer`` None; see ``lf.train``)."""
-    from .trainer import make_reader
-    reader, model = make_reader(model, tokenizer, max_length, autocast_dtype, timestep, seed)
-    names = match_modules(model, modules, "modules")
-    src, tgt = reader.encode(source, "source"), reader.encode(target, "target")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            target_acts = reader.pooled(tgt, names, stop=True)
-            maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            for name in _execution_order(reader, src, names):
-                with Steering(maps).attach(model, strict=False) if maps else nullcontext():
-                    x = reader.pooled(src, [name], stop=True)[name]
-                omega, bias = linear_act_map(x, target_acts[name])
-                dev = next(model.parameters()).device
-                maps[name] = (omega.to(dev), bias.to(dev))
-    finally:
-        model.train(was_training)
-    meta = {"model": model_fingerprint(model), "method": "linear_act",
-            "hyperparameters": {"modules": modules, "max_length": max_length,
-                                "n_source": len(src), "n_target": len(tgt)}}
+    ``model`` may be a diffusers pipeline (``tokenizer`` None) or a ``Target`` (see ``lf.train``)."""
+    steered = as_target(model, tokenizer, max_length=max_length, autocast_dtype=autocast_dtype,
+                        timestep=timestep, seed=seed)
+    names = steered.match(modules, "modules")
+    steered.require(names)
+    src, tgt = steered.encode(source, "source"), steered.encode(target, "target")
+    with steered.frozen(), torch.no_grad():
+        target_acts = steered.pooled(tgt, names, stop=True)
+        maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in steered.execution_order(src, names):
+            with Steering(maps).attach(steered, strict=False) if maps else nullcontext():
+                x = steered.pooled(src, [name], stop=True)[name]
+            omega, bias = linear_act_map(x, target_acts[name])
+            dev = steered.module_device(name)
+            maps[name] = (omega.to(dev), bias.to(dev))
+    meta = {"model": steered.fingerprint(), "method": "linear_act",
+            "hyperparameters": {"modules": modules,
+                                "max_length": getattr(steered, "max_length", None),
+                                "n_source": steered.count(src), "n_target": steered.count(tgt)}}
     return Steering({n: maps[n] for n in names}, meta)
-
-
-def _execution_order(reader, encoded, names) -> list[str]:
-    """Module names in the order the forward pass runs them (one short pass)."""
-    order = []
-    hooks = [reader.modules[n].register_forward_hook(
-        lambda _m, _a, _o, n=n: order.append(n) if n not in order else None) for n in names]
-    try:
-        reader.pooled(encoded, names, idx=[0], stop=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -11,23 +10,19 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 
-from .functional import affine_steer, gated_steer
+from .hooks import SteeredForward, check_free, make_steer
 from .io import atomic_path
-from .modules import channel_dim_of, coordinate_dim, nearby_names
+from .modules import coordinate_dim
+from .targets import as_target
 
 FORMAT = "lineas_fast.steering"
 StrengthSpec = Union[float, Mapping[str, float]]
 
 
-def model_fingerprint(model: nn.Module) -> dict:
-    """What identifies a model's architecture and size (not its weights): its config's
-    model_type and a hash of every parameter's name and shape."""
-    cfg = getattr(model, "config", None)
-    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-    return {"model_type": getattr(cfg, "model_type", type(model).__name__),
-            "name_or_path": getattr(cfg, "_name_or_path", "") or "",
-            "shapes_sha256": digest}
+def model_fingerprint(model) -> dict:
+    """What identifies a model's (or a pipeline's) architecture and size, not its weights: its
+    config's model_type and a hash of every parameter's name and shape."""
+    return as_target(model).fingerprint()
 
 
 class Steering:
@@ -142,7 +137,7 @@ class Steering:
         """Write safetensors (tensors ``<module>.omega`` / ``<module>.bias``, float32) with JSON
         metadata, atomically."""
         from safetensors.torch import save_file
-        from . import __version__
+        from ._version import __version__
         tensors = {}
         for n, (om, b) in self._maps.items():
             tensors[f"{n}.omega"] = om.detach().float().cpu().contiguous()
@@ -185,30 +180,29 @@ class Steering:
         return cls(maps, json.loads(header.get("metadata", "{}")), gates)
 
     # --- use on a model ------------------------------------------------------------------------
-    def validate(self, model: nn.Module, strict: bool = True) -> dict[str, nn.Module]:
+    def validate(self, model, strict: bool = True) -> dict[str, nn.Module]:
         """Check every map's module exists with the map's dimension (and, if ``strict`` and
-        the file recorded one, the same model fingerprint). ``model`` may be a diffusers
-        pipeline (names prefixed by component, ``unet.…``). Returns {name: module}."""
-        from .diffusion import as_module
-        model = as_module(model)
-        named = dict(model.named_modules())
-        missing = [n for n in self._maps if n not in named]
-        if missing:
-            raise ValueError(f"steering maps modules missing from {type(model).__name__}: "
-                             f"{missing[:5]}; nearby names: {nearby_names(list(named), missing[0])}")
-        for n, (om, _) in self._maps.items():
+        the file recorded one, the same model fingerprint). ``model`` is a model, a diffusers
+        pipeline (names prefixed by component, ``unet.…``) or a ``Target``; a pipeline's
+        steering also validates against the component alone (``pipeline.unet``), where the
+        fingerprint cannot be compared. Returns {name in the model: module}."""
+        target = as_target(model)
+        own = target.resolve(self)
+        named = target.named
+        target.require(own.modules, "steering maps modules")
+        for n, (om, _) in own._maps.items():
             d = coordinate_dim(named[n])
             if d is not None and d != om.shape[0]:
                 raise ValueError(f"module {n!r} has {d} coordinates but its map has "
                                  f"{om.shape[0]}: this steering was trained on another model")
         want = self.metadata.get("model")
-        if strict and want:
-            have = model_fingerprint(model)
+        if strict and want and own is self:
+            have = target.fingerprint()
             if (want.get("model_type"), want.get("shapes_sha256")) != (
                     have["model_type"], have["shapes_sha256"]):
                 raise ValueError(f"steering was trained on model {want} but this model is {have}; "
                                  f"pass strict=False to apply it anyway")
-        return {n: named[n] for n in self._maps}
+        return {n: named[n] for n in own._maps}
 
     def strip_prefix(self, prefix: str) -> "Steering":
         """The same maps with ``prefix`` removed from every module name (e.g. "unet." to apply a
@@ -236,34 +230,45 @@ class Steering:
                             "attach/apply take a float or a per-module dict")
         return {n: float(strength) for n in self._maps}
 
-    def attach(self, model: nn.Module, strength: StrengthSpec = 1.0, strict: bool = True,
+    def attach(self, model, strength: StrengthSpec = 1.0, strict: bool = True,
                backend: str | None = None, use_gates: bool = True,
-               record_strengths: bool = False) -> "SteeringHandle":
-        """Register forward hooks applying each map to its module's output with the fused
-        kernel (the gated kernel for modules with a DSAS gate, unless ``use_gates=False``); a
-        negative strength applies the inverse map with |strength|. Returns a handle with
-        ``.remove()``; with ``record_strengths=True`` its ``.strengths[module]`` collects the
-        per-token strengths λ·g of every call (float32, the output's leading shape)."""
-        modules = self.validate(model, strict)
-        strengths = self.strengths(strength)
+               record_strengths: bool = False, compose: bool = False) -> "SteeringHandle":
+        """Apply each map to its module's output with the fused kernel (the gated kernel for
+        modules with a DSAS gate, unless ``use_gates=False``); a negative strength applies the
+        inverse map with |strength|. ``model``: a model, a diffusers pipeline or a ``Target``.
+
+        The map wraps the module's forward, so every forward hook on the module, registered
+        before or after, sees the steered output. A module that already carries an attached map
+        is refused unless ``compose=True`` (this map then acts on the other's output). The
+        coefficients, casts and checks are done here, once; a call does no host sync.
+
+        Returns a handle with ``.remove()``; with ``record_strengths=True`` its
+        ``.strengths[module]`` collects the per-token strengths λ·g of every call (float32, the
+        output's shape without the coordinate axis)."""
+        target = as_target(model)
+        modules = self.validate(target, strict)
+        own = target.resolve(self)
+        strengths = own.strengths(strength)
+        live = {n: mod for n, mod in modules.items() if strengths[n] != 0.0}
+        check_free(live, compose)
+        steers = {}
         handle = SteeringHandle([])
-        for n, mod in modules.items():
-            s = strengths[n]
-            if s == 0.0:
-                continue
-            om, b = self._maps[n]
-            gate = self.gates.get(n) if use_gates else None
+        for n, mod in live.items():
+            om, b = own._maps[n]
+            gate = own.gates.get(n) if use_gates else None
             rec = handle.strengths.setdefault(n, []) if record_strengths else None
-            handle.handles.append(mod.register_forward_hook(
-                _make_hook(n, om, b, s, backend, gate, rec)))
+            steers[n] = make_steer(n, mod, om, b, strengths[n], backend, gate, rec)
+        handle.installed = [SteeredForward(n, live[n], fn) for n, fn in steers.items()]
         return handle
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module, strength: StrengthSpec = 1.0, strict: bool = True,
-              backend: str | None = None, use_gates: bool = True, record_strengths: bool = False):
+    def apply(self, model, strength: StrengthSpec = 1.0, strict: bool = True,
+              backend: str | None = None, use_gates: bool = True, record_strengths: bool = False,
+              compose: bool = False):
         """Context manager: ``with steering.apply(model, strength=0.5) as handle: ...``
         (the handle holds recorded strengths when asked)."""
-        handle = self.attach(model, strength, strict, backend, use_gates, record_strengths)
+        handle = self.attach(model, strength, strict, backend, use_gates, record_strengths,
+                             compose)
         try:
             yield handle
         finally:
@@ -288,61 +293,19 @@ class Steering:
 
 
 class SteeringHandle:
-    """Hooks registered by ``Steering.attach``; ``remove()`` takes them all off."""
+    """The maps installed by ``Steering.attach``; ``remove()`` takes them all off."""
 
-    def __init__(self, handles):
-        self.handles = handles
+    def __init__(self, installed):
+        self.installed = installed
         self.strengths: dict[str, list] = {}
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        for s in reversed(self.installed):
+            s.remove()
+        self.installed = []
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.remove()
-
-
-def _make_hook(name: str, omega: torch.Tensor, bias: torch.Tensor, strength: float,
-               backend: str | None, gate: dict | None = None, record: list | None = None):
-    inverse = strength < 0
-    lam = abs(strength)
-    cache = {}
-
-    def params(device):
-        if omega.requires_grad or (gate is not None and gate["w"].requires_grad):
-            return _on(device)                         # training: keep the autograd link
-        if device not in cache:
-            cache[device] = _on(device)
-        return cache[device]
-
-    def _on(device):
-        g = None if gate is None else (gate["w"].to(device), gate["c"].to(device))
-        return omega.to(device), bias.to(device), g
-
-    def hook(module, _args, out):
-        h = out[0] if isinstance(out, (tuple, list)) else out
-        om, b, g = params(h.device)
-        if g is not None:
-            if h.shape[-1] != om.shape[0]:
-                raise ValueError(f"module {name!r}: a gated map needs channel-last outputs "
-                                 f"(..., {om.shape[0]}), got {tuple(h.shape)}")
-            y, s = gated_steer(h, om, b, g[0], g[1], lam, gate["kind"], inverse,
-                               return_strengths=True, backend=backend)
-            if record is not None:
-                record.append(s.detach())
-        else:
-            cd = channel_dim_of(module, h, om.shape[0], name)
-            y = affine_steer(h, om, b, lam, inverse=inverse, channel_dim=cd, backend=backend)
-            if record is not None:
-                record.append(torch.full(h.shape[:cd % h.ndim] + h.shape[cd % h.ndim + 1:], lam))
-        if isinstance(out, tuple):
-            return (y,) + tuple(out[1:])
-        if isinstance(out, list):
-            return [y] + list(out[1:])
-        return y
-
-    return hook

@@ -7,12 +7,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import nn
 
-from .activations import ActivationReader
 from .io import atomic_path
-from .modules import match_modules
-from .steering import Steering, model_fingerprint
+from .modules import coordinate_dim
+from .steering import Steering
+from .targets import Target, as_target
 from .wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
 
 
@@ -95,7 +94,7 @@ def proximal_step(v: torch.Tensor, tau: float, sparsity: float, l1: float, group
         v.mul_((1 - g / norm).clamp_min(0) if norm > 0 else 0.0)
 
 
-def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[str],
+def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
           modules: str = ".*post.*layernorm", steps: int = 1000, *,
           loss_modules: str | None = None, batch_size: int = 32, optimizer: str = "sgd",
           lr: float | None = None, reduction: str = "reference", sparsity: float = 0.0,
@@ -124,10 +123,11 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     squared difference between steered and unsteered pooled activations of ``control``
     sentences, so the gate learns to stay shut on neutral text.
 
-    Diffusers pipelines (``model`` a StableDiffusion(XL) pipeline, ``tokenizer`` None): source
-    and target are prompts; modules are regexes over ``unet.…`` names; activations are pooled per
-    image at denoising ``timestep`` (default: the first sampling step) at latent ``resolution``
-    (default: the UNet's sample size). See ``lineas_fast.diffusion``.
+    ``model`` is a causal LM (with its ``tokenizer``), a diffusers StableDiffusion(XL) pipeline
+    (``tokenizer`` None: source and target are prompts; modules are regexes over ``unet.…``
+    names; activations are pooled per image at denoising ``timestep``, default the first
+    sampling step, at latent ``resolution``, default the UNet's sample size), or a
+    ``lineas_fast.targets.Target`` built once with ``as_target`` (its settings then apply).
     """
     cfg = TrainConfig(modules=modules, loss_modules=loss_modules, steps=steps,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, reduction=reduction,
@@ -138,27 +138,23 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
     cfg.check()
     if checkpoint_every and not checkpoint_path:
         raise ValueError("checkpoint_every needs checkpoint_path")
-    reader, model = make_reader(model, tokenizer, max_length, autocast_dtype, timestep, seed,
-                                resolution)
-    names = match_modules(model, modules, "modules")
-    loss_names = match_modules(model, loss_modules, "loss_modules") if loss_modules else names
-    src, tgt = reader.encode(source, "source"), reader.encode(target, "target")
-    n = min(batch_size, len(src))
+    steered = as_target(model, tokenizer, max_length=max_length, autocast_dtype=autocast_dtype,
+                        timestep=timestep, seed=seed, resolution=resolution)
+    names = steered.match(modules, "modules")
+    loss_names = steered.match(loss_modules, "loss_modules") if loss_modules else names
+    steered.require(names + loss_names)
+    src, tgt = steered.encode(source, "source"), steered.encode(target, "target")
+    n = min(batch_size, steered.count(src))
     if cfg.gate == "e2e" and not control:
         raise ValueError("gate='e2e' needs control sentences (control=[...])")
-    ctrl = reader.encode(control, "control") if cfg.gate == "e2e" else None
+    ctrl = steered.encode(control, "control") if cfg.gate == "e2e" else None
 
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    with steered.frozen():
         with torch.no_grad():
-            tgt_acts = reader.pooled(tgt, loss_names, stop=True)
-            ctrl_ref = reader.pooled(ctrl, loss_names, stop=True) if ctrl else None
+            tgt_acts = steered.pooled(tgt, loss_names, stop=True)
+            ctrl_ref = steered.pooled(ctrl, loss_names, stop=True) if ctrl is not None else None
         profiles = pack_profiles([TargetProfile(tgt_acts[m], n) for m in loss_names])
-        start = _initial_maps(model, tokenizer, source, target, names, init, cfg, reader, src)
+        start = _initial_maps(steered, source, target, names, init, cfg, src)
         gates = _initial_gates(start, cfg) if cfg.gate else {}
         params = [t for pair in start.values() for t in pair]
         params += [g[k] for g in gates.values() for k in ("w", "c")]
@@ -171,21 +167,22 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
         if resume_from:
             first, history = _load_checkpoint(resume_from, cfg, start, gates, opt, sched, gen)
         steering = Steering(start, gates=gates)
+        n_src, n_ctrl = steered.count(src), (steered.count(ctrl) if ctrl is not None else 0)
         bar = _progress(range(first, cfg.steps), progress, first, cfg.steps)
         for step in bar:
-            idx = torch.randperm(len(src), generator=gen)[:n].tolist()
+            idx = torch.randperm(n_src, generator=gen)[:n].tolist()
             tau = opt.param_groups[0]["lr"]
-            with steering.attach(model, strict=False, backend=backend):
-                acts = reader.pooled(src, loss_names, idx, stop=True)
+            with steering.attach(steered, strict=False, backend=backend):
+                acts = steered.pooled(src, loss_names, idx, stop=True)
             dev = profiles.mean.device
             loss, per_layer = sliced_wasserstein([acts[m].to(dev) for m in loss_names], profiles,
                                                  cfg.reduction, return_per_layer=True,
                                                  backend=backend)
             control_loss = torch.zeros((), device=loss.device)
             if ctrl_ref is not None:
-                cidx = torch.randperm(len(ctrl), generator=gen)[:n].tolist()
-                with steering.attach(model, strict=False, backend=backend):
-                    cacts = reader.pooled(ctrl, loss_names, cidx, stop=True)
+                cidx = torch.randperm(n_ctrl, generator=gen)[:n].tolist()
+                with steering.attach(steered, strict=False, backend=backend):
+                    cacts = steered.pooled(ctrl, loss_names, cidx, stop=True)
                 control_loss = torch.stack([((cacts[m].to(dev) - ctrl_ref[m][cidx].to(dev)) ** 2).mean()
                                             for m in loss_names]).mean()
                 loss = loss + cfg.control_weight * control_loss
@@ -215,27 +212,10 @@ def train(model: nn.Module, tokenizer, source: Sequence[str], target: Sequence[s
             if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
                 _save_checkpoint(checkpoint_path, step + 1, cfg, start, gates, opt, sched, gen,
                                  history)
-    finally:
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     result = steering.detach()
-    result.metadata = {"model": model_fingerprint(model), "method": "lineas",
+    result.metadata = {"model": steered.fingerprint(), "method": "lineas",
                        "hyperparameters": asdict(cfg), "history": [asdict(r) for r in history]}
     return result
-
-
-def make_reader(model, tokenizer, max_length=128, autocast_dtype=None, timestep=None, seed=0,
-                resolution=None):
-    """(activation reader, module tree) for a causal LM or a diffusers pipeline."""
-    from .diffusion import DiffusionReader, as_module, is_pipeline
-    if is_pipeline(model):
-        return (DiffusionReader(model, timestep, seed, resolution, autocast_dtype=autocast_dtype),
-                as_module(model))
-    if tokenizer is None:
-        raise ValueError("a tokenizer is needed for a language model (None is for diffusers "
-                         "pipelines)")
-    return ActivationReader(model, tokenizer, max_length, autocast_dtype), model
 
 
 def _initial_gates(maps, cfg) -> dict:
@@ -247,46 +227,32 @@ def _initial_gates(maps, cfg) -> dict:
             for m, (om, _) in maps.items()}
 
 
-def _initial_maps(model, tokenizer, source, target, names, init, cfg, reader, src):
+def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
     """Leaf (ω, b) float32 per module on its parameters' device: identity, Linear-AcT or a
     given Steering."""
-    mods = dict(model.named_modules())
     if isinstance(init, Steering):
-        given = init
+        given = target.resolve(init)
     elif init == "linear_act":
         from .linear_act import fit_linear_act
-        given = fit_linear_act(getattr(reader, "pipe", model), tokenizer, source, target,
-                               cfg.modules, cfg.max_length)
+        given = fit_linear_act(target, None, source, target_texts, cfg.modules)
     else:
         given = None
     maps = {}
     for m in names:
-        dev = _module_device(mods[m], model)
+        dev = target.module_device(m)
         if given is not None:
             if m not in given:
                 raise ValueError(f"init steering has no map for module {m!r}")
             om, b = given[m]
         else:
-            d = _module_width(mods[m], reader, src, m)
+            d = coordinate_dim(target.named[m])
+            if d is None:
+                with torch.no_grad():
+                    d = target.pooled(src, [m], idx=[0], stop=True)[m].shape[1]
             om, b = torch.ones(d), torch.zeros(d)
         maps[m] = (om.detach().float().to(dev).clone().requires_grad_(),
                    b.detach().float().to(dev).clone().requires_grad_())
     return maps
-
-
-def _module_device(mod: nn.Module, model: nn.Module) -> torch.device:
-    for p in mod.parameters():
-        return p.device
-    return next(model.parameters()).device
-
-
-def _module_width(module, reader, src, name) -> int:
-    from .modules import coordinate_dim
-    d = coordinate_dim(module)
-    if d is None:
-        with torch.no_grad():
-            d = reader.pooled(src, [name], idx=[0], stop=True)[name].shape[1]
-    return d
 
 
 def _progress(it, enabled, first, total):

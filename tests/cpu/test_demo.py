@@ -2,7 +2,6 @@
 test), the eval helpers, and a short run on the real SmolLM2 when it is installed."""
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -63,7 +62,6 @@ def test_real_toxicity_judge_orders_texts():
                            "(.ci/run installs it)")
 def test_real_smollm2_few_steps_move_toward_target():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from lineas_fast.activations import ActivationReader
     from lineas_fast.assets import smollm2_folder
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -71,7 +69,7 @@ def test_real_smollm2_few_steps_move_toward_target():
     pattern = r"model\.layers\.[0-2]\.post_attention_layernorm"
     steering = lf.train(model, tok, SOURCE, TARGET, modules=pattern, steps=6, optimizer="adam",
                         lr=1e-2, batch_size=len(SOURCE), progress=False)
-    reader = ActivationReader(model, tok)
+    reader = lf.as_target(model, tok)
     names = steering.modules
     with torch.no_grad():
         tgt = reader.pooled(reader.encode(TARGET), names)

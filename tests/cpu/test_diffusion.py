@@ -10,7 +10,6 @@ pytest.importorskip("diffusers")
 
 import lineas_fast as lf  # noqa: E402
 from lineas_fast.cli import main  # noqa: E402
-from lineas_fast.diffusion import pool_image  # noqa: E402
 from tiny_pipeline import SOURCE_PROMPTS, TARGET_PROMPTS, tiny_pipeline  # noqa: E402
 
 NORMS = r"unet\..*norm\d?"
@@ -22,7 +21,7 @@ def trained():
     pipe = tiny_pipeline()
     hist = []
     st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=NORMS, steps=8,
-                  optimizer="adam", lr=0.05, batch_size=len(SOURCE_PROMPTS), progress=False,
+                  optimizer="adam", lr=0.01, batch_size=len(SOURCE_PROMPTS), progress=False,
                   callback=hist.append)
     return pipe, st, hist
 
@@ -37,13 +36,6 @@ def test_training_lowers_loss_on_unet_norms(trained):
     assert hist[-1].loss < hist[0].loss
     assert all(n.startswith("unet.") for n in st.modules) and len(st) > 10
     assert all(p.grad is None for p in pipe.unet.parameters())
-
-
-def test_pooling_is_per_image_over_space():
-    h = torch.randn(2, 3, 4, 5)
-    assert torch.allclose(pool_image(h), h.mean((2, 3)))
-    t = torch.randn(2, 7, 3)
-    assert torch.allclose(pool_image(t), t.mean(1))
 
 
 def test_strength_zero_is_bit_identical_and_steering_changes_latents(trained):
@@ -138,7 +130,7 @@ def test_sdxl_pipeline_trains_and_fuses():
     pipe = tiny_sdxl_pipeline()
     hist = []
     st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=NORMS, steps=4,
-                  optimizer="adam", lr=0.05, batch_size=len(SOURCE_PROMPTS), progress=False,
+                  optimizer="adam", lr=0.01, batch_size=len(SOURCE_PROMPTS), progress=False,
                   callback=hist.append, timestep=399)
     assert hist[-1].loss < hist[0].loss
     with st.apply(pipe):
@@ -154,7 +146,7 @@ def test_bf16_unet_trains_with_float32_maps():
     pipe.text_encoder.to(torch.bfloat16)
     hist = []
     st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=r"unet\.down_blocks\..*norm\d?",
-                  steps=4, optimizer="adam", lr=0.05, batch_size=len(SOURCE_PROMPTS),
+                  steps=4, optimizer="adam", lr=0.01, batch_size=len(SOURCE_PROMPTS),
                   progress=False, callback=hist.append)
     assert hist[-1].loss < hist[0].loss
     assert all(st[n][0].dtype == torch.float32 for n in st.modules)

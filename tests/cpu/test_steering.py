@@ -1,9 +1,8 @@
-import numpy as np
 import pytest
 import torch
 
 import lineas_fast as lf
-from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
+from tiny_models import NORMS, tiny_model, tiny_tokenizer
 
 
 def random_steering(model, pattern, seed=0):

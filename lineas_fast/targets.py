@@ -1,0 +1,369 @@
+"""The one seam between lineas_fast and what it steers: a causal LM or a diffusers pipeline.
+
+``as_target(model_or_pipeline, tokenizer)`` builds a ``Target`` once; every entry point
+(``train``, ``fit_linear_act``, ``fit_gates``, ``fuse``, ``fuse_in_memory``,
+``Steering.attach/validate``) takes the model, the pipeline or the target and goes through it.
+A target owns:
+
+* ``root``: the module tree whose ``named_modules()`` names the maps use (the model itself; for
+  a pipeline a view of its ``nn.Module`` components, names prefixed ``unet.…``,
+  ``text_encoder.…``; the view shares the pipeline's modules, so hooks and folded weights act on
+  the pipeline);
+* ``encode(texts)``: sentences to token ids (LM) or prompts to text embeddings and fixed seeded
+  noise (pipeline);
+* ``pooled(encoded, names)``: THE capture loop (hooks at the named modules, the forward stopped
+  right after the last one, "module did not run" errors), parameterised by the target's pooling:
+  sentence mean over real tokens, image mean over H×W (``lineas_fast.pooling``);
+* ``fingerprint()``: what identifies the architecture (a saved steering is checked against it);
+* ``resolve(steering)``: a steering's names in ``root``'s namespace (a pipeline's ``unet.…``
+  steering applied to ``pipeline.unet`` loses the prefix).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .modules import match_modules, nearby_names
+from .pooling import length_buckets, masked_mean, pool_image
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward pass after the last module needed."""
+
+
+def check_texts(texts, what: str) -> list[str]:
+    """The texts as a list, or a ValueError naming the empty list or the bad entries."""
+    if isinstance(texts, str):
+        raise ValueError(f"{what}: expected a list of strings, got one string")
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"{what}: empty list of {'prompts' if 'prompt' in what else 'sentences'}")
+    bad = [i for i, s in enumerate(texts) if not isinstance(s, str) or not s.strip()]
+    if bad:
+        raise ValueError(f"{what}: entries {bad[:10]} are empty or not strings")
+    return texts
+
+
+def is_pipeline(obj) -> bool:
+    """A diffusers pipeline: not a module itself, has components and a UNet."""
+    return not isinstance(obj, nn.Module) and hasattr(obj, "components") and hasattr(obj, "unet")
+
+
+def fingerprint_of(root: nn.Module) -> dict:
+    """What identifies a module tree's architecture and size (not its weights): its config's
+    model_type and a hash of every parameter's name and shape."""
+    cfg = getattr(root, "config", None)
+    shapes = [(n, tuple(p.shape)) for n, p in root.named_parameters()]
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+    return {"model_type": getattr(cfg, "model_type", type(root).__name__),
+            "name_or_path": getattr(cfg, "_name_or_path", "") or "",
+            "shapes_sha256": digest}
+
+
+class Target:
+    """A module tree to steer (see the module docstring). Subclasses add ``encode`` and the
+    batches of the capture loop; this base serves hooks, validation and fusion."""
+
+    kind = "module"
+
+    def __init__(self, original, root: nn.Module):
+        self.original, self.root = original, root
+        self.named: dict[str, nn.Module] = dict(root.named_modules())
+
+    # --- names ------------------------------------------------------------------------------
+    def match(self, pattern: str, what: str = "modules") -> list[str]:
+        """Names that ``re.fullmatch`` ``pattern``, in model order (error lists nearby names)."""
+        return match_modules(self.root, pattern, what)
+
+    def require(self, names: Sequence[str], what: str = "modules") -> None:
+        missing = [n for n in names if n not in self.named]
+        if missing:
+            raise ValueError(f"{what} {missing[:5]} missing from {type(self.root).__name__}; "
+                             f"nearby names: {nearby_names(list(self.named), missing[0])}")
+
+    def resolve(self, steering):
+        """``steering`` with its names in ``root``'s namespace: unchanged when they are found;
+        without a component prefix ("unet.") when the target is that component alone."""
+        if not steering.modules or any(n in self.named for n in steering.modules):
+            return steering
+        prefix = steering.modules[0].split(".", 1)[0] + "."
+        if all(n.startswith(prefix) and n[len(prefix):] in self.named for n in steering.modules):
+            return steering.strip_prefix(prefix)
+        return steering
+
+    def fingerprint(self) -> dict:
+        return fingerprint_of(self.root)
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for p in self.root.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def module_device(self, name: str) -> torch.device:
+        """Where a module's parameters live (its map is created there; ``device_map`` models
+        spread modules over devices)."""
+        for p in self.named[name].parameters():
+            return p.device
+        return self.device
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Eval mode and no weight gradients inside; every flag restored after."""
+        flags = {p: p.requires_grad for p in self.root.parameters()}
+        modes = {m: m.training for m in self.root.modules()}
+        self.root.eval()
+        for p in flags:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            for m, mode in modes.items():
+                m.training = mode
+
+    # --- reading activations -----------------------------------------------------------------
+    def encode(self, texts: Sequence[str], what: str = "sentences"):
+        raise ValueError(f"{type(self.root).__name__} was given without a tokenizer: a tokenizer "
+                         f"is needed to read activations of a language model (pass None only "
+                         f"for diffusers pipelines)")
+
+    def count(self, encoded) -> int:
+        raise NotImplementedError
+
+    def batches(self, encoded, idx: list[int]) -> Iterator[tuple[list[int], Callable[[], None],
+                                                                  Callable[[torch.Tensor], torch.Tensor]]]:
+        """Yield (positions in ``idx``, run the forward, pool one module output → (B, d))."""
+        raise NotImplementedError
+
+    def autocast(self):
+        dtype = getattr(self, "autocast_dtype", None)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def pooled(self, encoded, names: Sequence[str], idx: Sequence[int] | None = None,
+               stop: bool = True) -> dict[str, torch.Tensor]:
+        """Pooled (len(idx), d) float32 activations at each module in ``names``, rows in the
+        order of ``idx``. With ``stop`` the forward ends right after the last module read.
+        Gradients flow when the caller has grad enabled (training)."""
+        idx = list(range(self.count(encoded))) if idx is None else list(idx)
+        names = list(names)
+        self.require(names)
+        rows: dict[str, list] = {n: [None] * len(idx) for n in names}
+        state = {"pool": None, "rows": None, "seen": set()}
+        wanted = set(names)
+
+        def hook_for(name):
+            def hook(_mod, _args, out):
+                h = out[0] if isinstance(out, (tuple, list)) else out
+                for r, p in zip(state["rows"], state["pool"](h)):
+                    rows[name][r] = p
+                state["seen"].add(name)
+                if stop and state["seen"] == wanted:      # every module read: skip the rest
+                    raise StopForward
+            return hook
+
+        handles = [self.named[n].register_forward_hook(hook_for(n)) for n in names]
+        try:
+            for positions, run, pool in self.batches(encoded, idx):
+                state.update(pool=pool, rows=positions, seen=set())
+                with self.autocast():
+                    try:
+                        run()
+                    except StopForward:
+                        pass
+                if state["seen"] != wanted:
+                    raise ValueError(f"modules {sorted(wanted - state['seen'])[:5]} did not run "
+                                     f"in the forward pass of {type(self.root).__name__}")
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: torch.stack(rows[n]) for n in names}
+
+    def execution_order(self, encoded, names: Sequence[str]) -> list[str]:
+        """Module names in the order the forward pass runs them (one short pass)."""
+        order: list[str] = []
+        hooks = [self.named[n].register_forward_hook(
+            lambda _m, _a, _o, n=n: order.append(n) if n not in order else None) for n in names]
+        try:
+            with torch.no_grad():
+                self.pooled(encoded, names, idx=[0], stop=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        return order
+
+
+class LanguageModelTarget(Target):
+    """A transformers causal LM (or any module taking input_ids/attention_mask) and its
+    tokenizer. One sample is one sentence (mean over its real tokens); batches are
+    length-bucketed. Sentences are truncated to ``max_length`` tokens."""
+
+    kind = "language_model"
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 128,
+                 autocast_dtype: torch.dtype | None = None):
+        super().__init__(model, model)
+        if int(max_length) < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.tokenizer, self.max_length, self.autocast_dtype = tokenizer, int(max_length), autocast_dtype
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        self.pad_id = 0 if pad is None else int(pad)
+
+    @property
+    def device(self) -> torch.device:
+        emb = self.root.get_input_embeddings() if hasattr(self.root, "get_input_embeddings") else None
+        return emb.weight.device if emb is not None else super().device
+
+    def encode(self, texts: Sequence[str], what: str = "sentences") -> list[list[int]]:
+        texts = check_texts(texts, what)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                             add_special_tokens=True)["input_ids"]
+        return [list(x) for x in ids]
+
+    def count(self, encoded) -> int:
+        return len(encoded)
+
+    def batches(self, encoded, idx):
+        for bucket in length_buckets([len(encoded[i]) for i in idx]):
+            rows = [idx[b] for b in bucket]
+            T = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), T), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+                mask[r, :len(encoded[i])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            yield (bucket,
+                   lambda ids=ids, mask=mask: self.root(input_ids=ids, attention_mask=mask,
+                                                        use_cache=False),
+                   lambda h, mask=mask: masked_mean(h, mask))
+
+
+def pipeline_view(pipeline) -> nn.Module:
+    """An nn.Module view of a diffusers pipeline: its nn.Module components, by name."""
+    view = nn.ModuleDict({k: v for k, v in pipeline.components.items() if isinstance(v, nn.Module)})
+    view.config = getattr(pipeline.unet, "config", None)
+    return view
+
+
+class PipelineTarget(Target):
+    """A text-to-image diffusers pipeline built on UNet2DConditionModel (SD, SDXL).
+
+    Prompts go through the pipeline's own text encoder(s) once; each sample is one image: the
+    UNet runs once at ``timestep`` on fixed noise seeded per prompt set, and each module's output
+    is averaged over H×W (token-shaped outputs of the UNet's transformer blocks over tokens).
+    Reading runs without classifier-free guidance, so every sample is conditional.
+
+    Args:
+        timestep: the denoising timestep at which activations are read (default: the first
+            sampling step, the scheduler's largest training timestep; pass the one-step model's
+            timestep for DMD2-style distillations).
+        seed: seeds the per-prompt noise. resolution: latent height/width (default: the UNet's
+        ``sample_size``). batch_size: prompts per UNet call.
+    """
+
+    kind = "pipeline"
+
+    def __init__(self, pipeline, timestep: int | None = None, seed: int = 0,
+                 resolution: int | None = None, batch_size: int = 8,
+                 autocast_dtype: torch.dtype | None = None):
+        super().__init__(pipeline, pipeline_view(pipeline))
+        self.pipe, self.unet = pipeline, pipeline.unet
+        sched = pipeline.scheduler
+        self.timestep = int(timestep if timestep is not None
+                            else sched.config.num_train_timesteps - 1)
+        if not 0 <= self.timestep < sched.config.num_train_timesteps:
+            raise ValueError(f"timestep must be in [0, {sched.config.num_train_timesteps}), "
+                             f"got {timestep}")
+        self.seed, self.batch_size = seed, batch_size
+        self.res = resolution or self.unet.config.sample_size
+        self.autocast_dtype = autocast_dtype
+        # a private scheduler whose timesteps include ours, for scale_model_input (the
+        # pipeline's own scheduler state is left alone)
+        self.sched = copy.deepcopy(sched)
+        try:
+            self.sched.set_timesteps(sched.config.num_train_timesteps)
+        except (TypeError, ValueError):
+            pass
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def require(self, names, what="modules"):
+        outside = [n for n in names if not n.startswith("unet.")]
+        if outside:
+            raise ValueError(f"diffusion steering reads UNet modules only (unet.*); got {outside[:5]}")
+        super().require(names, what)
+
+    def encode(self, prompts: Sequence[str], what: str = "source") -> dict:
+        prompts = check_texts(prompts, f"{what} prompts")
+        with torch.no_grad():
+            out = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+        enc = {"prompt_embeds": out[0], "n": len(prompts)}
+        if len(out) == 4 and out[2] is not None:           # SDXL: pooled embeds + time ids
+            enc["text_embeds"] = out[2]
+            proj = getattr(self.pipe.text_encoder_2, "config", None)
+            size = self.res * self.pipe.vae_scale_factor
+            ids = self.pipe._get_add_time_ids((size, size), (0, 0), (size, size),
+                                              dtype=out[0].dtype,
+                                              text_encoder_projection_dim=getattr(proj, "projection_dim", None))
+            enc["time_ids"] = ids.to(self.device).repeat(len(prompts), 1)
+        g = torch.Generator().manual_seed(self.seed)
+        shape = (len(prompts), self.unet.config.in_channels, self.res, self.res)
+        enc["noise"] = torch.randn(shape, generator=g).to(self.device, self.unet.dtype)
+        return enc
+
+    def count(self, encoded) -> int:
+        return encoded["n"]
+
+    def _unet_kwargs(self, enc: dict, idx: list) -> dict:
+        # the first sampling step's input: pure noise at the scheduler's initial scale
+        latents = enc["noise"][idx] * getattr(self.sched, "init_noise_sigma", 1.0)
+        try:
+            latents = self.sched.scale_model_input(latents, self.timestep)
+        except (AttributeError, IndexError, ValueError, RuntimeError):
+            pass                                  # schedulers without input scaling
+        kw = {"sample": latents, "timestep": self.timestep,
+              "encoder_hidden_states": enc["prompt_embeds"][idx]}
+        if "text_embeds" in enc:
+            kw["added_cond_kwargs"] = {"text_embeds": enc["text_embeds"][idx],
+                                       "time_ids": enc["time_ids"][idx]}
+        return kw
+
+    def batches(self, encoded, idx):
+        for i in range(0, len(idx), self.batch_size):
+            chunk = idx[i:i + self.batch_size]
+            yield (list(range(i, i + len(chunk))),
+                   lambda chunk=chunk: self.unet(**self._unet_kwargs(encoded, chunk)),
+                   pool_image)
+
+
+def as_target(obj, tokenizer=None, *, max_length: int = 128,
+              autocast_dtype: torch.dtype | None = None, timestep: int | None = None,
+              seed: int = 0, resolution: int | None = None) -> Target:
+    """The ``Target`` for a model (with its tokenizer to read activations), a diffusers pipeline
+    (``tokenizer`` None), or a ``Target`` (returned as it is)."""
+    if isinstance(obj, Target):
+        return obj
+    if is_pipeline(obj):
+        return PipelineTarget(obj, timestep, seed, resolution, autocast_dtype=autocast_dtype)
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, a diffusers pipeline or a lineas_fast "
+                        f"Target, got {type(obj).__name__}")
+    if tokenizer is None:
+        return Target(obj, obj)
+    return LanguageModelTarget(obj, tokenizer, max_length, autocast_dtype)

@@ -1,0 +1,199 @@
+"""The target seam: one capture loop for models and pipelines, pipelines everywhere models go,
+and a package without import cycles."""
+import ast
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+
+import lineas_fast as lf
+from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
+
+PACKAGE = pathlib.Path(lf.__file__).parent
+CONTROL = ["the sun rises in the east", "a table has four legs", "water boils when heated",
+           "birds fly south in winter", "the library opens at nine", "trains run on rails"]
+
+
+def local_imports(path: pathlib.Path) -> set[str]:
+    """Modules of lineas_fast that ``path`` imports, at module level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                out.add(node.module.split(".")[0])
+            else:
+                out.update(a.name for a in node.names)
+    return out - {"kernels"}
+
+
+def test_no_import_cycles_in_the_package():
+    graph = {p.stem: local_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert "__init__" not in {m for deps in graph.values() for m in deps}, \
+        "a module imports the package itself"
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            raise AssertionError(f"import cycle: {' -> '.join(path + [m])}")
+        if state.get(m) == "done" or m not in graph:
+            return
+        state[m] = "open"
+        for dep in sorted(graph[m]):
+            visit(dep, path + [m])
+        state[m] = "done"
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_language_model_capture_pools_real_tokens_in_row_order():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    target = lf.as_target(model, tok)
+    texts = ["a bc", "hello there friend", "xy", "one two three four"]
+    names = ["model.layers.0.post_attention_layernorm", "model.layers.2.input_layernorm"]
+    idx = [2, 0, 3, 1]
+    with torch.no_grad():
+        got = target.pooled(target.encode(texts), names, idx)
+    # independently: one sentence at a time (no padding), mean over its tokens
+    for r, i in enumerate(idx):
+        seen = {}
+        hs = [model.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: seen.__setitem__(n, o[0].double().mean(0))) for n in names]
+        with torch.no_grad():
+            model(**tok([texts[i]], return_tensors="pt"))
+        for h in hs:
+            h.remove()
+        for n in names:
+            assert (got[n][r].double() - seen[n]).abs().max() < 1e-5, (n, i)
+
+
+def test_capture_stops_after_the_last_module_and_names_modules_that_did_not_run():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.model.unused = nn.LayerNorm(32)            # registered, never called
+    target = lf.as_target(model, tok)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append("lm_head"))
+    enc = target.encode(["hello"])
+    with torch.no_grad():
+        target.pooled(enc, ["model.layers.0.post_attention_layernorm"])
+    assert calls == []
+    with pytest.raises(ValueError, match=r"modules \['model.unused'\] did not run"):
+        target.pooled(enc, ["model.unused"])
+    with pytest.raises(ValueError, match="missing from"):
+        target.pooled(enc, ["model.nothing"])
+    with pytest.raises(ValueError, match="tokenizer is needed"):
+        lf.as_target(model).encode(["hello"])
+
+
+def test_training_restores_every_flag_through_the_target():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.train()
+    model.model.layers[1].eval()
+    flags = {n: i % 3 == 0 for i, (n, _) in enumerate(model.named_parameters())}
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
+    lf.train(model, tok, SOURCE, TARGET, modules=NORMS["llama"], steps=1, progress=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.training and not model.model.layers[1].training and model.model.layers[0].training
+
+
+def test_a_target_built_once_serves_every_entry_point():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    target = lf.as_target(model, tok, max_length=16)
+    st = lf.train(target, None, SOURCE, TARGET, modules=NORMS["llama"], steps=2, progress=False)
+    la = lf.fit_linear_act(target, None, SOURCE, TARGET, modules=NORMS["llama"])
+    gated = lf.fit_gates(target, None, SOURCE, CONTROL, st, k=2, threshold=0.0)
+    assert st.metadata["model"] == la.metadata["model"] == lf.model_fingerprint(model)
+    assert set(gated.gates) == set(st.modules)
+    ids = tok(["you are"], return_tensors="pt")
+    with torch.no_grad():
+        with st.apply(target):
+            hooked = model(**ids).logits
+        with st.apply(model):
+            assert torch.equal(model(**ids).logits, hooked)
+
+
+# --- diffusers pipelines: every entry point a model has --------------------------------------
+diffusers = pytest.importorskip("diffusers")
+from tiny_pipeline import SOURCE_PROMPTS, TARGET_PROMPTS, tiny_pipeline  # noqa: E402
+
+UNET_NORMS = r"unet\.down_blocks\.\d+\.resnets\.\d+\.norm\d"
+PIPE_CONTROL = ["a red apple", "a wooden chair", "a blue car", "a small dog", "a tall tree"]
+
+
+def latents(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe("a cat", num_inference_steps=2, generator=g, output_type="latent").images
+
+
+def test_pipeline_capture_pools_each_image_over_space():
+    pipe = tiny_pipeline()
+    target = lf.as_target(pipe)
+    name = "unet.down_blocks.0.resnets.0.norm1"
+    raw = []
+    h = pipe.unet.down_blocks[0].resnets[0].norm1.register_forward_hook(
+        lambda m, a, o: raw.append(o.detach().double()))
+    enc = target.encode(SOURCE_PROMPTS)
+    with torch.no_grad():
+        got = target.pooled(enc, [name], idx=[3, 1, 4], stop=False)[name]
+    h.remove()
+    out = torch.cat(raw)                             # (3, C, H, W) in the order of idx
+    assert out.ndim == 4 and got.shape == out.shape[:2]
+    for r in range(3):
+        for ch in range(out.shape[1]):
+            assert abs(got[r, ch].item() - out[r, ch].sum().item() / out[r, ch].numel()) < 1e-5
+
+
+def test_gates_fit_and_steer_a_pipeline():
+    pipe = tiny_pipeline()
+    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=3,
+                  optimizer="adam", lr=0.05, batch_size=len(SOURCE_PROMPTS), progress=False)
+    gated = lf.fit_gates(pipe, None, SOURCE_PROMPTS, PIPE_CONTROL, st, k=2, threshold=0.0)
+    assert set(gated.gates) == set(st.modules)
+    plain = latents(pipe)
+    with gated.apply(pipe, strength=0.0):
+        assert torch.equal(latents(pipe), plain)
+    with gated.apply(pipe, record_strengths=True) as handle:
+        steered = latents(pipe)
+    assert not torch.allclose(steered, plain, atol=1e-5)
+    name = gated.modules[0]
+    rec = handle.strengths[name][0]
+    assert rec.ndim == 3                             # one strength per pixel (B, H, W)
+    # the recorded per-pixel strength is σ(w·z + c) on the map's input, recomputed here
+    w, c = gated.gates[name]["w"], gated.gates[name]["c"]
+    seen = []
+    hook = lf.as_target(pipe).named[name].register_forward_hook(
+        lambda m, a, o: seen.append(o.detach()), prepend=True)
+    with torch.no_grad():
+        latents(pipe)                                # unsteered: the map's input
+    hook.remove()
+    z = seen[0]
+    expected = torch.sigmoid(torch.einsum("bchw,c->bhw", z.double(), w.double()) + c.double())
+    assert (rec.double() - expected).abs().max() < 1e-5
+
+
+def test_pipeline_steering_validates_on_its_component_alone():
+    pipe = tiny_pipeline()
+    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=1,
+                  progress=False)
+    modules = st.validate(pipe.unet)                 # "unet." prefix dropped, fingerprint skipped
+    assert set(modules) == {n[len("unet."):] for n in st.modules}
+    with st.apply(pipe):
+        via_pipeline = latents(pipe)
+    with st.apply(pipe.unet):
+        via_unet = latents(pipe)
+    assert torch.equal(via_pipeline, via_unet)
+
+
+def test_pipeline_training_steps_see_the_whole_batch():
+    """Regression: the batch size was capped by the number of keys of the encoded prompts
+    (3 for SD), so each step compared 3 images instead of batch_size."""
+    pipe = tiny_pipeline()
+    sizes = []
+    h = pipe.unet.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["sample"].shape[0]),
+                                            with_kwargs=True)
+    lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=2,
+             batch_size=4, progress=False)
+    h.remove()
+    # target pass (6 prompts), then one UNet call of 4 images per step
+    assert sizes == [6, 4, 4]
