@@ -1,5 +1,6 @@
-"""Checks shared by the CPU lane (PyTorch path) and the TRITON_INTERPRET=1 lane (Triton path):
-every output and every gradient of each op against an independent float64 computation."""
+"""Checks shared by the CPU lane (PyTorch path), the TRITON_INTERPRET=1 lane (Triton path) and
+the GPU lane: every output and every gradient of each op against an independent float64
+computation written here (never the library's own reference or its TargetProfile)."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,6 +21,33 @@ def ot_w2_squared(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return ((xs[ix] - ys[iy]) ** 2 * width[:, None]).sum(0)
 
 
+def quantile_pieces(n: int, m: int):
+    """The merged quantile breakpoints of n source and m target samples in exact integer units
+    of 1/(n·m) (source cell i = [i·m, (i+1)·m), target cell k = [k·n, (k+1)·n)). Returns, per
+    piece, (source rank, target rank, width as a fraction of [0, 1])."""
+    cuts = np.union1d(np.arange(n + 1) * m, np.arange(m + 1) * n)
+    lo, hi = cuts[:-1], cuts[1:]
+    return lo // m, lo // n, (hi - lo) / (n * m)
+
+
+def ot_w2_squared_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The same exact W2² per column (d,) in float64 torch, differentiable in x by autograd
+    (torch.sort, stable: ties take ranks in row order, as any consistent rule may)."""
+    n, m = x.shape[0], y.shape[0]
+    xs = torch.sort(x.double(), dim=0, stable=True).values
+    ys = torch.sort(y.detach().double(), dim=0).values
+    ix, iy, width = quantile_pieces(n, m)
+    ix, iy = torch.as_tensor(ix, device=x.device), torch.as_tensor(iy, device=x.device)
+    width = torch.as_tensor(width, dtype=torch.float64, device=x.device)
+    return ((xs[ix] - ys[iy]) ** 2 * width[:, None]).sum(0)
+
+
+def reduction_weight(n: int, d: int, n_layers: int, reduction: str) -> float:
+    """What multiplies a layer's Σ_j W2²_j in the reduced loss (SPEC §2 "Reductions"):
+    reference = mean over layers of the mean over coordinates of n·W2²_j; sum = Σ Σ W2²_j."""
+    return n / (n_layers * d) if reduction == "reference" else 1.0
+
+
 def expected_loss(xs, ys, reduction):
     per_layer = []
     for x, y in zip(xs, ys):
@@ -30,16 +58,13 @@ def expected_loss(xs, ys, reduction):
 
 
 def expected_grad(x, y, reduction, n_layers):
-    """(2/n)(x − ḡ_rank) times the reduction's weight, from a float64 profile."""
+    """∂loss/∂x of one layer in float64: autograd through the merged-breakpoint OT
+    (``ot_w2_squared_torch``) times the reduction's weight. Independent of the library."""
     n, d = x.shape
-    prof = lf.TargetProfile(y.double(), n)
-    xd = x.detach().double()
-    order = torch.sort(xd, dim=0, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(0, order, torch.arange(n)[:, None].expand(n, d).contiguous())
-    g = torch.gather(prof.mean.double(), 0, ranks)
-    scale = 2.0 / (n_layers * d) if reduction == "reference" else 2.0 / n
-    return scale * (xd - g)
+    x64 = x.detach().cpu().double().requires_grad_()
+    loss = reduction_weight(n, d, n_layers, reduction) * ot_w2_squared_torch(x64, y.cpu()).sum()
+    grad, = torch.autograd.grad(loss, x64)
+    return grad
 
 
 def check_loss_and_grad(n, m, dims, reduction, backend, dtype=torch.float32, seed=0, ties=False,
@@ -68,35 +93,79 @@ def check_loss_and_grad(n, m, dims, reduction, backend, dtype=torch.float32, see
         assert err <= gtol * max(1e-3, ref.abs().max().item()), err
 
 
-def check_low_precision_rule(dtype, backend, n=32, d=64):
-    """flash-attention's rule, per column and for the gradient: the error vs the fp32
-    reference is at most 2× PyTorch's own error computing the same in ``dtype`` (plus one
-    rounding of the result to ``dtype`` for the gradient, which is stored in that dtype)."""
+def check_low_precision_rule(dtype, backend, n=32, d=64, device="cpu"):
+    """flash-attention's rule, per column and for the gradient: the error vs an independent
+    float64 computation (numpy OT on the float32 input; the gradient by autograd through the
+    float64 torch OT) is at most 2× PyTorch's own error computing the same in ``dtype`` (plus
+    one rounding of the result to ``dtype`` for the gradient, which is stored in that dtype)."""
     from lineas_fast.kernels._backend import use_triton
     from lineas_fast.kernels.wasserstein import wasserstein_columns
     from lineas_fast.kernels.wasserstein_ref import wasserstein_columns_naive
     gen = torch.Generator().manual_seed(1)
     x32, y32 = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
-    prof = lf.TargetProfile(y32, n)
-    w = torch.full((d,), 1.0 / d)
+    prof = lf.TargetProfile(y32.to(device), n)
+    w = torch.full((d,), 1.0 / d, device=device)
 
     def cols_and_grad(fn, x):
-        x = x.detach().requires_grad_()
+        x = x.detach().to(device).requires_grad_()
         cols = fn(x)
         grad, = torch.autograd.grad(cols.sum(), x)
-        return cols.double(), grad.double()
+        return cols.detach().cpu().double(), grad.cpu().double()
 
-    exact, _ = cols_and_grad(lambda x: wasserstein_columns(x, prof.mean, prof.var, w, False), x32)
-    # The gradient is discontinuous where rounding creates ties, so its fp32 reference is
-    # taken at the rounded input (same tie order), not at the original.
-    _, exact_g = cols_and_grad(lambda x: wasserstein_columns(x, prof.mean, prof.var, w, False),
-                               x32.to(dtype).float())
+    # columns: w_j · n · W2²_j, in float64 from the float32 input
+    exact = torch.from_numpy(ot_w2_squared(x32.double().numpy(), y32.double().numpy())) * n / d
+    # The gradient is discontinuous where rounding creates ties, so its reference is taken at
+    # the rounded input (same tie order: row order), not at the original.
+    x_low = x32.to(dtype)
+    x64 = x_low.double().requires_grad_()
+    exact_g, = torch.autograd.grad(ot_w2_squared_torch(x64, y32).sum() * n / d, x64)
     ours, ours_g = cols_and_grad(lambda x: wasserstein_columns(
-        x, prof.mean, prof.var, w, use_triton(x.device, backend)), x32.to(dtype))
-    own, own_g = cols_and_grad(lambda x: wasserstein_columns_naive(x, y32, w), x32.to(dtype))
+        x, prof.mean, prof.var, w, use_triton(x.device, backend)), x_low)
+    own, own_g = cols_and_grad(lambda x: wasserstein_columns_naive(x, y32.to(device), w), x_low)
+    assert ours.shape == exact.shape and ours_g.shape == exact_g.shape
     assert (ours - exact).abs().max() <= 2 * (own - exact).abs().max()
     one_rounding = torch.finfo(dtype).eps * exact_g.abs().max()
     assert (ours_g - exact_g).abs().max() <= 2 * (own_g - exact_g).abs().max() + one_rounding
+
+
+def rms_norm_shift_exact(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, eps: float,
+                         gemma: bool) -> torch.Tensor:
+    """RMSNorm with a shift in float64, written from its definition: x̂ = x / sqrt(mean(x²) + eps);
+    Llama: y = w ⊙ cast(x̂ to x's dtype) + c (the cast is the module's semantics, as in
+    transformers); Gemma: y = (1 + w) ⊙ x̂ + c. Returns float64 (no final rounding)."""
+    x64 = x.detach().cpu().double()
+    w64, c64 = weight.detach().cpu().double(), shift.detach().cpu().double()
+    xhat = x64 / torch.sqrt((x64 * x64).sum(-1, keepdim=True) / x64.shape[-1] + eps)
+    if gemma:
+        return (1.0 + w64) * xhat + c64
+    return w64 * xhat.to(x.dtype).double() + c64
+
+
+def check_rms_norm_shift(shape, gemma, dtype, device="cpu", seed=0, interpreted=False):
+    """The fused RMSNorm-with-shift kernel against ``rms_norm_shift_exact``, by flash-attention's
+    rule: its error is at most 2× that of the PyTorch reference computing in ``dtype``, plus
+    two float32 roundings of the result (where PyTorch happens to be exact); and within a few
+    roundings in ``dtype`` of the exact value."""
+    from lineas_fast.kernels.rms_norm_shift import rms_norm_shift_triton
+    from lineas_fast.kernels.rms_norm_shift_ref import rms_norm_shift_ref
+    gen = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    w, c = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    got = rms_norm_shift_triton(x.to(device), w.to(device), c.to(device), 1e-6, gemma)
+    own = rms_norm_shift_ref(x, w, c, 1e-6, gemma)          # PyTorch computing in dtype
+    exact = rms_norm_shift_exact(x, w, c, 1e-6, gemma)
+    assert got.dtype == dtype and got.shape == x.shape
+    got = got.cpu().double()
+    # Triton's interpreter truncates float32 -> bfloat16 where the compiled kernel rounds to
+    # nearest (cvt.rn.bf16.f32 in its PTX): allow that one extra ulp there.
+    ulp = torch.finfo(dtype).eps * exact.abs() if (interpreted and dtype != torch.float32) else 0
+    slack = 2 * torch.finfo(torch.float32).eps * exact.abs().max()
+    assert ((got - exact).abs() - ulp).max() <= 2 * (own.double() - exact).abs().max() + slack
+    # The rule cannot see an error the kernel shares with its PyTorch reference; against the
+    # independent formula the error is also at most a few roundings of the largest output
+    # (measured: at most 1.2 eps · max|y| for d ≤ 1023).
+    assert (got - exact).abs().max() <= 4 * torch.finfo(dtype).eps * exact.abs().max()
 
 
 def closed_form_steer(z, omega, bias, lam, inverse, channel_dim):
@@ -154,7 +223,6 @@ def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torc
 def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, device="cpu"):
     """Gated steering against autograd through a float64 closed form: y and the per-token
     strength, and the gradients of z, ω, b, w and c."""
-    from lineas_fast.kernels.gated_steer_ref import gate_fn
     gen = torch.Generator().manual_seed(seed)
     d = shape[-1]
     mk = lambda t: t.to(device).requires_grad_()
@@ -169,7 +237,8 @@ def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, devi
     grads = [t.cpu().double() for t in torch.autograd.grad(y, [z, om, b, w, c], g)]
     leaves = [t.detach().cpu().double().requires_grad_() for t in (z, om, b, w, c)]
     z64, om64, b64, w64, c64 = leaves
-    lam = 0.8 * gate_fn(z64 @ w64 + c64, gate)
+    logit = z64 @ w64 + c64
+    lam = 0.8 * (torch.sigmoid(logit) if gate == "sigmoid" else logit.clamp(0.0, 1.0))
     t = (z64 - b64) / om64 if inverse else om64 * z64 + b64
     ref = z64 + lam.unsqueeze(-1) * (t - z64)
     ref_grads = torch.autograd.grad(ref, leaves, g.cpu().double())
@@ -179,3 +248,54 @@ def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, devi
     assert (s.cpu().double() - lam.detach()).abs().max().item() <= otol
     for name, a, r in zip(["z", "omega", "bias", "gate_w", "gate_c"], grads, ref_grads):
         assert (a - r).abs().max().item() <= gtol * max(1.0, r.abs().max().item()), name
+
+
+def pooled_unpadded(model, tokenizer, texts, names, maps=None):
+    """Per-sentence mean of each named module's output over the sentence's tokens, float64
+    (len(texts), d): every sentence run alone (no padding, no batching), in eval mode, with
+    ``maps`` {name: (omega, bias)} applied to those modules' outputs by plain forward hooks
+    (ω⊙z + b, SPEC §3 at strength 1). Independent of the library's capture, pooling and hooks."""
+    named = dict(model.named_modules())
+    rows = {n: [] for n in names}
+    seen = {}
+
+    def hook_for(n):
+        def hook(_mod, _args, out):
+            h = out[0] if isinstance(out, (tuple, list)) else out
+            if maps and n in maps:
+                om, b = maps[n]
+                h = h * om.to(h.dtype) + b.to(h.dtype)
+                out = (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+            seen[n] = h[0].double().mean(0)
+            return out
+        return hook
+
+    hooks = [named[n].register_forward_hook(hook_for(n))
+             for n in dict.fromkeys(list(names) + list(maps or {}))]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer([text], return_tensors="pt")["input_ids"]
+                seen.clear()
+                model(input_ids=ids)
+                for n in names:
+                    rows[n].append(seen.pop(n))
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod, mode in modes:
+            mod.training = mode
+    return {n: torch.stack(r) for n, r in rows.items()}
+
+
+def profile_mean(y: np.ndarray, n: int) -> np.ndarray:
+    """ḡ (n, d): the mean of y's quantile function over each of n source cells (SPEC §2),
+    accumulated piece by piece over the merged breakpoints."""
+    m = y.shape[0]
+    ys = np.sort(y, 0)
+    g = np.zeros((n, y.shape[1]))
+    for i, k, width in zip(*quantile_pieces(n, m)):
+        g[i] += n * width * ys[k]
+    return g

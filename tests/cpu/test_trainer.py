@@ -1,9 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 
 import lineas_fast as lf
-from lineas_fast.activations import length_buckets, masked_mean
+from kernel_checks import expected_loss, pooled_unpadded, profile_mean
 from tiny_models import FAMILIES, NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 
@@ -12,16 +14,45 @@ def tok():
     return tiny_tokenizer()
 
 
+def check_first_step_loss(model, tok, rec, names):
+    """Step 0 runs the identity maps on the whole source set (batch_size = len(SOURCE)), so its
+    loss is the reference-reduction W2 between the untouched model's pooled source and target
+    activations: here from per-sentence unpadded forwards and the numpy OT oracle. The
+    tolerance covers float32 activations computed in padded batches vs one sentence at a time."""
+    src = pooled_unpadded(model, tok, SOURCE, names)
+    tgt = pooled_unpadded(model, tok, TARGET, names)
+    exact, per_layer = expected_loss([src[n] for n in names], [tgt[n] for n in names],
+                                     "reference")
+    assert rec.step == 0
+    assert rec.loss == pytest.approx(exact, rel=1e-4)
+    np.testing.assert_allclose(rec.per_layer, per_layer, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_loss_falls_on_every_family(family, tok):
     model = tiny_model(family)
+    names = [n for n, _ in model.named_modules() if re.fullmatch(NORMS[family], n)]
+    # a known mix of flags that training must leave exactly as it found them
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        p.requires_grad_(i % 3 != 1)
+    model.train()
+    model.get_submodule(names[1]).eval()
+    flags = [p.requires_grad for p in params]
+    modes = [m.training for m in model.modules()]
+    assert len(set(flags)) == 2 and len(set(modes)) == 2
     hist = []
     st = lf.train(model, tok, SOURCE, TARGET, modules=NORMS[family], steps=12,
                   batch_size=len(SOURCE), optimizer="adam", lr=0.05, progress=False,
                   callback=hist.append)
+    assert [p.requires_grad for p in params] == flags
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in params)                 # weights were frozen
+    assert [r.step for r in hist] == list(range(12))
     assert hist[-1].loss < 0.7 * hist[0].loss
     assert len(hist[0].per_layer) == 3 and st.support() > 0
-    assert all(not p.requires_grad for p in model.parameters()) is False   # flags restored
+    # in eval mode (gpt2 has dropout): the oracle reads the model in eval mode too
+    check_first_step_loss(model, tok, hist[0], names)
 
 
 def test_model_weights_get_no_gradient_and_forward_stops_early(tok):
@@ -105,15 +136,8 @@ def test_loss_modules_differ_from_map_modules(tok):
                   lr=0.05, progress=False, callback=hist.append, batch_size=len(SOURCE))
     assert st.modules == ["model.layers.0.post_attention_layernorm"]
     assert len(hist[0].per_layer) == 2 and hist[-1].loss < hist[0].loss
-
-
-def test_pooling_masks_padding_left_or_right():
-    h = torch.randn(2, 5, 3)
-    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert torch.allclose(masked_mean(h, right)[0], h[0, :3].mean(0))
-    assert torch.allclose(masked_mean(h, left)[0], h[0, 2:].mean(0))
-    assert length_buckets([5, 5, 50, 51, 6]) == [[0, 1, 4], [2, 3]]
+    check_first_step_loss(model, tok, hist[0], [f"model.layers.{i}.input_layernorm"
+                                                 for i in (1, 2)])
 
 
 def test_linear_act_map_is_float64_ols():
@@ -123,6 +147,13 @@ def test_linear_act_map_is_float64_ols():
     xs, ys = np.sort(x.double().numpy(), 0), np.sort(y.double().numpy(), 0)
     for j in range(5):
         slope, icpt = np.polyfit(xs[:, j], ys[:, j], 1)
+        assert om[j].item() == pytest.approx(slope, rel=1e-5)
+        assert b[j].item() == pytest.approx(icpt, rel=1e-5, abs=1e-6)
+    y9 = 2.0 * torch.randn(57, 5) - 1.0                  # m ≠ n: the regressand is ḡ
+    om, b = lf.linear_act_map(x, y9)
+    g = profile_mean(y9.double().numpy(), 40)
+    for j in range(5):
+        slope, icpt = np.polyfit(xs[:, j], g[:, j], 1)
         assert om[j].item() == pytest.approx(slope, rel=1e-5)
         assert b[j].item() == pytest.approx(icpt, rel=1e-5, abs=1e-6)
     const = torch.zeros(4, 1)
@@ -135,7 +166,20 @@ def test_linear_act_map_is_float64_ols():
 def test_fit_linear_act_and_init(tok):
     model = tiny_model("llama")
     st = lf.fit_linear_act(model, tok, SOURCE, TARGET, modules=NORMS["llama"])
-    assert st.modules == [f"model.layers.{i}.post_attention_layernorm" for i in range(3)]
+    names = [f"model.layers.{i}.post_attention_layernorm" for i in range(3)]
+    assert st.modules == names
+    # independently: module after module, earlier maps applied by plain hooks; the regressand
+    # is the target profile ḡ (m = 9 targets, n = 8 sources), an OLS line per coordinate
+    tgt = pooled_unpadded(model, tok, TARGET, names)
+    fitted = {}
+    for n in names:
+        x = np.sort(pooled_unpadded(model, tok, SOURCE, [n], maps=fitted)[n].numpy(), 0)
+        g = profile_mean(tgt[n].numpy(), len(SOURCE))
+        lines = np.array([np.polyfit(x[:, j], g[:, j], 1) for j in range(x.shape[1])])
+        om, b = st[n]
+        np.testing.assert_allclose(om.numpy(), lines[:, 0], rtol=1e-3, atol=1e-4, err_msg=n)
+        np.testing.assert_allclose(b.numpy(), lines[:, 1], rtol=1e-3, atol=1e-4, err_msg=n)
+        fitted[n] = (torch.from_numpy(lines[:, 0]), torch.from_numpy(lines[:, 1]))
     hist = []
     lf.train(model, tok, SOURCE, TARGET, modules=NORMS["llama"], steps=1, init="linear_act",
              progress=False, callback=hist.append, batch_size=len(SOURCE))

@@ -5,7 +5,56 @@ import pytest
 import torch
 
 import lineas_fast as lf
-from kernel_checks import check_loss_and_grad, check_low_precision_rule, ot_w2_squared
+from kernel_checks import (check_loss_and_grad, check_low_precision_rule, expected_grad,
+                           expected_loss, ot_w2_squared, ot_w2_squared_torch)
+
+
+def test_hand_computed_unequal_sizes():
+    """x = {0, 1}, y = {0, 1, 2}: on [0,1/3) 0 vs 0, [1/3,1/2) 0 vs 1, [1/2,2/3) 1 vs 1,
+    [2/3,1) 1 vs 2, so W2² = 1/6 + 1/3 = 1/2; ∂/∂x = (2/n)(x − ḡ) with ḡ = (1/3, 5/3)."""
+    x = torch.tensor([[0.0], [1.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[2.0], [0.0], [1.0]], dtype=torch.float64)
+    loss = lf.sliced_wasserstein(x, y, "sum")
+    g, = torch.autograd.grad(loss, x)
+    # the profile is stored in float32 (SPEC: the loss is float32): one float32 rounding
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+    assert g.flatten().tolist() == pytest.approx([-1 / 3, -2 / 3], abs=1e-6)
+    assert ot_w2_squared(x.detach().numpy(), y.numpy())[0] == pytest.approx(0.5, abs=1e-12)
+    g_oracle = expected_grad(x, y, "sum", 1)
+    assert g_oracle.flatten().tolist() == pytest.approx([-1 / 3, -2 / 3], abs=1e-12)
+    # reference reduction: n · W2² (one layer, one coordinate), its gradient scaled alike
+    assert lf.sliced_wasserstein(x, y).item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (4, 1), (3, 7), (12, 8), (9, 9)])
+def test_oracles_agree(n, m):
+    """The two test oracles (numpy, torch) agree, and the torch one's autograd gradient is the
+    finite-difference gradient (at untied points)."""
+    gen = torch.Generator().manual_seed(n * 100 + m)
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(m, 3, generator=gen, dtype=torch.float64)
+    np.testing.assert_allclose(ot_w2_squared_torch(x, y).numpy(),
+                               ot_w2_squared(x.numpy(), y.numpy()), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda t: ot_w2_squared_torch(t, y), (x.requires_grad_(),))
+
+
+def test_profile_matches_cell_means():
+    """TargetProfile's ḡ (mean of the target quantile function over each source cell) and its
+    variance there, against a per-cell accumulation over a fine exact grid of [0, 1]."""
+    gen = torch.Generator().manual_seed(5)
+    n, m = 6, 10
+    y = torch.randn(m, 3, generator=gen, dtype=torch.float64)
+    prof = lf.TargetProfile(y, n)
+    ys = np.sort(y.numpy(), 0)
+    g, q = np.zeros((n, 3)), np.zeros((n, 3))
+    steps = n * m * 4                                    # every cell edge lies on this grid
+    for s in range(steps):
+        t = (s + 0.5) / steps
+        i, k = int(t * n), int(t * m)
+        g[i] += ys[k] / steps * n
+        q[i] += ys[k] ** 2 / steps * n
+    np.testing.assert_allclose(prof.mean.numpy(), g, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(prof.var.numpy(), q - g * g, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 31, 33, 100])
@@ -73,8 +122,10 @@ def test_profile_reused_and_exact():
                                ot_w2_squared(x.double().numpy(), y.double().numpy()).sum(),
                                rtol=1e-5)
     packed = lf.pack_profiles([prof, lf.TargetProfile(y[:, :2], 10)])
-    assert torch.allclose(lf.sliced_wasserstein([x, x[:, :2]], packed),
-                          lf.sliced_wasserstein([x, x[:, :2]], [y, y[:, :2]]))
+    exact, _ = expected_loss([x, x[:, :2]], [y, y[:, :2]], "reference")
+    for target in (packed, [y, y[:, :2]], [prof, lf.TargetProfile(y[:, :2], 10)]):
+        assert lf.sliced_wasserstein([x, x[:, :2]], target).item() == pytest.approx(exact,
+                                                                                    rel=1e-5)
 
 
 def test_non_contiguous_input():
@@ -84,8 +135,11 @@ def test_non_contiguous_input():
     y = torch.randn(9, 7)
     loss = lf.sliced_wasserstein(x, y)
     g, = torch.autograd.grad(loss, base)
-    ref_loss = lf.sliced_wasserstein(x.contiguous(), y)
-    assert torch.allclose(loss, ref_loss) and g.shape == base.shape
+    exact, _ = expected_loss([x.detach()], [y], "reference")
+    assert loss.item() == pytest.approx(exact, rel=1e-5)
+    assert g.shape == base.shape
+    torch.testing.assert_close(g.double(), expected_grad(x, y, "reference", 1).t(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_nan_propagates():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import lineas_fast as lf
-from kernel_checks import check_affine, check_loss_and_grad, check_low_precision_rule
+from kernel_checks import (check_affine, check_loss_and_grad, check_low_precision_rule,
+                           check_rms_norm_shift, expected_grad, expected_loss)
 from lineas_fast.kernels import wasserstein
 
 TRITON = "triton"
@@ -32,23 +33,33 @@ def test_wasserstein_kernel_low_precision(dtype):
 
 
 def test_wasserstein_kernel_non_contiguous_and_nan():
-    base = torch.randn(5, 9, requires_grad=True)
-    y = torch.randn(6, 5)
-    k = lf.sliced_wasserstein(base.t(), y, backend=TRITON)
-    r = lf.sliced_wasserstein(base.t(), y, backend="torch")
-    gk, = torch.autograd.grad(k, base)
-    gr, = torch.autograd.grad(r, base)
-    assert torch.allclose(k, r, rtol=1e-6) and torch.allclose(gk, gr, atol=1e-6)
-    x = torch.randn(4, 2)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 9, generator=gen, requires_grad=True)
+    x, y = base.t(), torch.randn(6, 5, generator=gen)      # x (9, 5), strides (1, 9)
+    loss = lf.sliced_wasserstein(x, y, backend=TRITON)
+    g, = torch.autograd.grad(loss, base)
+    exact, _ = expected_loss([x.detach()], [y], "reference")
+    assert loss.item() == pytest.approx(exact, rel=1e-5)
+    torch.testing.assert_close(g.double(), expected_grad(x, y, "reference", 1).t(),
+                               rtol=1e-5, atol=1e-6)
+    x = torch.randn(4, 2, generator=gen)
     x[1, 0] = float("nan")
     assert torch.isnan(lf.sliced_wasserstein(x, torch.randn(4, 2), backend=TRITON))
 
 
-def test_wasserstein_above_kernel_limit_falls_back():
-    x = torch.randn(wasserstein.MAX_N + 1, 1, requires_grad=True)
-    y = torch.randn(50, 1)
-    loss = lf.sliced_wasserstein(x, y, backend=TRITON)
-    assert torch.allclose(loss, lf.sliced_wasserstein(x, y, backend="torch"))
+@pytest.mark.parametrize("n", [wasserstein.MAX_N, wasserstein.MAX_N + 1])
+def test_wasserstein_kernel_limit(n, kernel_launches):
+    """At MAX_N the kernel runs, above it the PyTorch path; both exact vs the float64 oracle."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 2, generator=gen, requires_grad=True)
+    y = torch.randn(50, 2, generator=gen) + 0.5
+    loss = lf.sliced_wasserstein(x, y, "sum", backend=TRITON)
+    g, = torch.autograd.grad(loss, x)
+    assert kernel_launches["_wasserstein_fwd_kernel"] == (1 if n <= wasserstein.MAX_N else 0)
+    exact, _ = expected_loss([x.detach()], [y], "sum")
+    assert loss.item() == pytest.approx(exact, rel=1e-5)
+    ref = expected_grad(x, y, "sum", 1)
+    assert (g.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("shape,cd", [((1, 1, 1023), -1), ((3, 7, 33), -1), ((2, 3, 3, 5), 1),
@@ -77,37 +88,31 @@ def test_affine_kernel_frozen_params_and_strength_zero():
 @pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_shift_kernel(shape, gemma, dtype):
-    from lineas_fast.kernels.rms_norm_shift import rms_norm_shift_triton
-    from lineas_fast.kernels.rms_norm_shift_ref import rms_norm_shift_ref
-    gen = torch.Generator().manual_seed(0)
-    d = shape[-1]
-    x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
-    w, c = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
-    got = rms_norm_shift_triton(x, w, c, 1e-6, gemma)
-    ref = rms_norm_shift_ref(x, w, c, 1e-6, gemma)
-    exact = rms_norm_shift_ref(x.double(), w.double(), c.double(), 1e-6, gemma)
-    assert got.dtype == dtype and got.shape == x.shape
-    # flash-attention's rule against the float64 computation on the same input. Triton's
-    # interpreter truncates float32 -> bfloat16 where the compiled kernel rounds to nearest
-    # (cvt.rn.bf16.f32 in its PTX), so allow that one extra ulp here.
-    ulp = torch.finfo(dtype).eps * exact.abs() if dtype != torch.float32 else 0
-    assert ((got.double() - exact).abs() - ulp).max() <= 2 * (ref.double() - exact).abs().max() + 1e-5
+    check_rms_norm_shift(shape, gemma, dtype, interpreted=True)
 
 
-def test_steered_rms_norm_module_uses_kernel_without_grad():
+def test_steered_rms_norm_module_uses_kernel_without_grad(kernel_launches):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     norm = LlamaRMSNorm(16)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(16) + 0.5)
     a, c = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
-    mod = lf.SteeredRMSNorm(norm, a, c, backend=TRITON)
+    mod = lf.SteeredRMSNorm(norm, a, c, backend=TRITON, model_type="llama")
     x = torch.randn(3, 4, 16)
     expected = a.float() * norm(x) + c.float()
     with torch.no_grad():
         assert torch.allclose(mod(x), expected, atol=1e-5)
+    assert kernel_launches["_rms_norm_shift_fwd_kernel"] == 1          # the fused kernel ran
     xg = x.clone().requires_grad_()
-    mod(xg).sum().backward()                    # the PyTorch path carries the gradient
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    y = mod(xg)
+    assert kernel_launches["_rms_norm_shift_fwd_kernel"] == 1   # PyTorch carries the gradient
+    g = torch.randn_like(y)
+    gx, = torch.autograd.grad(y, xg, g)
+    x64 = x.double().requires_grad_()
+    w64 = norm.weight.detach().double()
+    y64 = a * w64 * (x64 * torch.rsqrt((x64 ** 2).mean(-1, keepdim=True) + norm.variance_epsilon)) + c
+    gx64, = torch.autograd.grad(y64, x64, g.double())
+    torch.testing.assert_close(gx.double(), gx64, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3, 5), (4, 33), (1, 300)])
