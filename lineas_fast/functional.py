@@ -13,6 +13,7 @@ from typing import Union
 
 import torch
 
+from .checks import number
 from .kernels._backend import check_same_device, use_triton
 from .kernels.affine_steer_ref import affine_steer_ref
 from .kernels.gated_steer_ref import GATES, gated_steer_ref
@@ -138,7 +139,8 @@ def affine_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor,
         tensors["strength"] = strength
     check_same_device(**tensors)
     u, b = map_coefficients(omega, bias, inverse)
-    lam = token_strength(strength, z.shape, cd) if isinstance(strength, torch.Tensor) else float(strength)
+    lam = (token_strength(strength, z.shape, cd) if isinstance(strength, torch.Tensor)
+           else number(strength, "strength"))
     return apply_affine(z, u, b, lam, cd, backend)
 
 
@@ -207,5 +209,6 @@ def gated_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor, gate_w
         raise TypeError("gated_steer takes a float strength; the gate makes it per token")
     check_same_device(z=z, omega=omega, bias=bias, gate_w=gate_w, gate_c=gate_c)
     u, b = map_coefficients(omega, bias, inverse)
-    y, s = apply_gated(z, u, b, gate_w, gate_c, float(strength), gate == "relu", cd, backend)
+    lam = number(strength, "strength")
+    y, s = apply_gated(z, u, b, gate_w, gate_c, lam, gate == "relu", cd, backend)
     return (y, s) if return_strengths else y

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from .checks import choice, integer, number
 from .steering import Steering
 from .targets import as_target
 
@@ -87,10 +88,14 @@ def fit_gates(model, tokenizer, source: Sequence[str], control: Sequence[str],
     plain steering there) or loses its map (``on_low="disable"``). Per-module accuracies and
     status are kept in ``metadata["gates"]`` (saved with the file).
     """
-    if on_low not in ("ungated", "disable"):
-        raise ValueError(f"on_low must be 'ungated' or 'disable', got {on_low!r}")
-    if gate not in ("sigmoid", "relu"):
-        raise ValueError(f"gate must be 'sigmoid' or 'relu', got {gate!r}")
+    choice(on_low, "on_low", ("ungated", "disable"))
+    choice(gate, "gate", ("sigmoid", "relu"))
+    integer(k, "k", low=1)
+    number(l2, "l2", low=0)
+    number(threshold, "threshold", low=0)
+    number(val_fraction, "val_fraction", low=0, high=0.9)
+    if not isinstance(steering, Steering):
+        raise TypeError(f"steering must be a lineas_fast.Steering, got {type(steering).__name__}")
     steered = as_target(model, tokenizer, max_length=max_length)
     steering = steered.resolve(steering)
     steering.validate(steered, strict=False)

@@ -10,6 +10,7 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 
+from .checks import finite_tensors, number
 from .hooks import SteeredForward, check_free, make_steer
 from .io import atomic_path
 from .modules import coordinate_dim
@@ -44,9 +45,12 @@ class Steering:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"map for {name!r} must be a pair (omega, bias)")
             omega, bias = pair
+            if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in pair):
+                raise TypeError(f"map for {name!r}: omega and bias must be floating-point tensors")
             if omega.ndim != 1 or omega.shape != bias.shape:
                 raise ValueError(f"map for {name!r}: omega {tuple(omega.shape)} and bias "
                                  f"{tuple(bias.shape)} must both be (d,)")
+            finite_tensors(f"map for {name!r}", omega=omega.detach(), bias=bias.detach())
             self._maps[name] = (omega, bias)
         self.metadata = dict(metadata or {})
         self.gates: dict[str, dict] = {}
@@ -59,6 +63,7 @@ class Steering:
                                  f"and c one value, got {tuple(w.shape)} and {tuple(c.shape)}")
             if kind not in ("sigmoid", "relu"):
                 raise ValueError(f"gate kind for {name!r} must be 'sigmoid' or 'relu', got {kind!r}")
+            finite_tensors(f"gate for {name!r}", w=w.detach(), c=c.detach())
             self.gates[name] = {"w": w, "c": c.reshape(1), "kind": kind}
 
     # --- inspection -------------------------------------------------------------------------
@@ -223,12 +228,13 @@ class Steering:
                     raise ValueError(f"strength key {key!r} matches no steered module "
                                      f"(steered: {self.modules[:5]}...)")
                 for n in hits:
-                    out[n] = float(val)
+                    out[n] = number(val, f"strength[{key!r}]")
             return out
         if isinstance(strength, torch.Tensor):
             raise TypeError("a per-token strength tensor is set per call with affine_steer; "
                             "attach/apply take a float or a per-module dict")
-        return {n: float(strength) for n in self._maps}
+        value = number(strength, "strength")
+        return {n: value for n in self._maps}
 
     def attach(self, model, strength: StrengthSpec = 1.0, strict: bool = True,
                backend: str | None = None, use_gates: bool = True,

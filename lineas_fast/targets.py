@@ -24,11 +24,12 @@ import contextlib
 import copy
 import hashlib
 import json
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .checks import integer
 from .modules import match_modules, nearby_names
 from .pooling import length_buckets, masked_mean, pool_image
 
@@ -39,8 +40,11 @@ class StopForward(Exception):
 
 def check_texts(texts, what: str) -> list[str]:
     """The texts as a list, or a ValueError naming the empty list or the bad entries."""
-    if isinstance(texts, str):
-        raise ValueError(f"{what}: expected a list of strings, got one string")
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{what}: expected a list of strings, got one {type(texts).__name__} "
+                        f"(wrap it in a list)")
+    if isinstance(texts, Mapping) or not isinstance(texts, Iterable):
+        raise TypeError(f"{what}: expected a list of strings, got {type(texts).__name__}")
     texts = list(texts)
     if not texts:
         raise ValueError(f"{what}: empty list of {'prompts' if 'prompt' in what else 'sentences'}")
@@ -213,8 +217,14 @@ class LanguageModelTarget(Target):
     def __init__(self, model: nn.Module, tokenizer, max_length: int = 128,
                  autocast_dtype: torch.dtype | None = None):
         super().__init__(model, model)
-        if int(max_length) < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        integer(max_length, "max_length", low=1)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and max_length > positions:
+            raise ValueError(f"max_length={max_length} exceeds the model's "
+                             f"max_position_embeddings={positions}")
+        if tokenizer is not None and not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got "
+                            f"{type(tokenizer).__name__}")
         self.tokenizer, self.max_length, self.autocast_dtype = tokenizer, int(max_length), autocast_dtype
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:

@@ -8,7 +8,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .checks import choice, integer, number
 from .io import atomic_path
+from .kernels._backend import use_triton
 from .modules import coordinate_dim
 from .steering import Steering
 from .targets import Target, as_target
@@ -45,21 +47,20 @@ class TrainConfig:
         return 0.1 if self.optimizer == "sgd" else 1e-2
 
     def check(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, "
-                             f"{self.batch_size}")
-        if self.resolved_lr() <= 0 or self.sparsity < 0 or self.l1 < 0 or self.group < 0:
-            raise ValueError("lr must be > 0 and sparsity, l1, group >= 0")
-        if self.init not in (None, "linear_act"):
-            raise ValueError(f"init must be None or 'linear_act', got {self.init!r}")
-        if self.gate not in (None, "e2e"):
-            raise ValueError(f"gate must be None or 'e2e', got {self.gate!r}")
-        if self.gate_kind not in ("sigmoid", "relu"):
-            raise ValueError(f"gate_kind must be 'sigmoid' or 'relu', got {self.gate_kind!r}")
+        """Every setting in range and finite; the error names the argument and the value."""
+        choice(self.optimizer, "optimizer", ("sgd", "adam"))
+        choice(self.reduction, "reduction", REDUCTIONS)
+        integer(self.steps, "steps", low=0)
+        integer(self.batch_size, "batch_size", low=1)
+        integer(self.seed, "seed")
+        integer(self.max_length, "max_length", low=1)
+        if self.lr is not None:
+            number(self.lr, "lr", low=0, low_open=True)
+        for name in ("sparsity", "l1", "group", "control_weight"):
+            number(getattr(self, name), name, low=0)
+        choice(self.init, "init", (None, "linear_act"))
+        choice(self.gate, "gate", (None, "e2e"))
+        choice(self.gate_kind, "gate_kind", ("sigmoid", "relu"))
 
 
 @dataclass
@@ -143,11 +144,22 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
     names = steered.match(modules, "modules")
     loss_names = steered.match(loss_modules, "loss_modules") if loss_modules else names
     steered.require(names + loss_names)
+    if not isinstance(init, (str, Steering, type(None))):
+        raise TypeError(f"init must be None, 'linear_act' or a Steering, got {type(init).__name__}")
+    if isinstance(init, Steering):
+        given = steered.resolve(init)
+        absent = [m for m in names if m not in given]
+        if absent:
+            raise ValueError(f"init steering has no map for module {absent[0]!r} "
+                             f"({len(absent)} of the {len(names)} modules missing)")
+        given.validate(steered, strict=False)
+    use_triton(steered.device, backend)            # an unknown or unavailable backend fails now
     src, tgt = steered.encode(source, "source"), steered.encode(target, "target")
     n = min(batch_size, steered.count(src))
     if cfg.gate == "e2e" and not control:
         raise ValueError("gate='e2e' needs control sentences (control=[...])")
     ctrl = steered.encode(control, "control") if cfg.gate == "e2e" else None
+    _check_loss_after_maps(steered, src, names, loss_names)
 
     with steered.frozen():
         with torch.no_grad():
@@ -216,6 +228,20 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
     result.metadata = {"model": steered.fingerprint(), "method": "lineas",
                        "hyperparameters": asdict(cfg), "history": [asdict(r) for r in history]}
     return result
+
+
+def _check_loss_after_maps(steered: Target, src, names: list[str], loss_names: list[str]) -> None:
+    """A loss module that runs before every steered module cannot be moved by the maps: its
+    loss is a constant and training would silently do nothing there."""
+    if loss_names == names:
+        return
+    order = steered.execution_order(src, list(dict.fromkeys(names + loss_names)))
+    first_map = min(order.index(n) for n in names)
+    early = [m for m in loss_names if m not in names and order.index(m) < first_map]
+    if early:
+        raise ValueError(f"loss_modules {early[:5]} run before the first steered module "
+                         f"{order[first_map]!r}: the maps cannot change them; choose loss "
+                         f"modules at or after the steered ones")
 
 
 def _initial_gates(maps, cfg) -> dict:
