@@ -1,75 +1,536 @@
-"""What the command line reads (sentence files, model and pipeline folders) and its error type.
+"""What the command line checks and reads: argument values, sentence files, output paths,
+model and pipeline folders, steering files and training checkpoints; and its error type.
 
 Every problem found here is a ``CLIError``: ``lineas-fast`` prints it in one line and exits 2.
+Everything here runs before a model is loaded or a step is trained.
+
+Sentence files (``read_sentences``) are read by their content, whatever their extension:
+
+1. the whole file is one JSON array whose items are all strings or objects with a string
+   ``"text"``: those are the sentences;
+2. else every non-blank line is a JSON string or a JSON object with a string ``"text"``: JSON
+   lines;
+3. else, if the name ends in ``.json`` / ``.jsonl`` or any line is a JSON object: an error naming
+   the first line (file:line) that is not such a record (a JSON file with a broken line, or
+   JSON lines with another key, are never read as plain text);
+4. else plain text: one sentence per non-blank line, kept verbatim (a line that happens to be a
+   quoted string stays quoted).
+
+Files must be UTF-8 (a BOM is allowed; an invalid byte is reported with its offset), hold no
+NUL byte and at least one sentence; an empty sentence in a JSON file is an error.
 """
 from __future__ import annotations
 
+import argparse
+import codecs
+import contextlib
+import importlib
 import json
+import math
 import os
+import re
+import sys
 
 
 class CLIError(Exception):
     """A user-facing problem with the arguments or files (printed without a traceback)."""
 
 
-def read_sentences(path: str, what: str) -> list[str]:
-    """One sentence per line (blank lines skipped), or JSONL with a "text" field (or strings)."""
-    if not os.path.isfile(path):
-        raise CLIError(f"{what} file {path!r} does not exist")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CLIError(f"{path}:{i}: not valid JSON ({e})") from None
-                text = obj.get("text") if isinstance(obj, dict) else obj
-                if not isinstance(text, str):
-                    raise CLIError(f"{path}:{i}: expected a string or an object with \"text\"")
-                out.append(text)
-            else:
-                out.append(line)
-    if not out:
-        raise CLIError(f"{what} file {path!r} holds no sentences")
-    return out
+def one_line(message: str) -> str:
+    """``message`` on one line (library messages may hold newlines)."""
+    return " ".join(str(message).split()) or "unknown error"
 
 
-def load_model(path: str, dtype: str = "float32"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not os.path.isdir(path):
-        raise CLIError(f"model folder {path!r} does not exist (a local transformers folder)")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+# --- argument types (checked by argparse while parsing) ------------------------------------------
+def _range_text(low, high, low_open):
+    def show(v):
+        return str(v) if isinstance(v, int) else f"{v:g}"
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {show(low)}")
+    if high is not None:
+        parts.append(f"<= {show(high)}")
+    return " " + " and ".join(parts) if parts else ""
+
+
+def real(low: float | None = None, high: float | None = None, low_open: bool = False):
+    """argparse type: a finite float in the range (NaN and Inf are refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r} (expected a "
+                                             f"number{_range_text(low, high, low_open)})") from None
+        bad = not math.isfinite(value) or (low is not None and (value <= low if low_open
+                                                                 else value < low)) \
+            or (high is not None and value > high)
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected a finite number"
+                                             f"{_range_text(low, high, low_open)}, got {text!r}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+def integer(low: int | None = None, high: int | None = None):
+    """argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (expected an "
+                                             f"integer{_range_text(low, high, False)})") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer"
+                                             f"{_range_text(low, high, False)}, got {text!r}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def nonblank(value: str) -> str:
+    """argparse type: a non-blank string (prompts)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty text, got {value!r}")
+    return value
+SEED = integer(0, 2 ** 63 - 1)
+
+
+def regex(value: str) -> str:
+    """argparse type: a valid, non-empty regular expression."""
+    if not value:
+        raise argparse.ArgumentTypeError("expected a regular expression, got ''")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
-        raise CLIError(f"cannot load a causal LM from {path!r}: {e}") from None
+        re.compile(value)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a valid regular expression: {value!r} ({e})") from None
+    return value
+
+
+regex.__name__ = "regex"
+
+
+# --- paths ------------------------------------------------------------------------------------------
+def _same(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _writable_ancestor(path: str, flag: str) -> None:
+    """The nearest existing folder above ``path`` is a folder this process may write in
+    (missing folders between are created when the output is written)."""
+    p = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise CLIError(f"{flag} {path!r}: {p!r} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path!r}: cannot write in folder {p!r} (permission denied)")
+
+
+def check_output_file(path: str, flag: str, inputs: dict | None = None,
+                      suffix: str | None = None) -> None:
+    """``path`` can be written as a file: not a folder, under a writable folder, not one of the
+    ``inputs`` ({flag: path}) and, when given, ending in ``suffix``."""
+    if not path or not path.strip():
+        raise CLIError(f"{flag}: expected a file path, got {path!r}")
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a folder; expected a file path")
+    if suffix and not path.lower().endswith(suffix):
+        raise CLIError(f"{flag} {path!r}: expected a file name ending in {suffix}")
+    for other, value in (inputs or {}).items():
+        if _same(path, value):
+            raise CLIError(f"{flag} {path!r} is also {other}: writing it would replace that file")
+    _writable_ancestor(path, flag)
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise CLIError(f"{flag} {path!r} exists and is not a regular file")
+
+
+def check_output_dir(path: str, flag: str, overwrite: bool | None = None,
+                     inputs: dict | None = None, inside: bool = False) -> None:
+    """``path`` can be written as a folder: not a file; when ``overwrite`` is False an existing
+    folder must be empty; it holds none of the ``inputs``; its parent (``inside``: the folder
+    itself when it exists) is writable."""
+    if not path or not path.strip():
+        raise CLIError(f"{flag}: expected a folder path, got {path!r}")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a file; expected a folder")
+    if overwrite is False and os.path.isdir(path) and os.listdir(path):
+        raise CLIError(f"{flag} folder {path!r} is not empty; pass --overwrite to replace it")
+    real_out = os.path.realpath(path)
+    for other, value in (inputs or {}).items():
+        if value and (os.path.realpath(value) + os.sep).startswith(real_out + os.sep):
+            raise CLIError(f"{flag} {path!r} holds {other} {value!r}: writing it would delete "
+                           f"that input")
+    if inside and os.path.isdir(path):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CLIError(f"{flag} {path!r}: cannot write in this folder (permission denied)")
+    else:
+        _writable_ancestor(path, flag)
+
+
+def check_input_file(path: str, flag: str) -> None:
+    if not path:
+        raise CLIError(f"{flag}: expected a file path, got ''")
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a folder; expected a file")
+    if not os.path.isfile(path):
+        raise CLIError(f"{flag} {path!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise CLIError(f"{flag} file {path!r} cannot be read (permission denied)")
+
+
+# --- sentence files ---------------------------------------------------------------------------------
+def read_text(path: str, flag: str) -> str:
+    """The file as text: UTF-8 (optional BOM), no NUL bytes."""
+    check_input_file(path, flag)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise CLIError(f"{flag} file {path!r} cannot be read ({e.strerror or e})") from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise CLIError(f"{flag} file {path!r} holds a NUL byte at offset {nul}: a binary file, not "
+                       f"sentences")
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        data = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = raw[:at].count(b"\n") + 1
+        raise CLIError(f"{flag} file {path!r} is not UTF-8 text: byte 0x{raw[at]:02x} at offset "
+                       f"{at} (line {line}) ({e.reason}); save it as UTF-8") from None
+    return data
+
+
+_RECORD = 'a JSON string or an object with a string "text" field'
+
+
+def _record(value, where: str) -> str:
+    """The sentence of one JSON item, or a CLIError saying why it is not one."""
+    if isinstance(value, dict):
+        if "text" not in value:
+            raise CLIError(f"{where}: JSON object without a \"text\" field (keys "
+                           f"{sorted(value)[:5]}); expected {_RECORD}")
+        value = value["text"]
+        if not isinstance(value, str):
+            raise CLIError(f"{where}: \"text\" is {type(value).__name__}, not a string")
+    elif not isinstance(value, str):
+        raise CLIError(f"{where}: JSON {type(value).__name__}; expected {_RECORD}")
+    if not value.strip():
+        raise CLIError(f"{where}: empty sentence")
+    return value
+
+
+def _is_record(value) -> bool:
+    if isinstance(value, dict):
+        value = value.get("text")
+    return isinstance(value, str)
+
+
+def read_sentences(path: str, flag: str) -> list[str]:
+    """Sentences from a file named by ``flag``: a JSON array, JSON lines or plain text, decided
+    by content (see the module docstring)."""
+    data = read_text(path, flag)
+    ext = os.path.splitext(path)[1].lower()
+    json_name = ext in (".json", ".jsonl")
+    lines = [(i, line.rstrip("\r")) for i, line in enumerate(data.split("\n"), 1) if line.strip()]
+    if not lines:
+        raise CLIError(f"{flag} file {path!r} holds no sentences (it is empty or blank)")
+    body = data.strip()
+    if body[0] in "[{" and len(lines) > 1 or body[0] == "[":
+        try:
+            whole = json.loads(body)
+        except json.JSONDecodeError as e:
+            whole = e
+        if isinstance(whole, list):
+            if all(_is_record(x) for x in whole) or json_name:
+                texts = [_record(x, f"{flag} {path}: item {k}") for k, x in enumerate(whole)]
+                if not texts:
+                    raise CLIError(f"{flag} file {path!r} holds an empty JSON array")
+                return texts
+        elif isinstance(whole, dict):
+            raise CLIError(f"{flag} file {path!r} holds one JSON object; expected a JSON array "
+                           f"of sentences, JSON lines or plain text")
+        elif body[0] == "[" and ext == ".json":
+            raise CLIError(f"{flag} {path}:{whole.lineno}: not valid JSON ({whole.msg}, column "
+                           f"{whole.colno})")
+    parsed = []
+    for i, line in lines:
+        try:
+            parsed.append((i, line, json.loads(line), None))
+        except json.JSONDecodeError as e:
+            parsed.append((i, line, None, e))
+    if all(err is None and _is_record(v) for _, _, v, err in parsed):
+        return [_record(v, f"{flag} {path}:{i}") for i, _, v, _ in parsed]
+    objects = [i for i, _, v, err in parsed if err is None and isinstance(v, dict)]
+    if json_name or objects:
+        why = (f"the file is named {ext}" if json_name
+               else f"line {objects[0]} is a JSON object, so the file is read as JSON lines")
+        for i, line, v, err in parsed:
+            if err is not None:
+                raise CLIError(f"{flag} {path}:{i}: not valid JSON ({err.msg}, column {err.colno}) "
+                               f"in {line[:40]!r}; expected {_RECORD} per line ({why})")
+            _record(v, f"{flag} {path}:{i}")
+    return [line for _, line, _, _ in parsed]
+
+
+# --- models, pipelines, steerings, checkpoints ----------------------------------------------------
+def check_model_dir(path: str, flag: str = "--model") -> None:
+    """A local transformers model folder (holds config.json)."""
+    if not path:
+        raise CLIError(f"{flag}: expected a folder path, got ''")
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} folder {path!r} does not exist (expected a local transformers "
+                       f"model folder)")
+    if not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a file; expected a local transformers model folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            raise CLIError(f"{flag} {path!r} is a diffusers pipeline folder; use --pipeline")
+        raise CLIError(f"{flag} {path!r} is not a transformers model folder (no config.json)")
+
+
+def check_pipeline_dir(path: str, flag: str = "--pipeline") -> None:
+    """A local diffusers pipeline folder (holds model_index.json)."""
+    if not path:
+        raise CLIError(f"{flag}: expected a folder path, got ''")
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} folder {path!r} does not exist (expected a local diffusers "
+                       f"folder)")
+    if not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a file; expected a local diffusers pipeline folder")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            raise CLIError(f"{flag} {path!r} is a transformers model folder; use --model")
+        raise CLIError(f"{flag} {path!r} is not a diffusers pipeline folder (no "
+                       f"model_index.json)")
+
+
+def model_or_pipeline(args) -> str:
+    """Which of --model / --pipeline was given (exactly one), its folder checked."""
+    if (args.model is None) == (args.pipeline is None):
+        given = "neither" if args.model is None else "both"
+        raise CLIError(f"give exactly one of --model DIR (a causal LM) or --pipeline DIR "
+                       f"(diffusers); got {given}")
+    if args.pipeline is not None:
+        check_pipeline_dir(args.pipeline)
+        return "pipeline"
+    check_model_dir(args.model)
+    return "model"
+
+
+def model_positions(path: str, flag: str = "--model") -> int | None:
+    """The model's max_position_embeddings from its config (no weights read), None if unset."""
+    try:
+        from transformers import AutoConfig
+        with quiet_loading():
+            cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:           # noqa: BLE001 -- a broken config.json is the user's file
+        raise CLIError(f"{flag} {path!r}: cannot read its config.json "
+                       f"({type(e).__name__}: {one_line(e)})") from None
+    positions = getattr(cfg, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
+
+
+def scheduler_timesteps(path: str) -> int | None:
+    """The pipeline scheduler's num_train_timesteps from its config (None if unreadable)."""
+    try:
+        with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+            value = json.load(f).get("num_train_timesteps", 1000)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def interactive() -> bool:
+    """Progress bars only on a terminal (logs and pipes keep stderr for the error line)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """While a folder is read or written: transformers' and diffusers' log warnings (e.g. an
+    optional backend not installed) and Python warnings silenced, and their progress bars off
+    unless stderr is a terminal, so a failing command's stderr is its one error line."""
+    import warnings
+    undo = []
+    for name in ("transformers", "diffusers"):
+        try:
+            logging = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()
+        undo.append(lambda logging=logging, level=level: logging.set_verbosity(level))
+        if logging.is_progress_bar_enabled() and not interactive():
+            logging.disable_progress_bar()
+            undo.append(logging.enable_progress_bar)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def load_tokenizer(path: str, flag: str = "--model"):
+    try:
+        from transformers import AutoTokenizer
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(path)
+    except Exception as e:           # noqa: BLE001 -- a broken folder is the user's input
+        raise CLIError(f"{flag} {path!r}: cannot load its tokenizer "
+                       f"({type(e).__name__}: {one_line(e)})") from None
+
+
+def load_model(path: str, dtype: str = "float32", tokenizer=None):
+    """(model, tokenizer) from a local transformers causal LM folder."""
+    import torch
+    check_model_dir(path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+    try:
+        from transformers import AutoModelForCausalLM
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except Exception as e:           # noqa: BLE001 -- a broken folder is the user's input
+        raise CLIError(f"--model {path!r}: cannot load a causal LM from it "
+                       f"({type(e).__name__}: {one_line(e)})") from None
     model.eval()
     return model, tok
 
 
 def load_pipeline(path: str):
-    if not os.path.isdir(path):
-        raise CLIError(f"pipeline folder {path!r} does not exist (a local diffusers folder)")
+    check_pipeline_dir(path)
     try:
         from diffusers import DiffusionPipeline
-        pipe = DiffusionPipeline.from_pretrained(path)
     except ImportError:
         raise CLIError("diffusers is not installed: pip install -e '.[diffusers]'") from None
-    except (OSError, ValueError) as e:
-        raise CLIError(f"cannot load a diffusers pipeline from {path!r}: {e}") from None
+    try:
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(path)
+    except Exception as e:           # noqa: BLE001 -- a broken folder is the user's input
+        raise CLIError(f"--pipeline {path!r}: cannot load a diffusers pipeline from it "
+                       f"({type(e).__name__}: {one_line(e)})") from None
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "components"):
+        raise CLIError(f"--pipeline {path!r}: {type(pipe).__name__} has no UNet; expected a "
+                       f"text-to-image pipeline (Stable Diffusion, SDXL)")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def load_model_or_pipeline(args):
     """(model, tokenizer) from --model, or (pipeline, None) from --pipeline: exactly one."""
-    if bool(args.model) == bool(args.pipeline):
-        raise CLIError("give exactly one of --model (a causal LM) or --pipeline (diffusers)")
-    if args.pipeline:
+    if model_or_pipeline(args) == "pipeline":
         return load_pipeline(args.pipeline), None
     return load_model(args.model)
+
+
+def load_steering(path: str, flag: str = "--steering"):
+    """A steering file (read before any model, so a bad one fails fast). Any failure to parse
+    the file, or metadata of the wrong shape, is the file's problem: a CLIError naming it."""
+    import lineas_fast as lf
+    check_input_file(path, flag)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:              # pragma: no cover
+        SafetensorError = ValueError
+    try:
+        steering = lf.Steering.load(path)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError,
+            SafetensorError) as e:
+        msg = one_line(e)
+        if path in msg:
+            raise CLIError(f"{flag}: {msg}") from None
+        raise CLIError(f"{flag} {path!r} is not a valid lineas_fast steering file "
+                       f"({type(e).__name__}: {msg})") from None
+    model = steering.metadata.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise CLIError(f"{flag} {path!r} has malformed metadata: \"model\" is "
+                       f"{type(model).__name__}, expected an object (the model fingerprint)")
+    return steering
+
+
+CHECKPOINT_KEYS = ("step", "maps", "optimizer", "scheduler", "generator", "history")
+
+
+def _looks_like(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return ""
+    if not head:
+        return "the file is empty; "
+    if len(head) == 9 and head[8:9] == b"{":
+        return "it is a safetensors file, e.g. a steering written by --out; "
+    return ""
+
+
+def check_checkpoint(path: str, flag: str = "--resume", config: dict | None = None) -> None:
+    """``path`` is a training checkpoint written by ``lineas-fast train --checkpoint`` (and, when
+    ``config`` is given, written with the same settings); the library checks the rest (model,
+    data) before training."""
+    check_input_file(path, flag)
+    import torch
+    expected = "expected the file written by `lineas-fast train --checkpoint`"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:           # noqa: BLE001 -- any unreadable file is the user's input
+        raise CLIError(f"{flag} {path!r} is not a lineas-fast training checkpoint "
+                       f"({_looks_like(path)}torch.load failed: {type(e).__name__}; "
+                       f"{expected})") from None
+    try:
+        from .trainer import CHECKPOINT_FORMAT
+    except ImportError:
+        CHECKPOINT_FORMAT = None
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or (
+            CHECKPOINT_FORMAT and state.get("format") != CHECKPOINT_FORMAT):
+        raise CLIError(f"{flag} {path!r} is not a lineas-fast training checkpoint "
+                       f"({_looks_like(path)}{expected})")
+    saved = state.get("config")
+    if config is not None and isinstance(saved, dict):
+        diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
+                if saved.get(k) != v]
+        if diff:
+            more = f"; {len(diff) - 4} more" if len(diff) > 4 else ""
+            raise CLIError(f"{flag} {path!r} was written with other settings "
+                           f"({'; '.join(diff[:4])}{more}); "
+                           f"resume with the arguments of that run")
+
+
+def name_flags(message: str, flags: dict) -> str:
+    """Prefix a library message with the command-line flag of the first library argument it
+    names (``loss_modules`` -> ``--loss-modules: loss_modules ...``)."""
+    message = one_line(message).replace("strict=False", "--no-strict")
+    hits = []
+    for name, flag in flags.items():
+        m = re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", message)
+        if m:
+            hits.append((m.start(), flag))
+    if not hits:
+        return message
+    flag = min(hits)[1]
+    return message if message.startswith(flag) else f"{flag}: {message}"
+
+
+def fits(steering, model, args, flag: str = "--model") -> None:
+    """The steering file's maps fit the loaded model (a CLIError names both)."""
+    try:
+        steering.validate(model, strict=not getattr(args, "no_strict", False))
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--steering {args.steering!r} does not fit {flag} "
+                       f"{getattr(args, flag[2:])!r}: {name_flags(e, {})}") from None

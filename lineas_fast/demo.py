@@ -173,6 +173,7 @@ def cmd_demo(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from .assets import AssetError, smollm2_folder, toxicity_judge
     from .cli_io import CLIError
+    check_demo_args(args)
     try:
         judge = toxicity_judge()
         print("fetching data (cached after the first run)...", flush=True)
@@ -189,18 +190,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def check_demo_args(args) -> None:
+    """The checks of ``demo`` that need no download, model or data (a CLIError names the
+    argument): the output folder can be written."""
+    from .cli_io import check_output_dir
+    check_output_dir(args.out, "--out", inside=True)
+
+
 def add_demo_parser(sub) -> None:
+    from .cli_io import SEED, integer, real, regex
     d = sub.add_parser("demo", help="steer SmolLM2-135M away from insults and measure it",
                        description=__doc__.split("\n\n")[0])
     d.add_argument("--out", default="lineas_demo", help="output folder (default: %(default)s)")
-    d.add_argument("--steps", type=int, default=100)
+    d.add_argument("--steps", type=integer(1), default=100)
     d.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
-    d.add_argument("--lr", type=float, default=1e-2)
-    d.add_argument("--sparsity", type=float, default=0.0)
-    d.add_argument("--modules", default=r".*post_attention_layernorm")
-    d.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
-    d.add_argument("--prompts", type=int, default=100, help="held-out prompts")
-    d.add_argument("--wiki", type=int, default=200, help="Wikipedia extracts for perplexity")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--lr", type=real(0, low_open=True), default=1e-2)
+    d.add_argument("--sparsity", type=real(0), default=0.0)
+    d.add_argument("--modules", type=regex, default=r".*post_attention_layernorm")
+    d.add_argument("--strengths", type=real(), nargs="+", default=[0.0, 0.5, 1.0])
+    d.add_argument("--prompts", type=integer(1), default=100, help="held-out prompts")
+    d.add_argument("--wiki", type=integer(1), default=200, help="Wikipedia extracts for perplexity")
+    d.add_argument("--seed", type=SEED, default=0)
     d.add_argument("--no-gates", action="store_true", help="skip the DSAS-gated evaluation")
     d.set_defaults(func=cmd_demo)

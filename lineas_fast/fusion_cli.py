@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
-from .io import default_mode
+from .io import atomic_dir
 
 
 def add_fuse_parser(sub) -> None:
+    from .cli_io import real
     f = sub.add_parser("fuse", help="fold a steering into the weights and save a plain checkpoint",
                        description="Fold the steering maps into the model's norms (and the biases "
                                    "of the linear layers reading them) and save a checkpoint that "
@@ -17,50 +16,57 @@ def add_fuse_parser(sub) -> None:
     f.add_argument("--model", help="local transformers model folder")
     f.add_argument("--pipeline", help="local diffusers pipeline folder (instead of --model)")
     f.add_argument("--steering", required=True, help="steering file (.safetensors)")
-    f.add_argument("--strength", type=float, default=1.0, help="negative: fold the inverse map")
+    f.add_argument("--strength", type=real(), default=1.0,
+                   help="negative: fold the inverse map")
     f.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     f.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
     f.set_defaults(func=cmd_fuse)
 
 
+def check_fuse_args(args) -> None:
+    """Every check of ``fuse`` that needs no model (a CLIError names the argument)."""
+    from .cli_io import check_output_dir, model_or_pipeline
+    from .io import recover
+    kind = model_or_pipeline(args)
+    if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        recover(args.out)           # a swap killed between its renames gets its old folder back
+    check_output_dir(args.out, "--out", overwrite=args.overwrite,
+                     inputs={f"--{kind}": getattr(args, kind), "--steering": args.steering})
+
+
 def cmd_fuse(args) -> int:
     import lineas_fast as lf
-    from .cli_io import CLIError
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise CLIError(f"output folder {args.out!r} is not empty; pass --overwrite to replace it")
-    from .cli_io import load_model_or_pipeline
+    from .cli_io import (CLIError, fits, load_model_or_pipeline, load_steering, one_line,
+                         quiet_loading)
+    check_fuse_args(args)
+    steering = load_steering(args.steering)
     model, tok = load_model_or_pipeline(args)
+    flag = "--model" if args.model else "--pipeline"
+    fits(steering, model, args, flag)
     try:
-        steering = lf.Steering.load(args.steering)
-        steering.validate(model, strict=not args.no_strict)
         model = lf.fuse(model, steering, strength=args.strength)
-    except (FileNotFoundError, ValueError) as e:      # FusionError is a ValueError
-        raise CLIError(str(e)) from None
-    write_checkpoint(model, tok, args.out, steering, args.strength, args.steering)
+    except (ValueError, TypeError) as e:              # FusionError is a ValueError
+        raise CLIError(f"--steering {args.steering!r} cannot be folded into {flag} "
+                       f"{getattr(args, flag[2:])!r}: {one_line(e)}") from None
+    with quiet_loading():
+        write_checkpoint(model, tok, args.out, steering, args.strength, args.steering)
     print(f"wrote {args.out} ({type(model).__name__}, strength {args.strength})")
     return 0
 
 
 def write_checkpoint(model, tokenizer, out: str, steering, strength: float, source: str) -> None:
-    """save_pretrained (a model or a diffusers pipeline) into a temporary sibling folder, then
-    move it into place."""
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".fuse-", dir=parent)
-    try:
+    """save_pretrained (a model or a diffusers pipeline), the tokenizer and the model card into a
+    temporary sibling folder, then swap it in for ``out`` (``io.atomic_dir``): ``out`` is at every
+    moment the old complete folder or the new one; a failed, interrupted (Ctrl-C, SIGTERM) or
+    killed write leaves the old folder and no temporary behind (a SIGKILLed one's temporary is
+    removed by the next write)."""
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(model, steering, strength, source))
-        os.chmod(tmp, default_mode(directory=True))
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
 
 
 def model_card(model, steering, strength: float, source: str) -> str:

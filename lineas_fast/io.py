@@ -1,10 +1,57 @@
-"""Atomic writes: a file is written beside its destination and renamed into place, so a
-crash never leaves a half-written file."""
+"""Atomic writes: every output (a file or a folder) is written under a temporary name beside its
+destination and moved into place only when complete, so a reader always finds the old complete
+output or the new complete one, never a half-written one, including when an existing output is
+overwritten.
+
+* **Files** (``atomic_path``): written to a temporary file, fsync'ed, then ``os.replace``d over
+  the destination: one atomic rename.
+* **Folders** (``atomic_dir``, used by ``lineas-fast fuse``): written to a temporary folder,
+  then swapped with the existing one in one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux, on
+  ext4, xfs, btrfs, tmpfs, ...), after which the old folder is deleted. Where the exchange is
+  not supported the swap is two renames (old folder to a backup name, new folder into place);
+  if the process dies between them, the destination is briefly absent and the old complete
+  folder waits under the backup name: the next write to that destination (or ``recover(path)``)
+  moves it back before doing anything else.
+* **Temporary names** are ``.lineas-tmp-<host>-<pid>-<random>-<name>`` (``<host>``: 6 hex
+  digits of the hostname's sha256; backups ``.lineas-old-...``) in the destination's folder.
+  They are removed when the write fails (any exception, Ctrl-C) and on SIGTERM (the process
+  still dies by the signal; this needs SIGTERM left at its default in the main thread: a
+  handler of the program's own decides itself, and an exception it raises still cleans up).
+  A swap that has begun is completed before Ctrl-C or SIGTERM is acted on. A write killed
+  by SIGKILL (or a power loss) cannot clean up: the next write into the same folder removes
+  every temporary whose writer, on this host, is gone (pid not running, or reused by a process
+  started after the temporary was made), and restores or removes the backup of its own
+  destination. Temporaries of live writers and of other hosts are never touched.
+
+Test hook (the only one): with ``LINEAS_FAST_TEST_PAUSE_AT=<stage>`` in the environment, a write
+prints ``lineas_fast: paused at <stage>`` to stderr and sleeps when it reaches that stage, so a
+test can kill it exactly there. Stages: ``written`` (temporary complete, destination untouched),
+``moved-aside`` (fallback swap only: old folder at its backup name, new not yet in place),
+``swapped`` (new output in place, old folder not yet deleted).
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import hashlib
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
 from contextlib import contextmanager
+
+TMP_PREFIX = ".lineas-tmp-"
+OLD_PREFIX = ".lineas-old-"
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_ENTRY = re.compile(r"^\.lineas-(tmp|old)-([0-9a-f]{6})-(\d+)-([0-9a-f]{8})-(.*)$", re.S)
+_MAX_NAME = 180                     # bytes of the destination name kept in a temporary's name
+_SLACK = 10.0                       # seconds of clock uncertainty when comparing start times
 
 
 def _umask() -> int:
@@ -19,18 +66,309 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
+# --- test hook ------------------------------------------------------------------------------
+def _pause(stage: str) -> None:
+    """Test-only: sleep at ``stage`` when LINEAS_FAST_TEST_PAUSE_AT names it (see module doc)."""
+    if os.environ.get("LINEAS_FAST_TEST_PAUSE_AT") == stage:
+        print(f"lineas_fast: paused at {stage}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+# --- SIGINT / SIGTERM: clean temporaries, never interrupt a swap half-way ---------------------
+_live: dict[str, None] = {}         # this process's temporaries, removed on SIGTERM
+_state = {"depth": 0, "critical": 0, "pending": None, "installed": {}}
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.remove(path)
+
+
+def _deliver(signum: int) -> None:
+    """Act on a signal as its default would, after removing this process's temporaries."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    for path in list(_live):
+        _remove(path)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)                         # not reached: the default action kills
+
+
+def _on_signal(signum, frame) -> None:
+    if _state["critical"]:
+        _state["pending"] = signum                 # acted on when the swap is complete
+        return
+    _deliver(signum)
+
+
+@contextmanager
+def _signal_guard():
+    """While a write runs in the main thread, SIGINT / SIGTERM left at their defaults get a
+    handler that cleans up (Ctrl-C still raises KeyboardInterrupt, SIGTERM still kills);
+    handlers the program installed itself are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if _state["depth"] == 0:
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for signum, default in defaults.items():
+            if signal.getsignal(signum) is default:
+                signal.signal(signum, _on_signal)
+                _state["installed"][signum] = default
+    _state["depth"] += 1
+    try:
+        yield
+    finally:
+        _state["depth"] -= 1
+        if _state["depth"] == 0:
+            for signum, default in _state["installed"].items():
+                if signal.getsignal(signum) is _on_signal:
+                    signal.signal(signum, default)
+            _state["installed"] = {}
+
+
+@contextmanager
+def _critical():
+    """Signals that arrive inside are acted on at its end (only SIGKILL can split it). Python
+    runs signal handlers in the main thread only, so another thread's swap is never split."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _state["critical"] += 1
+    try:
+        yield
+    finally:
+        _state["critical"] -= 1
+        pending = _state["pending"]
+        if not _state["critical"] and pending is not None:
+            _state["pending"] = None
+            _deliver(pending)
+
+
+# --- temporary names and stale temporaries -----------------------------------------------------
+def _name_key(name: str) -> str:
+    """The destination name as kept in temporary names (a digest when it is too long)."""
+    if len(name.encode()) <= _MAX_NAME:
+        return name
+    return "sha256-" + hashlib.sha256(name.encode()).hexdigest()[:24]
+
+
+def _temp_name(prefix: str, name: str) -> str:
+    return f"{prefix}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}-{_name_key(name)}"
+
+
+def _start_time(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), None when unknown; -1 for a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            return -1.0
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_gone(pid: int, made: float) -> bool:
+    """True when the process that made a temporary at time ``made`` no longer runs (POSIX
+    only: elsewhere a temporary is never judged stale)."""
+    if os.name != "posix":
+        return False
+    if pid == os.getpid():                            # ours, unless made before we started
+        start = _start_time(pid)
+        return start is not None and start > made + _SLACK
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False                                  # alive, another user's
+    start = _start_time(pid)
+    if start is None:
+        return False
+    return start < 0 or start > made + _SLACK         # zombie, or the pid was reused since
+
+
+def _stale_entries(folder: str):
+    """(kind, key, path) of this host's temporaries in ``folder`` whose writer is gone."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for entry in names:
+        m = _ENTRY.match(entry)
+        if not m or m.group(2) != _HOST:
+            continue
+        path = os.path.join(folder, entry)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if _writer_gone(int(m.group(3)), max(st.st_mtime, st.st_ctime)):
+            yield m.group(1), m.group(5), path
+
+
+def recover(path: str) -> None:
+    """Undo what killed writes left beside ``path``: a folder swap interrupted between its two
+    renames gets its old folder back at ``path``; stale temporaries and backups in the folder
+    are removed. Called by every write before it starts; cheap when there is nothing to do."""
+    path = os.path.realpath(os.fspath(path))
+    folder, key = os.path.dirname(path), _name_key(os.path.basename(path))
+    backups = []
+    for kind, entry_key, entry in _stale_entries(folder):
+        if kind == "tmp":
+            _remove(entry)
+        elif entry_key == key:
+            backups.append(entry)
+    for entry in sorted(backups, key=lambda p: os.lstat(p).st_ctime, reverse=True):
+        if not os.path.lexists(path):
+            try:
+                os.rename(entry, path)                # the old complete output comes back
+                continue
+            except OSError:
+                pass
+        _remove(entry)
+
+
+def _fsync(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            _fsync(os.path.join(root, f))
+        _fsync(root)
+
+
+def _prepare(path) -> tuple[str, str]:
+    path = os.path.realpath(os.fspath(path))          # a symlink is written through
+    folder = os.path.dirname(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot write {path!r}: {folder!r} is a file, not a folder")
+    os.makedirs(folder, exist_ok=True)
+    recover(path)
+    return path, folder
+
+
+# --- the writers ------------------------------------------------------------------------------
 @contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path in the destination's folder; rename it to ``path`` on success."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    os.close(fd)
+    """Yield a temporary file path beside ``path``; when the block succeeds it is fsync'ed and
+    renamed over ``path`` in one step. On any error, Ctrl-C or SIGTERM it is removed and
+    ``path`` is left as it was."""
+    path, folder = _prepare(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write file {path!r}: it is an existing folder")
+    with _signal_guard():
+        tmp = os.path.join(folder, _temp_name(TMP_PREFIX, os.path.basename(path)))
+        _live[tmp] = None
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            yield tmp
+            os.chmod(tmp, default_mode())
+            _fsync(tmp)
+            _pause("written")
+            os.replace(tmp, path)
+            _fsync(folder)
+        finally:
+            _remove(tmp)
+            _live.pop(tmp, None)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """glibc's renameat2, or None (not Linux, or a libc without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        yield tmp
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
+        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where the system or
+    the filesystem cannot."""
+    import ctypes
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+@contextmanager
+def atomic_dir(path: str):
+    """Yield a temporary folder beside ``path``; when the block succeeds its contents are
+    fsync'ed and it replaces ``path`` (an absent or existing folder) so that ``path`` is at every
+    moment the old complete folder or the new one (see the module doc for filesystems without
+    an atomic exchange). On any error, Ctrl-C or SIGTERM the temporary is removed and ``path``
+    is left as it was."""
+    path, folder = _prepare(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"cannot write folder {path!r}: a file of that name exists")
+    name = os.path.basename(path)
+    with _signal_guard():
+        tmp = os.path.join(folder, _temp_name(TMP_PREFIX, name))
+        _live[tmp] = None
+        try:
+            os.mkdir(tmp, 0o700)
+            yield tmp
+            os.chmod(tmp, default_mode(directory=True))
+            _fsync_tree(tmp)
+            _pause("written")
+            _swap_in(tmp, path, folder, name)
+            _fsync(folder)
+            _pause("swapped")
+        finally:
+            _remove(tmp)
+            _live.pop(tmp, None)
+
+
+def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:
+    """Put the complete folder ``tmp`` at ``path``; afterwards ``tmp`` holds the old folder (or
+    nothing) and is the caller's to delete."""
+    if os.path.isdir(path) and _exchange(tmp, path):
+        return
+    if not os.path.isdir(path) or not os.listdir(path):
+        os.replace(tmp, path)          # nothing to keep (absent or empty): one atomic rename
+        return
+    backup = os.path.join(folder, _temp_name(OLD_PREFIX, name))
+    _live[backup] = None               # removed on SIGTERM only once the swap is complete
+    try:
+        with _critical():
+            os.rename(path, backup)
+            try:
+                _pause("moved-aside")
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(backup, path)             # put the old folder back
+                raise
+            os.rename(backup, tmp)                  # the caller deletes the old folder
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _live.pop(backup, None)
+        if os.path.lexists(backup) and os.path.isdir(path):
+            _remove(backup)

@@ -140,9 +140,13 @@ class Steering:
     # --- files -------------------------------------------------------------------------------
     def save(self, path: str, **metadata) -> None:
         """Write safetensors (tensors ``<module>.omega`` / ``<module>.bias``, float32) with JSON
-        metadata, atomically."""
+        metadata, atomically: ``path`` holds the old complete file until the new one is complete
+        and renamed over it (``io.atomic_path``; an error, Ctrl-C or SIGTERM leaves no temporary).
+        Maps that became non-finite since construction (NaN/Inf) are refused before writing."""
         from safetensors.torch import save_file
         from ._version import __version__
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"cannot save steering to {path!r}: it is a folder")
         tensors = {}
         for n, (om, b) in self._maps.items():
             tensors[f"{n}.omega"] = om.detach().float().cpu().contiguous()
@@ -150,6 +154,9 @@ class Steering:
         for n, g in self.gates.items():
             tensors[f"{n}.gate_w"] = g["w"].detach().float().cpu().contiguous()
             tensors[f"{n}.gate_c"] = g["c"].detach().float().cpu().reshape(1).contiguous()
+        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"cannot save steering to {path!r}: {bad[:5]} not finite (NaN or Inf)")
         meta = {**self.metadata, **metadata}
         header = {"format": FORMAT, "library_version": __version__,
                   "modules": json.dumps(self.modules), "dims": json.dumps(self.dims()),
@@ -171,18 +178,25 @@ class Steering:
                     raise ValueError(f"{path!r} is not a lineas_fast steering file "
                                      f"(format {header.get('format')!r})")
                 modules = json.loads(header["modules"])
+                gate_kinds = json.loads(header.get("gates", "{}"))
+                meta = json.loads(header.get("metadata", "{}"))
+                if not (isinstance(modules, list) and all(isinstance(n, str) for n in modules)
+                        and isinstance(gate_kinds, dict) and isinstance(meta, dict)
+                        and isinstance(meta.get("model", {}), dict)):
+                    raise ValueError("malformed header: 'modules' must be a list of names, "
+                                     "'gates' and 'metadata' (and its 'model') JSON objects")
                 maps = {}
                 for n in modules:
                     om, b = f.get_tensor(f"{n}.omega"), f.get_tensor(f"{n}.bias")
                     maps[n] = (om.to(device) if device else om, b.to(device) if device else b)
                 gates = {}
-                for n, kind in json.loads(header.get("gates", "{}")).items():
+                for n, kind in gate_kinds.items():
                     w, c = f.get_tensor(f"{n}.gate_w"), f.get_tensor(f"{n}.gate_c")
                     gates[n] = {"w": w.to(device) if device else w,
                                 "c": c.to(device) if device else c, "kind": kind}
-        except (SafetensorError, json.JSONDecodeError, KeyError) as e:
+            return cls(maps, meta, gates)
+        except (SafetensorError, json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"cannot read steering file {path!r}: {e}") from None
-        return cls(maps, json.loads(header.get("metadata", "{}")), gates)
 
     # --- use on a model ------------------------------------------------------------------------
     def validate(self, model, strict: bool = True) -> dict[str, nn.Module]:
@@ -201,6 +215,9 @@ class Steering:
                 raise ValueError(f"module {n!r} has {d} coordinates but its map has "
                                  f"{om.shape[0]}: this steering was trained on another model")
         want = self.metadata.get("model")
+        if want is not None and not isinstance(want, dict):
+            raise ValueError(f"steering metadata 'model' must be a fingerprint object, got "
+                             f"{type(want).__name__} {want!r}")
         if strict and want and own is self:
             have = target.fingerprint()
             if (want.get("model_type"), want.get("shapes_sha256")) != (

@@ -1,8 +1,12 @@
 """LinEAS training (SPEC §4): all maps jointly, proximal SGD/Adam with cosine decay."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -13,12 +17,13 @@ from .io import atomic_path
 from .kernels._backend import use_triton
 from .modules import coordinate_dim
 from .steering import Steering
-from .targets import Target, as_target
+from .targets import Target, as_target, check_texts
 from .wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or Inf; the maps of the last good step are kept."""
+    """The loss or the trained maps became NaN or Inf; no Steering is returned and the last
+    checkpoint (of a good step) is left as it was."""
 
 
 @dataclass
@@ -141,6 +146,10 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
         raise ValueError("checkpoint_every needs checkpoint_path")
     steered = as_target(model, tokenizer, max_length=max_length, autocast_dtype=autocast_dtype,
                         timestep=timestep, seed=seed, resolution=resolution)
+    words = " prompts" if steered.kind == "pipeline" else ""
+    source, target = check_texts(source, "source" + words), check_texts(target, "target" + words)
+    if control is not None:          # lists now: a generator would be spent before its digest
+        control = check_texts(control, "control" + words)
     names = steered.match(modules, "modules")
     loss_names = steered.match(loss_modules, "loss_modules") if loss_modules else names
     steered.require(names + loss_names)
@@ -160,8 +169,12 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
         raise ValueError("gate='e2e' needs control sentences (control=[...])")
     ctrl = steered.encode(control, "control") if cfg.gate == "e2e" else None
     _check_loss_after_maps(steered, src, names, loss_names)
+    _check_checkpoint_path(checkpoint_path)
+    identity = (_run_identity(steered, source, target, control if ctrl is not None else None)
+                if checkpoint_path or resume_from else None)
+    resumed = _load_checkpoint(resume_from, cfg, identity, names) if resume_from else None
 
-    with steered.frozen():
+    with steered.frozen(), _SaveOnSignal(checkpoint_path) as stop:
         with torch.no_grad():
             tgt_acts = steered.pooled(tgt, loss_names, stop=True)
             ctrl_ref = steered.pooled(ctrl, loss_names, stop=True) if ctrl is not None else None
@@ -176,11 +189,13 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
         gen = torch.Generator().manual_seed(cfg.seed)
         history: list[StepRecord] = []
         first = 0
-        if resume_from:
-            first, history = _load_checkpoint(resume_from, cfg, start, gates, opt, sched, gen)
+        if resumed is not None:
+            first, history = _restore_checkpoint(resumed, start, gates, opt, sched, gen)
         steering = Steering(start, gates=gates)
         n_src, n_ctrl = steered.count(src), (steered.count(ctrl) if ctrl is not None else 0)
         bar = _progress(range(first, cfg.steps), progress, first, cfg.steps)
+        stop.arm(lambda done: _save_checkpoint(checkpoint_path, done, cfg, identity, start, gates,
+                                               opt, sched, gen, history))
         for step in bar:
             idx = torch.randperm(n_src, generator=gen)[:n].tolist()
             tau = opt.param_groups[0]["lr"]
@@ -222,8 +237,9 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
             if callback:
                 callback(rec)
             if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
-                _save_checkpoint(checkpoint_path, step + 1, cfg, start, gates, opt, sched, gen,
-                                 history)
+                stop.save(step + 1)
+            stop.check(step + 1)             # SIGINT/SIGTERM: checkpoint, then act on the signal
+    _check_finite(start, gates, len(history), checkpoint_path)
     result = steering.detach()
     result.metadata = {"model": steered.fingerprint(), "method": "lineas",
                        "hyperparameters": asdict(cfg), "history": [asdict(r) for r in history]}
@@ -286,8 +302,84 @@ def _progress(it, enabled, first, total):
     return tqdm(it, disable=not enabled, initial=first, total=total, desc="lineas", leave=False)
 
 
-def _save_checkpoint(path, step, cfg, maps, gates, opt, sched, gen, history):
-    state = {"step": step, "config": asdict(cfg),
+# --- checkpoints, resumption and signals -------------------------------------------------------
+CHECKPOINT_FORMAT = "lineas_fast.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _check_checkpoint_path(path) -> None:
+    """A checkpoint_path that can never be written fails before any work is spent."""
+    if path is None:
+        return
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint_path {path!r} is a folder; give a file name such as "
+                                f"{os.path.join(path, 'checkpoint.pt')!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"checkpoint_path {path!r}: {folder!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"checkpoint_path {path!r}: no permission to write in {folder!r}")
+
+
+def _texts_digest(texts) -> dict | None:
+    if texts is None:
+        return None
+    texts = [str(t) for t in texts]
+    return {"count": len(texts), "sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest()}
+
+
+@torch.no_grad()
+def _weights_sample(root) -> str:
+    """sha256 over every parameter's name and first 64 values (float32): tells a fine-tuned or
+    otherwise different model of the same architecture apart, at the cost of tiny copies."""
+    h = hashlib.sha256()
+    for name, p in root.named_parameters():
+        if p.is_meta:
+            continue
+        h.update(name.encode())
+        h.update(p.detach().reshape(-1)[:64].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _run_identity(steered: Target, source, target, control) -> dict:
+    """What a checkpoint must match to be resumed: the model (``steered.fingerprint()`` and a
+    sample of its weights), the data (sha256 of each sentence or prompt list) and how the
+    activations are read (truncation, autocast, diffusion timestep, noise seed, resolution)."""
+    reading = {"kind": steered.kind}
+    for key in ("max_length", "autocast_dtype", "timestep", "seed", "res"):
+        if hasattr(steered, key):
+            value = getattr(steered, key)
+            reading[key] = value if isinstance(value, (int, float, str, type(None))) else str(value)
+    return {"model": {**steered.fingerprint(), "weights_sample_sha256": _weights_sample(steered.root)},
+            "data": {"source": _texts_digest(source), "target": _texts_digest(target),
+                     "control": _texts_digest(control)},
+            "reading": reading}
+
+
+def _check_finite(maps, gates, done: int, path) -> None:
+    """Trained maps (and gates) must be finite: a NaN/Inf map is never returned or saved."""
+    def finite(*ts):
+        return all(bool(torch.isfinite(t.detach()).all()) for t in ts)
+    bad = [m for m, (om, b) in maps.items() if not finite(om, b)]
+    bad += [f"{m} (gate)" for m, g in gates.items() if not finite(g["w"], g["c"])]
+    if bad:
+        kept = f"; the last checkpoint {os.fspath(path)!r} is left as it was" if path else ""
+        raise TrainingDivergedError(
+            f"the trained maps are not finite (NaN or Inf) after step {done} at {len(bad)} "
+            f"module(s): {bad[:5]}; lower the learning rate or use autocast_dtype=None{kept}")
+
+
+def _save_checkpoint(path, step, cfg, identity, maps, gates, opt, sched, gen, history):
+    """Maps, gates, optimizer, scheduler and RNG state after ``step`` steps, with what the run
+    must match to be resumed; written atomically (the old checkpoint stays until the new one is
+    complete). Non-finite maps are refused (TrainingDivergedError), the old checkpoint kept."""
+    from ._version import __version__
+    _check_finite(maps, gates, step, path)
+    state = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+             "library_version": __version__, "step": step, "config": asdict(cfg), **identity,
              "maps": {m: (om.detach().cpu(), b.detach().cpu()) for m, (om, b) in maps.items()},
              "gates": {m: (g["w"].detach().cpu(), g["c"].detach().cpu()) for m, g in gates.items()},
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -296,17 +388,96 @@ def _save_checkpoint(path, step, cfg, maps, gates, opt, sched, gen, history):
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path, cfg, maps, gates, opt, sched, gen):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["config"]
-    diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
-    if diff:
-        raise ValueError(f"checkpoint {path!r} was written with other settings "
-                         f"(saved, now): {diff}")
-    if set(state["maps"]) != set(maps):
-        raise ValueError(f"checkpoint {path!r} holds maps for other modules")
+def _what_it_is(path: str) -> str:
+    """A hint on what a file that is not a checkpoint looks like."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return ""
+    if not head:
+        return "the file is empty"
+    if len(head) == 9 and head[8:9] == b"{":
+        return ("it is a safetensors file, e.g. a steering written by Steering.save; "
+                "resume_from takes the file train wrote to checkpoint_path")
+    return ""
+
+
+def _differences(state: dict, cfg: TrainConfig, identity: dict, names: list[str]) -> list[str]:
+    diffs = []
+    was, now = state.get("config", {}), asdict(cfg)
+    for k in dict.fromkeys([*now, *was]):
+        if was.get(k) != now.get(k):
+            diffs.append(f"setting {k}: saved {was.get(k)!r}, now {now.get(k)!r}")
+    sm, nm = state.get("model") or {}, identity["model"]
+    labels = {"model_type": "model_type", "shapes_sha256": "parameter names/shapes (sha256)",
+              "weights_sample_sha256": "weights sample (sha256; other weights or dtype)"}
+    parts = [f"{label} saved {sm.get(k)!r}, now {nm.get(k)!r}" for k, label in labels.items()
+             if sm.get(k) != nm.get(k)]
+    if parts:
+        names_or_paths = (sm.get("name_or_path") or "", nm.get("name_or_path") or "")
+        where = f" (saved {names_or_paths[0]!r}, now {names_or_paths[1]!r})" if any(names_or_paths) else ""
+        diffs.append(f"model{where}: " + "; ".join(parts))
+    what = "prompts" if identity["reading"].get("kind") == "pipeline" else "sentences"
+    saved_data = state.get("data") or {}
+    for role, digest in identity["data"].items():
+        old = saved_data.get(role)
+        if old != digest:
+            def show(d):
+                return "none" if d is None else f"{d['count']} (sha256 {d['sha256'][:12]})"
+            diffs.append(f"{role} {what}: saved {show(old)}, now {show(digest)}")
+    saved_reading = state.get("reading") or {}
+    for k in dict.fromkeys([*identity["reading"], *saved_reading]):
+        if any(d.startswith(f"setting {k}:") for d in diffs):
+            continue                                     # the same value, listed as a setting
+        if saved_reading.get(k) != identity["reading"].get(k):
+            diffs.append(f"reading {k}: saved {saved_reading.get(k)!r}, now "
+                         f"{identity['reading'].get(k)!r}")
+    saved_mods = list(state.get("maps") or {})
+    if set(saved_mods) != set(names):
+        extra, missing = sorted(set(saved_mods) - set(names)), sorted(set(names) - set(saved_mods))
+        diffs.append(f"modules: {len(saved_mods)} saved, {len(names)} now (only saved: "
+                     f"{extra[:3]}, only now: {missing[:3]})")
+    return diffs
+
+
+def _load_checkpoint(path, cfg: TrainConfig, identity: dict, names: list[str]) -> dict:
+    """Read and check a checkpoint before any training work: a missing file, a file that is
+    not a lineas_fast checkpoint, or one written for another model, other data or other
+    settings is refused with every difference listed."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} (resume_from) does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"resume_from {path!r} is a folder; give the checkpoint file "
+                                f"written to checkpoint_path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                   # noqa: BLE001 (any unreadable file)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        hint = _what_it_is(path)
+        raise ValueError(f"{path!r} is not a lineas_fast training checkpoint "
+                         f"({hint + '; ' if hint else ''}torch.load failed: "
+                         f"{type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        hint = _what_it_is(path) or (f"no {CHECKPOINT_FORMAT!r} marker: another kind of file, "
+                                     f"or a checkpoint from an older lineas_fast")
+        raise ValueError(f"{path!r} is not a lineas_fast training checkpoint ({hint})")
+    if state.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path!r} was written by a newer lineas_fast "
+                         f"({state.get('library_version')}); upgrade to resume it")
+    missing = [k for k in ("step", "maps", "gates", "optimizer", "scheduler", "generator",
+                           "history") if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} is damaged: {missing} missing")
+    diffs = _differences(state, cfg, identity, names)
+    if diffs:
+        raise ValueError(f"cannot resume from {path!r}: it was written with other settings, "
+                         f"model or data ({len(diffs)} difference(s)):\n  - " + "\n  - ".join(diffs))
+    return state
+
+
+def _restore_checkpoint(state, maps, gates, opt, sched, gen):
     with torch.no_grad():
         for m, (om, b) in maps.items():
             om.copy_(state["maps"][m][0])
@@ -319,3 +490,67 @@ def _load_checkpoint(path, cfg, maps, gates, opt, sched, gen):
     gen.set_state(state["generator"])
     history = [StepRecord(**r) for r in state["history"]]
     return int(state["step"]), history
+
+
+class _SaveOnSignal:
+    """SIGINT / SIGTERM while ``train`` runs its loop with a ``checkpoint_path``: the step under
+    way finishes, a checkpoint is written, then the signal is acted on as it would have been
+    without ``train`` (by default: KeyboardInterrupt for Ctrl-C, termination for SIGTERM). A
+    second signal, or one before the loop starts, acts at once. Installed only in the main
+    thread and only for this block; the previous handlers are restored after; ignored signals
+    stay ignored."""
+
+    def __init__(self, path):
+        self.path, self.previous = path, {}
+        self.pending, self.armed, self.saver, self.saved = None, False, None, None
+
+    def __enter__(self):
+        if self.path is not None and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(signum)
+                if handler in (signal.SIG_IGN, None):
+                    continue
+                self.previous[signum] = handler
+                signal.signal(signum, self._handler)
+        return self
+
+    def arm(self, saver) -> None:
+        self.saver, self.armed = saver, bool(self.previous)
+
+    def save(self, done: int) -> None:
+        if self.saver is not None and self.saved != done:
+            self.saver(done)
+            self.saved = done
+
+    def check(self, done: int) -> None:
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            self.armed = False
+            self.save(done)
+            self._act(signum)
+
+    def _handler(self, signum, frame) -> None:
+        if self.armed and self.pending is None:
+            self.pending = signum
+            return
+        self._act(signum)
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _act(self, signum) -> None:
+        self.armed = False
+        self._restore()
+        signal.raise_signal(signum)              # the previous handler (or default action) runs
+        if signum == signal.SIGINT:              # it returned: training stops anyway
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc) -> bool:
+        pending, self.pending, self.armed = self.pending, None, False
+        self._restore()
+        if pending is not None:
+            self._act(pending)
+        return False
