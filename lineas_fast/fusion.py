@@ -8,18 +8,26 @@ a⊙norm(x) + c:
     and nothing else (W(y + c) + β = Wy + (β + Wc)), turning on the config flags that make the
     model's own class load those biases, or switching to the exactly equivalent Llama class.
   * Anything else raises FusionError naming the module and the reason, before any weight changes.
+
+What each family's norms compute, which Linears read them and which config flag gives those
+Linears a bias all come from one table, ``lineas_fast.families.FAMILIES``. Models, diffusers
+pipelines and targets all go through ``lineas_fast.targets.as_target``.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
 from torch import nn
 
+from .checks import number
+from .families import (ALWAYS, FAMILIES, NormSpec, equivalent_refusal, model_type_of, norm_spec,
+                       owner_of)
 from .functional import map_coefficients
+from .hooks import AlreadySteeredError, installed
 from .steering import Steering
+from .targets import Target, as_target
 
 
 class FusionError(ValueError):
@@ -33,39 +41,21 @@ class FusionError(ValueError):
                          f"lf.fuse_in_memory(model, steering) for these modules.")
 
 
-# Which linear layers read a bias-less norm's output and nothing else, per family and norm.
-_PRE_ATTN = ("self_attn", ("q_proj", "k_proj", "v_proj"))
-_PRE_MLP = ("mlp", ("gate_proj", "up_proj"))
-READERS = {
-    "llama": {"input_layernorm": _PRE_ATTN, "post_attention_layernorm": _PRE_MLP},
-    "qwen2": {"input_layernorm": _PRE_ATTN, "post_attention_layernorm": _PRE_MLP},
-    "mistral": {"input_layernorm": _PRE_ATTN, "post_attention_layernorm": _PRE_MLP},
-    "gemma2": {"input_layernorm": _PRE_ATTN, "pre_feedforward_layernorm": _PRE_MLP},
-    "gemma3_text": {"input_layernorm": _PRE_ATTN, "pre_feedforward_layernorm": _PRE_MLP},
-}
-READERS["gemma3"] = READERS["gemma3_text"]
-RESIDUAL_NORMS = {"post_attention_layernorm", "post_feedforward_layernorm"}   # Gemma: added to
-#                                                                               the residual
-# config flag that gives each reader group a bias in the family's own class (None: no flag)
-BIAS_FLAGS = {
-    "llama": {"self_attn": "attention_bias", "mlp": "mlp_bias"},
-    "qwen2": {"self_attn": "always", "mlp": None},
-    "mistral": {"self_attn": None, "mlp": None},
-    "gemma2": {"self_attn": "attention_bias", "mlp": None},
-    "gemma3_text": {"self_attn": "attention_bias", "mlp": None},
-    "gemma3": {"self_attn": "attention_bias", "mlp": None},
-}
-LLAMA_EQUIVALENT = ("qwen2", "mistral")      # same graph as Llama when no sliding window is used
-
-
 @dataclass
 class _Plan:
     name: str
     module: nn.Module
     a: torch.Tensor                 # (d,) float64
     c: torch.Tensor                 # (d,) float64
-    kind: str                       # "affine_norm" | "rms" | "gemma_rms"
+    spec: NormSpec
     readers: list = field(default_factory=list)      # [(name, nn.Linear)] when c goes there
+    owner: str = ""                 # the module whose config governs this norm ("" = root)
+    model_type: str = ""
+    convert: bool = False           # the readers need the family's exactly equivalent class
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
 
 def coefficients(omega, bias, strength: float, inverse: bool = False):
@@ -76,40 +66,35 @@ def coefficients(omega, bias, strength: float, inverse: bool = False):
     return 1 + strength * u, strength * b
 
 
-def _norm_kind(mod: nn.Module) -> str | None:
-    cls = type(mod).__name__
-    if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
-        return "affine_norm" if mod.weight is not None else None
-    if "RMSNorm" in cls and isinstance(getattr(mod, "weight", None), torch.Tensor):
-        return "gemma_rms" if cls.startswith("Gemma") else "rms"
-    return None
+def spec_of(name: str, named: dict) -> tuple[NormSpec | None, str | None, str, str]:
+    """(norm spec or None, why not, owner name, model_type) of module ``name``."""
+    owner, owner_mod = owner_of(name, named)
+    mtype = model_type_of(owner_mod) if owner_mod is not None else ""
+    spec, why = norm_spec(named[name], mtype)
+    return spec, why, owner, mtype
 
 
-def _model_type(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "model_type", "")
-
-
-def plan_fusion(model: nn.Module, steering: Steering, strength: float = 1.0,
+def plan_fusion(model, steering: Steering, strength: float = 1.0,
                 inverse: bool = False) -> list[_Plan]:
-    """Check every map can fold; returns the plan or raises FusionError listing all problems."""
-    named = dict(model.named_modules())
-    steering.validate(model, strict=False)
-    mtype = _model_type(model)
+    """Check every map can fold; returns the plan or raises FusionError listing all problems.
+    ``model``: a model, a diffusers pipeline or a ``Target``."""
+    target = as_target(model)
+    steering = target.resolve(steering)
+    steering.validate(target, strict=False)
+    named = target.named
     plans, problems = [], {}
     for name in steering.modules:
-        mod = named[name]
         a, c = coefficients(*steering[name], strength, inverse)
         if strength == 0:
             continue
-        kind = _norm_kind(mod)
-        if kind is None:
-            problems[name] = (f"{type(mod).__name__} is not a normalization with an affine weight "
-                              f"(LayerNorm, GroupNorm, RMSNorm): nothing to fold into")
+        spec, why, owner, mtype = spec_of(name, named)
+        if spec is None:
+            problems[name] = why
             continue
-        plan = _Plan(name, mod, a, c, kind)
-        has_bias = kind == "affine_norm" and getattr(mod, "bias", None) is not None
+        plan = _Plan(name, named[name], a, c, spec, owner=owner, model_type=mtype)
+        has_bias = spec.kind == "layernorm" and getattr(plan.module, "bias", None) is not None
         if not has_bias and bool((c != 0).any()):
-            why = _attach_readers(plan, named, mtype)
+            why = _attach_readers(plan, named)
             if why:
                 problems[name] = why
                 continue
@@ -119,23 +104,46 @@ def plan_fusion(model: nn.Module, steering: Steering, strength: float = 1.0,
     return plans
 
 
-def _attach_readers(plan: _Plan, named: dict, mtype: str) -> str | None:
+def _attach_readers(plan: _Plan, named: dict) -> str | None:
+    """Find the Linears that take this norm's shift in their biases (the family table's
+    readers); the reason when there are none."""
     parent, _, local = plan.name.rpartition(".")
-    table = READERS.get(mtype, {})
-    if local in RESIDUAL_NORMS and local not in table:
+    mtype = plan.model_type
+    fam = FAMILIES.get(mtype)
+    if fam is None:
+        return (f"norm without bias in a model of type {mtype or '(none)'!r}, which is not in "
+                f"lineas_fast.families.FAMILIES: no known Linear layers read only its output, so "
+                f"the shift c = λb has no bias to go into")
+    if local in fam.residual:
         return (f"its output is added straight into the residual stream ({mtype}), so the shift "
-                f"c = λb has no bias to go into")
-    if local not in table:
+                f"c = λb has no bias to go into (a scale-only map folds)")
+    if local in fam.rotary:
+        return (f"per-head norm over head_dim whose output goes through the rotary position "
+                f"embedding ({mtype}): a shift there has no bias to go into (a scale-only map "
+                f"folds into its weight)")
+    if local == fam.final:
+        return (f"final norm: its output is read by the LM head, which has no bias and no config "
+                f"flag that adds one ({mtype})")
+    if local not in fam.readers:
         return (f"norm without bias and no known linear layers that read only its output "
-                f"(model type {mtype!r}, module {local!r})")
-    group, names = table[local]
-    flag = BIAS_FLAGS.get(mtype, {}).get(group)
-    if flag is None and mtype not in LLAMA_EQUIVALENT:
-        return (f"the shift must go into the biases of {group}.{{{','.join(names)}}}, but "
-                f"{mtype}'s {group} has no bias parameters and no config flag that adds them")
+                f"(model type {mtype!r}, module {local!r} is not in the family table's readers)")
+    group, names = fam.readers[local]
+    flag = fam.bias.get(group, (None, ()))[0]
+    if flag is None:
+        why = equivalent_refusal(mtype, named[plan.owner].config)
+        if why is None and plan.owner:
+            why = (f"switching to the exactly equivalent class needs the model itself, not its "
+                   f"component {plan.owner!r}")
+        if why is None and FAMILIES[fam.equivalent[0]].bias.get(group, (None,))[0] is None:
+            why = f"the equivalent {fam.equivalent[0]} class has no bias flag for {group} either"
+        if why:
+            return (f"the shift must go into the biases of {group}.{{{','.join(names)}}}, but "
+                    f"{mtype}'s {group} has no bias parameters and no config flag that adds "
+                    f"them, and {why}")
+        plan.convert = True
     readers = []
     for r in names:
-        full = f"{parent}.{group}.{r}"
+        full = f"{parent}.{group}.{r}" if parent else f"{group}.{r}"
         lin = named.get(full)
         if not isinstance(lin, nn.Linear):
             return f"expected a Linear reader at {full!r}, found {type(lin).__name__}"
@@ -144,55 +152,60 @@ def _attach_readers(plan: _Plan, named: dict, mtype: str) -> str | None:
     return None
 
 
-def fuse(model: nn.Module, steering: Union[Steering, Sequence[Steering]], strength: float = 1.0,
-         inverse: bool = False) -> nn.Module:
+def fuse(model, steering: Union[Steering, Sequence[Steering]], strength: float = 1.0,
+         inverse: bool = False, strict: bool = True):
     """Fold steering maps into the weights; returns the steered model (the same object, or for
-    Qwen2/Mistral needing MLP or attention biases their own class lacks, an exactly equivalent
-    ``LlamaForCausalLM``: always use the return value).
+    a family that needs biases its own class lacks, e.g. Qwen2/Mistral/Phi-3, an exactly
+    equivalent ``LlamaForCausalLM``: always use the return value).
 
-    A list of steerings is composed first (the first applied first, each at ``strength``), then
-    folded once: the result equals hooking them all in order. (Calling ``fuse`` again on an
-    already fused model steers that model: the new map acts on the norm's output, which no
-    longer contains shifts folded into the next layer's biases.) A negative strength (or
-    ``inverse=True``) folds the inverse map. Raises FusionError, leaving the model untouched,
-    when any map cannot fold.
+    ``model`` is a model, a diffusers pipeline (the maps fold into its shared modules and the
+    pipeline is returned) or a ``lineas_fast.Target``. A list of steerings is composed first
+    (the first applied first, each at ``strength``), then folded once: the result equals
+    hooking them all in order. (Calling ``fuse`` again on an already fused model steers that
+    model: the new map acts on the norm's output, which no longer contains shifts folded into
+    the next layer's biases.) A negative strength (or ``inverse=True``) folds the inverse map.
+    Raises FusionError, leaving the model untouched, when any map cannot fold.
+
+    Validates like ``Steering.attach``: modules, dimensions and (``strict``) the model
+    fingerprint; a finite ``strength``; and a model that carries attached maps is refused
+    (folding under live hooks would steer twice).
     """
-    from .diffusion import as_module, is_pipeline
-    if is_pipeline(model):
-        fuse(as_module(model), steering, strength, inverse)     # folds into the shared modules
-        return model
+    target = as_target(model)
+    strength = number(strength, "strength")
     steerings = [steering] if isinstance(steering, Steering) else list(steering)
-    if not steerings:
-        raise ValueError("fuse needs at least one steering")
-    steerings = [_for_component(model, st) for st in steerings]
+    if not steerings or not all(isinstance(st, Steering) for st in steerings):
+        raise TypeError("fuse needs a Steering or a non-empty list of them")
+    for st in steerings:
+        st.validate(target, strict=strict)
+    refuse_attached(target)
+    steerings = [target.resolve(st) for st in steerings]
     refuse_gates(steerings)
     if strength == 0:
-        for st in steerings:
-            st.validate(model, strict=False)
-        return model
+        return target.original
     effective = effective_map(steerings[0], strength, inverse)
     for st in steerings[1:]:
         effective = effective_map(st, strength, inverse).compose(effective)
-    plans = plan_fusion(model, effective)
+    plans = plan_fusion(target, effective)
+    result = target.original
+    if any(p.convert for p in plans):
+        result = to_llama(target.root)
+        target = as_target(result)
+        plans = plan_fusion(target, effective)            # the modules are new objects
     if any(p.readers for p in plans):
-        model = _ensure_reader_biases(model, plans)
-        plans = plan_fusion(model, effective)            # modules may be new objects
+        _ensure_reader_biases(target, plans)
     with torch.no_grad():
         for p in plans:
             _fold(p)
-    return model
+    return result
 
 
-def _for_component(model: nn.Module, steering: Steering) -> Steering:
-    """A pipeline's steering (``unet.…`` names) applied to the component itself (``pipeline.unet``)
-    loses the prefix."""
-    names = {n for n, _ in model.named_modules()}
-    if any(n in names for n in steering.modules):
-        return steering
-    prefix = steering.modules[0].split(".", 1)[0] + "."
-    if all(n.startswith(prefix) and n[len(prefix):] in names for n in steering.modules):
-        return steering.strip_prefix(prefix)
-    return steering
+def refuse_attached(target) -> None:
+    """Folding a model that carries attached maps would apply them twice (once folded, once by
+    the live wrappers): refuse, naming the modules."""
+    live = [n for n, m in target.named.items() if installed(m)]
+    if live:
+        raise AlreadySteeredError(f"modules {live[:5]} carry attached steering maps; remove "
+                                  f"their handles before folding (else they would apply twice)")
 
 
 def refuse_gates(steerings: Sequence[Steering]) -> None:
@@ -209,15 +222,19 @@ def effective_map(steering: Steering, strength: float, inverse: bool = False) ->
                     steering.metadata)
 
 
+def folded_scale(spec: NormSpec, weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The norm's new weight (float64) so that its output is a⊙(old output): a⊙w, or for an
+    offset norm (1 + w) the w' with 1 + w' = a⊙(1 + w)."""
+    w = weight.detach().double()
+    return a * (1 + w) - 1 if spec.offset else a * w
+
+
 def _fold(p: _Plan) -> None:
     mod = p.module
     w = mod.weight
     a, c = p.a.to(w.device), p.c.to(w.device)
-    if p.kind == "gemma_rms":
-        w.copy_((a * (1 + w.double()) - 1).to(w.dtype))
-    else:
-        w.copy_((a * w.double()).to(w.dtype))
-    if p.kind == "affine_norm" and mod.bias is not None:
+    w.copy_(folded_scale(p.spec, w, a).to(w.dtype))
+    if p.spec.kind == "layernorm" and getattr(mod, "bias", None) is not None:
         mod.bias.copy_((a * mod.bias.double() + c).to(mod.bias.dtype))
         return
     for _, lin in p.readers:
@@ -225,29 +242,25 @@ def _fold(p: _Plan) -> None:
                        .to(lin.bias.dtype))
 
 
-def _ensure_reader_biases(model: nn.Module, plans: list[_Plan]) -> nn.Module:
-    """Make every reader Linear have a bias the saved checkpoint will load: switch the config
-    flag on (creating zero biases on every Linear the flag governs), or move Qwen2/Mistral to
-    the equivalent Llama class."""
-    mtype = _model_type(model)
-    groups = {p.readers[0][0].split(".")[-2] for p in plans if p.readers}
-    flags = {g: BIAS_FLAGS.get(mtype, {}).get(g) for g in groups}
-    if any(f is None for f in flags.values()):
-        model = to_llama(model)
-        mtype, flags = "llama", {g: BIAS_FLAGS["llama"][g] for g in groups}
-    cfg = model.config
-    for group, flag in flags.items():
-        if flag == "always" or getattr(cfg, flag, False):
+def _ensure_reader_biases(target: Target, plans: list[_Plan]) -> None:
+    """Give every reader Linear a bias the saved checkpoint will load: switch the family's
+    config flag on, creating zero biases on every Linear the flag governs (inside the module
+    that owns the config)."""
+    named = target.named
+    for owner, mtype, group in {(p.owner, p.model_type, p.readers[0][0].split(".")[-2])
+                                for p in plans if p.readers}:
+        flag, governed = FAMILIES[mtype].bias[group]
+        if flag == ALWAYS:
             continue
-        setattr(cfg, flag, True)
-        governed = (r"self_attn\.(q|k|v|o)_proj" if group == "self_attn"
-                    else r"mlp\.(gate|up|down)_proj")
-        for name, lin in model.named_modules():
-            if isinstance(lin, nn.Linear) and re.search(governed + "$", name) and lin.bias is None:
+        setattr(named[owner].config, flag, True)
+        prefix = f"{owner}." if owner else ""
+        suffixes = tuple(f".{group}.{g}" for g in governed)
+        for name, lin in named.items():
+            if (isinstance(lin, nn.Linear) and name.startswith(prefix) and name.endswith(suffixes)
+                    and lin.bias is None):
                 lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
                                                     device=lin.weight.device),
                                         requires_grad=lin.weight.requires_grad)
-    return model
 
 
 _LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -258,24 +271,54 @@ _LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 
 def to_llama(model: nn.Module) -> nn.Module:
-    """The exactly equivalent LlamaForCausalLM of a Qwen2 or Mistral model without sliding
-    window (same parameter names; Qwen2's q/k/v biases kept, new biases zero)."""
+    """The exactly equivalent LlamaForCausalLM of a model whose family names Llama as its
+    equivalent (Qwen2 and Mistral without sliding window; Phi-3 with its fused qkv_proj and
+    gate_up_proj split into q/k/v_proj and gate/up_proj, with full-head default RoPE, no
+    sliding window and no residual dropout). Existing biases are kept; a Llama bias flag is on
+    when any Linear it governs has a bias; new biases are zero."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg, mtype = model.config, _model_type(model)
-    if mtype not in LLAMA_EQUIVALENT:
+    cfg, mtype = model.config, model_type_of(model)
+    fam = FAMILIES.get(mtype)
+    if fam is None or fam.equivalent is None or fam.equivalent[0] != "llama":
         raise FusionError({"<model>": f"{mtype} has no exactly equivalent Llama class"})
-    if mtype == "mistral" and getattr(cfg, "sliding_window", None):
-        raise FusionError({"<model>": f"Mistral with sliding_window={cfg.sliding_window} differs "
-                                      f"from Llama; no equivalent class with biases"})
-    if mtype == "qwen2" and getattr(cfg, "use_sliding_window", False):
-        raise FusionError({"<model>": "Qwen2 with use_sliding_window=True differs from Llama"})
+    why = fam.equivalent[1](cfg)
+    if why:
+        raise FusionError({"<model>": f"{mtype} → Llama: {why}"})
+    source = model.state_dict()
+    parts = {}                                            # source key → [target keys]
+    for key in source:
+        head, _, leaf = key.rpartition(".")
+        for old, new_names in fam.fused.items():                 # Phi-3: qkv_proj → q/k/v_proj
+            if head == old or head.endswith("." + old):
+                layer = head[:len(head) - len(old)]
+                parts[key] = [f"{layer}{n}.{leaf}" for n in new_names]
+                break
+        else:
+            parts[key] = [key]
+    names = [k for ks in parts.values() for k in ks]
+    flags = {flag: any(k.endswith(f".{group}.{g}.bias") for k in names for g in governed)
+             for group, (flag, governed) in FAMILIES["llama"].bias.items()}
     kw = {k: getattr(cfg, k) for k in _LLAMA_KEYS if getattr(cfg, k, None) is not None}
-    llama_cfg = LlamaConfig(**kw, attention_bias=mtype == "qwen2", mlp_bias=False)
+    llama_cfg = LlamaConfig(**kw, **flags)
     llama_cfg.architectures = ["LlamaForCausalLM"]
     param = next(model.parameters())
     with torch.device(param.device):
         new = LlamaForCausalLM(llama_cfg).to(param.dtype)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    want = new.state_dict()
+    state = {}
+    for key, targets in parts.items():
+        if len(targets) == 1:
+            state[targets[0]] = source[key]
+            continue
+        sizes = [want[t].shape[0] if t in want else -1 for t in targets]
+        if -1 in sizes or sum(sizes) != source[key].shape[0]:
+            raise FusionError({"<model>": f"{mtype} → Llama: cannot split {key} "
+                                          f"{tuple(source[key].shape)} into {targets}"})
+        state.update(zip(targets, torch.split(source[key], sizes, dim=0)))
+    try:
+        missing, unexpected = new.load_state_dict(state, strict=False)
+    except RuntimeError as e:                                        # shape mismatch
+        raise FusionError({"<model>": f"{mtype} → Llama: {e}"}) from None
     if unexpected or any(not k.endswith(".bias") for k in missing):
         raise FusionError({"<model>": f"{mtype} → Llama: parameter names differ "
                                       f"(missing {missing[:3]}, unexpected {unexpected[:3]})"})

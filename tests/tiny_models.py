@@ -31,6 +31,9 @@ FAMILIES = {
     "mistral": dict(model_type="mistral", sliding_window=None, **COMMON),
     "gemma2": dict(model_type="gemma2", head_dim=8, **COMMON),
     "gemma3": dict(model_type="gemma3_text", head_dim=8, sliding_window=16, **COMMON),
+    "gemma": dict(model_type="gemma", head_dim=8, **COMMON),
+    "qwen3": dict(model_type="qwen3", head_dim=8, **COMMON),
+    "phi3": dict(model_type="phi3", sliding_window=None, **COMMON),
     "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4,
                  n_positions=128, pad_token_id=0, eos_token_id=1, bos_token_id=3),
 }
@@ -41,6 +44,9 @@ NORMS = {"llama": r"model\.layers\.\d+\.post_attention_layernorm",
          "mistral": r"model\.layers\.\d+\.post_attention_layernorm",
          "gemma2": r"model\.layers\.\d+\.pre_feedforward_layernorm",
          "gemma3": r"model\.layers\.\d+\.pre_feedforward_layernorm",
+         "gemma": r"model\.layers\.\d+\.post_attention_layernorm",
+         "qwen3": r"model\.layers\.\d+\.post_attention_layernorm",
+         "phi3": r"model\.layers\.\d+\.post_attention_layernorm",
          "gpt2": r"transformer\.h\.\d+\.ln_2"}
 
 

@@ -190,3 +190,38 @@ def test_bad_input_is_refused_naming_the_culprit(w, name, call, error, match, mo
         assert forwards == [], f"{name}: the model ran {len(forwards)} forward(s) before the error"
     assert not any("forward" in m.__dict__ for m in w.model.modules()), "a map stayed attached"
     assert math.isfinite(sum(float(p.sum()) for p in w.model.parameters()))
+
+
+FUSE_CASES = [
+    ("fuse strength nan", lambda w: lf.fuse(w.model, w.st, strength=NAN), ValueError, "strength must be finite"),
+    ("fuse strength inf", lambda w: lf.fuse(w.model, w.st, strength=INF), ValueError, "strength must be finite"),
+    ("fuse other model's steering", lambda w: lf.fuse(tiny_model("qwen2"), w.st), ValueError, "trained on model"),
+    ("fuse not a steering", lambda w: lf.fuse(w.model, {"a": 1}), TypeError, "fuse needs a Steering"),
+    ("fuse empty list", lambda w: lf.fuse(w.model, []), TypeError, "fuse needs a Steering"),
+    ("fuse wrong dims", lambda w: lf.fuse(w.model, lf.Steering({L0: (torch.ones(7), torch.zeros(7))})), ValueError,
+     "has 32 coordinates but its map has 7"),
+    ("fuse while attached", lambda w: _fuse_attached(w, lf.fuse), lf.AlreadySteeredError, "carry attached steering maps"),
+    ("fuse_in_memory strength nan", lambda w: lf.fuse_in_memory(w.model, w.st, strength=NAN), ValueError,
+     "strength must be finite"),
+    ("fuse_in_memory other model", lambda w: lf.fuse_in_memory(tiny_model("qwen2"), w.st), ValueError, "trained on model"),
+    ("fuse_in_memory while attached", lambda w: _fuse_attached(w, lf.fuse_in_memory), lf.AlreadySteeredError,
+     "carry attached steering maps"),
+]
+
+
+def _fuse_attached(w, fn):
+    h = w.st.attach(w.model)
+    try:
+        fn(w.model, w.st)
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("name,call,error,match", FUSE_CASES, ids=[c[0] for c in FUSE_CASES])
+def test_fusion_validates_like_attach_and_leaves_weights_alone(w, name, call, error, match):
+    before = {k: v.clone() for k, v in w.model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        call(w)
+    after = w.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("forward" in m.__dict__ for m in w.model.modules())
