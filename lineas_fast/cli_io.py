@@ -31,6 +31,8 @@ import os
 import re
 import sys
 
+from .io import file_kind
+
 
 class CLIError(Exception):
     """A user-facing problem with the arguments or files (printed without a traceback)."""
@@ -285,35 +287,36 @@ def read_sentences(path: str, flag: str) -> list[str]:
 
 
 # --- models, pipelines, steerings, checkpoints ----------------------------------------------------
-def check_model_dir(path: str, flag: str = "--model") -> None:
-    """A local transformers model folder (holds config.json)."""
+# kind: (the file that marks its folder, what the folder is, how "does not exist" names it)
+_FOLDERS = {"model": ("config.json", "transformers model", "transformers model"),
+            "pipeline": ("model_index.json", "diffusers pipeline", "diffusers")}
+
+
+def _check_folder(path: str, flag: str, kind: str) -> None:
+    """A local folder of ``kind``; a folder of the other kind is named with the flag it needs."""
+    marker, what, expected = _FOLDERS[kind]
+    other = "pipeline" if kind == "model" else "model"
     if not path:
         raise CLIError(f"{flag}: expected a folder path, got ''")
     if not os.path.exists(path):
-        raise CLIError(f"{flag} folder {path!r} does not exist (expected a local transformers "
-                       f"model folder)")
+        raise CLIError(f"{flag} folder {path!r} does not exist (expected a local {expected} "
+                       f"folder)")
     if not os.path.isdir(path):
-        raise CLIError(f"{flag} {path!r} is a file; expected a local transformers model folder")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isfile(os.path.join(path, "model_index.json")):
-            raise CLIError(f"{flag} {path!r} is a diffusers pipeline folder; use --pipeline")
-        raise CLIError(f"{flag} {path!r} is not a transformers model folder (no config.json)")
+        raise CLIError(f"{flag} {path!r} is a file; expected a local {what} folder")
+    if not os.path.isfile(os.path.join(path, marker)):
+        if os.path.isfile(os.path.join(path, _FOLDERS[other][0])):
+            raise CLIError(f"{flag} {path!r} is a {_FOLDERS[other][1]} folder; use --{other}")
+        raise CLIError(f"{flag} {path!r} is not a {what} folder (no {marker})")
+
+
+def check_model_dir(path: str, flag: str = "--model") -> None:
+    """A local transformers model folder (holds config.json)."""
+    _check_folder(path, flag, "model")
 
 
 def check_pipeline_dir(path: str, flag: str = "--pipeline") -> None:
     """A local diffusers pipeline folder (holds model_index.json)."""
-    if not path:
-        raise CLIError(f"{flag}: expected a folder path, got ''")
-    if not os.path.exists(path):
-        raise CLIError(f"{flag} folder {path!r} does not exist (expected a local diffusers "
-                       f"folder)")
-    if not os.path.isdir(path):
-        raise CLIError(f"{flag} {path!r} is a file; expected a local diffusers pipeline folder")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        if os.path.isfile(os.path.join(path, "config.json")):
-            raise CLIError(f"{flag} {path!r} is a transformers model folder; use --model")
-        raise CLIError(f"{flag} {path!r} is not a diffusers pipeline folder (no "
-                       f"model_index.json)")
+    _check_folder(path, flag, "pipeline")
 
 
 def model_or_pipeline(args) -> str:
@@ -468,16 +471,9 @@ CHECKPOINT_KEYS = ("step", "maps", "optimizer", "scheduler", "generator", "histo
 
 
 def _looks_like(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return ""
-    if not head:
-        return "the file is empty; "
-    if len(head) == 9 and head[8:9] == b"{":
-        return "it is a safetensors file, e.g. a steering written by --out; "
-    return ""
+    return {"empty": "the file is empty; ",
+            "safetensors": "it is a safetensors file, e.g. a steering written by --out; "
+            }.get(file_kind(path), "")
 
 
 def check_checkpoint(path: str, flag: str = "--resume", config: dict | None = None) -> None:

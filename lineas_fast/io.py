@@ -372,3 +372,18 @@ def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:
         _live.pop(backup, None)
         if os.path.lexists(backup) and os.path.isdir(path):
             _remove(backup)
+
+
+def file_kind(path: str) -> str:
+    """What a file that should be a torch checkpoint looks like from its first bytes: "empty",
+    "safetensors" (an 8-byte header length then JSON), or "" (unknown or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return ""
+    if not head:
+        return "empty"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return ""

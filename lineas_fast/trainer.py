@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .checks import choice, integer, number
-from .io import atomic_path
+from .io import atomic_path, file_kind
 from .kernels._backend import use_triton
 from .modules import coordinate_dim
 from .steering import Steering
@@ -390,17 +390,10 @@ def _save_checkpoint(path, step, cfg, identity, maps, gates, opt, sched, gen, hi
 
 def _what_it_is(path: str) -> str:
     """A hint on what a file that is not a checkpoint looks like."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return ""
-    if not head:
-        return "the file is empty"
-    if len(head) == 9 and head[8:9] == b"{":
-        return ("it is a safetensors file, e.g. a steering written by Steering.save; "
-                "resume_from takes the file train wrote to checkpoint_path")
-    return ""
+    return {"empty": "the file is empty",
+            "safetensors": "it is a safetensors file, e.g. a steering written by Steering.save; "
+                           "resume_from takes the file train wrote to checkpoint_path",
+            }.get(file_kind(path), "")
 
 
 def _differences(state: dict, cfg: TrainConfig, identity: dict, names: list[str]) -> list[str]:

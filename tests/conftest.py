@@ -2,7 +2,10 @@
 Triton kernels on CPU and needs TRITON_INTERPRET=1 set before Triton is imported; tests/compile
 builds every kernel for sm_80/sm_90 and needs it unset. Each lane collects only its own folder."""
 import os
+import signal
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -10,3 +13,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 _interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 collect_ignore = ["compile", "cpu", "gpu"] if _interpreting else ["interpret"]
 
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raising KeyboardInterrupt, as in an interactive Python (a background job started
+    by a non-interactive shell inherits SIGINT ignored, and an ignored signal stays ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -295,15 +295,6 @@ def test_steering_save_killed_at_random_points(tmp_path):
         assert len(r["holds"]) == 1 and r["after_next_save"] == [], r
 
 
-@pytest.fixture
-def ctrl_c_raises():
-    """Ctrl-C raising KeyboardInterrupt, as in an interactive Python (a background job started
-    by a non-interactive shell inherits SIGINT ignored, and an ignored signal stays ignored)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_sigint_during_a_swap_waits_for_its_end(ctrl_c_raises, tmp_path, monkeypatch):
     """Ctrl-C between the fallback swap's two renames is held until the swap is complete: the
     new folder is in place, the old one and the temporaries are gone, then KeyboardInterrupt."""

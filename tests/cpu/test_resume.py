@@ -107,15 +107,6 @@ def test_signals_write_a_checkpoint_and_a_killed_run_resumes_exactly(tmp_path, t
         assert leftovers(ck.parent) == []                     # the next write cleaned up
 
 
-@pytest.fixture
-def ctrl_c_raises():
-    """Ctrl-C raising KeyboardInterrupt, as in an interactive Python (a background job started
-    by a non-interactive shell inherits SIGINT ignored, and an ignored signal stays ignored)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_ctrl_c_saves_then_raises_and_handlers_are_restored(ctrl_c_raises, tmp_path, tok, uninterrupted):
     ck = str(tmp_path / "ck.pt")
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
