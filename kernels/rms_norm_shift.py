@@ -23,9 +23,9 @@ def _rms_norm_shift_fwd_kernel(x_ptr, w_ptr, c_ptr, y_ptr, d, eps, GEMMA: tl.con
     mask = cols < d
     x_in = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
     x = x_in.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / d + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     c = tl.load(c_ptr + cols, mask=mask, other=0.0)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / d + eps)
     xhat = x * inv
     if GEMMA:
         y = xhat * (1.0 + w)

@@ -4,9 +4,9 @@ Notation (SPEC §2): source X (n, D) packed over layers, target profile (ḡ, v�
 ḡ[i, j] is the mean of the target quantile function over source cell i and
 v̄[i, j] = q̄[i, j] − ḡ[i, j]² ≥ 0 its variance over that cell (0 when n = m).
 
-    col_loss[j] = w[j] · Σ_i ((sort(X)[i, j] − ḡ[i, j])² + v̄[i, j])
+    Σ_i ((sort(X)[i, j] − ḡ[i, j])² + v̄[i, j]) = n · W2²_j
 
-which equals w[j] · n · W2²_j exactly, for any n and m.
+exactly, for any n and m; v̄ only adds a constant per layer (``var_sum``), never read per step.
 """
 from __future__ import annotations
 
@@ -40,16 +40,33 @@ def target_profile(y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
     return g.to(torch.float32), v.to(torch.float32)
 
 
-def wasserstein_columns_ref(x: torch.Tensor, g: torch.Tensor, v: torch.Tensor,
-                            w: torch.Tensor) -> torch.Tensor:
-    """Per-column weighted loss (D,) float32 for x (n, D); differentiable in x by autograd.
+def wasserstein_loss_ref(xs: list, mean: torch.Tensor, var_sum: torch.Tensor, weight: torch.Tensor,
+                         total_scale: float, need_grad: bool):
+    """The PyTorch reference of the loss kernel, the same math (``kernels.wasserstein``):
+    one stable ``torch.sort`` per layer, in float32 (float64 when a layer is float64).
 
-    x may be any float dtype (computed in float32, or float64 when x is float64).
+    Args: xs L tensors (n, d_l) any strides; mean (n, Σd_l) ḡ packed; var_sum (L,) Σ of each
+    layer's v̄; weight (L,) w_l; the total is total_scale · Σ_l per_layer[l].
+    Returns (loss (), per_layer (L,), grad (n·Σd_l,)): per_layer[l] = w_l (Σ_ij (sort x_l −
+    ḡ_l)² + var_sum_l); grad holds ∂loss/∂x_l = 2·total_scale·w_l·(x_l − ḡ_l[rank]) per layer,
+    (n, d_l) contiguous one after another (empty when not need_grad). Not differentiable by
+    autograd: the gradient is this explicit output.
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs = torch.sort(x.to(acc), dim=0, stable=True).values
-    diff = xs - g.to(acc)
-    return ((diff * diff + v.to(acc)).sum(0) * w.to(acc)).to(acc)
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    n = xs[0].shape[0]
+    dims = [x.shape[1] for x in xs]
+    grad = mean.new_empty(n * sum(dims) if need_grad else 0, dtype=acc)
+    gw = (weight.to(acc) * (2.0 * total_scale)) if need_grad else None
+    parts, col = [], 0
+    for i, (x, d) in enumerate(zip(xs, dims)):
+        values, rows = torch.sort(x.detach().to(acc), dim=0, stable=True)
+        diff = values - mean[:, col:col + d].to(acc)
+        parts.append((diff * diff).sum())
+        if need_grad:
+            grad[n * col:n * (col + d)].view(n, d).scatter_(0, rows, diff * gw[i])
+        col += d
+    per_layer = torch.stack(parts).add_(var_sum.to(acc)).mul_(weight.to(acc))
+    return per_layer.sum() * total_scale, per_layer, grad
 
 
 def wasserstein_columns_naive(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,25 @@
-"""Fused Wasserstein loss kernel: sort every coordinate of the packed source, compare with the
-target profile, and emit the loss and its gradient in one launch for all layers.
+"""Fused Wasserstein loss kernel: one launch sorts every coordinate of every layer, compares it
+with the target profile and emits per-block loss partials and (when asked) the gradient.
 
-Inputs (``wasserstein_columns_triton``; the dispatcher is ``kernels.wasserstein``):
-    x  (n, D)  float32 / bfloat16 / float16, any strides: the source, layers packed on dim 1
-    g  (n, D)  float32 contiguous: target profile mean per rank (kernels.wasserstein_ref)
-    v  (n, D)  float32 contiguous: target profile variance per rank
-    w  (D,)    float32: per-column weight (the reduction)
-Output: col_loss (D,) float32, col_loss[j] = w[j] Σ_i ((sort x)[i,j] − g[i,j])² + v[i,j].
-The gradient 2·w[j]·(x[k,j] − g[rank(k),j]) is written during the forward (training always
-backpropagates); the backward only scales it by the incoming per-column gradient.
+Program (b, l) of the 2-D grid (cdiv(max d_l, BLOCK_D), L) takes columns [b·BLOCK_D, (b+1)·BLOCK_D)
+of layer l and reads the layer's tensor in place: no concatenation pass. Arguments:
+    x_ptr     the first layer's tensor: its dtype (float32 / bfloat16 / float16) types the loads,
+              every layer is addressed as x_ptr + offset (all layers share the dtype)
+    tab_ptr   (L, 6) int64 layer table (``wasserstein.layer_table``): x element offset from
+              x_ptr, row stride, column stride, d_l, first column of the layer in the packed
+              profile, element offset of the layer's gradient in grad_ptr
+    g_ptr     (n, D) float32 contiguous: ḡ, the packed target profile mean per rank
+    w_ptr     (L,) float32: per-layer weight (1/d_l or 1/n, the reduction)
+    part_ptr  (L, NB) float32 out: Σ over the program's columns and ranks of (sort x − ḡ)²
+    grad_ptr  (n·Σd_l,) float32 out (NEED_GRAD): layer l's gradient, (n, d_l) contiguous at
+              grad_off_l, equal to gscale·w_l·(x − ḡ[rank]) (gscale = 2·total scale)
+v̄ (the target's variance per cell) only adds a per-layer constant, added on the host; the
+gradient is float32 for every input dtype so a loss scale never meets a low-precision rounding.
 
-Sorting carries the original row with each value: a float32 is mapped to an order-preserving
-int32 and packed with its row index into one int64 key, so one ``tl.sort`` gives both the
-sorted values and the permutation. Padding rows get the largest key and sort last.
+Sorting carries the original row with each value: the value is mapped to an order-preserving
+integer and packed with its row into one key (int64 for float32 input; int32 for 16-bit input,
+half the sort's registers and shuffles), so one ``tl.sort`` gives both the sorted values and the
+permutation. Padding rows get the largest key and sort last. −0.0 is read as +0.0 (ties).
 """
 from __future__ import annotations
 
@@ -20,66 +27,85 @@ import torch
 import triton
 import triton.language as tl
 
-from .wasserstein import MAX_N, launch_config
+from .wasserstein import MAX_N, TABLE_COLS, launch_config
 
-__all__ = ["MAX_N", "launch_config", "wasserstein_columns_triton", "WassersteinColumns"]
+__all__ = ["MAX_N", "launch_config", "wasserstein_partials_triton"]
 
 
 @triton.jit
-def _wasserstein_fwd_kernel(x_ptr, stride_xn, stride_xd, g_ptr, v_ptr, w_ptr, loss_ptr, grad_ptr,
-                            n, D, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)                     # (BLOCK_D,)
+def _sort_with_rows(x, rows, mask, WIDE: tl.constexpr):
+    """Sort each row of the (BLOCK_D, N_PAD) tile x along dim 1; returns (sorted values as
+    float32, original row index of each sorted value)."""
+    if WIDE:                                          # float32 input: int64 keys
+        xf = tl.where(x == 0.0, 0.0, x.to(tl.float32))
+        bits = xf.to(tl.int32, bitcast=True)
+        okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)     # order-preserving int32
+        key = (okey.to(tl.int64) << 32) | rows[None, :].to(tl.int64)
+        key = tl.where(mask, key, 0x7FFFFFFFFFFFFFFF)
+        key = tl.sort(key, dim=1)
+        skey = (key >> 32).to(tl.int32)
+        xs = (skey ^ ((skey >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        src = (key & 0xFFFFFFFF).to(tl.int32)
+    else:                                             # 16-bit input: int32 keys
+        x16 = tl.where(x == 0.0, 0.0, x).to(x.dtype)
+        bits = x16.to(tl.int16, bitcast=True).to(tl.int32)          # sign-extended
+        okey = bits ^ ((bits >> 15) & 0x7FFF)                       # order-preserving
+        key = (okey << 16) | rows[None, :]
+        key = tl.where(mask, key, 0x7FFFFFFF)
+        key = tl.sort(key, dim=1)
+        skey = key >> 16
+        sbits = (skey ^ ((skey >> 15) & 0x7FFF)).to(tl.int16)
+        xs = sbits.to(x.dtype, bitcast=True).to(tl.float32)
+        src = key & 0xFFFF
+    return xs, src
+
+
+@triton.jit
+def _wasserstein_fwd_kernel(x_ptr, tab_ptr, g_ptr, w_ptr, part_ptr, grad_ptr, gscale, n, D, NB,
+                            N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, UNIT_COLS: tl.constexpr,
+                            NEED_GRAD: tl.constexpr):
+    blk = tl.program_id(0)
+    layer = tl.program_id(1)
+    t = tab_ptr + layer * 6
+    x_off = tl.load(t)
+    stride_n = tl.load(t + 1)
+    d = tl.load(t + 3)
+    col0 = tl.load(t + 4)
+    cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)                     # (BLOCK_D,)
     rows = tl.arange(0, N_PAD)                                       # (N_PAD,)
-    cmask = cols < D
+    cmask = cols < d
     mask = cmask[:, None] & (rows[None, :] < n)                      # (BLOCK_D, N_PAD)
-    x_off = rows[None, :].to(tl.int64) * stride_xn + cols[:, None].to(tl.int64) * stride_xd
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-    x = tl.where(x == 0.0, 0.0, x)                                   # -0.0 ties with +0.0
-    bits = x.to(tl.int32, bitcast=True)
-    okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)                        # order-preserving int32
-    key = (okey.to(tl.int64) << 32) | rows[None, :].to(tl.int64)
-    key = tl.where(mask, key, 0x7FFFFFFFFFFFFFFF)
-    key = tl.sort(key, dim=1)
-    skey = (key >> 32).to(tl.int32)
-    xs = (skey ^ ((skey >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    src_row = key.to(tl.int32)                                       # low 32 bits: original row
-    p_off = rows[None, :].to(tl.int64) * D + cols[:, None]
-    g = tl.load(g_ptr + p_off, mask=mask, other=0.0)
-    v = tl.load(v_ptr + p_off, mask=mask, other=0.0)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
-    diff = xs - g
-    err = tl.where(mask, diff * diff + v, 0.0)
-    tl.store(loss_ptr + cols, tl.sum(err, axis=1) * w, mask=cmask)
-    grad = (2.0 * w[:, None]) * diff
-    g_out = src_row.to(tl.int64) * D + cols[:, None]
-    tl.store(grad_ptr + g_out, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    if UNIT_COLS:                                                    # every layer has stride 1
+        col_off = cols[:, None]
+    else:
+        col_off = cols[:, None].to(tl.int64) * tl.load(t + 2)
+    x = tl.load(x_ptr + x_off + rows[None, :].to(tl.int64) * stride_n + col_off, mask=mask,
+                other=0.0)
+    xs, src = _sort_with_rows(x, rows, mask, x_ptr.dtype.element_ty == tl.float32)
+    g = tl.load(g_ptr + rows[None, :].to(tl.int64) * D + (col0 + cols[:, None]), mask=mask,
+                other=0.0)
+    diff = tl.where(mask, xs - g, 0.0)
+    tl.store(part_ptr + layer * NB + blk, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+    if NEED_GRAD:
+        grad_off = tl.load(t + 5)
+        w = tl.load(w_ptr + layer)
+        grad = (gscale * w) * diff
+        tl.store(grad_ptr + grad_off + src * d + cols[:, None], grad, mask=mask)
 
 
-def wasserstein_columns_triton(x: torch.Tensor, g: torch.Tensor, v: torch.Tensor,
-                               w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel. Returns (col_loss (D,) float32, grad (n, D) in x.dtype)."""
-    n, D = x.shape
+def wasserstein_partials_triton(x0: torch.Tensor, table: torch.Tensor, g: torch.Tensor,
+                                w: torch.Tensor, n: int, max_d: int, unit_cols: bool,
+                                gscale: float, grad: torch.Tensor | None) -> torch.Tensor:
+    """Launch the kernel over L = table.shape[0] layers; returns the (L, NB) float32 partial
+    sums. ``grad`` (n·Σd_l,) float32 is filled when given (None: no gradient work)."""
+    assert table.shape[1] == TABLE_COLS, table.shape
+    L = table.shape[0]
     cfg = launch_config(n)
-    loss = torch.empty(D, device=x.device, dtype=torch.float32)
-    grad = torch.empty((n, D), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(D, cfg["BLOCK_D"]),)
-    _wasserstein_fwd_kernel[grid](x, x.stride(0), x.stride(1), g, v, w, loss, grad, n, D,
-                                  N_PAD=cfg["N_PAD"], BLOCK_D=cfg["BLOCK_D"],
-                                  num_warps=cfg["num_warps"])
-    return loss, grad
-
-
-class WassersteinColumns(torch.autograd.Function):
-    """col_loss = F(x) with the gradient computed in the forward kernel."""
-
-    @staticmethod
-    def forward(ctx, x, g, v, w):
-        loss, grad = wasserstein_columns_triton(x, g, v, w)
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss[None, :]).to(grad.dtype), None, None, None
+    nb = triton.cdiv(max_d, cfg["BLOCK_D"])
+    part = torch.empty((L, nb), device=x0.device, dtype=torch.float32)
+    need_grad = grad is not None
+    _wasserstein_fwd_kernel[(nb, L)](
+        x0, table, g, w, part, grad if need_grad else part, float(gscale), n, g.shape[1], nb,
+        N_PAD=cfg["N_PAD"], BLOCK_D=cfg["BLOCK_D"], UNIT_COLS=unit_cols, NEED_GRAD=need_grad,
+        num_warps=cfg["num_warps"])
+    return part

@@ -15,23 +15,17 @@ import torch
 
 from .checks import number
 from .kernels._backend import check_same_device, use_triton
-from .kernels.affine_steer_ref import affine_steer_ref
-from .kernels.gated_steer_ref import GATES, gated_steer_ref
+from .kernels.gated_steer_ref import GATES
+from .kernels.ops import affine_steer_op, gated_steer_op
 
 Strength = Union[float, int, torch.Tensor]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
-def _affine_kernel():
-    from .kernels.affine_steer import AffineSteerFn
-    return AffineSteerFn
-
-
-@functools.lru_cache(maxsize=None)
-def _gated_kernel():
-    from .kernels.gated_steer import MAX_D, GatedSteerFn
-    return MAX_D, GatedSteerFn
+def _gated_max_d() -> int:
+    from .kernels.gated_steer import MAX_D          # imports Triton: only on the kernel path
+    return MAX_D
 
 
 def check_param_shapes(d: int, where: str, **params) -> None:
@@ -91,17 +85,19 @@ def apply_affine(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, lam: Union[f
             u = 1/ω − 1 and −b/ω for the inverse map); contiguous for the kernel.
         lam: a Python float, or a float32 strength tensor already shaped by ``token_strength``.
         backend: as for ``affine_steer``.
-    Runs ``AffineSteerFn`` (Triton) or ``affine_steer_ref`` exactly as ``affine_steer`` does.
+    Runs the custom op ``lineas_fast::affine_steer`` (kernels/ops.py): the Triton kernel or
+    the PyTorch formula, as ``affine_steer`` does.
     """
     cd = channel_dim % z.ndim
-    if use_triton(z.device, backend) and z.dtype in KERNEL_DTYPES:
-        fn = _affine_kernel()
+    kernel = use_triton(z.device, backend) and z.dtype in KERNEL_DTYPES
+    if kernel:
         u, b = u.float().contiguous(), b.float().contiguous()
-        if isinstance(lam, torch.Tensor):
-            lam_flat = lam.squeeze(cd).to(torch.float32).contiguous().reshape(-1)
-            return fn.apply(z, u, b, lam_flat, 0.0, cd)
-        return fn.apply(z, u, b, None, lam, cd)
-    return affine_steer_ref(z, u, b, lam, cd)
+    if isinstance(lam, torch.Tensor):
+        lam_flat = lam.squeeze(cd).reshape(-1)
+        if kernel:
+            lam_flat = lam_flat.to(torch.float32).contiguous()
+        return affine_steer_op(z, u, b, lam_flat, 0.0, cd, kernel)
+    return affine_steer_op(z, u, b, None, float(lam), cd, kernel)
 
 
 def _channel_axis(z: torch.Tensor, channel_dim: int) -> int:
@@ -165,15 +161,14 @@ def apply_gated(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, gate_w: torch
         y = y.movedim(-1, cd)
         return (y.contiguous() if z.is_contiguous() else y), s
     d = z.shape[-1]
-    if use_triton(z.device, backend) and z.dtype in KERNEL_DTYPES:
-        max_d, fn = _gated_kernel()
-        if d <= max_d:
-            y, s = fn.apply(z.reshape(-1, d).contiguous(), u.float().contiguous(),
-                            b.float().contiguous(), gate_w.float().contiguous(),
-                            gate_c.float().reshape(1), float(lam), bool(relu))
-            return y.view(z.shape), s.view(z.shape[:-1])
-    return gated_steer_ref(z, u, b, gate_w, gate_c.reshape(()), float(lam),
-                           "relu" if relu else "sigmoid")
+    kernel = (use_triton(z.device, backend) and z.dtype in KERNEL_DTYPES
+              and d <= _gated_max_d())
+    if kernel:
+        u, b, gate_w = u.float().contiguous(), b.float().contiguous(), gate_w.float().contiguous()
+        gate_c = gate_c.float()
+    y, s = gated_steer_op(z.reshape(-1, d).contiguous(), u, b, gate_w, gate_c.reshape(1),
+                          float(lam), bool(relu), kernel)
+    return y.view(z.shape), s.view(z.shape[:-1])
 
 
 def gated_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor, gate_w: torch.Tensor,

@@ -17,7 +17,8 @@ from .families import NormSpec, norm_spec
 from .fusion import (FusionError, _fold, _Plan, coefficients, refuse_attached, refuse_gates,
                      spec_of)
 from .kernels._backend import use_triton
-from .kernels.rms_norm_shift_ref import rms_norm_shift_ref
+from .kernels.ops import rms_norm_shift_op
+from .kernels.rms_norm_shift_ref import MAX_D as RMS_MAX_D, rms_norm_shift_ref
 from .steering import Steering
 from .targets import as_target
 
@@ -58,14 +59,11 @@ class SteeredRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if (not needs_grad and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and use_triton(x.device, self.backend)):
-            from .kernels import rms_norm_shift as kernel        # imports Triton: only here
-            if x.shape[-1] <= kernel.MAX_D:
-                return kernel.rms_norm_shift_triton(x, self.weight, self.shift, eps,
-                                                    self.float32_product)
-        return rms_norm_shift_ref(x, self.weight, self.shift, eps, self.float32_product)
+        if torch.is_grad_enabled() and x.requires_grad:      # the op has no backward: autograd
+            return rms_norm_shift_ref(x, self.weight, self.shift, eps, self.float32_product)
+        kernel = (x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                  and x.shape[-1] <= RMS_MAX_D and use_triton(x.device, self.backend))
+        return rms_norm_shift_op(x, self.weight, self.shift, eps, self.float32_product, kernel)
 
     def extra_repr(self) -> str:
         return (f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}, "

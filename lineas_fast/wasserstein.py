@@ -5,13 +5,15 @@ samples and the target samples, summed or averaged over coordinates and layers.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Union
 
 import torch
 
 from .kernels._backend import check_same_device, use_triton
-from .kernels.wasserstein import wasserstein_columns
+from .kernels.wasserstein import kernel_runs, layer_weights
 from .kernels.wasserstein_ref import target_profile
+from .wasserstein_op import wasserstein_loss
 
 REDUCTIONS = ("reference", "sum")
 
@@ -36,6 +38,7 @@ class TargetProfile:
     Attributes:
         mean (n, d) float32: ḡ, mean of the target quantile function over each source cell.
         var (n, d) float32: q̄ − ḡ², its variance over the cell (0 when n = m).
+        var_sum () float32: Σ of var (summed in float64), the constant v̄ adds to the loss.
     """
 
     def __init__(self, y: torch.Tensor, n: int):
@@ -44,6 +47,7 @@ class TargetProfile:
             raise ValueError(f"n (source samples) must be >= 1, got {n}")
         self.n, self.m, self.d = int(n), y.shape[0], y.shape[1]
         self.mean, self.var = target_profile(y, self.n)
+        self.var_sum = self.var.double().sum().float()
 
     @property
     def mean_square(self) -> torch.Tensor:
@@ -54,6 +58,7 @@ class TargetProfile:
         out = object.__new__(TargetProfile)
         out.__dict__.update(self.__dict__)
         out.mean, out.var = self.mean.to(device), self.var.to(device)
+        out.var_sum = self.var_sum.to(device)
         return out
 
     def __repr__(self) -> str:
@@ -62,7 +67,10 @@ class TargetProfile:
 
 class PackedTargetProfile:
     """Several layers' profiles concatenated along coordinates, built once for training so
-    each step's loss reads one (n, D) buffer. Created by ``pack_profiles``."""
+    each step's loss reads one (n, D) buffer. Created by ``pack_profiles``.
+
+    Attributes: n; dims (L ints); mean, var (n, Σd) float32; var_sum (L,) float32, each
+    layer's Σ v̄ (the loss kernel never reads var)."""
 
     def __init__(self, profiles: Sequence[TargetProfile]):
         ns = {p.n for p in profiles}
@@ -73,6 +81,8 @@ class PackedTargetProfile:
         self.dims = [p.d for p in profiles]
         self.mean = torch.cat([p.mean for p in profiles], 1).contiguous()
         self.var = torch.cat([p.var for p in profiles], 1).contiguous()
+        self.var_sum = torch.stack([getattr(p, "var_sum", p.var.double().sum().float())
+                                    .to(self.mean.device) for p in profiles])
 
 
 def pack_profiles(profiles: Sequence[TargetProfile]) -> PackedTargetProfile:
@@ -80,15 +90,6 @@ def pack_profiles(profiles: Sequence[TargetProfile]) -> PackedTargetProfile:
 
 
 Target = Union[torch.Tensor, TargetProfile]
-
-
-def _column_weights(dims: list[int], n: int, reduction: str, device) -> torch.Tensor:
-    """Weight per packed column so that Σ_j w_j Σ_i err_ij is the reduced loss."""
-    if reduction == "reference":      # mean over layers of mean over coordinates of n·W2²
-        per_layer = [torch.full((d,), 1.0 / (len(dims) * d)) for d in dims]
-    else:                             # Σ_layers Σ_coords W2²
-        per_layer = [torch.full((d,), 1.0 / n) for d in dims]
-    return torch.cat(per_layer).to(device=device, dtype=torch.float32)
 
 
 def sliced_wasserstein(x: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -106,7 +107,8 @@ def sliced_wasserstein(x: Union[torch.Tensor, Sequence[torch.Tensor]],
         reduction: "reference" (mean over layers of the mean over coordinates of n·W2², the
             published code's scale) or "sum" (Σ over layers and coordinates of W2²).
         return_per_layer: also return a (L,) float32 tensor of each layer's loss (detached), in
-            the same scale as a single-layer call with that reduction.
+            the same scale as a single-layer call with that reduction. Neither output is read
+            back to the host: the call never synchronises with the device.
         backend: "auto" (CUDA → Triton kernel, CPU → PyTorch), "torch" or "triton".
     Returns:
         A float32 scalar (and the per-layer tensor). Gradients flow to x only. NaN or Inf in x
@@ -127,16 +129,17 @@ def sliced_wasserstein(x: Union[torch.Tensor, Sequence[torch.Tensor]],
     packed = _as_packed(y, xs, single)
     device = check_same_device(**{f"x[{i}]": xi for i, xi in enumerate(xs)},
                                target=packed.mean)
-    dims = [xi.shape[1] for xi in xs]
-    w = _column_weights(dims, n, reduction, device)
-    xp = xs[0] if single else torch.cat([xi.reshape(n, -1) for xi in xs], 1)
-    cols = wasserstein_columns(xp, packed.mean, packed.var, w, use_triton(device, backend))
-    loss = cols.sum()
+    if len({xi.dtype for xi in xs}) > 1:          # one dtype per call (the kernel's loads)
+        common = functools.reduce(torch.promote_types, [xi.dtype for xi in xs])
+        xs = [xi.to(common) for xi in xs]
+    weight, total_scale = layer_weights(tuple(packed.dims), n, reduction, device)
+    use_kernel = use_triton(device, backend) and kernel_runs(xs)
+    need_grad = torch.is_grad_enabled() and any(xi.requires_grad for xi in xs)
+    loss, per_layer, _ = wasserstein_loss(xs, packed.mean, packed.var_sum, weight, total_scale,
+                                          use_kernel, need_grad)
     if not return_per_layer:
         return loss
-    scale = len(dims) if reduction == "reference" else 1
-    per_layer = torch.stack([c.sum() for c in cols.detach().split(dims)]) * scale
-    return loss, per_layer
+    return loss, per_layer.detach()
 
 
 def _as_packed(y, xs, single) -> PackedTargetProfile:
