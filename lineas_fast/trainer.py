@@ -1,29 +1,30 @@
-"""LinEAS training (SPEC §4): all maps jointly, proximal SGD/Adam with cosine decay."""
+"""LinEAS training (SPEC §4): all maps jointly, proximal SGD/Adam with cosine decay.
+
+``train`` runs a ``Trainer`` to its last step. After the first, a step does no device→host
+synchronisation: the step's loss, per-layer losses, control loss and support stay on the device
+and are read every ``read_every`` steps, before each checkpoint and at the end (that is where a
+NaN/Inf loss is noticed); the maps are attached once for the whole run; the proximal step and
+the support count are a few ``torch._foreach_*`` ops over all modules (none at sparsity 0).
+A ``callback`` asks for each step's record as the step ends: one read per step.
+"""
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import math
-import os
-import signal
-import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from .checkpoints import (CHECKPOINT_FORMAT, SaveOnSignal, TrainingDivergedError,  # noqa: F401
+                          check_checkpoint_path, check_finite, load_checkpoint, restore_checkpoint,
+                          run_identity, save_checkpoint)
 from .checks import choice, integer, number
-from .io import atomic_path, file_kind
 from .kernels._backend import use_triton
 from .modules import coordinate_dim
 from .steering import Steering
 from .targets import Target, as_target, check_texts
 from .wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss or the trained maps became NaN or Inf; no Steering is returned and the last
-    checkpoint (of a good step) is left as it was."""
 
 
 @dataclass
@@ -86,32 +87,299 @@ def cosine_factor(step: int, steps: int, floor: float = 1e-3) -> float:
 
 
 @torch.no_grad()
-def proximal_step(v: torch.Tensor, tau: float, sparsity: float, l1: float, group: float) -> None:
-    """Sparse group lasso prox in place on v (d,): soft-threshold by τγλ₁, then shrink the
-    group by max(0, 1 − τγλ_G√d/‖v‖)."""
-    if sparsity <= 0:
+def proximal_step(vs: Sequence[torch.Tensor], tau: float, sparsity: float, l1: float,
+                  group: float) -> None:
+    """Sparse group lasso prox in place on each v (d_i,) of ``vs`` (one device): soft-threshold
+    by τγλ₁, then shrink each group by max(0, 1 − τγλ_G√d_i/‖v‖). Branch-free ``_foreach``
+    ops: no host synchronisation, the same number of launches for 1 or 100 modules."""
+    vs = list(vs)
+    if sparsity <= 0 or not vs:
         return
     t = tau * sparsity * l1
     if t > 0:
-        v.copy_(torch.sign(v) * (v.abs() - t).clamp_min(0))
-    g = tau * sparsity * group * math.sqrt(v.numel())
+        mags = torch._foreach_abs(vs)
+        torch._foreach_sub_(mags, t)
+        torch._foreach_clamp_min_(mags, 0.0)
+        torch._foreach_mul_(mags, torch._foreach_sign(vs))
+        torch._foreach_copy_(vs, mags)
+    g = tau * sparsity * group
     if g > 0:
-        norm = v.norm()
-        v.mul_((1 - g / norm).clamp_min(0) if norm > 0 else 0.0)
+        shrink = torch._foreach_reciprocal(torch._foreach_norm(vs))
+        torch._foreach_mul_(shrink, [g * math.sqrt(v.numel()) for v in vs])
+        torch._foreach_neg_(shrink)                    # 1 − τγλ_G√d/‖v‖, then max(0, ·):
+        torch._foreach_add_(shrink, 1.0)               # ‖v‖ = 0 gives 1 − inf → 0 (v is 0)
+        torch._foreach_clamp_min_(shrink, 0.0)
+        torch._foreach_mul_(vs, shrink)
+
+
+def _by_device(maps):
+    """{device: [(ω, b), ...]} so each ``_foreach`` call sees tensors of one device."""
+    out: dict = {}
+    for om, b in maps:
+        out.setdefault(om.device, []).append((om, b))
+    return out
+
+
+@torch.no_grad()
+def proximal_maps(maps, tau: float, sparsity: float, l1: float, group: float) -> None:
+    """``proximal_step`` on every map's ω − 1 and b, in place (no-op at sparsity 0)."""
+    if sparsity <= 0:
+        return
+    for pairs in _by_device(maps).values():
+        omegas = [om for om, _ in pairs]
+        vs = torch._foreach_sub(omegas, 1.0)
+        proximal_step(vs, tau, sparsity, l1, group)
+        torch._foreach_add_(vs, 1.0)
+        torch._foreach_copy_(omegas, vs)
+        proximal_step([b for _, b in pairs], tau, sparsity, l1, group)
+
+
+@torch.no_grad()
+def support_count(maps, device) -> torch.Tensor:
+    """Coordinates whose map is not the identity (ω ≠ 1 or b ≠ 0), summed over all maps, as a
+    float32 0-d tensor on ``device`` (no host synchronisation)."""
+    parts = []
+    for pairs in _by_device(maps).values():
+        off = torch._foreach_sub([om for om, _ in pairs], 1.0)
+        torch._foreach_abs_(off)
+        torch._foreach_add_(off, torch._foreach_abs([b for _, b in pairs]))
+        counts = torch._foreach_norm(off, 0)                       # nonzeros per map
+        parts.append(torch.stack(counts).sum().float().to(device, non_blocking=True))
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+class Trainer:
+    """One LinEAS training run, step by step; ``train(...)`` is ``Trainer(...).run()``.
+
+    Construction checks every argument, encodes the sentences (or prompts) and reads a
+    checkpoint to resume, before any model compute. Entering the ``with`` block freezes the
+    model, reads the target (and control) activations once, builds the maps, optimizer and
+    schedule, and attaches the maps for the whole run; leaving it removes them::
+
+        with lf.Trainer(model, tok, source, target, steps=200) as run:
+            while not run.finished:
+                run.step()
+        steering = run.result()
+
+    ``step()`` does no device→host synchronisation after the first step (records are read by
+    ``read_records()``: every ``read_every`` steps, before a checkpoint, at the end, and after
+    every step when a ``callback`` is given). Arguments: as for ``train``.
+    """
+
+    def __init__(self, model, tokenizer, source: Sequence[str], target: Sequence[str],
+                 modules: str = ".*post.*layernorm", steps: int = 1000, *,
+                 loss_modules: str | None = None, batch_size: int = 32, optimizer: str = "sgd",
+                 lr: float | None = None, reduction: str = "reference", sparsity: float = 0.0,
+                 l1: float = 1.0, group: float = 1.0, seed: int = 0, max_length: int = 128,
+                 init: str | Steering | None = None, autocast_dtype: torch.dtype | None = None,
+                 checkpoint_every: int = 0, checkpoint_path: str | None = None,
+                 resume_from: str | None = None,
+                 callback: Callable[[StepRecord], None] | None = None, progress: bool = True,
+                 backend: str | None = None, gate: str | None = None,
+                 gate_kind: str = "sigmoid", control: Sequence[str] | None = None,
+                 control_weight: float = 1.0, timestep: int | None = None,
+                 resolution: int | None = None, read_every: int = 20):
+        cfg = TrainConfig(modules=modules, loss_modules=loss_modules, steps=steps,
+                          batch_size=batch_size, optimizer=optimizer, lr=lr, reduction=reduction,
+                          sparsity=sparsity, l1=l1, group=group, seed=seed, max_length=max_length,
+                          init=init if isinstance(init, str) else None,
+                          autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
+                          gate=gate, gate_kind=gate_kind, control_weight=control_weight)
+        cfg.check()
+        integer(read_every, "read_every", low=1)
+        integer(checkpoint_every, "checkpoint_every", low=0)
+        if checkpoint_every and not checkpoint_path:
+            raise ValueError("checkpoint_every needs checkpoint_path")
+        steered = as_target(model, tokenizer, max_length=max_length,
+                            autocast_dtype=autocast_dtype, timestep=timestep, seed=seed,
+                            resolution=resolution)
+        words = " prompts" if steered.kind == "pipeline" else ""
+        source = check_texts(source, "source" + words)
+        target = check_texts(target, "target" + words)
+        if control is not None:      # lists now: a generator would be spent before its digest
+            control = check_texts(control, "control" + words)
+        names = steered.match(modules, "modules")
+        loss_names = steered.match(loss_modules, "loss_modules") if loss_modules else names
+        steered.require(names + loss_names)
+        if not isinstance(init, (str, Steering, type(None))):
+            raise TypeError(f"init must be None, 'linear_act' or a Steering, got "
+                            f"{type(init).__name__}")
+        if isinstance(init, Steering):
+            given = steered.resolve(init)
+            absent = [m for m in names if m not in given]
+            if absent:
+                raise ValueError(f"init steering has no map for module {absent[0]!r} "
+                                 f"({len(absent)} of the {len(names)} modules missing)")
+            given.validate(steered, strict=False)
+        use_triton(steered.device, backend)        # an unknown or unavailable backend fails now
+        if cfg.gate == "e2e" and not control:
+            raise ValueError("gate='e2e' needs control sentences (control=[...])")
+        self.src, self.tgt = steered.encode(source, "source"), steered.encode(target, "target")
+        self.ctrl = steered.encode(control, "control") if cfg.gate == "e2e" else None
+        _check_loss_after_maps(steered, self.src, names, loss_names)
+        check_checkpoint_path(checkpoint_path)
+        self.identity = (run_identity(steered, source, target,
+                                      control if self.ctrl is not None else None)
+                         if checkpoint_path or resume_from else None)
+        self.resumed = (load_checkpoint(resume_from, cfg, self.identity, names)
+                        if resume_from else None)
+        self.cfg, self.target, self.names, self.loss_names = cfg, steered, names, loss_names
+        self.texts = (source, target)
+        self.init, self.backend, self.callback = init, backend, callback
+        self.progress, self.read_every = progress, int(read_every)
+        self.checkpoint_every, self.checkpoint_path = int(checkpoint_every), checkpoint_path
+        self.n = min(batch_size, steered.count(self.src))
+        self.done = 0                      # steps completed
+        self.history: list[StepRecord] = []
+        self._pending: list = []           # (step, lr, record tensor on the device) not yet read
+        self._stack: contextlib.ExitStack | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.cfg.steps
+
+    # --- the run's lifetime ------------------------------------------------------------------
+    def __enter__(self) -> "Trainer":
+        if self._stack is not None:
+            raise RuntimeError("this Trainer is already running (nested `with`)")
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(self.target.frozen())
+            self.stop = stack.enter_context(SaveOnSignal(self.checkpoint_path))
+            self._setup()
+            stack.enter_context(self.steering.attach(self.target, strict=False,
+                                                     backend=self.backend))
+            self.stop.arm(self._save)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        stack, self._stack = self._stack, None
+        return bool(stack.__exit__(*exc)) if stack is not None else False
+
+    def _setup(self) -> None:
+        cfg, t, n = self.cfg, self.target, self.n
+        with torch.no_grad():
+            tgt_acts = t.pooled(self.tgt, self.loss_names, stop=True)
+            self.ctrl_ref = (t.pooled(self.ctrl, self.loss_names, stop=True)
+                             if self.ctrl is not None else None)
+        self.profiles = pack_profiles([TargetProfile(tgt_acts[m], n) for m in self.loss_names])
+        self.maps = _initial_maps(t, *self.texts, self.names, self.init, cfg, self.src)
+        self.gates = _initial_gates(self.maps, cfg) if cfg.gate else {}
+        params = [p for pair in self.maps.values() for p in pair]
+        params += [g[k] for g in self.gates.values() for k in ("w", "c")]
+        self.opt = (torch.optim.SGD(params, lr=cfg.resolved_lr()) if cfg.optimizer == "sgd"
+                    else torch.optim.Adam(params, lr=cfg.resolved_lr()))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: cosine_factor(s, cfg.steps))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        if self.resumed is not None:
+            self.done, history = restore_checkpoint(self.resumed, self.maps, self.gates,
+                                                    self.opt, self.sched, self.gen)
+            self.history = [StepRecord(**r) for r in history]
+        self.steering = Steering(self.maps, gates=self.gates)
+        self.device = self.profiles.mean.device
+        self.zero = torch.zeros((), device=self.device)
+        self.n_src = t.count(self.src)
+        self.n_ctrl = t.count(self.ctrl) if self.ctrl is not None else 0
+        self.bar = _progress(self.progress, self.done, cfg.steps)
+
+    # --- one step ----------------------------------------------------------------------------
+    def step(self) -> None:
+        """One proximal optimizer step on a random batch of ``batch_size`` source sentences."""
+        if self._stack is None:
+            raise RuntimeError("Trainer.step() runs inside `with trainer:` (or use run())")
+        if self.finished:
+            raise RuntimeError(f"training already ran its {self.cfg.steps} steps")
+        cfg, t, dev = self.cfg, self.target, self.device
+        step = self.done
+        idx = torch.randperm(self.n_src, generator=self.gen)[:self.n].tolist()
+        tau = self.opt.param_groups[0]["lr"]
+        acts = t.pooled(self.src, self.loss_names, idx, stop=True)
+        loss, per_layer = sliced_wasserstein([acts[m].to(dev) for m in self.loss_names],
+                                             self.profiles, cfg.reduction, return_per_layer=True,
+                                             backend=self.backend)
+        control_loss = self.zero
+        if self.ctrl_ref is not None:
+            cidx = torch.randperm(self.n_ctrl, generator=self.gen)[:self.n].tolist()
+            cacts = t.pooled(self.ctrl, self.loss_names, cidx, stop=True)
+            control_loss = torch.stack([((cacts[m].to(dev) - self.ctrl_ref[m][cidx].to(dev)) ** 2)
+                                        .mean() for m in self.loss_names]).mean()
+            loss = loss + cfg.control_weight * control_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        proximal_maps(self.maps.values(), tau, cfg.sparsity, cfg.l1, cfg.group)
+        self.sched.step()
+        record = torch.cat([loss.detach().reshape(1), control_loss.detach().reshape(1),
+                            support_count(self.maps.values(), dev).reshape(1), per_layer])
+        self._pending.append((step, tau, record))
+        self.done = step + 1
+        self.bar.update(1)
+        if self.callback is not None or self.done % self.read_every == 0 or self.finished:
+            self.read_records()
+        if self.checkpoint_every and (self.done % self.checkpoint_every == 0 or self.finished):
+            self.stop.save(self.done)
+        self.stop.check(self.done)       # SIGINT/SIGTERM: checkpoint, then act on the signal
+
+    def read_records(self) -> list[StepRecord]:
+        """Read the pending steps' records from the device (one synchronisation), append them to
+        ``history``, call the callback on each, and raise ``TrainingDivergedError`` at the first
+        step whose loss is NaN or Inf. Returns the records read."""
+        if not self._pending:
+            return []
+        values = torch.stack([r for _, _, r in self._pending]).tolist()
+        pending, self._pending = self._pending, []
+        out = []
+        for (step, tau, _), v in zip(pending, values):
+            loss, control, support, per_layer = v[0], v[1], int(v[2]), v[3:]
+            if not math.isfinite(loss):
+                bad = [m for m, x in zip(self.loss_names, per_layer) if not math.isfinite(x)]
+                where = f"; last checkpoint: {self.checkpoint_path}" if self.checkpoint_path else ""
+                raise TrainingDivergedError(
+                    f"loss is {loss} at step {step} (non-finite at {bad[:5]}); lower the "
+                    f"learning rate or use autocast_dtype=None{where}")
+            rec = StepRecord(step, loss, per_layer, support, tau, control)
+            self.history.append(rec)
+            out.append(rec)
+            if self.callback is not None:
+                self.callback(rec)
+        if self.progress and out:
+            self.bar.set_postfix(loss=f"{out[-1].loss:.4g}", support=out[-1].support)
+        return out
+
+    def _save(self, done: int) -> None:
+        """Checkpoint after ``done`` steps (records read first: a diverged run saves nothing)."""
+        self.read_records()
+        save_checkpoint(self.checkpoint_path, done, self.cfg, self.identity, self.maps,
+                        self.gates, self.opt, self.sched, self.gen, self.history)
+
+    # --- the whole run -----------------------------------------------------------------------
+    def run(self) -> Steering:
+        """All remaining steps, then ``result()``."""
+        with self:
+            while not self.finished:
+                self.step()
+        return self.result()
+
+    def result(self) -> Steering:
+        """The trained maps (detached), with ``metadata["history"]`` (one record per step),
+        the model's fingerprint and the settings. Non-finite maps raise TrainingDivergedError."""
+        self.read_records()
+        if hasattr(self, "bar"):
+            self.bar.close()
+        check_finite(self.maps, self.gates, len(self.history), self.checkpoint_path)
+        result = self.steering.detach()
+        result.metadata = {"model": self.target.fingerprint(), "method": "lineas",
+                           "hyperparameters": asdict(self.cfg),
+                           "history": [asdict(r) for r in self.history]}
+        return result
 
 
 def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
-          modules: str = ".*post.*layernorm", steps: int = 1000, *,
-          loss_modules: str | None = None, batch_size: int = 32, optimizer: str = "sgd",
-          lr: float | None = None, reduction: str = "reference", sparsity: float = 0.0,
-          l1: float = 1.0, group: float = 1.0, seed: int = 0, max_length: int = 128,
-          init: str | Steering | None = None, autocast_dtype: torch.dtype | None = None,
-          checkpoint_every: int = 0, checkpoint_path: str | None = None,
-          resume_from: str | None = None, callback: Callable[[StepRecord], None] | None = None,
-          progress: bool = True, backend: str | None = None, gate: str | None = None,
-          gate_kind: str = "sigmoid", control: Sequence[str] | None = None,
-          control_weight: float = 1.0, timestep: int | None = None,
-          resolution: int | None = None) -> Steering:
+          modules: str = ".*post.*layernorm", steps: int = 1000, **kwargs) -> Steering:
     """Train LinEAS maps at ``modules`` so the steered source matches the target at
     ``loss_modules`` (default: the same modules).
 
@@ -119,10 +387,16 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
     module, batches are length-bucketed, targets are computed once as profiles. Returns a
     ``Steering`` whose ``metadata["history"]`` holds per-step loss, per-layer loss and support.
 
+    Keyword arguments: loss_modules, batch_size (32), optimizer ("sgd" | "adam"), lr, reduction
+    ("reference" | "sum"), sparsity, l1, group (sparse group lasso), seed, max_length, init
+    (None | "linear_act" | a Steering), autocast_dtype, checkpoint_every, checkpoint_path,
+    resume_from, callback, progress, backend, gate, gate_kind, control, control_weight,
+    timestep, resolution, read_every (steps between reads of the records, default 20).
+
     Checkpointing: every ``checkpoint_every`` steps the maps and optimizer, scheduler and RNG
     state are written atomically to ``checkpoint_path``; ``resume_from`` continues such a run
     to the same result as an uninterrupted one. A NaN/Inf loss raises TrainingDivergedError
-    (the last checkpoint is left untouched).
+    when the records are read (the last checkpoint, of a good step, is left untouched).
 
     End-to-end DSAS (``gate="e2e"``): a gate g = σ(w·z + c) (``gate_kind="relu"``: clamp to
     [0, 1]) per module is trained with the maps; the loss adds ``control_weight`` × the mean
@@ -134,116 +408,9 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
     names; activations are pooled per image at denoising ``timestep``, default the first
     sampling step, at latent ``resolution``, default the UNet's sample size), or a
     ``lineas_fast.targets.Target`` built once with ``as_target`` (its settings then apply).
+    A step synchronises with the device only when the records are read (see ``Trainer``).
     """
-    cfg = TrainConfig(modules=modules, loss_modules=loss_modules, steps=steps,
-                      batch_size=batch_size, optimizer=optimizer, lr=lr, reduction=reduction,
-                      sparsity=sparsity, l1=l1, group=group, seed=seed, max_length=max_length,
-                      init=init if isinstance(init, str) else None,
-                      autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
-                      gate=gate, gate_kind=gate_kind, control_weight=control_weight)
-    cfg.check()
-    if checkpoint_every and not checkpoint_path:
-        raise ValueError("checkpoint_every needs checkpoint_path")
-    steered = as_target(model, tokenizer, max_length=max_length, autocast_dtype=autocast_dtype,
-                        timestep=timestep, seed=seed, resolution=resolution)
-    words = " prompts" if steered.kind == "pipeline" else ""
-    source, target = check_texts(source, "source" + words), check_texts(target, "target" + words)
-    if control is not None:          # lists now: a generator would be spent before its digest
-        control = check_texts(control, "control" + words)
-    names = steered.match(modules, "modules")
-    loss_names = steered.match(loss_modules, "loss_modules") if loss_modules else names
-    steered.require(names + loss_names)
-    if not isinstance(init, (str, Steering, type(None))):
-        raise TypeError(f"init must be None, 'linear_act' or a Steering, got {type(init).__name__}")
-    if isinstance(init, Steering):
-        given = steered.resolve(init)
-        absent = [m for m in names if m not in given]
-        if absent:
-            raise ValueError(f"init steering has no map for module {absent[0]!r} "
-                             f"({len(absent)} of the {len(names)} modules missing)")
-        given.validate(steered, strict=False)
-    use_triton(steered.device, backend)            # an unknown or unavailable backend fails now
-    src, tgt = steered.encode(source, "source"), steered.encode(target, "target")
-    n = min(batch_size, steered.count(src))
-    if cfg.gate == "e2e" and not control:
-        raise ValueError("gate='e2e' needs control sentences (control=[...])")
-    ctrl = steered.encode(control, "control") if cfg.gate == "e2e" else None
-    _check_loss_after_maps(steered, src, names, loss_names)
-    _check_checkpoint_path(checkpoint_path)
-    identity = (_run_identity(steered, source, target, control if ctrl is not None else None)
-                if checkpoint_path or resume_from else None)
-    resumed = _load_checkpoint(resume_from, cfg, identity, names) if resume_from else None
-
-    with steered.frozen(), _SaveOnSignal(checkpoint_path) as stop:
-        with torch.no_grad():
-            tgt_acts = steered.pooled(tgt, loss_names, stop=True)
-            ctrl_ref = steered.pooled(ctrl, loss_names, stop=True) if ctrl is not None else None
-        profiles = pack_profiles([TargetProfile(tgt_acts[m], n) for m in loss_names])
-        start = _initial_maps(steered, source, target, names, init, cfg, src)
-        gates = _initial_gates(start, cfg) if cfg.gate else {}
-        params = [t for pair in start.values() for t in pair]
-        params += [g[k] for g in gates.values() for k in ("w", "c")]
-        opt = (torch.optim.SGD(params, lr=cfg.resolved_lr()) if cfg.optimizer == "sgd"
-               else torch.optim.Adam(params, lr=cfg.resolved_lr()))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, cfg.steps))
-        gen = torch.Generator().manual_seed(cfg.seed)
-        history: list[StepRecord] = []
-        first = 0
-        if resumed is not None:
-            first, history = _restore_checkpoint(resumed, start, gates, opt, sched, gen)
-        steering = Steering(start, gates=gates)
-        n_src, n_ctrl = steered.count(src), (steered.count(ctrl) if ctrl is not None else 0)
-        bar = _progress(range(first, cfg.steps), progress, first, cfg.steps)
-        stop.arm(lambda done: _save_checkpoint(checkpoint_path, done, cfg, identity, start, gates,
-                                               opt, sched, gen, history))
-        for step in bar:
-            idx = torch.randperm(n_src, generator=gen)[:n].tolist()
-            tau = opt.param_groups[0]["lr"]
-            with steering.attach(steered, strict=False, backend=backend):
-                acts = steered.pooled(src, loss_names, idx, stop=True)
-            dev = profiles.mean.device
-            loss, per_layer = sliced_wasserstein([acts[m].to(dev) for m in loss_names], profiles,
-                                                 cfg.reduction, return_per_layer=True,
-                                                 backend=backend)
-            control_loss = torch.zeros((), device=loss.device)
-            if ctrl_ref is not None:
-                cidx = torch.randperm(n_ctrl, generator=gen)[:n].tolist()
-                with steering.attach(steered, strict=False, backend=backend):
-                    cacts = steered.pooled(ctrl, loss_names, cidx, stop=True)
-                control_loss = torch.stack([((cacts[m].to(dev) - ctrl_ref[m][cidx].to(dev)) ** 2).mean()
-                                            for m in loss_names]).mean()
-                loss = loss + cfg.control_weight * control_loss
-            if not torch.isfinite(loss):
-                bad = [m for m, v in zip(loss_names, per_layer.tolist()) if not math.isfinite(v)]
-                where = f"; last checkpoint: {checkpoint_path}" if checkpoint_path else ""
-                raise TrainingDivergedError(
-                    f"loss is {loss.item()} at step {step} (non-finite at {bad[:5]}); lower the "
-                    f"learning rate or use autocast_dtype=None{where}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for omega, bias in start.values():
-                with torch.no_grad():
-                    v = omega - 1
-                    proximal_step(v, tau, cfg.sparsity, cfg.l1, cfg.group)
-                    omega.copy_(v + 1)
-                    proximal_step(bias, tau, cfg.sparsity, cfg.l1, cfg.group)
-            sched.step()
-            rec = StepRecord(step, loss.item(), per_layer.tolist(), steering.support(), tau,
-                             control_loss.item())
-            history.append(rec)
-            if progress:
-                bar.set_postfix(loss=f"{rec.loss:.4g}", support=rec.support)
-            if callback:
-                callback(rec)
-            if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
-                stop.save(step + 1)
-            stop.check(step + 1)             # SIGINT/SIGTERM: checkpoint, then act on the signal
-    _check_finite(start, gates, len(history), checkpoint_path)
-    result = steering.detach()
-    result.metadata = {"model": steered.fingerprint(), "method": "lineas",
-                       "hyperparameters": asdict(cfg), "history": [asdict(r) for r in history]}
-    return result
+    return Trainer(model, tokenizer, source, target, modules, steps, **kwargs).run()
 
 
 def _check_loss_after_maps(steered: Target, src, names: list[str], loss_names: list[str]) -> None:
@@ -297,253 +464,6 @@ def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
     return maps
 
 
-def _progress(it, enabled, first, total):
+def _progress(enabled, first, total):
     from tqdm.auto import tqdm
-    return tqdm(it, disable=not enabled, initial=first, total=total, desc="lineas", leave=False)
-
-
-# --- checkpoints, resumption and signals -------------------------------------------------------
-CHECKPOINT_FORMAT = "lineas_fast.checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-def _check_checkpoint_path(path) -> None:
-    """A checkpoint_path that can never be written fails before any work is spent."""
-    if path is None:
-        return
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"checkpoint_path {path!r} is a folder; give a file name such as "
-                                f"{os.path.join(path, 'checkpoint.pt')!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise NotADirectoryError(f"checkpoint_path {path!r}: {folder!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"checkpoint_path {path!r}: no permission to write in {folder!r}")
-
-
-def _texts_digest(texts) -> dict | None:
-    if texts is None:
-        return None
-    texts = [str(t) for t in texts]
-    return {"count": len(texts), "sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest()}
-
-
-@torch.no_grad()
-def _weights_sample(root) -> str:
-    """sha256 over every parameter's name and first 64 values (float32): tells a fine-tuned or
-    otherwise different model of the same architecture apart, at the cost of tiny copies."""
-    h = hashlib.sha256()
-    for name, p in root.named_parameters():
-        if p.is_meta:
-            continue
-        h.update(name.encode())
-        h.update(p.detach().reshape(-1)[:64].to("cpu", torch.float32).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _run_identity(steered: Target, source, target, control) -> dict:
-    """What a checkpoint must match to be resumed: the model (``steered.fingerprint()`` and a
-    sample of its weights), the data (sha256 of each sentence or prompt list) and how the
-    activations are read (truncation, autocast, diffusion timestep, noise seed, resolution)."""
-    reading = {"kind": steered.kind}
-    for key in ("max_length", "autocast_dtype", "timestep", "seed", "res"):
-        if hasattr(steered, key):
-            value = getattr(steered, key)
-            reading[key] = value if isinstance(value, (int, float, str, type(None))) else str(value)
-    return {"model": {**steered.fingerprint(), "weights_sample_sha256": _weights_sample(steered.root)},
-            "data": {"source": _texts_digest(source), "target": _texts_digest(target),
-                     "control": _texts_digest(control)},
-            "reading": reading}
-
-
-def _check_finite(maps, gates, done: int, path) -> None:
-    """Trained maps (and gates) must be finite: a NaN/Inf map is never returned or saved."""
-    def finite(*ts):
-        return all(bool(torch.isfinite(t.detach()).all()) for t in ts)
-    bad = [m for m, (om, b) in maps.items() if not finite(om, b)]
-    bad += [f"{m} (gate)" for m, g in gates.items() if not finite(g["w"], g["c"])]
-    if bad:
-        kept = f"; the last checkpoint {os.fspath(path)!r} is left as it was" if path else ""
-        raise TrainingDivergedError(
-            f"the trained maps are not finite (NaN or Inf) after step {done} at {len(bad)} "
-            f"module(s): {bad[:5]}; lower the learning rate or use autocast_dtype=None{kept}")
-
-
-def _save_checkpoint(path, step, cfg, identity, maps, gates, opt, sched, gen, history):
-    """Maps, gates, optimizer, scheduler and RNG state after ``step`` steps, with what the run
-    must match to be resumed; written atomically (the old checkpoint stays until the new one is
-    complete). Non-finite maps are refused (TrainingDivergedError), the old checkpoint kept."""
-    from ._version import __version__
-    _check_finite(maps, gates, step, path)
-    state = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-             "library_version": __version__, "step": step, "config": asdict(cfg), **identity,
-             "maps": {m: (om.detach().cpu(), b.detach().cpu()) for m, (om, b) in maps.items()},
-             "gates": {m: (g["w"].detach().cpu(), g["c"].detach().cpu()) for m, g in gates.items()},
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "generator": gen.get_state(), "history": [asdict(r) for r in history]}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _what_it_is(path: str) -> str:
-    """A hint on what a file that is not a checkpoint looks like."""
-    return {"empty": "the file is empty",
-            "safetensors": "it is a safetensors file, e.g. a steering written by Steering.save; "
-                           "resume_from takes the file train wrote to checkpoint_path",
-            }.get(file_kind(path), "")
-
-
-def _differences(state: dict, cfg: TrainConfig, identity: dict, names: list[str]) -> list[str]:
-    diffs = []
-    was, now = state.get("config", {}), asdict(cfg)
-    for k in dict.fromkeys([*now, *was]):
-        if was.get(k) != now.get(k):
-            diffs.append(f"setting {k}: saved {was.get(k)!r}, now {now.get(k)!r}")
-    sm, nm = state.get("model") or {}, identity["model"]
-    labels = {"model_type": "model_type", "shapes_sha256": "parameter names/shapes (sha256)",
-              "weights_sample_sha256": "weights sample (sha256; other weights or dtype)"}
-    parts = [f"{label} saved {sm.get(k)!r}, now {nm.get(k)!r}" for k, label in labels.items()
-             if sm.get(k) != nm.get(k)]
-    if parts:
-        names_or_paths = (sm.get("name_or_path") or "", nm.get("name_or_path") or "")
-        where = f" (saved {names_or_paths[0]!r}, now {names_or_paths[1]!r})" if any(names_or_paths) else ""
-        diffs.append(f"model{where}: " + "; ".join(parts))
-    what = "prompts" if identity["reading"].get("kind") == "pipeline" else "sentences"
-    saved_data = state.get("data") or {}
-    for role, digest in identity["data"].items():
-        old = saved_data.get(role)
-        if old != digest:
-            def show(d):
-                return "none" if d is None else f"{d['count']} (sha256 {d['sha256'][:12]})"
-            diffs.append(f"{role} {what}: saved {show(old)}, now {show(digest)}")
-    saved_reading = state.get("reading") or {}
-    for k in dict.fromkeys([*identity["reading"], *saved_reading]):
-        if any(d.startswith(f"setting {k}:") for d in diffs):
-            continue                                     # the same value, listed as a setting
-        if saved_reading.get(k) != identity["reading"].get(k):
-            diffs.append(f"reading {k}: saved {saved_reading.get(k)!r}, now "
-                         f"{identity['reading'].get(k)!r}")
-    saved_mods = list(state.get("maps") or {})
-    if set(saved_mods) != set(names):
-        extra, missing = sorted(set(saved_mods) - set(names)), sorted(set(names) - set(saved_mods))
-        diffs.append(f"modules: {len(saved_mods)} saved, {len(names)} now (only saved: "
-                     f"{extra[:3]}, only now: {missing[:3]})")
-    return diffs
-
-
-def _load_checkpoint(path, cfg: TrainConfig, identity: dict, names: list[str]) -> dict:
-    """Read and check a checkpoint before any training work: a missing file, a file that is
-    not a lineas_fast checkpoint, or one written for another model, other data or other
-    settings is refused with every difference listed."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} (resume_from) does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"resume_from {path!r} is a folder; give the checkpoint file "
-                                f"written to checkpoint_path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                   # noqa: BLE001 (any unreadable file)
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        hint = _what_it_is(path)
-        raise ValueError(f"{path!r} is not a lineas_fast training checkpoint "
-                         f"({hint + '; ' if hint else ''}torch.load failed: "
-                         f"{type(e).__name__}: {first})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        hint = _what_it_is(path) or (f"no {CHECKPOINT_FORMAT!r} marker: another kind of file, "
-                                     f"or a checkpoint from an older lineas_fast")
-        raise ValueError(f"{path!r} is not a lineas_fast training checkpoint ({hint})")
-    if state.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path!r} was written by a newer lineas_fast "
-                         f"({state.get('library_version')}); upgrade to resume it")
-    missing = [k for k in ("step", "maps", "gates", "optimizer", "scheduler", "generator",
-                           "history") if k not in state]
-    if missing:
-        raise ValueError(f"checkpoint {path!r} is damaged: {missing} missing")
-    diffs = _differences(state, cfg, identity, names)
-    if diffs:
-        raise ValueError(f"cannot resume from {path!r}: it was written with other settings, "
-                         f"model or data ({len(diffs)} difference(s)):\n  - " + "\n  - ".join(diffs))
-    return state
-
-
-def _restore_checkpoint(state, maps, gates, opt, sched, gen):
-    with torch.no_grad():
-        for m, (om, b) in maps.items():
-            om.copy_(state["maps"][m][0])
-            b.copy_(state["maps"][m][1])
-        for m, g in gates.items():
-            g["w"].copy_(state["gates"][m][0])
-            g["c"].copy_(state["gates"][m][1])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    gen.set_state(state["generator"])
-    history = [StepRecord(**r) for r in state["history"]]
-    return int(state["step"]), history
-
-
-class _SaveOnSignal:
-    """SIGINT / SIGTERM while ``train`` runs its loop with a ``checkpoint_path``: the step under
-    way finishes, a checkpoint is written, then the signal is acted on as it would have been
-    without ``train`` (by default: KeyboardInterrupt for Ctrl-C, termination for SIGTERM). A
-    second signal, or one before the loop starts, acts at once. Installed only in the main
-    thread and only for this block; the previous handlers are restored after; ignored signals
-    stay ignored."""
-
-    def __init__(self, path):
-        self.path, self.previous = path, {}
-        self.pending, self.armed, self.saver, self.saved = None, False, None, None
-
-    def __enter__(self):
-        if self.path is not None and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                handler = signal.getsignal(signum)
-                if handler in (signal.SIG_IGN, None):
-                    continue
-                self.previous[signum] = handler
-                signal.signal(signum, self._handler)
-        return self
-
-    def arm(self, saver) -> None:
-        self.saver, self.armed = saver, bool(self.previous)
-
-    def save(self, done: int) -> None:
-        if self.saver is not None and self.saved != done:
-            self.saver(done)
-            self.saved = done
-
-    def check(self, done: int) -> None:
-        if self.pending is not None:
-            signum, self.pending = self.pending, None
-            self.armed = False
-            self.save(done)
-            self._act(signum)
-
-    def _handler(self, signum, frame) -> None:
-        if self.armed and self.pending is None:
-            self.pending = signum
-            return
-        self._act(signum)
-
-    def _restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-    def _act(self, signum) -> None:
-        self.armed = False
-        self._restore()
-        signal.raise_signal(signum)              # the previous handler (or default action) runs
-        if signum == signal.SIGINT:              # it returned: training stops anyway
-            raise KeyboardInterrupt
-        raise SystemExit(128 + signum)
-
-    def __exit__(self, *exc) -> bool:
-        pending, self.pending, self.armed = self.pending, None, False
-        self._restore()
-        if pending is not None:
-            self._act(pending)
-        return False
+    return tqdm(disable=not enabled, initial=first, total=total, desc="lineas", leave=False)

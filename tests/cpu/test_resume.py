@@ -215,30 +215,32 @@ def refusal_free(path):
              **{**KW, "steps": 2})
 
 
-PROXIMAL = trainer.proximal_step
+PROXIMAL = trainer.proximal_maps
 
 
-def poison_from(monkeypatch, calls: int):
-    """The proximal step fills the maps with NaN from its ``calls``-th call on (the loss of the
-    step that does it is still finite: it was computed before the update)."""
+def poison_from(monkeypatch, clean_steps: int):
+    """The proximal step (run once per step, after the optimizer's) fills the maps with NaN
+    from step ``clean_steps`` on (the loss of the step that does it is still finite: it was
+    computed before the update)."""
     count = [0]
 
-    def poisoned(v, *args):
+    def poisoned(maps, *args):
+        maps = list(maps)
+        PROXIMAL(maps, *args)
         count[0] += 1
-        PROXIMAL(v, *args)
-        if count[0] > calls:
-            v.fill_(float("nan"))
-    monkeypatch.setattr(trainer, "proximal_step", poisoned)
+        if count[0] > clean_steps:
+            for om, _ in maps:
+                om.detach().fill_(float("nan"))
+    monkeypatch.setattr(trainer, "proximal_maps", poisoned)
 
 
 def test_non_finite_maps_are_never_returned_or_saved(tmp_path, tok, monkeypatch):
-    n_mod = 3                                                    # tiny llama: 3 layers
     poison_from(monkeypatch, 0)
     with pytest.raises(lf.TrainingDivergedError, match="not finite") as err:
         lf.train(tiny_model("llama"), tok, SOURCE, TARGET, **{**KW, "steps": 1})
     assert "model.layers.0.post_attention_layernorm" in str(err.value)
     ck = tmp_path / "ck.pt"
-    poison_from(monkeypatch, 2 * n_mod)                          # step 0 clean, step 1 poisoned
+    poison_from(monkeypatch, 1)                                  # step 0 clean, step 1 poisoned
     with pytest.raises(lf.TrainingDivergedError, match="after step 2") as err:
         lf.train(tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_every=1,
                  checkpoint_path=str(ck), **{**KW, "steps": 2})
