@@ -19,6 +19,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff>=0.5"],
         "diffusers": ["diffusers>=0.30"],
+        "gguf": ["gguf>=0.10"],          # lf.fuse_gguf / lineas-fast fuse --gguf
         "demo": ["gguf>=0.10", "accelerate>=0.30", "alt-profanity-check>=1.5", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["lineas-fast=lineas_fast.cli:main"]},

@@ -1,5 +1,8 @@
 """Generation throughput per steering provider (unsteered, reference hooks, lineas_fast hooks,
 DSAS-gated hooks, in-memory fused norms, folded); writes bench/results/generation-<device>.json.
+A thin caller of ``lineas_fast.bench.measure`` (what ``lineas-fast bench`` runs on a user's own
+model and steering) on a SmolLM2-sized model with a random steering, plus two providers of this
+repo's own (reference hooks, DSAS gates) and the ATen operator count per forward.
 
     python bench/generation.py                     # CPU: SmolLM2-135M-sized Llama, fp32
     python bench/generation.py --qwen 1.5B 7B      # GPU: Qwen2.5 configs, random weights, bf16
@@ -14,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json  # noqa: E402
-from generation_setup import (PROVIDERS, QWEN25, ops_per_forward, prepare,  # noqa: E402
-                              random_steering, throughput)
+from generation_setup import QWEN25, extra_providers, ops_per_forward, random_steering  # noqa: E402
+from lineas_fast.bench import measure, table  # noqa: E402
 
 
 def models(args):
@@ -50,25 +53,13 @@ def main(argv=None) -> int:
     rows = []
     for label, model in models(args):
         steering = random_steering(model)
-        throughput(model, batches[0], prompt_len, new_tokens, repeats=1)   # process warm-up
-        for provider in PROVIDERS:
-            run, handle = prepare(provider, model, steering)
-            ops = ops_per_forward(run)
-            for b in batches:
-                r = throughput(run, b, prompt_len, new_tokens)
-                rows.append({"model": label, "provider": provider, "batch": b,
-                             "prompt_len": prompt_len, "new_tokens": new_tokens,
-                             "aten_ops_per_forward": ops, **r})
-                print(f"{label[:28]:28s} {provider:16s} B={b:3d} prefill {r['prefill_tok_s']:9.1f} "
-                      f"tok/s  decode {r['decode_tok_s']:8.1f} tok/s  ops/forward {ops}")
-            if handle:
-                handle.remove()
-            del run
-        base = {(r["model"], r["batch"]): r for r in rows if r["provider"] == "unsteered"}
-        for r in rows:
-            u = base[(r["model"], r["batch"])]
-            r["prefill_vs_unsteered"] = r["prefill_tok_s"] / u["prefill_tok_s"]
-            r["decode_vs_unsteered"] = r["decode_tok_s"] / u["decode_tok_s"]
+        got, skipped = measure(model, steering, 1.0, batches, prompt_len, new_tokens, repeats=5,
+                               extra=extra_providers(model, steering),
+                               annotate=lambda run: {"aten_ops_per_forward": ops_per_forward(run)})
+        for name, why in skipped.items():
+            print(f"{label}: {name} skipped: {why}")
+        rows += [{"model": label, **r} for r in got]
+        print(table(got))
     env = environment()
     name = env["device"].replace(" ", "_") if gpu else "cpu"
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"generation-{name}.json")

@@ -7,17 +7,19 @@
 * ``fused_norms``: ``lf.fuse_in_memory`` (map inside the norm; no extra op);
 * ``folded``: ``lf.fuse`` (weights and biases changed; the plain graph).
 Prefill tokens/s is B·T / time of one forward over the prompt; decode tokens/s is B·N / (time of
-``generate`` with N new tokens − prefill time).
+``generate`` with N new tokens − prefill time): ``lineas_fast.bench.throughput``, the measurement
+of ``lineas-fast bench``, which times unsteered / hooks / fused_norms / folded itself;
+``extra_providers`` adds the two this repo's benchmark also compares (reference hooks, DSAS gates).
 """
 from __future__ import annotations
 
 import copy
 import re
-import time
 
 import torch
 
 import lineas_fast as lf
+from lineas_fast.bench import throughput  # noqa: F401 -- the measurement, re-exported
 
 PROVIDERS = ["unsteered", "reference_hooks", "lineas_hooks", "lineas_gated", "fused_norms",
              "folded"]
@@ -75,36 +77,15 @@ class _Handles:
             h.remove()
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def throughput(model, batch, prompt_len, new_tokens, repeats=5, seed=0):
-    dev = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g).to(dev)
-    mask = torch.ones_like(ids)
-    model(input_ids=ids, attention_mask=mask)                      # warm-up: forward and
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
-                   pad_token_id=0)                                 # a short generate
-    pre, gen = [], []
-    for _ in range(repeats):
-        _sync(dev)
-        t0 = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask)
-        _sync(dev)
-        pre.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        _sync(dev)
-        gen.append(time.perf_counter() - t0)
-    p, g_ = sorted(pre)[len(pre) // 2], sorted(gen)[len(gen) // 2]
-    return {"prefill_tok_s": batch * prompt_len / p,
-            "decode_tok_s": batch * new_tokens / max(g_ - p, 1e-9),
-            "prefill_s": p, "generate_s": g_}
+def extra_providers(model, steering, strength=1.0) -> dict:
+    """{name: prepare() -> (model to run, cleanup)} for ``lineas_fast.bench.measure``: the
+    research-code-style hooks and the DSAS-gated lineas_fast hooks."""
+    def make(provider):
+        def prepare_it():
+            run, handle = prepare(provider, model, steering, strength)
+            return run, (handle.remove if handle else (lambda: None))
+        return prepare_it
+    return {p: make(p) for p in ("reference_hooks", "lineas_gated")}
 
 
 @torch.no_grad()

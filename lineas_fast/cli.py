@@ -1,4 +1,4 @@
-"""Command line: ``lineas-fast train | generate | fuse | generate-image | demo``.
+"""Command line: ``lineas-fast train | generate | fuse [--gguf] | bench | generate-image | demo``.
 
 Contract: a user error (a bad value, a missing or malformed file, an output that cannot be
 written, a library ``ValueError``/``TypeError``/``OSError``/``FusionError``/
@@ -20,7 +20,9 @@ from .cli_io import (SEED, ArgumentParser, CLIError, check_checkpoint, check_mod
                      model_or_pipeline, model_positions, name_flags, nonblank, one_line, read_sentences,
                      real, regex, scheduler_timesteps)
 from .demo import add_demo_parser
+from .bench import add_bench_parser
 from .fusion_cli import add_fuse_parser
+from .gguf_cli import add_gguf_to_fuse
 
 DEFAULT_MAX_LENGTH = 128
 # library argument names -> the train flags that set them (named in library error messages)
@@ -213,6 +215,8 @@ def build_parser() -> ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     add_fuse_parser(sub)
+    add_gguf_to_fuse(sub.choices["fuse"])
+    add_bench_parser(sub)
     i = sub.add_parser("generate-image", help="a grid PNG of a strength sweep (diffusers)",
                        description="Generate one image per strength with the same seed and save "
                                    "them side by side; negative strengths induce the concept.")

