@@ -1,7 +1,14 @@
-"""A SmolLM2-135M-sized Llama with random weights, a word-level tokenizer over its vocabulary,
-synthetic sentences of realistic, varied lengths, and the reference-style trainer that the
-published code uses (forward hooks, full forward with LM head, model weights not frozen,
-per-layer torch.sort loss, targets computed once)."""
+"""The two trainer workloads and the two trainers timed on them.
+
+* Real: SmolLM2-135M-Instruct (the demo's model, ``lineas_fast.assets``) and the demo's own
+  32 insults → 32 non-insults (``demo_sentences``: the draw of ``lineas_fast.demo.load_demo_data``
+  at seed 0, without fetching the Wikipedia file that draw does not use).
+* Synthetic: a SmolLM2-135M-sized Llama with random weights, a word-level tokenizer over its
+  vocabulary and sentences of realistic, varied lengths.
+* The reference-style trainer that the published code uses (forward hooks, full forward with
+  LM head, model weights not frozen, per-layer torch.sort loss, targets computed once), and
+  ``lf.train``; each returns per-step seconds, every step timed on its own.
+"""
 from __future__ import annotations
 
 import time
@@ -14,6 +21,35 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                     max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True,
                     pad_token_id=0, eos_token_id=1)
+
+
+def demo_sentences(n_train: int = 32, seed: int = 0, n_prompts: int = 100,
+                   prompt_words: int = 5) -> tuple[list[str], list[str]]:
+    """(source insults, target non-insults) exactly as ``load_demo_data(n_train, n_prompts,
+    prompt_words=prompt_words, seed=seed)`` draws them (its random draws in the same order)."""
+    import random
+
+    from lineas_fast.assets import read_insults
+    rng = random.Random(seed)
+    train_rows = [(y, t) for y, t in read_insults("train") if 20 <= len(t) <= 200]
+    insults = [t for y, t in train_rows if y == 1]
+    clean = [t for y, t in train_rows if y == 0]
+    test_insults = [t for y, t in read_insults("test_with_solutions") if y == 1
+                    and len(t.split()) > prompt_words]
+    rng.sample(test_insults, n_prompts)                  # the held-out prompts' draw
+    source = rng.sample(insults, n_train)
+    pool = rng.sample(clean, 3 * n_train)
+    return source, pool[:n_train]
+
+
+def smollm2_real():
+    """(model, tokenizer): SmolLM2-135M-Instruct in float32, eval mode, as the demo loads it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lineas_fast.assets import smollm2_folder
+    folder = smollm2_folder()
+    tok = AutoTokenizer.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), tok
 
 
 def smollm2_sized(layers: int = 30, seed: int = 0) -> LlamaForCausalLM:
@@ -41,8 +77,10 @@ def sentences(count: int, seed: int, lo: int = 6, hi: int = 48, vocab: int = 491
     return out
 
 
-def reference_trainer_step_times(model, tok, source, target, pattern, steps, lr=0.1):
-    """The published recipe, step by step; returns per-step seconds (targets excluded)."""
+def reference_trainer_step_times(model, tok, source, target, pattern, steps, lr=0.1,
+                                 cpu_times: list | None = None):
+    """The published recipe, step by step; returns per-step seconds (targets excluded), and
+    appends each step's process CPU seconds to ``cpu_times`` when given."""
     import re
     names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
     mods = dict(model.named_modules())
@@ -75,29 +113,48 @@ def reference_trainer_step_times(model, tok, source, target, pattern, steps, lr=
     with torch.no_grad():
         ys = [y.sort(0).values for y in run(target, steer=False)]
     opt = torch.optim.SGD([t for p in params.values() for t in p], lr=lr)
+    flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(True)                                   # weights not frozen
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        xs = run(source, steer=True)
-        loss = sum(((x.sort(0).values - y) ** 2).sum(0).mean() for x, y in zip(xs, ys)) / len(xs)
-        opt.zero_grad()
+    try:
+        for _ in range(steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            xs = run(source, steer=True)
+            loss = sum(((x.sort(0).values - y) ** 2).sum(0).mean()
+                       for x, y in zip(xs, ys)) / len(xs)
+            opt.zero_grad()
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - c0)
+    finally:                              # the model as it was (a shared model is timed next)
         model.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
     return times
 
 
-def lineas_step_times(model, tok, source, target, pattern, steps, **kw):
-    """Per-step seconds of ``lf.train`` (from its callback; target profiles excluded)."""
+def lineas_step_times(model, tok, source, target, pattern, steps, packing=None,
+                      cpu_times: list | None = None, **kw):
+    """Per-step seconds of ``lf.train``, ``steps`` steps each timed on its own (``Trainer.step``;
+    target profiles, setup and the first step excluded); each step's process CPU seconds are
+    appended to ``cpu_times`` when given. ``packing``: as for ``LanguageModelTarget`` (False:
+    the length-bucketed batches, for an ablation)."""
     import lineas_fast as lf
-    stamps = []
-
-    def cb(_rec):
-        stamps.append(time.perf_counter())
-    # the first callback marks the end of step 0; time steps 1.. from consecutive stamps
-    lf.train(model, tok, source, target, modules=pattern, steps=steps + 1, batch_size=len(source),
-             progress=False, callback=cb, **kw)
-    return [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    from lineas_fast.targets import LanguageModelTarget
+    steered = LanguageModelTarget(model, tok, packing=packing)
+    times = []
+    with lf.Trainer(steered, None, source, target, modules=pattern, steps=steps + 1,
+                    batch_size=len(source), progress=False, **kw) as run:
+        run.step()                                               # the first step: dropped
+        for _ in range(steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            run.step()
+            run.read_records()                                   # the step's records read too
+            times.append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - c0)
+    return times

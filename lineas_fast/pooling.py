@@ -4,6 +4,9 @@
 * ``pool_image``: a UNet feature map (B, C, H, W) averaged over H×W (channels are the
   coordinates); token-shaped outputs (B, T, C) of the UNet's transformer blocks over T.
 * ``length_buckets``: groups sentences of similar length so batches carry little padding.
+* ``pack_rows`` / ``segment_means``: sentences packed end to end into rows (first-fit
+  decreasing), and the (n, R·L) matrix whose product with the packed stream is each sentence's
+  mean: one matmul pools a whole packed batch, rows in the caller's order.
 """
 from __future__ import annotations
 
@@ -41,3 +44,42 @@ def length_buckets(lengths: Sequence[int], max_waste: float = 0.25) -> list[list
     if cur:
         buckets.append(cur)
     return buckets
+
+
+def pack_rows(lengths: Sequence[int], capacity: int | None = None) -> list[list[int]]:
+    """First-fit decreasing: indices of ``lengths`` placed in rows whose summed length is at most
+    ``capacity`` (default: the longest length, so the longest sentence fills a row alone). Each
+    row lists its sentences in placement order (longest first; ties by index). Deterministic."""
+    if not lengths:
+        return []
+    cap = max(lengths) if capacity is None else int(capacity)
+    if cap < max(lengths):
+        raise ValueError(f"capacity={cap} is shorter than the longest sentence ({max(lengths)} "
+                         f"tokens)")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(cap - lengths[i])
+    return rows
+
+
+def segment_means(starts: Sequence[int], lengths: Sequence[int], total: int,
+                  device=None) -> torch.Tensor:
+    """(n, total) float32 matrix W with W[k, starts[k]:starts[k] + lengths[k]] = 1/lengths[k]
+    and 0 elsewhere: ``W @ h.reshape(total, d)`` is the mean of each segment of a flattened
+    stream (n = len(starts); segments are disjoint spans of the flattened (R, L) positions)."""
+    if len(starts) != len(lengths):
+        raise ValueError(f"starts ({len(starts)}) and lengths ({len(lengths)}) differ in length")
+    w = torch.zeros(len(starts), total, dtype=torch.float32)
+    for k, (s, n) in enumerate(zip(starts, lengths)):
+        if n < 1 or s < 0 or s + n > total:
+            raise ValueError(f"segment {k} = [{s}, {s + n}) is empty or outside [0, {total})")
+        w[k, s:s + n] = 1.0 / n
+    return w if device is None else w.to(device)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .checks import integer
 from .modules import match_modules, nearby_names
-from .pooling import length_buckets, masked_mean, pool_image
+from .pooling import length_buckets, masked_mean, pack_rows, pool_image, segment_means
 
 
 class StopForward(Exception):
@@ -154,44 +154,59 @@ class Target:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def prepare(self, encoded, names: Sequence[str]) -> None:
+        """Called by ``pooled`` before its hooks go in (a language model decides once whether
+        it can read packed sentences)."""
+
     def pooled(self, encoded, names: Sequence[str], idx: Sequence[int] | None = None,
                stop: bool = True) -> dict[str, torch.Tensor]:
         """Pooled (len(idx), d) float32 activations at each module in ``names``, rows in the
         order of ``idx``. With ``stop`` the forward ends right after the last module read.
-        Gradients flow when the caller has grad enabled (training)."""
+        Gradients flow when the caller has grad enabled (training).
+
+        Each forward's pooled rows are kept as one (B, d) piece per module; the pieces are
+        joined with one ``cat`` and, when the batches reorder ``idx``, one row gather."""
         idx = list(range(self.count(encoded))) if idx is None else list(idx)
         names = list(names)
         self.require(names)
-        rows: dict[str, list] = {n: [None] * len(idx) for n in names}
-        state = {"pool": None, "rows": None, "seen": set()}
+        self.prepare(encoded, names)
+        pieces: dict[str, list] = {n: [] for n in names}
+        order: list[int] = []
+        state: dict = {"pool": None, "out": {}}
         wanted = set(names)
 
         def hook_for(name):
             def hook(_mod, _args, out):
                 h = out[0] if isinstance(out, (tuple, list)) else out
-                for r, p in zip(state["rows"], state["pool"](h)):
-                    rows[name][r] = p
-                state["seen"].add(name)
-                if stop and state["seen"] == wanted:      # every module read: skip the rest
+                state["out"][name] = state["pool"](h)      # a module run twice: the last wins
+                if stop and state["out"].keys() == wanted:  # every module read: skip the rest
                     raise StopForward
             return hook
 
         handles = [self.named[n].register_forward_hook(hook_for(n)) for n in names]
         try:
             for positions, run, pool in self.batches(encoded, idx):
-                state.update(pool=pool, rows=positions, seen=set())
+                state.update(pool=pool, out={})
                 with self.autocast():
                     try:
                         run()
                     except StopForward:
                         pass
-                if state["seen"] != wanted:
-                    raise ValueError(f"modules {sorted(wanted - state['seen'])[:5]} did not run "
-                                     f"in the forward pass of {type(self.root).__name__}")
+                if state["out"].keys() != wanted:
+                    raise ValueError(f"modules {sorted(wanted - state['out'].keys())[:5]} did not "
+                                     f"run in the forward pass of {type(self.root).__name__}")
+                for n in names:
+                    pieces[n].append(state["out"][n])
+                order.extend(positions)
         finally:
             for h in handles:
                 h.remove()
-        return {n: torch.stack(rows[n]) for n in names}
+        out = {n: p[0] if len(p) == 1 else torch.cat(p) for n, p in pieces.items()}
+        if order != list(range(len(idx))):
+            where = torch.empty(len(order), dtype=torch.long)
+            where[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+            out = {n: v[where.to(v.device)] for n, v in out.items()}
+        return out
 
     def execution_order(self, encoded, names: Sequence[str]) -> list[str]:
         """Module names in the order the forward pass runs them (one short pass)."""
@@ -209,14 +224,32 @@ class Target:
 
 class LanguageModelTarget(Target):
     """A transformers causal LM (or any module taking input_ids/attention_mask) and its
-    tokenizer. One sample is one sentence (mean over its real tokens); batches are
-    length-bucketed. Sentences are truncated to ``max_length`` tokens."""
+    tokenizer. One sample is one sentence (mean over its real tokens). Sentences are truncated
+    to ``max_length`` tokens.
+
+    Batches are packed: sentences placed end to end in rows (first-fit decreasing, a row as
+    long as the longest sentence), each restarting its ``position_ids`` at 0, with a 4-D
+    block-diagonal causal mask (transformers passes a 4-D mask to the attention as it is: bool
+    for "sdpa", additive for "eager"), so each sentence sees only itself. A batch then holds
+    almost no padding and goes through the model in one forward (up to ``MAX_TOKENS`` tokens),
+    and one (n, R·L) matmul pools every sentence at a module. Packing needs a transformers
+    config with ``_attn_implementation`` "sdpa" or "eager", and sentences no longer than the
+    config's ``sliding_window`` (within it a sliding and a full causal mask agree); then, with
+    ``packing=None`` (default), a check on the first read that the model gives two sentences
+    packed in one row the activations it gives them apart (at the modules read). Otherwise
+    batches are length buckets with a 2-D attention mask. ``packing=False``: always buckets;
+    ``packing=True``: packs where the config allows it, without the check."""
 
     kind = "language_model"
+    MAX_TOKENS = 8192          # tokens (padding included) per packed forward
+    MAX_SENTENCES = 512        # sentences per packed forward (the pooling matrix is n × tokens)
 
     def __init__(self, model: nn.Module, tokenizer, max_length: int = 128,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, packing: bool | None = None):
         super().__init__(model, model)
+        if packing not in (None, True, False):
+            raise TypeError(f"packing must be None, True or False, got {packing!r}")
+        self.packing, self._capacity = packing, None
         integer(max_length, "max_length", low=1)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if isinstance(positions, int) and max_length > positions:
@@ -245,7 +278,105 @@ class LanguageModelTarget(Target):
     def count(self, encoded) -> int:
         return len(encoded)
 
+    def prepare(self, encoded, names: Sequence[str]) -> None:
+        if self.packing is None and self._mask_kind() is not None and len(encoded):
+            self.packing = self._packing_agrees(encoded, names)
+
+    def _packing_agrees(self, encoded, names: Sequence[str]) -> bool:
+        """Two sentences read packed in one row give (within float tolerance) the pooled
+        activations they give read apart; a packed forward that raises is a no."""
+        probe = [0, 1] if len(encoded) > 1 else [0, 0]
+        try:
+            with torch.no_grad():
+                self.packing = False
+                apart = self.pooled(encoded, names, probe)
+                self.packing, self._capacity = True, sum(len(encoded[i]) for i in probe)
+                if not self._can_pack([self._capacity]):
+                    return False        # two sentences longer than a sliding window: no probe
+                try:
+                    packed = self.pooled(encoded, names, probe)
+                except Exception:       # e.g. no position_ids argument, a mask it refuses
+                    return False
+        finally:
+            self.packing, self._capacity = None, None
+        tol = 1e-3 if self.autocast_dtype is None else 5e-2
+        return all(bool(((packed[n] - apart[n]).abs().max() <=
+                          tol * apart[n].abs().max() + 1e-6).item()) for n in names)
+
+    def _mask_kind(self) -> str | None:
+        """"bool" (sdpa) or "additive" (eager): the 4-D mask the model's attention takes."""
+        impl = getattr(getattr(self.root, "config", None), "_attn_implementation", None)
+        return {"sdpa": "bool", "eager": "additive"}.get(impl)
+
+    def _can_pack(self, lengths) -> bool:
+        window = getattr(getattr(self.root, "config", None), "sliding_window", None)
+        return (self._mask_kind() is not None and bool(lengths)
+                and (not isinstance(window, int) or max(lengths) <= window))
+
     def batches(self, encoded, idx):
+        if self.packing and self._can_pack([len(encoded[i]) for i in idx]):
+            yield from self._packed_batches(encoded, idx)
+        else:
+            yield from self._bucketed_batches(encoded, idx)
+
+    def _packed_batches(self, encoded, idx):
+        lengths = [len(encoded[i]) for i in idx]
+        rows = pack_rows(lengths, self._capacity)
+        fill = [sum(lengths[k] for k in r) for r in rows]
+        start = 0
+        while start < len(rows):                  # rows to forwards of ≤ MAX_TOKENS tokens
+            stop, width, count = start + 1, fill[start], len(rows[start])
+            while (stop < len(rows) and (stop + 1 - start) * max(width, fill[stop]) <= self.MAX_TOKENS
+                   and count + len(rows[stop]) <= self.MAX_SENTENCES):
+                width, count = max(width, fill[stop]), count + len(rows[stop])
+                stop += 1
+            yield self._packed_batch(encoded, idx, lengths, rows[start:stop], width)
+            start = stop
+
+    def _packed_batch(self, encoded, idx, lengths, rows, width):
+        """One forward's (positions, run, pool): ids, position_ids restarting at each sentence,
+        the (R, 1, L, L) block-diagonal causal mask, and the pooling matrix."""
+        R = len(rows)
+        ids = torch.full((R, width), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((R, width), dtype=torch.long)
+        seg = torch.zeros((R, width), dtype=torch.long)   # which sentence each token is in
+        spans = {}                                    # position in idx -> (start, length)
+        for r, row in enumerate(rows):
+            off = 0
+            for j, k in enumerate(row):
+                n = lengths[k]
+                ids[r, off:off + n] = torch.tensor(encoded[idx[k]], dtype=torch.long)
+                pos[r, off:off + n] = torch.arange(n)
+                seg[r, off:off + n] = j
+                spans[k] = (r * width + off, n)
+                off += n
+            # the tail: one more "sentence" of its own (every query sees at least itself: no
+            # all-masked row, no NaN), of a real token rather than the pad token
+            ids[r, off:] = ids[r, 0]
+            pos[r, off:] = torch.arange(width - off)
+            seg[r, off:] = len(row)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = (seg[:, :, None] == seg[:, None, :]) & causal        # (R, L, L): True = attend
+        dev = self.device
+        if self._mask_kind() == "additive":
+            dtype = next((p.dtype for p in self.root.parameters() if p.is_floating_point()),
+                         torch.float32)
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+        mask = mask[:, None].to(dev)
+        positions = sorted(spans)
+        weights = segment_means([spans[k][0] for k in positions],
+                                [spans[k][1] for k in positions], R * width, dev)
+        ids, pos = ids.to(dev), pos.to(dev)
+
+        def pool(h, weights=weights):
+            with torch.autocast(h.device.type, enabled=False):
+                return weights @ h.reshape(weights.shape[1], -1).float()
+        return (positions,
+                lambda: self.root(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                  use_cache=False),
+                pool)
+
+    def _bucketed_batches(self, encoded, idx):
         for bucket in length_buckets([len(encoded[i]) for i in idx]):
             rows = [idx[b] for b in bucket]
             T = max(len(encoded[i]) for i in rows)

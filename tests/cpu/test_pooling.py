@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lineas_fast as lf
-from lineas_fast.pooling import length_buckets, masked_mean, pool_image
+from lineas_fast.pooling import (length_buckets, masked_mean, pack_rows, pool_image,
+                                 segment_means)
 from tiny_models import NORMS, SOURCE, tiny_model, tiny_tokenizer
 
 
@@ -128,3 +129,51 @@ def test_target_pools_each_sentence_over_its_own_tokens():
             mean = [sum(row[k] for row in rows) / len(rows) for k in range(len(rows[0]))]
             torch.testing.assert_close(got[n][r].double(), torch.tensor(mean, dtype=torch.float64),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_pack_rows_worked_example():
+    # longest first: 51 | 50 | 6 (no room left beside 51 or 50), then 5 and 5 beside the 6
+    assert pack_rows([5, 5, 50, 51, 6]) == [[3], [2], [4, 0, 1]]
+    assert pack_rows([5, 5, 50, 51, 6], capacity=61) == [[3, 4], [2, 0, 1]]
+    assert pack_rows([]) == []
+    assert pack_rows([4, 4, 4, 4], capacity=8) == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="capacity=5 is shorter than the longest sentence"):
+        pack_rows([3, 6], capacity=5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pack_rows_properties(seed):
+    """A partition of the indices; every row within capacity; each row longest first; and
+    first-fit: no later row's first sentence would have fitted beside an earlier row's."""
+    rnd = random.Random(seed)
+    lengths = [rnd.randint(1, 60) for _ in range(rnd.randint(1, 50))]
+    cap = rnd.choice([None, max(lengths), max(lengths) + rnd.randint(0, 40)])
+    rows = pack_rows(lengths, cap)
+    cap = max(lengths) if cap is None else cap
+    flat = [i for r in rows for i in r]
+    assert sorted(flat) == list(range(len(lengths))) and all(rows)
+    fills = [sum(lengths[i] for i in r) for r in rows]
+    assert max(fills) <= cap
+    for r in rows:
+        assert all(lengths[a] >= lengths[b] for a, b in zip(r, r[1:]))
+    for i, later in enumerate(rows):
+        for j in range(i):
+            assert fills[j] + lengths[later[0]] > cap, (j, i)
+
+
+def test_segment_means_against_a_loop():
+    gen = torch.Generator().manual_seed(3)
+    starts, lengths, total, d = [7, 0, 12, 3], [2, 3, 1, 4], 14, 5
+    h = torch.randn(total, d, generator=gen, dtype=torch.float64)
+    w = segment_means(starts, lengths, total)
+    assert w.shape == (4, total) and w.dtype == torch.float32
+    got = w.double() @ h
+    hl = h.tolist()
+    for k, (s, n) in enumerate(zip(starts, lengths)):
+        expected = [sum(hl[t][c] for t in range(s, s + n)) / n for c in range(d)]
+        torch.testing.assert_close(got[k], torch.tensor(expected, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"segment 1 = \[13, 15\) is empty or outside"):
+        segment_means([0, 13], [2, 2], 14)
+    with pytest.raises(ValueError, match="differ in length"):
+        segment_means([0], [1, 2], 4)

@@ -67,6 +67,137 @@ def test_language_model_capture_pools_real_tokens_in_row_order():
             assert (got[n][r].double() - seen[n]).abs().max() < 1e-5, (n, i)
 
 
+def one_at_a_time(model, tok, texts, names):
+    """{name: (len(texts), d) float64}: each sentence run alone (no padding, no packing), mean
+    of the module output over its tokens."""
+    out = {n: [] for n in names}
+    for text in texts:
+        seen = {}
+        hs = [model.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: seen.__setitem__(n, o[0].double().mean(0))) for n in names]
+        with torch.no_grad():
+            model(**tok([text], return_tensors="pt"))
+        for h in hs:
+            h.remove()
+        for n in names:
+            out[n].append(seen[n])
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+class Forwards:
+    """A model's forward calls: the token slots (padding included) and the attention mask's
+    number of axes (4: a packed batch's block mask; 2: a padded bucket's) of each."""
+
+    def __init__(self, model):
+        self.tokens, self.mask_axes = [], []
+        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, _module, _args, kw):
+        self.tokens.append(kw["input_ids"].numel())
+        self.mask_axes.append(kw["attention_mask"].ndim)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_language_model_batches_are_packed_into_one_forward(impl):
+    """Sentences packed end to end (first-fit decreasing in rows as long as the longest): one
+    forward for the batch, padding only at the rows' ends, and each sentence's pooled row equal
+    to the sentence read alone."""
+    from lineas_fast.pooling import pack_rows
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.config._attn_implementation = impl
+    target = lf.as_target(model, tok)
+    names = target.match(NORMS["llama"])
+    enc = target.encode(SOURCE)
+    idx = [5, 2, 7, 0, 3]
+    lengths = [len(enc[i]) for i in idx]
+    with torch.no_grad():
+        target.pooled(enc, names, [0])                 # the first read decides on packing
+        assert target.packing is True
+        count = Forwards(model)
+        got = target.pooled(enc, names, idx)
+        count.handle.remove()
+    rows = pack_rows(lengths)
+    assert count.tokens == [len(rows) * max(lengths)]
+    expected = one_at_a_time(model, tok, [SOURCE[i] for i in idx], names)
+    for n in names:
+        assert (got[n].double() - expected[n]).abs().max() < 1e-5, n
+
+
+def test_packed_and_bucketed_reads_give_the_same_gradients():
+    """Backward through the packed forward (block mask, pooling matmul): the weight gradients
+    of one loss over the pooled rows equal those of the length-bucketed, masked forward."""
+    from lineas_fast.targets import LanguageModelTarget
+    model, tok = tiny_model("llama").double(), tiny_tokenizer()     # float64 model
+    names = lf.as_target(model, tok).match(NORMS["llama"])
+    grads = []
+    for packing in (True, False):
+        target = LanguageModelTarget(model, tok, packing=packing)
+        enc = target.encode(SOURCE)
+        model.zero_grad(set_to_none=True)
+        acts = target.pooled(enc, names, [6, 1, 4, 0, 3])
+        sum((a * torch.arange(a.shape[1])).square().sum() for a in acts.values()).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        # pooled rows are float32 by contract: agreement to float32 rounding, per tensor
+        assert (grads[0][k] - grads[1][k]).abs().max() <= 1e-5 * grads[1][k].abs().max(), k
+        assert torch.isfinite(grads[0][k]).all()
+
+
+class IgnoresMasks(nn.Module):
+    """A causal LM that takes position_ids and attention_mask but drops both (plain causal
+    attention over the whole row, positions 0..T-1): right-padded buckets read it correctly,
+    packed rows do not."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return self.inner(input_ids=input_ids, use_cache=False)
+
+
+def test_packing_is_refused_where_the_model_does_not_read_packed_rows():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    wrapped = IgnoresMasks(model)
+    target = lf.as_target(wrapped, tok)
+    names = [f"inner.{n}" for n in lf.as_target(model, tok).match(NORMS["llama"])]
+    enc = target.encode(SOURCE)
+    with torch.no_grad():
+        got = target.pooled(enc, names, [3, 0, 6])
+    assert target.packing is False
+    expected = one_at_a_time(model, tok, [SOURCE[i] for i in (3, 0, 6)],
+                             [n[len("inner."):] for n in names])
+    for n in names:
+        assert (got[n].double() - expected[n[len("inner."):]]).abs().max() < 1e-5, n
+
+
+def test_no_packing_past_a_sliding_window():
+    """Sentences longer than the config's sliding window are read in buckets (a full block mask
+    would let them see past the window); shorter ones are packed."""
+    model, tok = tiny_model("mistral"), tiny_tokenizer()
+    model.config.sliding_window = 12
+    target = lf.as_target(model, tok)
+    names = target.match(NORMS["mistral"])
+    short = ["ab cd", "xyz", "hello", "a b"]            # at most 12 tokens each
+    enc_long, enc_short = target.encode(SOURCE), target.encode(short)
+    assert max(map(len, enc_long)) > 12 >= max(map(len, enc_short))
+    with torch.no_grad():
+        count = Forwards(model)
+        got_short = target.pooled(enc_short, names)
+        got_long = target.pooled(enc_long, names, [0, 1, 2])
+        count.handle.remove()
+    assert target.packing is True
+    # the probe: two sentences apart (one padded bucket), then packed; the short sentences in
+    # one packed forward; the long ones in padded buckets
+    assert count.mask_axes[:3] == [2, 4, 4] and set(count.mask_axes[3:]) == {2}
+    for texts, got in ((short, got_short), (SOURCE[:3], got_long)):
+        expected = one_at_a_time(model, tok, texts, names)
+        for n in names:
+            assert (got[n].double() - expected[n]).abs().max() < 1e-5, n
+
+
 def test_capture_stops_after_the_last_module_and_names_modules_that_did_not_run():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     model.model.unused = nn.LayerNorm(32)            # registered, never called
