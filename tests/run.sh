@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: a lint lane, then five pytest lanes (see tests/conftest.py).
-#   bash tests/run.sh            all lanes, in order: lint cpu interpret compile gpu serving
+#   bash tests/run.sh            all lanes, in order: lint gpu cpu interpret compile serving
+# (gpu early: where it collects nothing, pytest's "no tests ran" is not the last pytest summary)
 #   bash tests/run.sh cpu        some lanes: lint | cpu | interpret | compile | gpu | serving
 # `serving` runs tests/serving in its own virtual environment with vLLM's CPU build and
 # llama.cpp, made or reused by tests/serving/venv.sh (first time: ~6 min for the venv, ~11 min
@@ -16,7 +17,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export TRITON_DEFAULT_FP_FUSION=1
-if [ $# -eq 0 ]; then set -- lint cpu interpret compile gpu serving; fi
+if [ $# -eq 0 ]; then set -- lint gpu cpu interpret compile serving; fi
 for lane in "$@"; do
   case $lane in
     lint | cpu | interpret | compile | gpu | serving) ;;
