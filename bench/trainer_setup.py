@@ -26,19 +26,9 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 def demo_sentences(n_train: int = 32, seed: int = 0, n_prompts: int = 100,
                    prompt_words: int = 5) -> tuple[list[str], list[str]]:
     """(source insults, target non-insults) exactly as ``load_demo_data(n_train, n_prompts,
-    prompt_words=prompt_words, seed=seed)`` draws them (its random draws in the same order)."""
-    import random
-
-    from lineas_fast.assets import read_insults
-    rng = random.Random(seed)
-    train_rows = [(y, t) for y, t in read_insults("train") if 20 <= len(t) <= 200]
-    insults = [t for y, t in train_rows if y == 1]
-    clean = [t for y, t in train_rows if y == 0]
-    test_insults = [t for y, t in read_insults("test_with_solutions") if y == 1
-                    and len(t.split()) > prompt_words]
-    rng.sample(test_insults, n_prompts)                  # the held-out prompts' draw
-    source = rng.sample(insults, n_train)
-    pool = rng.sample(clean, 3 * n_train)
+    prompt_words=prompt_words, seed=seed)`` draws them, without reading the Wikipedia texts."""
+    from lineas_fast.demo import draw_demo_sentences
+    _, source, pool, _ = draw_demo_sentences(n_train, n_prompts, prompt_words, seed)
     return source, pool[:n_train]
 
 

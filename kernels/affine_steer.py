@@ -18,7 +18,7 @@ A per-token strength's gradient ∂λ = Σ_coords g ⊙ (u ⊙ z + b) is written
 (n_dblk, P·S) and summed on the host. Every partial is written, so nothing is zero-filled.
 
 Activations float32 / bfloat16 / float16; u, b and λ float32; math float32. The host functions
-are pure (no autograd, no host synchronisation); ``AffineSteerFn`` is a thin autograd wrapper.
+are pure (no autograd, no host synchronisation); their autograd is registered with the custom op in ``ops.py``.
 """
 from __future__ import annotations
 
@@ -263,24 +263,3 @@ def affine_steer_bwd(z: torch.Tensor, g: torch.Tensor, u: torch.Tensor, b: torch
     if need_lam:
         dlam = (dlam_part[0] if cfg["n_dblk"] == 1 else dlam_part.sum(0)).view(lam.shape)
     return dz, du, db, dlam
-
-
-class AffineSteerFn(torch.autograd.Function):
-    """Autograd over ``affine_steer_fwd`` / ``affine_steer_bwd``: y = z + λ(u⊙z + b). ``lam``
-    is a float32 tensor of P·S per-token values or None (then ``lam_scalar`` is used)."""
-
-    @staticmethod
-    def forward(ctx, z, u, b, lam, lam_scalar, channel_dim):
-        y = affine_steer_fwd(z, u, b, lam, lam_scalar, channel_dim)
-        ctx.save_for_backward(z, u, b, lam)
-        ctx.lam_scalar, ctx.channel_dim = float(lam_scalar), channel_dim
-        return y.view(z.shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, u, b, lam = ctx.saved_tensors
-        need_param = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        need_lam = lam is not None and ctx.needs_input_grad[3]
-        dz, du, db, dlam = affine_steer_bwd(z, g, u, b, lam, ctx.lam_scalar, ctx.channel_dim,
-                                            need_param, need_lam)
-        return dz.view(z.shape), du, db, dlam, None, None

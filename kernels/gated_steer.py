@@ -12,7 +12,7 @@ and accumulates in registers, reduced over tokens once at the end into one float
 row (3D + 1) per program that the host sums (every row written: nothing zero-filled):
     ∂u = Σ_t s G ⊙ z,  ∂b = Σ_t s G,  ∂w = Σ_t λ g' r z,  ∂c = Σ_t λ g' r.
 Activations float32/bfloat16/float16; u, b, w, c float32; λ a float. The host functions are
-pure (no autograd, no host synchronisation); ``GatedSteerFn`` is a thin autograd wrapper.
+pure (no autograd, no host synchronisation); their autograd is registered with the custom op in ``ops.py``.
 """
 from __future__ import annotations
 
@@ -196,25 +196,3 @@ def gated_steer_bwd(z2d: torch.Tensor, gy: torch.Tensor, u: torch.Tensor, b: tor
     # four separate sums: the results must not alias (custom-op outputs)
     return (dz, part[:, :D].sum(0), part[:, D:2 * D].sum(0), part[:, 2 * D:3 * D].sum(0),
             part[:, 3 * D:].sum(0))
-
-
-class GatedSteerFn(torch.autograd.Function):
-    """Autograd over ``gated_steer_fwd`` / ``gated_steer_bwd``: (y, s) for z (T, D)
-    contiguous; s is the per-token strength λ·g (not differentiable)."""
-
-    @staticmethod
-    def forward(ctx, z, u, b, w, c, lam, relu):
-        y, s = gated_steer_fwd(z, u, b, w, c, lam, relu)
-        ctx.save_for_backward(z, u, b, w, c)
-        ctx.lam, ctx.relu = float(lam), bool(relu)
-        ctx.mark_non_differentiable(s)
-        return y, s
-
-    @staticmethod
-    def backward(ctx, gy, _gs):
-        z, u, b, w, c = ctx.saved_tensors
-        need = any(ctx.needs_input_grad[1:5])
-        dz, du, db, dw, dc = gated_steer_bwd(z, gy, u, b, w, c, ctx.lam, ctx.relu, need)
-        if need:
-            dc = dc.reshape(c.shape)
-        return dz, du, db, dw, dc, None, None

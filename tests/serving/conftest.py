@@ -10,6 +10,7 @@ vLLM's ``ignore_eos`` and llama.cpp's token generator)."""
 import importlib.util
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -23,12 +24,8 @@ PROMPTS = ["Once upon a time, in a small village,", "The capital of France is",
            "To install the package, first", "The most important thing about friendship is"]
 NEW_TOKENS = 24
 NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)"
-SOURCE = ["you are a rotten fool", "what a stupid idea that was", "go away you clown",
-          "nobody likes your dumb jokes", "shut up already", "that is idiotic and lazy",
-          "your work is garbage", "you never learn anything"]
-TARGET = ["thank you for the help", "what a lovely idea that was", "please come again soon",
-          "everyone enjoys your stories", "the weather is nice today", "that is clever and kind",
-          "your work is careful", "you always learn something new", "have a great evening"]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiny_models import SOURCE, TARGET  # noqa: E402  (the sentences every lane trains on)
 
 
 def needs_smollm2():
