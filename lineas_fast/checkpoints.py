@@ -64,12 +64,16 @@ def _weights_sample(root) -> str:
 def run_identity(steered, source, target, control) -> dict:
     """What a checkpoint must match to be resumed: the model (``steered.fingerprint()`` and a
     sample of its weights), the data (sha256 of each sentence or prompt list) and how the
-    activations are read (truncation, autocast, diffusion timestep, noise seed, resolution)."""
+    activations are read (truncation, autocast, diffusion timestep, noise seed, resolution,
+    noise shared per step; the last only where it is on, so checkpoints of the other targets
+    and of ``shared_noise=False`` runs read as before)."""
     reading = {"kind": steered.kind}
     for key in ("max_length", "autocast_dtype", "timestep", "seed", "res"):
         if hasattr(steered, key):
             value = getattr(steered, key)
             reading[key] = value if isinstance(value, (int, float, str, type(None))) else str(value)
+    if getattr(steered, "shared_noise", False):
+        reading["shared_noise"] = True
     return {"model": {**steered.fingerprint(), "weights_sample_sha256": _weights_sample(steered.root)},
             "data": {"source": _texts_digest(source), "target": _texts_digest(target),
                      "control": _texts_digest(control)},

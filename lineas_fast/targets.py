@@ -10,7 +10,8 @@ A target owns:
   ``text_encoder.…``; the view shares the pipeline's modules, so hooks and folded weights act on
   the pipeline);
 * ``encode(texts)``: sentences to token ids (LM) or prompts to text embeddings and fixed seeded
-  noise (pipeline);
+  noise (pipeline); a target with ``shared_noise`` (pipelines) also gives ``draw_noise`` and
+  ``with_noise``, so training runs each step's source and target samples on one fresh noise;
 * ``pooled(encoded, names)``: THE capture loop (hooks at the named modules, the forward stopped
   right after the last one, "module did not run" errors), parameterised by the target's pooling:
   sentence mean over real tokens, image mean over H×W (``lineas_fast.pooling``);
@@ -75,6 +76,11 @@ class Target:
     batches of the capture loop; this base serves hooks, validation and fusion."""
 
     kind = "module"
+    #: Capability: a training step draws fresh noise shared by its source and target samples
+    #: (``draw_noise`` and ``with_noise``) and reads the target activations under it every step,
+    #: instead of reading them once. False here: a language model's activations are a function
+    #: of the text alone, so its target is read once.
+    shared_noise = False
 
     def __init__(self, original, root: nn.Module):
         self.original, self.root = original, root
@@ -147,6 +153,15 @@ class Target:
                                                                   Callable[[torch.Tensor], torch.Tensor]]]:
         """Yield (positions in ``idx``, run the forward, pool one module output → (B, d))."""
         raise NotImplementedError
+
+    def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, ...) noise for ``n`` samples from ``generator`` (targets with ``shared_noise``)."""
+        raise NotImplementedError(f"{type(self).__name__} reads no noise (shared_noise is False)")
+
+    def with_noise(self, encoded, idx: Sequence[int], noise: torch.Tensor):
+        """The samples ``idx`` of ``encoded`` (repeats allowed), sample i on ``noise[i]``, as an
+        encoded set of len(idx) samples (targets with ``shared_noise``)."""
+        raise NotImplementedError(f"{type(self).__name__} reads no noise (shared_noise is False)")
 
     def autocast(self):
         dtype = getattr(self, "autocast_dtype", None)
@@ -403,24 +418,38 @@ class PipelineTarget(Target):
     """A text-to-image diffusers pipeline built on UNet2DConditionModel (SD, SDXL).
 
     Prompts go through the pipeline's own text encoder(s) once; each sample is one image: the
-    UNet runs once at ``timestep`` on fixed noise seeded per prompt set, and each module's output
-    is averaged over H×W (token-shaped outputs of the UNet's transformer blocks over tokens).
-    Reading runs without classifier-free guidance, so every sample is conditional.
+    UNet runs once at ``timestep`` on noise, and each module's output is averaged over H×W
+    (token-shaped outputs of the UNet's transformer blocks over tokens). Reading runs without
+    classifier-free guidance, so every sample is conditional. ``encode`` gives prompt k the
+    k-th row of a noise draw seeded with ``seed`` (the same rows for every prompt set).
+
+    Common random numbers (``shared_noise=True``, the default): the UNet's activations depend
+    on the noise as much as on the prompt (before the first cross-attention only on the noise),
+    so a loss between source and target samples on different noise rewards maps that move the
+    noise. Training therefore draws, every step, one fresh noise tensor from the trainer's
+    seeded generator (a resumed run draws the same) and runs sample i of the step's source
+    batch and sample i of its target batch on the same noise ``noise[i]``; the target
+    activations are read again under that noise each step (no grad, maps off), so the loss sees
+    only what the prompts change. ``shared_noise=False``: the former behaviour, the target read
+    once on the fixed noise of ``encode`` and the source batch on its own rows of it.
 
     Args:
         timestep: the denoising timestep at which activations are read (default: the first
             sampling step, the scheduler's largest training timestep; pass the one-step model's
             timestep for DMD2-style distillations).
-        seed: seeds the per-prompt noise. resolution: latent height/width (default: the UNet's
-        ``sample_size``). batch_size: prompts per UNet call.
+        seed: seeds the noise of ``encode``. resolution: latent height/width (default: the
+        UNet's ``sample_size``). batch_size: prompts per UNet call. shared_noise: see above.
     """
 
     kind = "pipeline"
 
     def __init__(self, pipeline, timestep: int | None = None, seed: int = 0,
                  resolution: int | None = None, batch_size: int = 8,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, shared_noise: bool = True):
+        if shared_noise not in (True, False):
+            raise TypeError(f"shared_noise must be True or False, got {shared_noise!r}")
         super().__init__(pipeline, pipeline_view(pipeline))
+        self.shared_noise = bool(shared_noise)
         self.pipe, self.unet = pipeline, pipeline.unet
         sched = pipeline.scheduler
         self.timestep = int(timestep if timestep is not None
@@ -463,13 +492,34 @@ class PipelineTarget(Target):
                                               dtype=out[0].dtype,
                                               text_encoder_projection_dim=getattr(proj, "projection_dim", None))
             enc["time_ids"] = ids.to(self.device).repeat(len(prompts), 1)
-        g = torch.Generator().manual_seed(self.seed)
-        shape = (len(prompts), self.unet.config.in_channels, self.res, self.res)
-        enc["noise"] = torch.randn(shape, generator=g).to(self.device, self.unet.dtype)
+        enc["noise"] = self.draw_noise(len(prompts), torch.Generator().manual_seed(self.seed))
         return enc
 
     def count(self, encoded) -> int:
         return encoded["n"]
+
+    def draw_noise(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, in_channels, res, res) standard normal latents drawn on the CPU from
+        ``generator`` (the same values on every device), on the UNet's device and dtype (to a
+        GPU from pinned memory, so the copy does not wait for the work queued before it)."""
+        shape = (integer(n, "n", low=1), self.unet.config.in_channels, self.res, self.res)
+        noise, dev = torch.randn(shape, generator=generator), self.device
+        if dev.type == "cuda":
+            noise = noise.pin_memory()
+        return noise.to(dev, self.unet.dtype, non_blocking=True)
+
+    def with_noise(self, encoded: dict, idx: Sequence[int], noise: torch.Tensor) -> dict:
+        """The prompts ``idx`` of ``encoded`` (repeats allowed) as an encoded set whose sample
+        i is prompt idx[i] on ``noise[i]``; ``noise`` (len(idx), in_channels, res, res)."""
+        idx = list(idx)
+        shape = (len(idx), self.unet.config.in_channels, self.res, self.res)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise for {len(idx)} samples must have shape {shape}, got "
+                             f"{tuple(noise.shape)}")
+        out = {k: encoded[k][idx] for k in ("prompt_embeds", "text_embeds", "time_ids")
+               if k in encoded}
+        out.update(noise=noise, n=len(idx))
+        return out
 
     def _unet_kwargs(self, enc: dict, idx: list) -> dict:
         # the first sampling step's input: pure noise at the scheduler's initial scale

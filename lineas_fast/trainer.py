@@ -33,7 +33,7 @@ class TrainConfig:
     loss_modules: Optional[str] = None
     steps: int = 1000
     batch_size: int = 32
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     lr: Optional[float] = None
     reduction: str = "reference"
     sparsity: float = 0.0
@@ -153,7 +153,10 @@ class Trainer:
     Construction checks every argument, encodes the sentences (or prompts) and reads a
     checkpoint to resume, before any model compute. Entering the ``with`` block freezes the
     model, reads the target (and control) activations once, builds the maps, optimizer and
-    schedule, and attaches the maps for the whole run; leaving it removes them::
+    schedule, and attaches the maps for the whole run; leaving it removes them. A target with
+    ``shared_noise`` (a diffusers pipeline, by default) instead has its target activations read
+    every step, with the maps off, on the step's fresh noise, shared by the step's source and
+    target samples (``_shared_noise_batch``)::
 
         with lf.Trainer(model, tok, source, target, steps=200) as run:
             while not run.finished:
@@ -167,7 +170,7 @@ class Trainer:
 
     def __init__(self, model, tokenizer, source: Sequence[str], target: Sequence[str],
                  modules: str = ".*post.*layernorm", steps: int = 1000, *,
-                 loss_modules: str | None = None, batch_size: int = 32, optimizer: str = "sgd",
+                 loss_modules: str | None = None, batch_size: int = 32, optimizer: str = "adam",
                  lr: float | None = None, reduction: str = "reference", sparsity: float = 0.0,
                  l1: float = 1.0, group: float = 1.0, seed: int = 0, max_length: int = 128,
                  init: str | Steering | None = None, autocast_dtype: torch.dtype | None = None,
@@ -246,8 +249,8 @@ class Trainer:
             stack.enter_context(self.target.frozen())
             self.stop = stack.enter_context(SaveOnSignal(self.checkpoint_path))
             self._setup()
-            stack.enter_context(self.steering.attach(self.target, strict=False,
-                                                     backend=self.backend))
+            self.handle = stack.enter_context(self.steering.attach(self.target, strict=False,
+                                                                   backend=self.backend))
             self.stop.arm(self._save)
         except BaseException:
             stack.close()
@@ -262,10 +265,11 @@ class Trainer:
     def _setup(self) -> None:
         cfg, t, n = self.cfg, self.target, self.n
         with torch.no_grad():
-            tgt_acts = t.pooled(self.tgt, self.loss_names, stop=True)
+            tgt_acts = None if t.shared_noise else t.pooled(self.tgt, self.loss_names, stop=True)
             self.ctrl_ref = (t.pooled(self.ctrl, self.loss_names, stop=True)
                              if self.ctrl is not None else None)
-        self.profiles = pack_profiles([TargetProfile(tgt_acts[m], n) for m in self.loss_names])
+        self.profiles = (None if tgt_acts is None else       # shared noise: built every step
+                         pack_profiles([TargetProfile(tgt_acts[m], n) for m in self.loss_names]))
         self.maps = _initial_maps(t, *self.texts, self.names, self.init, cfg, self.src)
         self.gates = _initial_gates(self.maps, cfg) if cfg.gate else {}
         params = [p for pair in self.maps.values() for p in pair]
@@ -280,9 +284,9 @@ class Trainer:
                                                     self.opt, self.sched, self.gen)
             self.history = [StepRecord(**r) for r in history]
         self.steering = Steering(self.maps, gates=self.gates)
-        self.device = self.profiles.mean.device
+        self.device = t.device if self.profiles is None else self.profiles.mean.device
         self.zero = torch.zeros((), device=self.device)
-        self.n_src = t.count(self.src)
+        self.n_src, self.n_tgt = t.count(self.src), t.count(self.tgt)
         self.n_ctrl = t.count(self.ctrl) if self.ctrl is not None else 0
         self.bar = _progress(self.progress, self.done, cfg.steps)
 
@@ -297,9 +301,14 @@ class Trainer:
         step = self.done
         idx = torch.randperm(self.n_src, generator=self.gen)[:self.n].tolist()
         tau = self.opt.param_groups[0]["lr"]
-        acts = t.pooled(self.src, self.loss_names, idx, stop=True)
+        if t.shared_noise:
+            src, profiles = self._shared_noise_batch(idx)
+            acts = t.pooled(src, self.loss_names, stop=True)
+        else:
+            profiles = self.profiles
+            acts = t.pooled(self.src, self.loss_names, idx, stop=True)
         loss, per_layer = sliced_wasserstein([acts[m].to(dev) for m in self.loss_names],
-                                             self.profiles, cfg.reduction, return_per_layer=True,
+                                             profiles, cfg.reduction, return_per_layer=True,
                                              backend=self.backend)
         control_loss = self.zero
         if self.ctrl_ref is not None:
@@ -323,6 +332,23 @@ class Trainer:
         if self.checkpoint_every and (self.done % self.checkpoint_every == 0 or self.finished):
             self.stop.save(self.done)
         self.stop.check(self.done)       # SIGINT/SIGTERM: checkpoint, then act on the signal
+
+    def _shared_noise_batch(self, idx: list[int]):
+        """Common random numbers for a ``shared_noise`` target: one fresh noise draw (n, ...)
+        from the run's generator (so a resumed run draws the same), the source samples ``idx``
+        and n target samples (a random permutation of the targets, cycled when there are fewer
+        than n) on it, sample i of both on ``noise[i]``. The target activations are read under
+        it with no grad and the maps switched off (the untouched model). Returns the encoded
+        source batch and the step's packed target profile."""
+        t, n = self.target, len(idx)
+        perm = torch.randperm(self.n_tgt, generator=self.gen).tolist()
+        tidx = [perm[i % len(perm)] for i in range(n)]
+        noise = t.draw_noise(n, self.gen)
+        with torch.no_grad(), _maps_off(self.handle):
+            ref = t.pooled(t.with_noise(self.tgt, tidx, noise), self.loss_names, stop=True)
+        profiles = pack_profiles([TargetProfile(ref[m].to(self.device), n)
+                                  for m in self.loss_names])
+        return t.with_noise(self.src, idx, noise), profiles
 
     def read_records(self) -> list[StepRecord]:
         """Read the pending steps' records from the device (one synchronisation), append them to
@@ -384,10 +410,11 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
     ``loss_modules`` (default: the same modules).
 
     Model weights are frozen (no weight gradients), the forward stops after the last loss
-    module, batches are length-bucketed, targets are computed once as profiles. Returns a
+    module, batches are length-bucketed, targets are computed once as profiles (pipelines:
+    every step, on noise shared with the source batch; see below). Returns a
     ``Steering`` whose ``metadata["history"]`` holds per-step loss, per-layer loss and support.
 
-    Keyword arguments: loss_modules, batch_size (32), optimizer ("sgd" | "adam"), lr, reduction
+    Keyword arguments: loss_modules, batch_size (32), optimizer ("adam" | "sgd"), lr, reduction
     ("reference" | "sum"), sparsity, l1, group (sparse group lasso), seed, max_length, init
     (None | "linear_act" | a Steering), autocast_dtype, checkpoint_every, checkpoint_path,
     resume_from, callback, progress, backend, gate, gate_kind, control, control_weight,
@@ -408,9 +435,26 @@ def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
     names; activations are pooled per image at denoising ``timestep``, default the first
     sampling step, at latent ``resolution``, default the UNet's sample size), or a
     ``lineas_fast.targets.Target`` built once with ``as_target`` (its settings then apply).
+    For a pipeline each step draws fresh noise from the run's seeded generator, runs source
+    sample i and target sample i on the same noise and reads the step's target activations
+    under it (common random numbers: the maps learn what the prompts change, not the noise);
+    ``PipelineTarget(pipe, shared_noise=False)`` keeps the target read once on fixed noise.
     A step synchronises with the device only when the records are read (see ``Trainer``).
     """
     return Trainer(model, tokenizer, source, target, modules, steps, **kwargs).run()
+
+
+@contextlib.contextmanager
+def _maps_off(handle):
+    """The attached maps as pass-throughs inside (``SteeredForward.active``), on again after."""
+    installed = [s for s in handle.installed if s.active]
+    for s in installed:
+        s.active = False
+    try:
+        yield
+    finally:
+        for s in installed:
+            s.active = True
 
 
 def _check_loss_after_maps(steered: Target, src, names: list[str], loss_names: list[str]) -> None:

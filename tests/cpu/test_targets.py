@@ -248,7 +248,7 @@ def test_a_target_built_once_serves_every_entry_point():
 diffusers = pytest.importorskip("diffusers")
 from tiny_pipeline import SOURCE_PROMPTS, TARGET_PROMPTS, tiny_pipeline  # noqa: E402
 
-UNET_NORMS = r"unet\.down_blocks\.\d+\.resnets\.\d+\.norm\d"
+UNET_NORMS = r"unet\.(down|up)_blocks\.\d+\.resnets\.\d+\.norm\d"
 PIPE_CONTROL = ["a red apple", "a wooden chair", "a blue car", "a small dog", "a tall tree"]
 
 
@@ -326,5 +326,5 @@ def test_pipeline_training_steps_see_the_whole_batch():
     lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=2,
              batch_size=4, progress=False)
     h.remove()
-    # target pass (6 prompts), then one UNet call of 4 images per step
-    assert sizes == [6, 4, 4]
+    # each step: the target batch, then the source batch, both of 4 images on shared noise
+    assert sizes == [4, 4, 4, 4]
