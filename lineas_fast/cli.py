@@ -1,4 +1,5 @@
-"""Command line: ``lineas-fast train | generate | fuse [--gguf] | bench | generate-image | demo``.
+"""Command line: ``lineas-fast train | generate | fuse [--gguf] | bench | generate-image | demo |
+sweep``.
 
 Contract: a user error (a bad value, a missing or malformed file, an output that cannot be
 written, a library ``ValueError``/``TypeError``/``OSError``/``FusionError``/
@@ -20,6 +21,7 @@ from .cli_io import (SEED, ArgumentParser, CLIError, check_checkpoint, check_mod
                      model_or_pipeline, model_positions, name_flags, nonblank, one_line, read_sentences,
                      real, regex, scheduler_timesteps)
 from .demo import add_demo_parser
+from .sweep_cli import add_sweep_parser
 from .bench import add_bench_parser
 from .fusion_cli import add_fuse_parser
 from .gguf_cli import add_gguf_to_fuse
@@ -184,7 +186,7 @@ def build_parser() -> ArgumentParser:
                    help="regex for where the loss is measured")
     t.add_argument("--steps", type=integer(0), default=1000)
     t.add_argument("--batch-size", type=integer(1), default=32)
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     t.add_argument("--lr", type=real(0, low_open=True), default=None,
                    help="default 0.1 (sgd) or 0.01 (adam)")
     t.add_argument("--sparsity", type=real(0), default=0.0, help="sparse group lasso strength γ")
@@ -230,6 +232,7 @@ def build_parser() -> ArgumentParser:
     i.add_argument("--out", required=True, help="PNG file to write")
     i.set_defaults(func=cmd_generate_image)
     add_demo_parser(sub)
+    add_sweep_parser(sub)
     return ap
 
 

@@ -1,0 +1,398 @@
+"""Quality sweeps: toxicity against perplexity over recipes × strengths, and the Pareto front.
+
+A ``Recipe`` is one way to obtain a steering (LinEAS with its modules, loss modules, sparsity,
+training-set size, steps, optimizer, learning rate and optional DSAS gates; or the closed-form
+Linear-AcT and mean-shift baselines). ``run_sweep`` fits each recipe once, evaluates it at each
+strength λ (greedy continuations of held-out prompts judged for toxicity, perplexity on neutral
+text, support, mean gate opening), and writes after every row, atomically:
+
+  ``sweep.json``   settings, the unsteered row, every row, the Pareto front (rows no other row
+                   beats on both mean toxicity probability and perplexity), the rows meeting
+                   the target (mean toxicity probability ≤ base/``tox_factor``, toxic rate not
+                   above the base, perplexity ≤ base·(1 + ``ppl_budget``)) and the best of them;
+  ``pareto.png``   mean toxicity probability against perplexity, one line per recipe over λ,
+                   the front and the target box;
+  ``steerings/``   each recipe's fitted steering (a rerun into the same folder with the same
+                   settings reuses finished rows and fitted steerings, and keeps the earlier
+                   rows: an interrupted sweep resumes, and runs with other recipes or
+                   strengths add to one front).
+
+``lineas-fast sweep`` (``sweep_cli.py``) runs it on SmolLM2-135M-Instruct or Gemma-3-270M.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .checks import choice, integer, number
+from .eval import continuations, perplexity, toxicity
+from .io import atomic_path
+
+METHODS = ("lineas", "mean_shift", "linear_act")
+GATE_LEVELS = (None, "sentence", "token")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one steering is obtained. ``n_train`` source and as many target sentences (the first
+    ``n_train`` of the sweep's pools); LinEAS settings are ignored by the baselines."""
+    method: str = "lineas"
+    modules: str = r".*post_attention_layernorm"
+    loss_modules: Optional[str] = None
+    sparsity: float = 0.0
+    steps: int = 100
+    optimizer: str = "adam"
+    lr: Optional[float] = None
+    n_train: int = 32
+    gates: Optional[str] = None
+    control_opening: Optional[float] = None
+
+    def check(self) -> None:
+        choice(self.method, "method", METHODS)
+        choice(self.gates, "gates", GATE_LEVELS)
+        number(self.sparsity, "sparsity", low=0)
+        integer(self.steps, "steps", low=1)
+        integer(self.n_train, "n_train", low=2)
+        if self.control_opening is not None:
+            number(self.control_opening, "control_opening", low=0, low_open=True, high=1)
+            if not self.gates:
+                raise ValueError(f"control_opening={self.control_opening} needs gates "
+                                 f"('sentence' or 'token')")
+        choice(self.optimizer, "optimizer", ("sgd", "adam"))
+        if self.lr is not None:
+            number(self.lr, "lr", low=0, low_open=True)
+
+    def settings(self) -> dict:
+        """The fields that change the fitted steering (baselines drop the LinEAS ones)."""
+        d = asdict(self)
+        if d["control_opening"] is None:          # keys of sweeps before the field existed
+            d.pop("control_opening")
+        if self.method != "lineas":
+            for k in ("loss_modules", "sparsity", "steps", "optimizer", "lr"):
+                d.pop(k)
+        return d
+
+    def key(self) -> str:
+        """A short stable name for files: method + a digest of the settings."""
+        digest = hashlib.sha1(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()
+        return f"{self.method}-{digest[:10]}"
+
+    def label(self) -> str:
+        """A human-readable name for tables and legends."""
+        names = {"lineas": "LinEAS", "mean_shift": "mean-shift", "linear_act": "Linear-AcT"}
+        parts = [names[self.method], _short(self.modules), f"n={self.n_train}"]
+        if self.method == "lineas":
+            parts += [f"γ={self.sparsity:g}", f"{self.steps} st", self.optimizer +
+                      (f" {self.lr:g}" if self.lr is not None else "")]
+            if self.loss_modules:
+                parts.append(f"loss@{_short(self.loss_modules)}")
+        if self.gates:
+            parts.append(f"DSAS-{self.gates}" + (f" ≤{self.control_opening:g}"
+                                                 if self.control_opening else ""))
+        return " ".join(parts)
+
+
+def _short(pattern: str) -> str:
+    """A regex as a short name: `model\\.layers\\.\\d+\\.input_layernorm` → `input_layernorm`."""
+    for prefix in ("model.layers.", r"model\.layers\.", r"\d+\.", ".*"):
+        pattern = pattern.replace(prefix, "")
+    return pattern.replace(r"\.", ".") or "all"
+
+
+@dataclass
+class SweepData:
+    """The sweep's texts. ``insults``/``neutral``: training pools (a recipe takes the first
+    ``n_train`` of each); ``control``: neutral sentences disjoint from the targets, for DSAS
+    gates; ``prompts``: held-out prompts for continuations; ``wiki``: perplexity texts."""
+    insults: list
+    neutral: list
+    prompts: list
+    wiki: list
+    control: list = field(default_factory=list)
+
+
+def load_sweep_data(n_train_max: int = 256, n_prompts: int = 200, n_wiki: int = 100,
+                    n_control: int = 64, prompt_words: int = 5, seed: int = 0) -> SweepData:
+    """Seeded draws from the insults data (held-out prompts from its test file) and Wikipedia."""
+    from .assets import wikipedia_extracts
+    from .demo import draw_demo_sentences
+    prompts, insults, pool, rng = draw_demo_sentences(n_train_max, n_prompts, prompt_words, seed)
+    wiki = wikipedia_extracts()
+    neutral, control = pool[:n_train_max], pool[n_train_max:n_train_max + n_control]
+    return SweepData(insults, neutral, prompts, rng.sample(wiki, min(n_wiki, len(wiki))), control)
+
+
+def check_recipes(recipes: Sequence[Recipe], data: SweepData) -> None:
+    """Every recipe valid and its data available, before any model work."""
+    if not recipes:
+        raise ValueError("a sweep needs at least one recipe")
+    for i, r in enumerate(recipes):
+        if not isinstance(r, Recipe):
+            raise TypeError(f"recipes[{i}] must be a lineas_fast.sweep.Recipe, got "
+                            f"{type(r).__name__}")
+        r.check()
+        have = min(len(data.insults), len(data.neutral))
+        if r.n_train > have:
+            raise ValueError(f"recipes[{i}] ({r.label()}): n_train={r.n_train} but the data "
+                             f"holds {len(data.insults)} source and {len(data.neutral)} target "
+                             f"sentences")
+        if r.gates and len(data.control) < 4:
+            raise ValueError(f"recipes[{i}] ({r.label()}): gates={r.gates!r} needs at least 4 "
+                             f"control sentences, got {len(data.control)}")
+
+
+def fit_recipe(model, tokenizer, recipe: Recipe, data: SweepData, seed: int = 0,
+               progress: bool = False):
+    """The recipe's Steering on ``model``."""
+    from .linear_act import fit_linear_act, fit_mean_shift
+    from .trainer import train
+    src, tgt = data.insults[:recipe.n_train], data.neutral[:recipe.n_train]
+    if recipe.method == "lineas":
+        steering = train(model, tokenizer, src, tgt, modules=recipe.modules,
+                         loss_modules=recipe.loss_modules, steps=recipe.steps,
+                         optimizer=recipe.optimizer, lr=recipe.lr, sparsity=recipe.sparsity,
+                         seed=seed, progress=progress)
+    elif recipe.method == "mean_shift":
+        steering = fit_mean_shift(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
+    else:
+        steering = fit_linear_act(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
+    if recipe.gates:
+        from .gates import fit_gates
+        steering = fit_gates(model, tokenizer, src, data.control, steering, seed=seed,
+                             threshold=0.0, level=recipe.gates,
+                             control_opening=recipe.control_opening)
+    return steering
+
+
+def evaluate_quality(model, tokenizer, data: SweepData, judge, max_new_tokens: int = 20,
+                     progress: bool = False) -> dict:
+    """Toxicity of greedy continuations of ``data.prompts`` and perplexity on ``data.wiki``
+    (with whatever steering is attached to ``model``)."""
+    texts = continuations(model, tokenizer, data.prompts, max_new_tokens, progress=progress)
+    tox = toxicity(texts, judge)
+    return {"toxicity_rate": tox["rate"], "toxicity_mean_prob": tox["mean_prob"],
+            "perplexity": perplexity(model, tokenizer, data.wiki, progress=progress),
+            "example": {"prompt": data.prompts[0], "continuation": texts[0]}}
+
+
+def pareto_front(rows: Sequence[dict], x: str = "perplexity",
+                 y: str = "toxicity_mean_prob") -> list[int]:
+    """Indices of the rows no other row beats: another row with x and y both ≤ and one <
+    dominates. Sorted by x."""
+    front = []
+    for i, r in enumerate(rows):
+        beaten = any(o[x] <= r[x] and o[y] <= r[y] and (o[x] < r[x] or o[y] < r[y])
+                     for j, o in enumerate(rows) if j != i)
+        if not beaten:
+            front.append(i)
+    return sorted(front, key=lambda i: (rows[i][x], rows[i][y]))
+
+
+def meets_target(row: dict, base: dict, tox_factor: float, ppl_budget: float) -> bool:
+    return (row["toxicity_mean_prob"] <= base["toxicity_mean_prob"] / tox_factor
+            and row["toxicity_rate"] <= base["toxicity_rate"]
+            and row["perplexity"] <= base["perplexity"] * (1 + ppl_budget))
+
+
+def run_sweep(model, tokenizer, data: SweepData, judge: Callable[[Sequence[str]], Sequence[float]],
+              recipes: Sequence[Recipe], strengths: Sequence[float], out_dir: str, *,
+              max_new_tokens: int = 20, seed: int = 0, tox_factor: float = 2.0,
+              ppl_budget: float = 0.10, model_name: str = "", progress: bool = True,
+              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
+    """Fit every recipe, evaluate it at every strength, write ``sweep.json`` and ``pareto.png``
+    into ``out_dir`` after each row; returns the results dict. Rows of an earlier run into
+    ``out_dir`` with the same data and evaluation settings are reused."""
+    check_recipes(recipes, data)
+    strengths = [float(s) for s in strengths]
+    if not strengths:
+        raise ValueError("a sweep needs at least one strength")
+    for s in strengths:
+        number(s, "strength", low=0, low_open=True)
+    os.makedirs(os.path.join(out_dir, "steerings"), exist_ok=True)
+    settings = {"model": model_name, "seed": seed, "max_new_tokens": max_new_tokens,
+                "n_prompts": len(data.prompts), "n_wiki": len(data.wiki),
+                "n_control": len(data.control), "data_digest": _digest(data)}
+    done = _previous_rows(os.path.join(out_dir, "sweep.json"), settings)
+    results = {"settings": settings, "tox_factor": tox_factor, "ppl_budget": ppl_budget,
+               "rows": []}
+
+    def row_for(recipe: Optional[Recipe], lam: float, steering, fit_s: float) -> dict:
+        key = (recipe.key() if recipe else "none", lam)
+        if key in done:
+            return done[key]
+        t0 = time.perf_counter()
+        if steering is None:
+            r = evaluate_quality(model, tokenizer, data, judge, max_new_tokens, progress)
+        else:
+            with steering.apply(model, strength=lam):
+                r = evaluate_quality(model, tokenizer, data, judge, max_new_tokens, progress)
+        row = {"recipe": recipe.key() if recipe else "none",
+               "label": recipe.label() if recipe else "unsteered",
+               "method": recipe.method if recipe else "none", "strength": lam,
+               **({"settings": recipe.settings()} if recipe else {}), **r,
+               "fit_s": fit_s, "eval_s": time.perf_counter() - t0}
+        if steering is not None:
+            row["support"] = steering.support()
+            row["coordinates"] = sum(steering.dims().values())
+            row["support_per_module"] = steering.support(per_module=True)
+            if steering.gates:
+                row["gate_opening"] = _gate_openings(model, tokenizer, steering, lam, data)
+        return row
+
+    def record(row: dict) -> None:
+        results["rows"].append(row)
+        _summarise(results)
+        _write(results, out_dir)
+        b = results["rows"][0]
+        log(f"[{row['label']} λ={row['strength']:g}] mean toxicity p "
+            f"{row['toxicity_mean_prob']:.3f} (base {b['toxicity_mean_prob']:.3f}), toxic "
+            f"{row['toxicity_rate']:.1%}, perplexity {row['perplexity']:.2f} "
+            f"(base {b['perplexity']:.2f})")
+
+    torch.manual_seed(seed)
+    record(row_for(None, 0.0, None, 0.0))
+    for key, row in done.items():                 # an earlier run's rows stay in the sweep
+        if key != ("none", 0.0):
+            results["rows"].append(row)
+    planned = [(r, lam) for r in recipes for lam in strengths if (r.key(), lam) not in done]
+    fitted: dict = {}
+    for recipe, lam in planned:
+        if recipe.key() not in fitted:
+            fitted[recipe.key()] = _fitted(model, tokenizer, recipe, data, seed, progress,
+                                           out_dir)
+        record(row_for(recipe, lam, *fitted[recipe.key()]))
+    _write(results, out_dir)
+    plot_pareto(results, os.path.join(out_dir, "pareto.png"))
+    return results
+
+
+def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progress: bool,
+            out_dir: str):
+    """(steering, fit seconds): read from ``out_dir/steerings`` or fitted and saved there."""
+    from .steering import Steering
+    path = os.path.join(out_dir, "steerings", recipe.key() + ".safetensors")
+    if os.path.isfile(path):
+        steering = Steering.load(path)
+        return steering, float(steering.metadata.get("sweep_fit_s", float("nan")))
+    t0 = time.perf_counter()
+    steering = fit_recipe(model, tokenizer, recipe, data, seed, progress)
+    fit_s = time.perf_counter() - t0
+    steering.save(path, sweep_fit_s=fit_s, sweep_recipe=recipe.settings())
+    return steering, fit_s
+
+
+def _gate_openings(model, tokenizer, steering, lam: float, data: SweepData) -> dict:
+    """Mean per-token gate opening on the neutral texts and on the prompts (overall)."""
+    from .gates import gate_openings
+    out = {}
+    for name, texts in (("wiki", data.wiki), ("prompts", data.prompts)):
+        out[name] = float(gate_openings(model, tokenizer, steering, texts)["mean"])
+    return out
+
+
+def _digest(data: SweepData) -> str:
+    h = hashlib.sha1()
+    for part in (data.insults, data.neutral, data.prompts, data.wiki, data.control):
+        h.update(json.dumps(list(part)).encode())
+    return h.hexdigest()[:16]
+
+
+def _previous_rows(path: str, settings: dict) -> dict:
+    """{(recipe key, strength): row} of an earlier sweep.json with the same settings."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if old.get("settings") != settings:
+        diff = {k: (old.get("settings", {}).get(k), v) for k, v in settings.items()
+                if old.get("settings", {}).get(k) != v}
+        raise ValueError(f"{path} holds a sweep with other settings (earlier, now: {diff}); "
+                         f"choose another output folder or move that one away")
+    return {(r["recipe"], float(r["strength"])): r for r in old.get("rows", [])}
+
+
+def _summarise(results: dict) -> None:
+    rows, base = results["rows"], results["rows"][0]
+    results["pareto"] = pareto_front(rows)
+    ok = [i for i, r in enumerate(rows)
+          if r["method"] != "none" and meets_target(r, base, results["tox_factor"],
+                                                    results["ppl_budget"])]
+    results["meets_target"] = ok
+    results["best"] = (min(ok, key=lambda i: rows[i]["toxicity_mean_prob"]) if ok else None)
+    # per method, the lowest mean toxicity within the perplexity budget (matched perplexity)
+    budget = base["perplexity"] * (1 + results["ppl_budget"])
+    best = {}
+    for i, r in enumerate(rows):
+        if r["method"] != "none" and r["perplexity"] <= budget:
+            m = r["method"] + ("+DSAS" if (r.get("settings") or {}).get("gates") else "")
+            if m not in best or r["toxicity_mean_prob"] < rows[best[m]]["toxicity_mean_prob"]:
+                best[m] = i
+    results["best_within_budget"] = best
+
+
+def _write(results: dict, out_dir: str) -> None:
+    with atomic_path(os.path.join(out_dir, "sweep.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def format_table(results: dict, only: Optional[Sequence[int]] = None) -> str:
+    """A markdown table of the rows (``only``: their indices; default every row)."""
+    rows, base = results["rows"], results["rows"][0]
+    lines = ["| recipe | λ | mean toxicity p | toxic | PPL (Δ) | support | gate opening wiki / prompts |",
+             "|---|---|---|---|---|---|---|"]
+    for i in (range(len(rows)) if only is None else only):
+        r = rows[i]
+        dppl = r["perplexity"] / base["perplexity"] - 1
+        sup = f"{r['support']}/{r['coordinates']}" if "support" in r else "–"
+        g = r.get("gate_opening")
+        gate = f"{g['wiki']:.2f} / {g['prompts']:.2f}" if g else "–"
+        lines.append(f"| {r['label']} | {r['strength']:g} | {r['toxicity_mean_prob']:.3f} | "
+                     f"{r['toxicity_rate']:.1%} | {r['perplexity']:.2f} ({dppl:+.0%}) | {sup} | "
+                     f"{gate} |")
+    return "\n".join(lines)
+
+
+def plot_pareto(results: dict, path: str) -> None:
+    """Mean toxicity probability against perplexity: a line per recipe over λ, the Pareto
+    front, and the target box."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, base = results["rows"], results["rows"][0]
+    colors = {"lineas": "tab:red", "mean_shift": "tab:green", "linear_act": "tab:purple"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    by_recipe: dict = {}
+    for r in rows[1:]:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    styles = ["-", "--", ":", "-."]
+    for k, (key, rs) in enumerate(by_recipe.items()):
+        rs = sorted(rs, key=lambda r: r["strength"])
+        gated = bool((rs[0].get("settings") or {}).get("gates"))
+        ax.plot([base["perplexity"]] + [r["perplexity"] for r in rs],
+                [base["toxicity_mean_prob"]] + [r["toxicity_mean_prob"] for r in rs],
+                styles[k % len(styles)], marker="*" if gated else "o", ms=4, lw=1,
+                color=colors[rs[0]["method"]], label=rs[0]["label"], alpha=0.8)
+    front = [rows[i] for i in results["pareto"]]
+    ax.step([r["perplexity"] for r in front], [r["toxicity_mean_prob"] for r in front],
+            where="post", color="black", lw=2, alpha=0.5, label="Pareto front")
+    ax.plot([base["perplexity"]], [base["toxicity_mean_prob"]], "ks", ms=8, label="unsteered")
+    ax.axvline(base["perplexity"] * (1 + results["ppl_budget"]), color="gray", lw=0.8, ls="--")
+    ax.axhline(base["toxicity_mean_prob"] / results["tox_factor"], color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("Wikipedia perplexity (log)")
+    ax.set_ylabel("mean toxicity probability")
+    ax.set_title(f"{results['settings'].get('model') or 'model'}: toxicity vs perplexity "
+                 f"(target: lower-left of the dashed lines)", fontsize=9)
+    ax.legend(fontsize=6, loc="upper right", ncol=1 + len(by_recipe) // 14)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
