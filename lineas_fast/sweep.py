@@ -260,6 +260,8 @@ def run_sweep(model, tokenizer, data: SweepData, judge: Callable[[Sequence[str]]
     for key, row in done.items():                 # an earlier run's rows stay in the sweep
         if key != ("none", 0.0):
             results["rows"].append(row)
+    _summarise(results)
+    _write(results, out_dir)                      # the file never holds fewer rows than before
     planned = [(r, lam) for r in recipes for lam in strengths if (r.key(), lam) not in done]
     fitted: dict = {}
     for recipe, lam in planned:

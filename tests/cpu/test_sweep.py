@@ -73,11 +73,18 @@ def test_sweep_rows_front_and_resume(tmp_path):
                      max_new_tokens=3, progress=False, log=lambda s: None)
     assert again.calls == 0
     assert [r["perplexity"] for r in res2["rows"][1:]] == [r["perplexity"] for r in rows[1:]]
-    # a new strength evaluates only the new rows, reusing the fitted steerings
-    third = CountingJudge()
+    # a new strength evaluates only the new rows, reusing the fitted steerings; while it
+    # evaluates, the file already holds every earlier row
+    seen = []
+
+    class Peeking(CountingJudge):
+        def __call__(self, texts):
+            seen.append(len(json.loads((tmp_path / "sweep.json").read_text())["rows"]))
+            return super().__call__(texts)
+    third = Peeking()
     run_sweep(model, tok, data(), third, RECIPES[:1], [0.5, 0.75], str(tmp_path),
               max_new_tokens=3, progress=False, log=lambda s: None)
-    assert third.calls == 1
+    assert third.calls == 1 and seen == [len(rows)]
     kept = json.loads((tmp_path / "sweep.json").read_text())
     assert len(kept["rows"]) == len(rows) + 1            # earlier rows stay in the front
     # other evaluation settings in the same folder are refused, not overwritten
