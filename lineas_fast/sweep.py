@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -88,8 +88,9 @@ class Recipe:
         names = {"lineas": "LinEAS", "mean_shift": "mean-shift", "linear_act": "Linear-AcT"}
         parts = [names[self.method], _short(self.modules), f"n={self.n_train}"]
         if self.method == "lineas":
-            parts += [f"γ={self.sparsity:g}", f"{self.steps} st", self.optimizer +
-                      (f" {self.lr:g}" if self.lr is not None else "")]
+            from .trainer import TrainConfig
+            lr = TrainConfig(optimizer=self.optimizer, lr=self.lr).resolved_lr()
+            parts += [f"γ={self.sparsity:g}", f"{self.steps} st", f"{self.optimizer} {lr:g}"]
             if self.loss_modules:
                 parts.append(f"loss@{_short(self.loss_modules)}")
         if self.gates:
@@ -148,12 +149,15 @@ def check_recipes(recipes: Sequence[Recipe], data: SweepData) -> None:
 
 
 def fit_recipe(model, tokenizer, recipe: Recipe, data: SweepData, seed: int = 0,
-               progress: bool = False):
-    """The recipe's Steering on ``model``."""
+               progress: bool = False, ungated=None):
+    """The recipe's Steering on ``model``. A gated recipe fits its gates on ``ungated`` (the
+    same recipe without gates, already fitted) when given."""
     from .linear_act import fit_linear_act, fit_mean_shift
     from .trainer import train
     src, tgt = data.insults[:recipe.n_train], data.neutral[:recipe.n_train]
-    if recipe.method == "lineas":
+    if ungated is not None:
+        steering = ungated
+    elif recipe.method == "lineas":
         steering = train(model, tokenizer, src, tgt, modules=recipe.modules,
                          loss_modules=recipe.loss_modules, steps=recipe.steps,
                          optimizer=recipe.optimizer, lr=recipe.lr, sparsity=recipe.sparsity,
@@ -282,9 +286,13 @@ def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progre
     if os.path.isfile(path):
         steering = Steering.load(path)
         return steering, float(steering.metadata.get("sweep_fit_s", float("nan")))
+    ungated, fit_s = None, 0.0
+    if recipe.gates:                              # its maps are the ungated recipe's
+        plain = replace(recipe, gates=None, control_opening=None)
+        ungated, fit_s = _fitted(model, tokenizer, plain, data, seed, progress, out_dir)
     t0 = time.perf_counter()
-    steering = fit_recipe(model, tokenizer, recipe, data, seed, progress)
-    fit_s = time.perf_counter() - t0
+    steering = fit_recipe(model, tokenizer, recipe, data, seed, progress, ungated)
+    fit_s += time.perf_counter() - t0
     steering.save(path, sweep_fit_s=fit_s, sweep_recipe=recipe.settings())
     return steering, fit_s
 
@@ -345,6 +353,14 @@ def _write(results: dict, out_dir: str) -> None:
             json.dump(results, f, indent=1)
 
 
+def row_label(row: dict) -> str:
+    """The row's recipe label, rebuilt from its settings (labels improve; settings stay)."""
+    try:
+        return Recipe(**row["settings"]).label() if row.get("settings") else row["label"]
+    except TypeError:
+        return row["label"]
+
+
 def format_table(results: dict, only: Optional[Sequence[int]] = None) -> str:
     """A markdown table of the rows (``only``: their indices; default every row)."""
     rows, base = results["rows"], results["rows"][0]
@@ -352,12 +368,13 @@ def format_table(results: dict, only: Optional[Sequence[int]] = None) -> str:
              "|---|---|---|---|---|---|---|"]
     for i in (range(len(rows)) if only is None else only):
         r = rows[i]
-        dppl = r["perplexity"] / base["perplexity"] - 1
+        ratio = r["perplexity"] / base["perplexity"]
+        dppl = f"{ratio - 1:+.0%}" if ratio < 3 else f"×{ratio:.2g}"
         sup = f"{r['support']}/{r['coordinates']}" if "support" in r else "–"
         g = r.get("gate_opening")
         gate = f"{g['wiki']:.2f} / {g['prompts']:.2f}" if g else "–"
-        lines.append(f"| {r['label']} | {r['strength']:g} | {r['toxicity_mean_prob']:.3f} | "
-                     f"{r['toxicity_rate']:.1%} | {r['perplexity']:.2f} ({dppl:+.0%}) | {sup} | "
+        lines.append(f"| {row_label(r)} | {r['strength']:g} | {r['toxicity_mean_prob']:.3f} | "
+                     f"{r['toxicity_rate']:.1%} | {r['perplexity']:.4g} ({dppl}) | {sup} | "
                      f"{gate} |")
     return "\n".join(lines)
 
@@ -381,7 +398,7 @@ def plot_pareto(results: dict, path: str) -> None:
         ax.plot([base["perplexity"]] + [r["perplexity"] for r in rs],
                 [base["toxicity_mean_prob"]] + [r["toxicity_mean_prob"] for r in rs],
                 styles[k % len(styles)], marker="*" if gated else "o", ms=4, lw=1,
-                color=colors[rs[0]["method"]], label=rs[0]["label"], alpha=0.8)
+                color=colors[rs[0]["method"]], label=row_label(rs[0]), alpha=0.8)
     front = [rows[i] for i in results["pareto"]]
     ax.step([r["perplexity"] for r in front], [r["toxicity_mean_prob"] for r in front],
             where="post", color="black", lw=2, alpha=0.5, label="Pareto front")

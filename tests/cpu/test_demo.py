@@ -31,6 +31,8 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
         [("LinEAS", 0.0), ("LinEAS", 1.0), ("LinEAS+DSAS", 1.0), ("Linear-AcT", 1.0)]
     assert set(res["gates"]) == set(lf.Steering.load(str(tmp_path / "steering.safetensors")).modules)
     assert lf.Steering.load(str(tmp_path / "steering-dsas.safetensors")).metadata["gates"]
+    opening = res["rows"][2]["gate_opening"]
+    assert set(opening) == {"wiki", "prompts"} and all(0 <= v <= 1 for v in opening.values())
     assert res["loss_last"] < res["loss_first"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][0]["support"] == 0 and saved["rows"][1]["support"] > 0

@@ -4,6 +4,7 @@ each evaluation, resume, the Pareto front, the target check and the command's ea
 import json
 
 import pytest
+import torch
 
 import lineas_fast as lf
 from lineas_fast.cli import main
@@ -38,6 +39,7 @@ def data():
 
 RECIPES = [Recipe("lineas", PATTERN, steps=3, n_train=4),
            Recipe("lineas", PATTERN, sparsity=SPARSE, steps=3, n_train=8),
+           Recipe("lineas", PATTERN, steps=3, n_train=4, gates="token", control_opening=0.3),
            Recipe("mean_shift", PATTERN, n_train=8),
            Recipe("linear_act", PATTERN, n_train=8)]
 
@@ -56,6 +58,15 @@ def test_sweep_rows_front_and_resume(tmp_path):
     # the evaluation really ran with the steering attached: λ changes the perplexity
     assert rows[1]["perplexity"] != rows[2]["perplexity"] != rows[0]["perplexity"]
     assert rows[3]["perplexity"] == rows[0]["perplexity"]          # everything pruned
+    # the gated recipe reuses the ungated recipe's maps and adds gates; its rows say how far
+    # the gates open on the neutral texts and on the prompts
+    plain = lf.Steering.load(str(tmp_path / "steerings" / (RECIPES[0].key() + ".safetensors")))
+    gated = lf.Steering.load(str(tmp_path / "steerings" / (RECIPES[2].key() + ".safetensors")))
+    assert gated.gates and not plain.gates and gated.modules == plain.modules
+    for n in plain.modules:
+        assert torch.equal(gated[n][0], plain[n][0]) and torch.equal(gated[n][1], plain[n][1])
+    assert all(0 <= rows[i]["gate_opening"][k] <= 1 for i in (5, 6) for k in ("wiki", "prompts"))
+    assert "gate_opening" not in rows[1]
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert saved["pareto"] == pareto_front(rows)
@@ -66,7 +77,7 @@ def test_sweep_rows_front_and_resume(tmp_path):
     ms = lf.fit_mean_shift(model, tok, SOURCE[:8], TARGET[:8], modules=PATTERN)
     from lineas_fast.eval import perplexity
     with ms.apply(model):
-        assert perplexity(model, tok, data().wiki) == pytest.approx(rows[6]["perplexity"], rel=1e-5)
+        assert perplexity(model, tok, data().wiki) == pytest.approx(rows[8]["perplexity"], rel=1e-5)
     # a rerun into the same folder reuses every row: no evaluation, same results
     again = CountingJudge()
     res2 = run_sweep(model, tok, data(), again, RECIPES, [0.5, 1.0], str(tmp_path),
