@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    data, judge = load_demo_data(), toxicity_judge()
+    data, judge = load_demo_data(n_train=32, n_wiki=200), toxicity_judge()
     st = lf.Steering.load(os.path.join(args.demo, "steering.safetensors"))
 
     def evaluate(name, steering, strength, n_wiki=None):

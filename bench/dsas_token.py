@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    data = load_demo_data(n_prompts=args.n_prompts, n_wiki=args.n_wiki)
+    data = load_demo_data(n_train=32, n_prompts=args.n_prompts, n_wiki=args.n_wiki)
     judge = toxicity_judge()
     train_s = None
     if os.path.exists(args.steering):

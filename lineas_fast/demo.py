@@ -55,7 +55,7 @@ def draw_demo_sentences(n_train: int = 32, n_prompts: int = 100, prompt_words: i
     return prompts, source, pool, rng
 
 
-def load_demo_data(n_train: int = 32, n_prompts: int = 100, n_wiki: int = 200, prompt_words: int = 5,
+def load_demo_data(n_train: int = 384, n_prompts: int = 100, n_wiki: int = 50, prompt_words: int = 5,
                    seed: int = 0) -> DemoData:
     from .assets import wikipedia_extracts
     prompts, source, pool, rng = draw_demo_sentences(n_train, n_prompts, prompt_words, seed)
