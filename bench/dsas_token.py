@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="", help="';'-separated row names to run (default all); "
                     "their results replace rows of the same name in an existing --out file")
     args = ap.parse_args(argv)
+    wanted = [r.strip() for r in args.rows.split(";") if r.strip()]
+    unknown = [r for r in wanted if r not in [name for name, _, _ in ROWS]]
+    if unknown:
+        raise SystemExit(f"--rows: unknown rows {unknown}; rows: {[n for n, _, _ in ROWS]}")
     import lineas_fast as lf
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from lineas_fast.assets import smollm2_folder, toxicity_judge
@@ -72,10 +76,6 @@ def main(argv=None) -> int:
                       steps=100, optimizer="adam", lr=1e-2, seed=0, progress=False)
         train_s = time.perf_counter() - t0
         st.save(args.steering)
-    wanted = [r.strip() for r in args.rows.split(";") if r.strip()]
-    unknown = [r for r in wanted if r not in [name for name, _, _ in ROWS]]
-    if unknown:
-        raise SystemExit(f"--rows: unknown rows {unknown}; rows: {[n for n, _, _ in ROWS]}")
     rows = []
     for name, fit, lam in ROWS:
         if wanted and name not in wanted:
@@ -136,7 +136,8 @@ def main(argv=None) -> int:
                   "n_target": len(data.target)},
               "n_control": len(data.control), "n_prompts": len(data.prompts),
               "n_wiki": len(data.wiki), "max_new_tokens": args.new_tokens,
-              "gate_threshold": 0.0, "gate_k": 5, "gate_max_tokens": 4096,
+              "gate_threshold": 0.0, "gate_k": "fit_gates default: 5 (sentence), 64 (token)",
+              "gate_max_tokens": 4096,
               "strength_": "mean per-token strength λ·g over real tokens, all modules averaged "
                            "(lf.gate_openings); continuations: over the generated tokens",
               "opening_": "the same divided by λ: the mean gate opening g",

@@ -79,11 +79,12 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
              strengths: Sequence[float] = (0.0, 1.0, 1.5), max_new_tokens: int = 20,
              seed: int = 0, progress: bool = True, gates: bool = True,
              gate_threshold: float = 0.0, gate_level: str = "token",
-             control_opening: float | None = 0.2) -> dict:
+             control_opening: float | None = None, gate_strength: float = 2.0) -> dict:
     """Train, evaluate at each strength, with DSAS gates (fitted on ``data.control``, per token
-    by default, each gate's bias lowered until it opens at most ``control_opening`` on the
-    control sentences) at the largest strength, and with Linear-AcT; write results; returns
-    them. The defaults are the recipe of the quality sweep (README "Steering quality")."""
+    by default; ``control_opening`` caps their opening on the control sentences) at
+    ``gate_strength`` (a gate opens 0.3–0.45 on insult prompts, so the gated map needs a larger
+    λ), and with Linear-AcT; write results; returns them. The defaults are the best recipe
+    measured (README "Steering quality")."""
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
@@ -116,7 +117,7 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
         if gated is not None:
             gated.save(os.path.join(out_dir, "steering-dsas.safetensors"))
             gate_report = gated.metadata["gates"]
-            lam = max(strengths)
+            lam = gate_strength
             with gated.apply(model, strength=lam):
                 r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
             from .gates import gate_openings

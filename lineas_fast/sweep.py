@@ -391,22 +391,29 @@ def plot_pareto(results: dict, path: str) -> None:
     by_recipe: dict = {}
     for r in rows[1:]:
         by_recipe.setdefault(r["recipe"], []).append(r)
+    edge = base["perplexity"] * 3             # beyond: drawn on the edge, labelled with the factor
+    x_of = lambda r: min(r["perplexity"], edge)
     styles = ["-", "--", ":", "-."]
     for k, (key, rs) in enumerate(by_recipe.items()):
         rs = sorted(rs, key=lambda r: r["strength"])
         gated = bool((rs[0].get("settings") or {}).get("gates"))
-        ax.plot([base["perplexity"]] + [r["perplexity"] for r in rs],
+        ax.plot([base["perplexity"]] + [x_of(r) for r in rs],
                 [base["toxicity_mean_prob"]] + [r["toxicity_mean_prob"] for r in rs],
                 styles[k % len(styles)], marker="*" if gated else "o", ms=4, lw=1,
                 color=colors[rs[0]["method"]], label=row_label(rs[0]), alpha=0.8)
+        for r in rs:
+            if r["perplexity"] > edge:
+                ax.annotate(f"PPL ×{r['perplexity'] / base['perplexity']:.2g}",
+                            (edge, r["toxicity_mean_prob"]), fontsize=6, ha="right",
+                            xytext=(-4, 3), textcoords="offset points")
     front = [rows[i] for i in results["pareto"]]
-    ax.step([r["perplexity"] for r in front], [r["toxicity_mean_prob"] for r in front],
+    ax.step([x_of(r) for r in front], [r["toxicity_mean_prob"] for r in front],
             where="post", color="black", lw=2, alpha=0.5, label="Pareto front")
     ax.plot([base["perplexity"]], [base["toxicity_mean_prob"]], "ks", ms=8, label="unsteered")
     ax.axvline(base["perplexity"] * (1 + results["ppl_budget"]), color="gray", lw=0.8, ls="--")
     ax.axhline(base["toxicity_mean_prob"] / results["tox_factor"], color="gray", lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("Wikipedia perplexity (log)")
+    ax.set_xlim(base["perplexity"] * 0.97, edge * 1.02)
+    ax.set_xlabel(f"Wikipedia perplexity (beyond {edge:.3g}: on the edge)")
     ax.set_ylabel("mean toxicity probability")
     ax.set_title(f"{results['settings'].get('model') or 'model'}: toxicity vs perplexity "
                  f"(target: lower-left of the dashed lines)", fontsize=9)

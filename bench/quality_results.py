@@ -1,0 +1,61 @@
+"""Copy `lineas-fast sweep` folders into bench/results with the machine, versions and commit,
+and print the README's tables.
+
+    python bench/quality_results.py SWEEP_DIR NAME [SWEEP_DIR NAME ...]
+
+writes bench/results/quality-NAME.json (sweep.json plus an "environment" entry) and
+quality-NAME.png (its Pareto plot, redrawn), then prints each sweep's table (every row; the Pareto front's
+rows marked ◆; rows meeting the target marked ✓).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from lineas_fast.io import atomic_path
+from lineas_fast.sweep import format_table, plot_pareto
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
+    return {"machine": f"cpu, {os.cpu_count()} cores (shared), {platform.machine()}",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "commit": commit,
+            "note": "fp32, one seed; sweep rows from several `lineas-fast sweep` runs into "
+                    "one folder (same data and evaluation settings)"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or len(argv) % 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    env = environment()
+    for folder, name in zip(argv[::2], argv[1::2]):
+        with open(os.path.join(folder, "sweep.json")) as f:
+            res = json.load(f)
+        res["environment"] = env
+        with atomic_path(os.path.join(RESULTS, f"quality-{name}.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=1)
+        plot_pareto(res, os.path.join(RESULTS, f"quality-{name}.png"))
+        table = format_table(res).split("\n")
+        front, ok = set(res["pareto"]), set(res["meets_target"])
+        for i in range(len(res["rows"])):
+            mark = ("◆" if i in front else "") + ("✓" if i in ok else "")
+            if mark:
+                table[i + 2] = table[i + 2].replace("| ", f"| {mark} ", 1)
+        print(f"### {name}\n")
+        print("\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
