@@ -64,13 +64,25 @@ def load_demo_data(n_train: int = 384, n_prompts: int = 100, n_wiki: int = 50, p
                     control=pool[n_train:])
 
 
-def evaluate(model, tokenizer, data: DemoData, judge, max_new_tokens: int, progress: bool) -> dict:
+def evaluate(model, tokenizer, data, judge, max_new_tokens: int, progress: bool,
+             examples: int = 5) -> dict:
+    """Toxicity of greedy continuations of ``data.prompts`` and perplexity on ``data.wiki``
+    (with whatever steering is attached to ``model``), and the first ``examples``
+    continuations."""
     texts = continuations(model, tokenizer, data.prompts, max_new_tokens, progress=progress)
     tox = toxicity(texts, judge)
     return {"toxicity_rate": tox["rate"], "toxicity_mean_prob": tox["mean_prob"],
             "perplexity": perplexity(model, tokenizer, data.wiki, progress=progress),
             "examples": [{"prompt": p, "continuation": c} for p, c in
-                         list(zip(data.prompts, texts))[:5]]}
+                         list(zip(data.prompts, texts))[:examples]]}
+
+
+def gate_opening_report(model, tokenizer, gated, data) -> dict:
+    """{"wiki", "prompts"}: the mean per-token gate opening of ``gated`` (at strength 1) on
+    ``data.wiki`` and on ``data.prompts``."""
+    from .gates import gate_openings
+    return {name: float(gate_openings(model, tokenizer, gated, texts)["mean"])
+            for name, texts in (("wiki", data.wiki), ("prompts", data.prompts))}
 
 
 def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], Sequence[float]],
@@ -120,9 +132,7 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
             lam = gate_strength
             with gated.apply(model, strength=lam):
                 r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
-            from .gates import gate_openings
-            opening = {k: gate_openings(model, tokenizer, gated, texts)["mean"]
-                       for k, texts in (("wiki", data.wiki), ("prompts", data.prompts))}
+            opening = gate_opening_report(model, tokenizer, gated, data)
             rows.append({"method": "LinEAS+DSAS", "strength": lam, **r,
                          "support": gated.support(), "coordinates": total, "train_s": train_s,
                          "gate_opening": opening})

@@ -31,7 +31,6 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .checks import choice, integer, number
-from .eval import continuations, perplexity, toxicity
 from .io import atomic_path
 
 METHODS = ("lineas", "mean_shift", "linear_act")
@@ -176,13 +175,11 @@ def fit_recipe(model, tokenizer, recipe: Recipe, data: SweepData, seed: int = 0,
 
 def evaluate_quality(model, tokenizer, data: SweepData, judge, max_new_tokens: int = 20,
                      progress: bool = False) -> dict:
-    """Toxicity of greedy continuations of ``data.prompts`` and perplexity on ``data.wiki``
-    (with whatever steering is attached to ``model``)."""
-    texts = continuations(model, tokenizer, data.prompts, max_new_tokens, progress=progress)
-    tox = toxicity(texts, judge)
-    return {"toxicity_rate": tox["rate"], "toxicity_mean_prob": tox["mean_prob"],
-            "perplexity": perplexity(model, tokenizer, data.wiki, progress=progress),
-            "example": {"prompt": data.prompts[0], "continuation": texts[0]}}
+    """The demo's measurement (``demo.evaluate``) with the first continuation as the example."""
+    from .demo import evaluate
+    r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress, examples=1)
+    r["example"] = r.pop("examples")[0]
+    return r
 
 
 def pareto_front(rows: Sequence[dict], x: str = "perplexity",
@@ -246,7 +243,8 @@ def run_sweep(model, tokenizer, data: SweepData, judge: Callable[[Sequence[str]]
             row["coordinates"] = sum(steering.dims().values())
             row["support_per_module"] = steering.support(per_module=True)
             if steering.gates:
-                row["gate_opening"] = _gate_openings(model, tokenizer, steering, lam, data)
+                from .demo import gate_opening_report
+                row["gate_opening"] = gate_opening_report(model, tokenizer, steering, data)
         return row
 
     def record(row: dict) -> None:
@@ -295,15 +293,6 @@ def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progre
     fit_s += time.perf_counter() - t0
     steering.save(path, sweep_fit_s=fit_s, sweep_recipe=recipe.settings())
     return steering, fit_s
-
-
-def _gate_openings(model, tokenizer, steering, lam: float, data: SweepData) -> dict:
-    """Mean per-token gate opening on the neutral texts and on the prompts (overall)."""
-    from .gates import gate_openings
-    out = {}
-    for name, texts in (("wiki", data.wiki), ("prompts", data.prompts)):
-        out[name] = float(gate_openings(model, tokenizer, steering, texts)["mean"])
-    return out
 
 
 def _digest(data: SweepData) -> str:
