@@ -4,6 +4,7 @@ the old or the new complete output at the destination, and no temporary once the
 The fuse process is SIGKILLed at random moments of a write loop and at exact stages of the
 overwrite (``LINEAS_FAST_TEST_PAUSE_AT``, see lineas_fast/io.py), with the atomic exchange and
 with the two-rename fallback; SIGTERM and Ctrl-C are cleaned up by the process itself."""
+import contextlib
 import json
 import os
 import re
@@ -45,6 +46,9 @@ import json, os, random, select, signal, sys, time
 import argparse, torch, tqdm
 torch.set_num_threads(1)
 tqdm.tqdm.monitor_interval = 0          # no tqdm monitor thread: this process forks
+# tqdm's default write lock includes a multiprocessing lock that forked children share: a child
+# SIGKILLed inside a progress bar would hold it forever and the next bar here would hang
+tqdm.std.TqdmDefaultWriteLock.mp_lock = None
 import lineas_fast as lf, lineas_fast.io as io
 from lineas_fast.cli import main
 from lineas_fast.cli_io import load_model_or_pipeline
@@ -185,11 +189,29 @@ def fresh_out(world, name, key="a"):
     return folder, folder / "out"
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes():
+    """Whatever a test leaves running (a failed wait, a hung driver and its forked children) is
+    killed with its whole process group, so no sleeper outlives the test."""
+    yield
+    while _started:
+        proc = _started.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
 def start(args, env=None):
-    """A child python (one thread each: several run at once on few cores)."""
+    """A child python in a process group of its own (one thread each: several run at once on
+    few cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=TESTS, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=TESTS, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    _started.append(proc)
+    return proc
 
 
 def wait_for_line(stream, text, timeout=90.0):
@@ -257,7 +279,7 @@ def test_fuse_overwrite_survives_kills(world):
             assert main(fuse_args(world, out, "a")) == 0
             assert leftovers(folder) == [] and which_model(world, out) == "a"
 
-    stdout, stderr = driver.communicate(timeout=180)
+    stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 0, stderr[-3000:]
     reports = [json.loads(line) for line in stdout.splitlines()]
     assert len(reports) == len(jobs), stdout
