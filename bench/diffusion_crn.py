@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     x, y, identity_w2 = pooled_w2(probe, names, src, tgt)
     early = [n for n in names if torch.equal(x[n], y[n])]
     runs = []
-    for optimizer, lr in (("adam", 1e-2), ("sgd", 0.1)):
+    for optimizer, lr in (("adam", 1e-2), ("adam", 3e-3), ("sgd", 0.1)):
         for batch_size in (len(SOURCE_PROMPTS), 4):
             for shared in (False, True):
                 target = PipelineTarget(pipe, shared_noise=shared)

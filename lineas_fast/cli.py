@@ -188,7 +188,7 @@ def build_parser() -> ArgumentParser:
     t.add_argument("--batch-size", type=integer(1), default=32)
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     t.add_argument("--lr", type=real(0, low_open=True), default=None,
-                   help="default 0.1 (sgd) or 0.01 (adam)")
+                   help="default 0.1 (sgd) or 0.003 (adam)")
     t.add_argument("--sparsity", type=real(0), default=0.0, help="sparse group lasso strength γ")
     t.add_argument("--init", choices=["linear_act"], default=None)
     t.add_argument("--seed", type=SEED, default=0)

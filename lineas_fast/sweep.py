@@ -70,6 +70,9 @@ class Recipe:
     def settings(self) -> dict:
         """The fields that change the fitted steering (baselines drop the LinEAS ones)."""
         d = asdict(self)
+        if d["lr"] is None:                       # the default as a number: defaults change
+            from .trainer import TrainConfig
+            d["lr"] = TrainConfig(optimizer=self.optimizer).resolved_lr()
         if d["control_opening"] is None:          # keys of sweeps before the field existed
             d.pop("control_opening")
         if self.method != "lineas":
@@ -87,9 +90,8 @@ class Recipe:
         names = {"lineas": "LinEAS", "mean_shift": "mean-shift", "linear_act": "Linear-AcT"}
         parts = [names[self.method], _short(self.modules), f"n={self.n_train}"]
         if self.method == "lineas":
-            from .trainer import TrainConfig
-            lr = TrainConfig(optimizer=self.optimizer, lr=self.lr).resolved_lr()
-            parts += [f"γ={self.sparsity:g}", f"{self.steps} st", f"{self.optimizer} {lr:g}"]
+            parts += [f"γ={self.sparsity:g}", f"{self.steps} st",
+                      f"{self.optimizer} {self.settings()['lr']:g}"]
             if self.loss_modules:
                 parts.append(f"loss@{_short(self.loss_modules)}")
         if self.gates:

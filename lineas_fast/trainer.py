@@ -50,7 +50,7 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 0.1 if self.optimizer == "sgd" else 1e-2
+        return 0.1 if self.optimizer == "sgd" else 3e-3
 
     def check(self) -> None:
         """Every setting in range and finite; the error names the argument and the value."""
