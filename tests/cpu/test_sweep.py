@@ -8,6 +8,7 @@ import torch
 
 import lineas_fast as lf
 from lineas_fast.cli import main
+from lineas_fast.trainer import TrainConfig
 from lineas_fast.sweep import (Recipe, SweepData, check_recipes, meets_target, pareto_front,
                                run_sweep)
 from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
@@ -137,6 +138,12 @@ def test_recipe_keys_name_what_changes_the_steering():
     assert a.key() == Recipe("mean_shift", PATTERN, n_train=8, sparsity=0.3, steps=7).key()
     assert a.key() != Recipe("mean_shift", PATTERN, n_train=16).key()
     assert Recipe(steps=10).key() != Recipe(steps=20).key()
+    # the default lr is recorded as its number: a recipe fitted under an older default keeps
+    # its own key and label when the default changes
+    default = TrainConfig(optimizer="adam").resolved_lr()
+    assert Recipe().settings()["lr"] == default
+    assert Recipe().key() == Recipe(lr=default).key() != Recipe(lr=default * 3).key()
+    assert f"adam {default:g}" in Recipe().label()
 
 
 def test_sweep_cli_refuses_bad_recipes_file(tmp_path, capsys):
