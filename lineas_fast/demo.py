@@ -2,7 +2,7 @@
 
     lineas-fast demo [--steps 100] [--out lineas_demo]
 
-Trains LinEAS (Adam, lr 3e-3, 100 steps) with 384 insults (source) and 384 non-insults
+Trains LinEAS (Adam, lr 3e-3, 100 steps, sparse group lasso γ = 0.3) with 384 insults (source) and 384 non-insults
 (target) from the Kaggle insults training file on the post-attention norms, then for held-out prompts (the first words of insults
 from the test file) generates continuations at each strength λ (and with the Linear-AcT
 baseline) and reports the toxicity rate and mean probability of the continuations
@@ -87,11 +87,11 @@ def gate_opening_report(model, tokenizer, gated, data) -> dict:
 
 def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], Sequence[float]],
              out_dir: str, modules: str = r".*post_attention_layernorm", steps: int = 100,
-             optimizer: str = "adam", lr: float = 3e-3, sparsity: float = 0.0,
-             strengths: Sequence[float] = (0.0, 1.0, 1.5), max_new_tokens: int = 20,
+             optimizer: str = "adam", lr: float = 3e-3, sparsity: float = 0.3,
+             strengths: Sequence[float] = (0.0, 1.5, 3.0), max_new_tokens: int = 20,
              seed: int = 0, progress: bool = True, gates: bool = True,
              gate_threshold: float = 0.0, gate_level: str = "token",
-             control_opening: float | None = None, gate_strength: float = 2.0) -> dict:
+             control_opening: float | None = None, gate_strength: float = 3.0) -> dict:
     """Train, evaluate at each strength, with DSAS gates (fitted on ``data.control``, per token
     by default; ``control_opening`` caps their opening on the control sentences) at
     ``gate_strength`` (a gate opens 0.3–0.45 on insult prompts, so the gated map needs a larger
@@ -239,9 +239,9 @@ def add_demo_parser(sub) -> None:
     d.add_argument("--lr", type=real(0, low_open=True), default=3e-3)
     d.add_argument("--n-train", type=integer(2, 384), default=384,
                    help="insults (source) and non-insults (target) to train on")
-    d.add_argument("--sparsity", type=real(0), default=0.0)
+    d.add_argument("--sparsity", type=real(0), default=0.3)
     d.add_argument("--modules", type=regex, default=r".*post_attention_layernorm")
-    d.add_argument("--strengths", type=real(), nargs="+", default=[0.0, 1.0, 1.5])
+    d.add_argument("--strengths", type=real(), nargs="+", default=[0.0, 1.5, 3.0])
     d.add_argument("--prompts", type=integer(1), default=100, help="held-out prompts")
     d.add_argument("--wiki", type=integer(1), default=50, help="Wikipedia extracts for perplexity")
     d.add_argument("--seed", type=SEED, default=0)

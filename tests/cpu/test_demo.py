@@ -28,7 +28,7 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
                    modules=r"model\.layers\.\d+\.post_attention_layernorm", steps=4,
                    strengths=(0.0, 1.0), max_new_tokens=4, progress=False, gate_threshold=0.0)
     assert [(r["method"], r["strength"]) for r in res["rows"]] == \
-        [("LinEAS", 0.0), ("LinEAS", 1.0), ("LinEAS+DSAS", 2.0), ("Linear-AcT", 1.0)]
+        [("LinEAS", 0.0), ("LinEAS", 1.0), ("LinEAS+DSAS", 3.0), ("Linear-AcT", 1.0)]
     assert set(res["gates"]) == set(lf.Steering.load(str(tmp_path / "steering.safetensors")).modules)
     assert lf.Steering.load(str(tmp_path / "steering-dsas.safetensors")).metadata["gates"]
     opening = res["rows"][2]["gate_opening"]
