@@ -26,9 +26,11 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
                              "water boils when heated", "trains run on rails"])
     res = run_demo(tiny_model("llama"), tiny_tokenizer(), data, keyword_judge, str(tmp_path),
                    modules=r"model\.layers\.\d+\.post_attention_layernorm", steps=4,
-                   strengths=(0.0, 1.0), max_new_tokens=4, progress=False, gate_threshold=0.0)
+                   strengths=(0.0, 1.0), max_new_tokens=4, progress=False, gate_threshold=0.0,
+                   linear_act_n=3)
     assert [(r["method"], r["strength"]) for r in res["rows"]] == \
         [("LinEAS", 0.0), ("LinEAS", 1.0), ("LinEAS+DSAS", 3.0), ("Linear-AcT", 1.0)]
+    assert res["rows"][-1]["n_train"] == 3 < len(data.source)      # Linear-AcT on the first 3
     assert set(res["gates"]) == set(lf.Steering.load(str(tmp_path / "steering.safetensors")).modules)
     assert lf.Steering.load(str(tmp_path / "steering-dsas.safetensors")).metadata["gates"]
     opening = res["rows"][2]["gate_opening"]
