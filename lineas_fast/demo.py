@@ -95,7 +95,7 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
              linear_act_n: int = 32) -> dict:
     """Train, evaluate at each strength, with DSAS gates (fitted on ``data.control``, per token
     by default; ``control_opening`` caps their opening on the control sentences) at
-    ``gate_strength`` (a gate opens 0.3–0.45 on insult prompts, so the gated map needs a larger
+    ``gate_strength`` (a gate opens about half on insult prompts, so the gated map needs a larger
     λ), and with Linear-AcT (fitted on the first ``linear_act_n`` source and target sentences, the
     paper's 32: its layer-by-layer fit costs a forward per layer, 200 s at 384 on 2 cores);
     write results; returns them. The defaults are the best recipe
