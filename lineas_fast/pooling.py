@@ -3,7 +3,8 @@
 * ``masked_mean``: a token stream (B, T, d) averaged over each sentence's real tokens.
 * ``pool_image``: a UNet feature map (B, C, H, W) averaged over H×W (channels are the
   coordinates); token-shaped outputs (B, T, C) of the UNet's transformer blocks over T.
-* ``length_buckets``: groups sentences of similar length so batches carry little padding.
+* ``length_buckets``: groups sentences of similar length so batches carry little padding;
+  ``pad_right``: one such group as right-padded ids and a 0/1 attention mask.
 * ``pack_rows`` / ``segment_means``: sentences packed end to end into rows (first-fit
   decreasing), and the (n, R·L) matrix whose product with the packed stream is each sentence's
   mean: one matmul pools a whole packed batch, rows in the caller's order.
@@ -44,6 +45,18 @@ def length_buckets(lengths: Sequence[int], max_waste: float = 0.25) -> list[list
     if cur:
         buckets.append(cur)
     return buckets
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists → (ids (B, T) long, right-padded with ``pad_id``; mask (B, T) long, 1 on
+    real tokens), T the longest length. On the CPU."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, :len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        mask[r, :len(x)] = 1
+    return ids, mask
 
 
 def pack_rows(lengths: Sequence[int], capacity: int | None = None) -> list[list[int]]:

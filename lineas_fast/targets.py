@@ -32,7 +32,8 @@ from torch import nn
 
 from .checks import integer
 from .modules import match_modules, nearby_names
-from .pooling import length_buckets, masked_mean, pack_rows, pool_image, segment_means
+from .pooling import (length_buckets, masked_mean, pack_rows, pad_right, pool_image,
+                      segment_means)
 
 
 class StopForward(Exception):
@@ -393,13 +394,7 @@ class LanguageModelTarget(Target):
 
     def _bucketed_batches(self, encoded, idx):
         for bucket in length_buckets([len(encoded[i]) for i in idx]):
-            rows = [idx[b] for b in bucket]
-            T = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), T), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
-                mask[r, :len(encoded[i])] = 1
+            ids, mask = pad_right([encoded[idx[b]] for b in bucket], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
             yield (bucket,
                    lambda ids=ids, mask=mask: self.root(input_ids=ids, attention_mask=mask,

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .pooling import length_buckets
+from .pooling import length_buckets, pad_right
 from .targets import LanguageModelTarget, StopForward
 
 
@@ -33,12 +33,7 @@ def padded_batches(encoded: Sequence[Sequence[int]], pad_id: int, device,
         step = max(1, max_tokens // max(T, 1))
         for lo in range(0, len(bucket), step):
             rows = bucket[lo:lo + step]
-            T = max(len(encoded[i]) for i in rows)
-            ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), T), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, :len(encoded[i])] = torch.tensor(list(encoded[i]), dtype=torch.long)
-                mask[r, :len(encoded[i])] = 1
+            ids, mask = pad_right([encoded[i] for i in rows], pad_id)
             yield rows, ids.to(device), mask.to(device)
 
 
