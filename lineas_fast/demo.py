@@ -2,13 +2,13 @@
 
     lineas-fast demo [--steps 100] [--out lineas_demo]
 
-Trains LinEAS (Adam, lr 3e-3, 100 steps, sparse group lasso γ = 0.3) with 384 insults (source) and 384 non-insults
-(target) from the Kaggle insults training file on the post-attention norms, then for held-out prompts (the first words of insults
-from the test file) generates continuations at each strength λ (and with the Linear-AcT
-baseline) and reports the toxicity rate and mean probability of the continuations
-(alt-profanity-check), the perplexity on Wikipedia extracts, the support and the training time;
-then fits DSAS gates (insults vs. held-out non-insult comments) and evaluates the gated
-steering at the largest strength.
+Trains LinEAS (Adam, lr 3e-3, 100 steps, sparse group lasso γ = 0.3) with 384 insults (source)
+and 384 non-insults (target) from the Kaggle insults training file on the post-attention norms,
+then for held-out prompts (the first words of insults from the test file) generates
+continuations at each strength λ (and with the Linear-AcT baseline) and reports the toxicity
+rate and mean probability of the continuations (alt-profanity-check), the perplexity on
+Wikipedia extracts, the support and the training time; then fits per-token DSAS gates (insults
+vs. held-out non-insult comments) and evaluates the gated steering at ``gate_strength`` (3).
 Writes ``results.json``, ``plot.png`` and ``steering.safetensors`` into the output folder.
 """
 from __future__ import annotations
@@ -98,8 +98,8 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
     ``gate_strength`` (a gate opens about half on insult prompts, so the gated map needs a larger
     λ), and with Linear-AcT (fitted on the first ``linear_act_n`` source and target sentences, the
     paper's 32: its layer-by-layer fit costs a forward per layer, 200 s at 384 on 2 cores);
-    write results; returns them. The defaults are the best recipe
-    measured (README "Steering quality")."""
+    write results; returns them. The defaults are the best recipe measured (README "Steering
+    quality")."""
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
