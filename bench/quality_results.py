@@ -11,33 +11,24 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import sys
 
-from lineas_fast.io import atomic_path
-from lineas_fast.sweep import format_table, plot_pareto
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment  # noqa: E402
+
+from lineas_fast.io import atomic_path  # noqa: E402
+from lineas_fast.sweep import format_table, plot_pareto  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def environment() -> dict:
-    import torch
-    import transformers
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
-    return {"machine": f"cpu, {os.cpu_count()} cores (shared), {platform.machine()}",
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "commit": commit,
-            "note": "fp32, one seed; sweep rows from several `lineas-fast sweep` runs into "
-                    "one folder (same data and evaluation settings)"}
+NOTE = ("fp32, one seed, a shared 2-core machine; sweep rows from several `lineas-fast sweep` "
+        "runs into one folder (same data and evaluation settings)")
 
 
 def main(argv: list[str]) -> int:
     if not argv or len(argv) % 2:
         print(__doc__, file=sys.stderr)
         return 2
-    env = environment()
+    env = {**environment(), "note": NOTE}
     for folder, name in zip(argv[::2], argv[1::2]):
         with open(os.path.join(folder, "sweep.json")) as f:
             res = json.load(f)
