@@ -14,11 +14,12 @@ from torch import nn
 
 from .checks import number
 from .families import NormSpec, norm_spec
-from .fusion import (FusionError, _fold, _Plan, coefficients, refuse_attached, refuse_gates,
-                     spec_of)
+from .fusion import (OFFLOADED, FusionError, _fold, _Plan, coefficients, refuse_attached,
+                     refuse_gates, spec_of)
 from .kernels._backend import use_triton
 from .kernels.ops import rms_norm_shift_op
 from .kernels.rms_norm_shift_ref import MAX_D as RMS_MAX_D, rms_norm_shift_ref
+from .placement import offloaded
 from .steering import Steering
 from .targets import as_target
 
@@ -90,6 +91,9 @@ def fuse_in_memory(model, steering: Steering, strength: float = 1.0,
         spec, why, _, _ = spec_of(name, named)
         if spec is None:
             problems[name] = why
+            continue
+        if offloaded(named[name]):
+            problems[name] = OFFLOADED
             continue
         if spec.kind == "layernorm" and getattr(named[name], "bias", None) is None:
             problems[name] = "LayerNorm/GroupNorm without bias: use attach() for this module"

@@ -26,6 +26,7 @@ from .families import (ALWAYS, FAMILIES, NormSpec, equivalent_refusal, model_typ
                        owner_of)
 from .functional import map_coefficients
 from .hooks import AlreadySteeredError, installed
+from .placement import offloaded
 from .steering import Steering
 from .targets import Target, as_target
 
@@ -39,6 +40,11 @@ class FusionError(ValueError):
         super().__init__(f"cannot fold {len(problems)} steering map(s) into the weights:\n{lines}\n"
                          f"Use steering.attach(model) (hooks with the fused kernel) or "
                          f"lf.fuse_in_memory(model, steering) for these modules.")
+
+
+OFFLOADED = ("its weights are offloaded by accelerate (on the meta device between forwards: a "
+             "device_map with 'cpu' or 'disk' entries), and folding writes weights; fold a model "
+             "loaded without offload, or steer this one with steering.attach(model)")
 
 
 @dataclass
@@ -92,9 +98,14 @@ def plan_fusion(model, steering: Steering, strength: float = 1.0,
             problems[name] = why
             continue
         plan = _Plan(name, named[name], a, c, spec, owner=owner, model_type=mtype)
+        if offloaded(plan.module):
+            problems[name] = OFFLOADED
+            continue
         has_bias = spec.kind == "layernorm" and getattr(plan.module, "bias", None) is not None
         if not has_bias and bool((c != 0).any()):
             why = _attach_readers(plan, named)
+            if why is None and any(offloaded(lin) for _, lin in plan.readers):
+                why = f"the Linear layers that read it: {OFFLOADED}"
             if why:
                 problems[name] = why
                 continue

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import placement
 from .functional import apply_affine, apply_gated, map_coefficients
 from .kernels._backend import use_triton
 from .modules import channel_dim_of
@@ -94,9 +95,7 @@ def _with_first(out, y):
 
 
 def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return fallback
+    return placement.module_device({"": module}, "") or fallback
 
 
 def make_steer(name: str, module: nn.Module, omega: torch.Tensor, bias: torch.Tensor,

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from . import placement
 from .checks import integer
 from .modules import match_modules, nearby_names
 from .pooling import (length_buckets, masked_mean, pack_rows, pad_right, pool_image,
@@ -114,16 +115,15 @@ class Target:
     # --- state --------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        for p in self.root.parameters():
-            return p.device
-        return torch.device("cpu")
+        """Where inputs go: the first weights' device, or accelerate's execution device for an
+        offloaded model (see ``placement``); the CPU for a tree without weights."""
+        return placement.input_device(self.root) or torch.device("cpu")
 
     def module_device(self, name: str) -> torch.device:
-        """Where a module's parameters live (its map is created there; ``device_map`` models
-        spread modules over devices)."""
-        for p in self.named[name].parameters():
-            return p.device
-        return self.device
+        """Where a module runs (its map is created there): its weights' device, or the
+        execution device of accelerate's hook for a module offloaded by ``device_map`` (weights
+        on the meta device between forwards)."""
+        return placement.module_device(self.named, name) or self.device
 
     @contextlib.contextmanager
     def frozen(self):
@@ -283,7 +283,8 @@ class LanguageModelTarget(Target):
     @property
     def device(self) -> torch.device:
         emb = self.root.get_input_embeddings() if hasattr(self.root, "get_input_embeddings") else None
-        return emb.weight.device if emb is not None else super().device
+        dev = placement.module_device({"": emb}, "") if emb is not None else None
+        return dev or super().device
 
     def encode(self, texts: Sequence[str], what: str = "sentences") -> list[list[int]]:
         texts = check_texts(texts, what)
@@ -465,7 +466,7 @@ class PipelineTarget(Target):
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return placement.input_device(self.unet) or torch.device("cpu")
 
     def require(self, names, what="modules"):
         outside = [n for n in names if not n.startswith("unet.")]
