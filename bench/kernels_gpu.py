@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--compile-at", nargs="+", default=None, metavar="LAYERSxD",
+                    help="torch.compile only at these loss shapes, e.g. 56x3584 (its compile "
+                         "takes minutes per shape); default: every shape")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels_gpu.py: no CUDA device; GPU numbers are only written from a GPU run")
@@ -78,9 +81,13 @@ def main(argv=None) -> int:
     providers = ["lineas_fast", "torch_eager"] + ([] if args.no_compile else ["torch_compile"])
     env = environment()
     results = []
+    compile_at = None if args.compile_at is None else {
+        tuple(int(v) for v in shape.lower().split("x")) for shape in args.compile_at}
     for layers in (28, 56):
         for d in (1536, 2304, 3584):
             for p in providers:
+                if p == "torch_compile" and compile_at is not None and (layers, d) not in compile_at:
+                    continue
                 for mode, (ms, peak) in bench_loss(p, 32, d, layers).items():
                     results.append({"op": "loss", "provider": p, "n": 32, "d": d,
                                     "layers": layers, "mode": mode, "ms": ms, "peak_mib": peak})
