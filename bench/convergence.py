@@ -13,11 +13,15 @@ in fp32); ``--tiny`` is the tests' 3-layer Llama in fp32. Recorded per step: bot
 their relative difference; per map parameter: how far it moved and the largest difference
 between the runs relative to that move.
 
-Tolerances (the largest over steps and parameters): fp32, the runs differ only in rounding
-order (fused multiply-adds, reduction order), loss 1e-4 relative, parameter moves 1e-3 of the
-move; bf16, the steered activations are rounded to bf16 in both paths at slightly different
-values, loss 2e-2, moves 5e-2. A wiring error (a map on the wrong axis, a missing gradient, a
-wrong layer's loss) changes the first step's update or the loss by far more.
+Tolerances. fp32: the runs differ only in rounding order (fused multiply-adds, reduction
+order): each step's loss within 1e-4 relative, and every map parameter tensor's move within
+1e-3 of its largest entry, element by element. bf16: the steered activations are rounded to
+bf16 in both paths, sometimes one ulp apart, so the gradients differ by ~1e-2 relative; Adam
+turns a coordinate's noisy small gradient into a full ±lr step, so element-wise moves are not
+comparable and the check is on the whole: each step's loss within 2e-2 relative, and
+‖Δ_triton − Δ_torch‖₂ ≤ 0.2 ‖Δ_torch‖₂ over all ω and over all b (Δ: final − initial). A wiring
+error (a map on the wrong axis, a missing gradient, a wrong layer's loss) changes the first
+step's update or the loss by far more.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                   num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   tie_word_embeddings=True)
-TOLERANCES = {"fp32": {"loss": 1e-4, "moves": 1e-3}, "bf16": {"loss": 2e-2, "moves": 5e-2}}
+TOLERANCES = {"fp32": {"loss": 1e-4, "moves": 1e-3}, "bf16": {"loss": 2e-2, "moves_l2": 0.2}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -66,18 +70,21 @@ def compare(model, tok, source, target, steps: int = 30, lr: float = 3e-3, batch
     st_triton, loss_triton = train(model, tok, source, target, "triton", steps, lr, batch_size,
                                    pattern)
     rel = [abs(a - b) / max(abs(b), 1e-30) for a, b in zip(loss_triton, loss_torch)]
-    moves = []
-    for name in st_torch.modules:
-        for what, start, a, b in (("omega", 1.0, st_triton[name][0], st_torch[name][0]),
-                                  ("bias", 0.0, st_triton[name][1], st_torch[name][1])):
-            moved = (b.double() - start).abs().max().item()
-            diff = (a.double() - b.double()).abs().max().item()
+    moves, l2 = [], {}
+    for i, what in enumerate(("omega", "bias")):
+        start = 1.0 if what == "omega" else 0.0
+        d_torch = torch.cat([st_torch[n][i].double().cpu() - start for n in st_torch.modules])
+        d_triton = torch.cat([st_triton[n][i].double().cpu() - start for n in st_torch.modules])
+        l2[what] = ((d_triton - d_torch).norm() / d_torch.norm()).item()
+        for name in st_torch.modules:
+            moved = (st_torch[name][i].double() - start).abs().max().item()
+            diff = (st_triton[name][i].double() - st_torch[name][i].double()).abs().max().item()
             moves.append({"module": name, "param": what, "moved": moved, "diff": diff,
                           "relative": diff / moved if moved > 0 else float("inf")})
     return {"steps": steps, "lr": lr, "batch_size": batch_size, "modules": pattern,
             "loss_torch": loss_torch, "loss_triton": loss_triton, "loss_relative_diff": rel,
             "max_loss_relative_diff": max(rel), "max_move_relative_diff":
-                max(m["relative"] for m in moves), "moves": moves}
+                max(m["relative"] for m in moves), "moves_relative_l2": l2, "moves": moves}
 
 
 def verdict(row: dict, dtype: str) -> list[str]:
@@ -86,10 +93,14 @@ def verdict(row: dict, dtype: str) -> list[str]:
     if row["max_loss_relative_diff"] > tol["loss"]:
         out.append(f"{dtype}: loss curves differ by {row['max_loss_relative_diff']:.2e} "
                    f"relative (tolerance {tol['loss']:.0e})")
-    if row["max_move_relative_diff"] > tol["moves"]:
+    if "moves" in tol and row["max_move_relative_diff"] > tol["moves"]:
         out.append(f"{dtype}: a map parameter's move differs by "
                    f"{row['max_move_relative_diff']:.2e} of the move (tolerance "
                    f"{tol['moves']:.0e})")
+    for what, rel in row["moves_relative_l2"].items():
+        if "moves_l2" in tol and rel > tol["moves_l2"]:
+            out.append(f"{dtype}: the {what} moves differ by {rel:.2e} in L2 relative "
+                       f"(tolerance {tol['moves_l2']})")
     losses = row["loss_torch"]
     if not min(losses[1:]) < losses[0]:
         out.append(f"{dtype}: the loss did not decrease ({losses[0]:.4g} -> {min(losses):.4g})")
@@ -137,7 +148,9 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"{row['model']} {row['dtype']}: loss {row['loss_torch'][0]:.4g} -> "
               f"{row['loss_torch'][-1]:.4g}; triton vs torch: loss {row['max_loss_relative_diff']:.2e}"
-              f" relative, map moves {row['max_move_relative_diff']:.2e}", flush=True)
+              f" relative, map moves {row['max_move_relative_diff']:.2e} (largest element), "
+              + ", ".join(f"{k} {v:.2e}" for k, v in row["moves_relative_l2"].items())
+              + " (L2)", flush=True)
     env = environment()
     name = env["device"].replace(" ", "_") if device == "cuda" else "cpu-interpreter"
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"convergence-{name}.json")

@@ -21,3 +21,4 @@ def test_convergence_script_tiny(tmp_path):
     assert run["loss_triton"][-1] < run["loss_triton"][0]
     assert run["max_loss_relative_diff"] <= 1e-4
     assert {m["param"] for m in run["moves"]} == {"omega", "bias"} and len(run["moves"]) == 6
+    assert max(run["moves_relative_l2"].values()) <= 1e-3
