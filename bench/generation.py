@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=None)
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     gpu = bool(args.qwen)
@@ -50,20 +51,22 @@ def main(argv=None) -> int:
     batches = args.batch or ([1, 16, 64] if gpu else [1, 8])
     prompt_len = args.prompt_len or (512 if gpu else 64)
     new_tokens = args.new_tokens or (64 if gpu else 16)
-    rows = []
-    for label, model in models(args):
-        steering = random_steering(model)
-        got, skipped = measure(model, steering, 1.0, batches, prompt_len, new_tokens, repeats=5,
-                               extra=extra_providers(model, steering),
-                               annotate=lambda run: {"aten_ops_per_forward": ops_per_forward(run)})
-        for name, why in skipped.items():
-            print(f"{label}: {name} skipped: {why}")
-        rows += [{"model": label, **r} for r in got]
-        print(table(got))
     env = environment()
     name = env["device"].replace(" ", "_") if gpu else "cpu"
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"generation-{name}.json")
-    write_json(out, {**env, "threads": torch.get_num_threads(), "results": rows})
+    rows = []
+    for label, model in models(args):
+        steering = random_steering(model)
+        got, skipped = measure(model, steering, 1.0, batches, prompt_len, new_tokens,
+                               repeats=args.repeats,
+                               extra=extra_providers(model, steering),
+                               annotate=lambda run: {"aten_ops_per_forward": ops_per_forward(run)})
+        for provider, why in skipped.items():
+            print(f"{label}: {provider} skipped: {why}")
+        rows += [{"model": label, **r} for r in got]
+        print(table(got))
+        del model                       # after each model: a run cut short keeps its rows
+        write_json(out, {**env, "threads": torch.get_num_threads(), "results": rows})
     return 0
 
 

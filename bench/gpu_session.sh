@@ -20,15 +20,16 @@
 #   run(command="LINEAS_FAST_COMMIT=<sha> bash bench/gpu_session.sh first", carry=[".whl"])
 # Unpack it here with `tar -xzf <files_at>/gpu-session.tar.gz` (bench/results/...).
 #
-# A stage that fails or runs past its limit is recorded and the next one runs; the script exits
-# non-zero if any stage failed. Python: python3 where `python` is missing (the device's image).
+# A stage that fails or runs past its limit is recorded and the next one runs (the benchmarks
+# write their result file after each model or shape group, so a stage cut short keeps what it
+# measured); the script exits non-zero if any stage failed. Python: python3 where `python` is missing (the device's image).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 WHEELS=(diffusers==0.42.1 importlib_metadata==10.2.0)
 
-declare -A LIMIT=([setup]=45 [tests]=270 [convergence]=100 [kernels]=140 [trainer]=130
-                  [generation]=210 [device_map]=80 [diffusion]=100)
+declare -A LIMIT=([setup]=40 [tests]=270 [convergence]=100 [kernels]=150 [trainer]=130
+                  [generation]=240 [device_map]=70 [diffusion]=90)
 BUDGET=${SESSION_BUDGET_S:-570}   # one call's command may run 600 s: stages share this, the
                                   # archive's few seconds come after
 STAGES=(setup tests convergence kernels trainer generation device_map diffusion)
@@ -105,7 +106,7 @@ tests() {
 convergence() { python bench/convergence.py; }
 kernels() { python bench/kernels_gpu.py --compile-at 56x3584 28x1536; }
 trainer() { python bench/trainer_step.py --qwen 1.5B 7B; }
-generation() { python bench/generation.py --qwen 1.5B 7B; }
+generation() { python bench/generation.py --qwen 1.5B 7B --repeats 3; }
 device_map() { python bench/device_map.py --size 1.5B; }
 diffusion() { python bench/diffusion.py --sdxl; }
 

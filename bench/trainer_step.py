@@ -144,7 +144,8 @@ def cpu_row(label: str, model, tok, src, tgt, args) -> dict:
     return row
 
 
-def gpu_rows(args) -> list[dict]:
+def gpu_rows(args, save=None) -> list[dict]:
+    """One row per ``--qwen`` size; ``save(rows)`` after each (a run cut short keeps its rows)."""
     tok = word_tokenizer()
     src, tgt = sentences(args.sentences, 1), sentences(args.sentences, 2)
     tokens = sum(len(s.split()) for s in src)
@@ -167,6 +168,8 @@ def gpu_rows(args) -> list[dict]:
         print(f"{label}: reference {row['reference_median_s']:.3f} s/step, lineas_fast "
               f"{row['lineas_median_s']:.3f} s/step, speedup {row['speedup']:.2f}x")
         rows.append(row)
+        if save is not None:
+            save(rows)
         del model
         torch.cuda.empty_cache()
     return rows
@@ -189,8 +192,11 @@ def main(argv=None) -> int:
     if args.qwen and not torch.cuda.is_available():
         print("trainer_step.py: --qwen needs a CUDA device; GPU numbers come only from a GPU run")
         return 2
+    env = environment()
+    name = "cpu" if not args.qwen else env["device"].replace(" ", "_")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"trainer-{name}.json")
     if args.qwen:
-        rows = gpu_rows(args)
+        rows = gpu_rows(args, save=lambda rows: write_json(out, {**env, "runs": rows}))
     else:
         torch.set_num_threads(args.threads)
         rows = []
@@ -208,9 +214,6 @@ def main(argv=None) -> int:
             row["workload"] = w
             rows.append(row)
             del model
-    env = environment()
-    name = "cpu" if not args.qwen else env["device"].replace(" ", "_")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"trainer-{name}.json")
     summary = {f"speedup_{r['workload']}": r["speedup"] for r in rows if "workload" in r}
     env["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     write_json(out, {**env, **summary, "runs": rows})
