@@ -11,7 +11,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 _interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-collect_ignore = ["compile", "cpu", "gpu"] if _interpreting else ["interpret"]
+_rehearsal = os.environ.get("LINEAS_FAST_GPU_LANE_ON_CPU") == "1"    # see tests/gpu/conftest.py
+collect_ignore = (["compile", "cpu"] + ([] if _rehearsal else ["gpu"]) if _interpreting
+                  else ["interpret"])
 
 
 @pytest.fixture

@@ -246,18 +246,20 @@ def closed_form_steer(z, omega, bias, lam, inverse, channel_dim):
 
 
 def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torch.float32, seed=0,
-                 device="cpu"):
+                 device="cpu", need_param=True, need_strength=True):
+    """The map's output and the gradients of z and of whichever of ω, b (``need_param``) and a
+    tensor strength (``need_strength``) require grad, against the float64 closed form."""
     gen = torch.Generator().manual_seed(seed)
     cd = channel_dim % len(shape)
     d = shape[cd]
     z = torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_()
-    omega = (torch.rand(d, generator=gen) + 0.5).to(device).requires_grad_()
-    bias = torch.randn(d, generator=gen).to(device).requires_grad_()
+    omega = (torch.rand(d, generator=gen) + 0.5).to(device).requires_grad_(need_param)
+    bias = torch.randn(d, generator=gen).to(device).requires_grad_(need_param)
     tok_shape = [s for i, s in enumerate(shape) if i != cd]
     if strength_kind == "float":
         strength, lam = 0.7, torch.tensor(0.7, dtype=torch.float64)
     else:
-        strength = torch.rand(*tok_shape, generator=gen).to(device).requires_grad_()
+        strength = torch.rand(*tok_shape, generator=gen).to(device).requires_grad_(need_strength)
         lam = strength.detach().cpu().double().unsqueeze(cd)
     y = lf.affine_steer(z, omega, bias, strength, inverse=inverse, channel_dim=channel_dim,
                         backend=backend)
@@ -269,7 +271,9 @@ def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torc
     # every gradient against autograd through the float64 closed form
     g = torch.randn(*shape, generator=gen)
     inputs = [z, omega, bias] + ([strength] if strength_kind == "tensor" else [])
-    grads = [t.cpu() for t in torch.autograd.grad(y, inputs, g.to(device, dtype))]
+    wanted = [t.requires_grad for t in inputs]
+    grads = [t.cpu() for t in torch.autograd.grad(y, [t for t in inputs if t.requires_grad],
+                                                  g.to(device, dtype))]
     z64 = z.detach().cpu().double().requires_grad_()
     om64 = omega.detach().cpu().double().requires_grad_()
     b64 = bias.detach().cpu().double().requires_grad_()
@@ -281,19 +285,22 @@ def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torc
         lam64 = lam
     ref64 = closed_form_steer(z64, om64, b64, lam64, inverse, cd)
     ref_grads = torch.autograd.grad(ref64, [z64, om64, b64] + extra, g.to(dtype).double())
+    names = [n for n, w in zip(["z", "omega", "bias", "strength"], wanted) if w]
+    ref_grads = [r for r, w in zip(ref_grads, wanted) if w]
     gtol = 1e-4 if dtype == torch.float32 else 3e-2
-    for name, a, b in zip(["z", "omega", "bias", "strength"], grads, ref_grads):
+    for name, a, b in zip(names, grads, ref_grads):
         assert a.shape == b.shape, name
         scale = max(1.0, b.abs().max().item())
         assert (a.double() - b).abs().max().item() <= gtol * scale, name
 
 
-def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, device="cpu"):
+def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, device="cpu",
+                need_param=True):
     """Gated steering against autograd through a float64 closed form: y and the per-token
-    strength, and the gradients of z, ω, b, w and c."""
+    strength, and the gradients of z and (``need_param``) of ω, b, w and c."""
     gen = torch.Generator().manual_seed(seed)
     d = shape[-1]
-    mk = lambda t: t.to(device).requires_grad_()
+    mk = lambda t: t.to(device).requires_grad_(need_param)
     z = (torch.randn(*shape, generator=gen)).to(device, dtype).requires_grad_()
     om = mk(torch.rand(d, generator=gen) + 0.5)
     b = mk(torch.randn(d, generator=gen))
@@ -302,7 +309,8 @@ def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, devi
     y, s = lf.gated_steer(z, om, b, w, c, 0.8, gate, inverse, return_strengths=True,
                           backend=backend)
     g = torch.randn(*shape, generator=gen).to(device, dtype)
-    grads = [t.cpu().double() for t in torch.autograd.grad(y, [z, om, b, w, c], g)]
+    inputs = [z, om, b, w, c] if need_param else [z]
+    grads = [t.cpu().double() for t in torch.autograd.grad(y, inputs, g)]
     leaves = [t.detach().cpu().double().requires_grad_() for t in (z, om, b, w, c)]
     z64, om64, b64, w64, c64 = leaves
     logit = z64 @ w64 + c64

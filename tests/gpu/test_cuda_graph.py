@@ -9,6 +9,7 @@ from sync_guard import SyncGuard, adam_step_counters
 from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 CUDA = "cuda"
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (rehearsal)")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from kernel_checks import check_affine, check_loss_and_grad
-
-CUDA = "cuda"
+from lane import DEVICE as CUDA     # "cpu" in a rehearsal (TRITON_INTERPRET=1)
 
 
 @pytest.mark.parametrize("n,m,dims", [(32, 32, [1536, 2304]), (31, 100, [7, 1023]),
