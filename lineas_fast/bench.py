@@ -54,7 +54,9 @@ def throughput(model, batch: int, prompt_len: int, new_tokens: int, repeats: int
     """Prefill and decode tokens/s of a transformers causal LM (see the module doc): median of
     ``repeats`` timed runs after one warm-up forward and a short generate."""
     import torch
-    dev = next(model.parameters()).device
+
+    from .placement import input_device
+    dev = input_device(model) or torch.device("cpu")      # an offloaded model: its hooks' device
     ids = random_prompts(model.config.vocab_size, batch, prompt_len, seed).to(dev)
     mask = torch.ones_like(ids)
     gen_kw = dict(do_sample=False, pad_token_id=0)
