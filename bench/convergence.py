@@ -61,30 +61,38 @@ def train(model, tok, source, target, backend: str, steps: int, lr: float, batch
     return st, [r.loss for r in hist]
 
 
+def run_differences(st, loss, st_ref, loss_ref) -> dict:
+    """How a run (steering ``st``, per-step ``loss``) differs from a reference run: each step's
+    relative loss difference and its largest; per map parameter (ω, b of each module) the
+    reference's move from the identity and the largest element difference, and the largest
+    ratio of the two; over all modules, ‖Δ − Δ_ref‖₂ / ‖Δ_ref‖₂ for ω and for b."""
+    rel = [abs(a - b) / max(abs(b), 1e-30) for a, b in zip(loss, loss_ref)]
+    moves, l2 = [], {}
+    for i, what in enumerate(("omega", "bias")):
+        start = 1.0 if what == "omega" else 0.0
+        d_ref = torch.cat([st_ref[n][i].double().cpu() - start for n in st_ref.modules])
+        d_run = torch.cat([st[n][i].double().cpu() - start for n in st_ref.modules])
+        l2[what] = ((d_run - d_ref).norm() / d_ref.norm()).item()
+        for name in st_ref.modules:
+            moved = (st_ref[name][i].double().cpu() - start).abs().max().item()
+            diff = (st[name][i].double().cpu() - st_ref[name][i].double().cpu()).abs().max().item()
+            moves.append({"module": name, "param": what, "moved": moved, "diff": diff,
+                          "relative": diff / moved if moved > 0 else float("inf")})
+    return {"loss_relative_diff": rel, "max_loss_relative_diff": max(rel),
+            "max_move_relative_diff": max(m["relative"] for m in moves),
+            "moves_relative_l2": l2, "moves": moves}
+
+
 def compare(model, tok, source, target, steps: int = 30, lr: float = 3e-3, batch_size: int = 16,
             pattern: str = PATTERN) -> dict:
-    """Both runs on ``model`` and their differences: per-step losses, the largest relative loss
-    difference, and per map parameter (ω, b of each module) the move and the difference."""
+    """Both runs on ``model`` (the PyTorch path is the reference) and ``run_differences``."""
     st_torch, loss_torch = train(model, tok, source, target, "torch", steps, lr, batch_size,
                                  pattern)
     st_triton, loss_triton = train(model, tok, source, target, "triton", steps, lr, batch_size,
                                    pattern)
-    rel = [abs(a - b) / max(abs(b), 1e-30) for a, b in zip(loss_triton, loss_torch)]
-    moves, l2 = [], {}
-    for i, what in enumerate(("omega", "bias")):
-        start = 1.0 if what == "omega" else 0.0
-        d_torch = torch.cat([st_torch[n][i].double().cpu() - start for n in st_torch.modules])
-        d_triton = torch.cat([st_triton[n][i].double().cpu() - start for n in st_torch.modules])
-        l2[what] = ((d_triton - d_torch).norm() / d_torch.norm()).item()
-        for name in st_torch.modules:
-            moved = (st_torch[name][i].double() - start).abs().max().item()
-            diff = (st_triton[name][i].double() - st_torch[name][i].double()).abs().max().item()
-            moves.append({"module": name, "param": what, "moved": moved, "diff": diff,
-                          "relative": diff / moved if moved > 0 else float("inf")})
     return {"steps": steps, "lr": lr, "batch_size": batch_size, "modules": pattern,
-            "loss_torch": loss_torch, "loss_triton": loss_triton, "loss_relative_diff": rel,
-            "max_loss_relative_diff": max(rel), "max_move_relative_diff":
-                max(m["relative"] for m in moves), "moves_relative_l2": l2, "moves": moves}
+            "loss_torch": loss_torch, "loss_triton": loss_triton,
+            **run_differences(st_triton, loss_triton, st_torch, loss_torch)}
 
 
 def verdict(row: dict, dtype: str) -> list[str]:

@@ -13,9 +13,11 @@ median step time of both, both loss curves and their largest relative difference
 largest difference, and each map's device. ``--tiny`` runs the tests' 3-layer Llama on the CPU
 with layers 1 and 2 offloaded to disk (the same hooks, execution on the CPU).
 
-Exit 1 when a map is not on its module's execution device or the two runs differ by more than
-1e-4 relative (loss) / 1e-3 of the largest map entry: both runs compute the same operations on
-the same device with the same weights.
+Exit 1 when a map is not on its module's execution device or the two runs differ beyond
+bench/convergence.py's tolerances for the dtype (``run_differences``, ``verdict``): both runs
+compute the same operations on the same device with the same weights, but on a GPU some
+backward kernels (attention's) accumulate in a run-dependent order, so a bf16 run is compared
+as bf16 runs are there.
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json  # noqa: E402
+from convergence import run_differences, verdict  # noqa: E402
 
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
-LOSS_RTOL, MAP_RTOL = 1e-4, 1e-3
 
 
 def timed_training(model, tok, src, tgt, steps: int, pattern: str, **kw):
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
                                          NORMS["llama"])
         main_dev, offload, label, kw = "cpu", "disk", "tests' tiny Llama, fp32", dict(lr=0.05,
                                                                                     batch_size=4)
+        dtype = "fp32"
     else:
         if not torch.cuda.is_available():
             print("device_map.py: needs a CUDA device (or --tiny); GPU numbers come only from a "
@@ -88,6 +91,7 @@ def main(argv=None) -> int:
         src, tgt, pattern = sentences(args.sentences, 1), sentences(args.sentences, 2), PATTERN
         main_dev, offload = 0, "cpu"
         label = f"Qwen2.5-{args.size} config, random weights, bf16"
+        dtype = "bf16"
         kw = dict(lr=3e-3, batch_size=args.sentences)
     layers = model.config.num_hidden_layers
     gpu_layers = layers // 2 if args.gpu_layers is None else args.gpu_layers
@@ -102,16 +106,11 @@ def main(argv=None) -> int:
                                                     **kw)
     execution = torch.device("cuda", 0) if main_dev == 0 else torch.device("cpu")
     map_devices = {n: str(split[n][0].device) for n in split.modules}
-    loss_diff = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(split_loss, whole_loss))
-    map_diff = max(((split[n][i].cpu().double() - whole[n][i].cpu().double()).abs().max()
-                    / max(1.0, whole[n][i].abs().max().item())).item()
-                   for n in whole.modules for i in (0, 1))
+    diffs = run_differences(split, split_loss, whole, whole_loss)
     problems = [f"map of {n} on {d}, its module runs on {execution}"
                 for n, d in map_devices.items() if torch.device(d) != execution]
-    if loss_diff > LOSS_RTOL:
-        problems.append(f"loss curves differ by {loss_diff:.2e} relative (tolerance {LOSS_RTOL})")
-    if map_diff > MAP_RTOL:
-        problems.append(f"maps differ by {map_diff:.2e} of their scale (tolerance {MAP_RTOL})")
+    problems += [p.replace(f"{dtype}: ", f"{dtype} split vs whole: ", 1)
+                 for p in verdict(diffs | {"loss_torch": whole_loss}, dtype)]
     if not offloaded:
         problems.append("no weights were offloaded: the device map did not split the model")
     row = {"model": label, "layers": layers, "gpu_layers": gpu_layers, "offloaded_to": offload,
@@ -119,12 +118,14 @@ def main(argv=None) -> int:
            "whole_step_s": whole_t, "split_step_s": split_t,
            "whole_median_s": statistics.median(whole_t),
            "split_median_s": statistics.median(split_t),
-           "loss_whole": whole_loss, "loss_split": split_loss,
-           "max_loss_relative_diff": loss_diff, "max_map_diff": map_diff,
-           "map_devices": map_devices}
+           "loss_whole": whole_loss, "loss_split": split_loss, "dtype": dtype,
+           "map_devices": map_devices, **diffs}
     print(f"{label}: whole {row['whole_median_s']:.3f} s/step, {layers - gpu_layers} of {layers} "
           f"layers offloaded to {offload} {row['split_median_s']:.3f} s/step; loss curves "
-          f"{loss_diff:.1e}, maps {map_diff:.1e} apart", flush=True)
+          f"{diffs['max_loss_relative_diff']:.1e} apart, map moves "
+          f"{diffs['max_move_relative_diff']:.1e} (largest element), "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs["moves_relative_l2"].items()) + " (L2)",
+          flush=True)
     env = environment()
     name = env["device"].replace(" ", "_") if not args.tiny else "cpu-tiny"
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"device-map-{name}.json")
