@@ -18,7 +18,9 @@
 # On the device: the tool copies the working tree (no .git), so pass the commit, and carry the
 # wheels; $OUT then brings back one archive with the result files and every stage's log:
 #   run(command="LINEAS_FAST_COMMIT=<sha> bash bench/gpu_session.sh first", carry=[".whl"])
-# Unpack it here with `tar -xzf <files_at>/gpu-session.tar.gz` (bench/results/...).
+# Unpack it here with `tar -xzf <files_at>/gpu-session.tar.gz` (bench/results/...) BEFORE the
+# second call: the unpacked files travel with the tree, so the second call's summary adds its
+# stages to the first call's and its archive holds both calls' results.
 #
 # A stage that fails or runs past its limit is recorded and the next one runs (the benchmarks
 # write their result file after each model or shape group, so a stage cut short keeps what it

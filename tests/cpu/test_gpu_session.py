@@ -60,6 +60,11 @@ def test_a_failing_stage_is_recorded_and_archived(tmp_path):
         names = tar.getnames()
     assert "bench/results/gpu-session-no-cuda.json" in names
     assert "bench/results/gpu-session-logs/kernels.log" in names
+    # a second call over the same tree (the first archive unpacked) adds its stages
+    proc = run(["trainer"], cwd=tree, OUT=str(out), LINEAS_FAST_COMMIT="abc123")
+    summary = json.loads((tree / "bench" / "results" / "gpu-session-no-cuda.json").read_text())
+    assert set(summary["stages"]) == {"kernels", "trainer"}
+    assert summary["stages"]["trainer"]["exit"] == 2
 
 
 def test_stages_past_the_call_budget_are_skipped(tmp_path):
