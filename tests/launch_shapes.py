@@ -14,9 +14,12 @@ from __future__ import annotations
 import inspect
 import itertools
 
+import torch
+
 from lineas_fast.kernels import affine_steer, gated_steer, registry, rms_norm_shift, wasserstein
 
-DTYPE_TAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPES = {tag: getattr(torch, name) for tag, name in registry.DTYPES.items()}   # "bf16": bfloat16
+DTYPE_TAGS = {name: tag for tag, name in registry.DTYPES.items()}                # "bfloat16": "bf16"
 
 
 def key(kernel_name: str, dtype_tag: str, constexprs: dict, num_warps: int) -> tuple:

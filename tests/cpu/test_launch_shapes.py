@@ -7,7 +7,7 @@ import pytest
 import launch_shapes as ls
 from lineas_fast.kernels import registry
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(ls.DTYPES)
 
 
 @pytest.mark.parametrize("sms", [108, 132])

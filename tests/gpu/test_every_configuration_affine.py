@@ -11,7 +11,7 @@ from kernel_checks import check_affine
 from lane import DEVICE, LAUNCHED
 from lineas_fast.kernels.affine_steer import sm_count
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ls.DTYPES
 SMS = sm_count(torch.device(DEVICE))
 
 

@@ -3,13 +3,12 @@ every dtype, sigmoid and ReLU gates, with and without parameter gradients: the o
 per-token strength and the gradients of z, ω, b, w and c against autograd through the float64
 closed form. The last test checks that the module launched every configuration."""
 import pytest
-import torch
 
 import launch_shapes as ls
 from kernel_checks import check_gated
 from lane import DEVICE, LAUNCHED
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ls.DTYPES
 
 
 @pytest.mark.parametrize("need_param", [True, False])

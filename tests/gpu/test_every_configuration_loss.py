@@ -12,7 +12,7 @@ from kernel_checks import check_layers_grad_rule, check_loss_and_grad, check_low
     expected_loss
 from lane import DEVICE, LAUNCHED
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ls.DTYPES
 
 
 @pytest.mark.parametrize("dt", DTYPES)

@@ -3,13 +3,12 @@ to its MAX_D), in every dtype, Llama and Gemma variants, against the float64 for
 kernel_checks by flash-attention's rule. The last test checks that the module launched every
 configuration."""
 import pytest
-import torch
 
 import launch_shapes as ls
 from kernel_checks import check_rms_norm_shift
 from lane import DEVICE, LAUNCHED, REHEARSAL
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ls.DTYPES
 
 
 @pytest.mark.parametrize("gemma", [False, True])
