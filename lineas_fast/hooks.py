@@ -95,7 +95,7 @@ def _with_first(out, y):
 
 
 def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
-    return placement.module_device({"": module}, "") or fallback
+    return placement.device_of(module) or fallback
 
 
 def make_steer(name: str, module: nn.Module, omega: torch.Tensor, bias: torch.Tensor,

@@ -32,6 +32,11 @@ def _own_device(module: nn.Module) -> torch.device | None:
     return None
 
 
+def device_of(module: nn.Module) -> torch.device | None:
+    """Where ``module`` runs, from itself alone: its weights' device, else its own hook's."""
+    return _own_device(module) or hook_device(module)
+
+
 def module_device(named: dict[str, nn.Module], name: str) -> torch.device | None:
     """Where the module called ``name`` in ``named`` (``dict(root.named_modules())``) runs: its
     weights' device, else the hook execution device found on it or its nearest ancestor."""

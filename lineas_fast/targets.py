@@ -283,8 +283,7 @@ class LanguageModelTarget(Target):
     @property
     def device(self) -> torch.device:
         emb = self.root.get_input_embeddings() if hasattr(self.root, "get_input_embeddings") else None
-        dev = placement.module_device({"": emb}, "") if emb is not None else None
-        return dev or super().device
+        return (placement.device_of(emb) if emb is not None else None) or super().device
 
     def encode(self, texts: Sequence[str], what: str = "sentences") -> list[list[int]]:
         texts = check_texts(texts, what)
