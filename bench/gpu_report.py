@@ -24,7 +24,10 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 def _load(kind: str, device: str, folder: str):
     path = os.path.join(folder, f"{kind}-{device}.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _row(target: str, value, need: str, ok, where: str, note: str = "") -> dict:

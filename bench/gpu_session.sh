@@ -143,7 +143,10 @@ sys.path.insert(0, "bench")
 from common import environment, write_json
 device, rows = sys.argv[1], sys.argv[2:]
 path = f"bench/results/gpu-session-{device}.json"
-old = json.load(open(path)) if os.path.exists(path) else {}
+old = {}
+if os.path.exists(path):
+    with open(path) as f:
+        old = json.load(f)
 stages = old.get("stages", {})
 for row in rows:
     name, rc, secs = row.split(":")
