@@ -1,8 +1,13 @@
+import re
+
 from setuptools import setup
+
+with open("lineas_fast/_version.py", encoding="utf-8") as f:
+    VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 setup(
     name="lineas_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast LinEAS activation steering: fused Triton kernels, lean trainer, weight folding",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -17,9 +22,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff>=0.5"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff>=0.6"],
         "diffusers": ["diffusers>=0.30"],
-        "gguf": ["gguf>=0.10"],          # lf.fuse_gguf / lineas-fast fuse --gguf
+        "gguf": ["gguf>=0.10"],  # lf.fuse_gguf / lineas-fast fuse --gguf
         "demo": ["gguf>=0.10", "accelerate>=0.30", "alt-profanity-check>=1.5", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["lineas-fast=lineas_fast.cli:main"]},

@@ -8,6 +8,7 @@ Writes bench/results/activation-scale-cpu.json. Why it matters: with Adam, the m
 move by about lr per step and the sparse group lasso shrinks them by lr·γ per step, in units of
 z: a model whose z is larger needs its b to travel further (README "Steering quality").
 """
+
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ from lineas_fast.token_acts import token_activations  # noqa: E402
 
 def scale(folder: str, n: int = 32) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     family = model.config.model_type
@@ -38,10 +40,16 @@ def scale(folder: str, n: int = 32) -> dict:
         acts = token_activations(target, encoded, names)
     rms = {n: float(a.pow(2).mean().sqrt()) for n, a in acts.items()}
     values = torch.tensor(list(rms.values()))
-    return {"family": family, "modules": DEFAULT_MODULES[family], "sentences": n,
-            "tokens": int(next(iter(acts.values())).shape[0]),
-            "rms_mean_over_layers": float(values.mean()), "rms_min": float(values.min()),
-            "rms_max": float(values.max()), "rms_per_module": rms}
+    return {
+        "family": family,
+        "modules": DEFAULT_MODULES[family],
+        "sentences": n,
+        "tokens": int(next(iter(acts.values())).shape[0]),
+        "rms_mean_over_layers": float(values.mean()),
+        "rms_min": float(values.min()),
+        "rms_max": float(values.max()),
+        "rms_per_module": rms,
+    }
 
 
 def main() -> int:
@@ -53,14 +61,19 @@ def main() -> int:
         print(f"gemma3 skipped: {e}")
     result = {name: scale(folder) for name, folder in models.items()}
     for name, r in result.items():
-        print(f"{name}: {r['modules']} RMS mean {r['rms_mean_over_layers']:.3g} "
-              f"(layers {r['rms_min']:.3g}–{r['rms_max']:.3g}) over {r['tokens']} tokens")
+        print(
+            f"{name}: {r['modules']} RMS mean {r['rms_mean_over_layers']:.3g} "
+            f"(layers {r['rms_min']:.3g}–{r['rms_max']:.3g}) over {r['tokens']} tokens"
+        )
     if len(result) == 2:
-        result["ratio_gemma3_to_smollm2"] = (result["gemma3"]["rms_mean_over_layers"]
-                                             / result["smollm2"]["rms_mean_over_layers"])
+        result["ratio_gemma3_to_smollm2"] = (
+            result["gemma3"]["rms_mean_over_layers"] / result["smollm2"]["rms_mean_over_layers"]
+        )
         print(f"ratio gemma3/smollm2: {result['ratio_gemma3_to_smollm2']:.3g}")
-    write_json(os.path.join(os.path.dirname(__file__), "results", "activation-scale-cpu.json"),
-               {**environment(), **result})
+    write_json(
+        os.path.join(os.path.dirname(__file__), "results", "activation-scale-cpu.json"),
+        {**environment(), **result},
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Result-file helpers shared by the benchmark scripts: environment facts and atomic JSON."""
+
 from __future__ import annotations
 
 import json
@@ -11,26 +12,35 @@ import torch
 
 def environment() -> dict:
     import transformers
+
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=here).stdout.strip()
-    except OSError:                                   # no git
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=here
+        ).stdout.strip()
+    except OSError:  # no git
         commit = dirty = ""
-    if not commit:      # a copy of the tree without .git (the device tool): the caller says
+    if not commit:  # a copy of the tree without .git (the device tool): the caller says
         commit = os.environ.get("LINEAS_FAST_COMMIT", "unknown") + " (LINEAS_FAST_COMMIT)"
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else
-            f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "commit": commit + ("+dirty" if dirty else "")}
+    return {
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "commit": commit + ("+dirty" if dirty else ""),
+    }
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -11,6 +11,7 @@ perplexity).
   (PPL on the first 60 extracts), and the ungated maps at λ = 1 for comparison; the mean gate
   strength on the continuations is printed too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", default="lineas_demo", help="output folder of `lineas-fast demo`")
     args = ap.parse_args(argv)
-    import lineas_fast as lf
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lineas_fast as lf
     from lineas_fast.assets import smollm2_folder, toxicity_judge
     from lineas_fast.demo import load_demo_data
     from lineas_fast.eval import continuations, perplexity, toxicity
+
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -42,8 +45,7 @@ def main(argv=None) -> int:
             ppl = perplexity(model, tok, data.wiki[:n_wiki])
         strengths = [x.flatten() for v in h.strengths.values() for x in v]
         mean = torch.cat(strengths).mean().item() if strengths else 0.0
-        print(f"{name}: {toxicity(texts, judge)}, PPL {ppl:.2f}, mean strength {mean:.3f}",
-              flush=True)
+        print(f"{name}: {toxicity(texts, judge)}, PPL {ppl:.2f}, mean strength {mean:.3f}", flush=True)
 
     def only(lo, hi):
         return {m: (1.0 if lo <= int(m.split(".")[2]) < hi else 0.0) for m in st.modules}
@@ -54,8 +56,11 @@ def main(argv=None) -> int:
     gated = lf.fit_gates(model, tok, data.source, data.control, st, threshold=0.0)
     evaluate("gates, all modules", gated, 1.0, 60)
     for shift in (2.0, 4.0):
-        moved = lf.Steering({n: st[n] for n in st.modules}, st.metadata,
-                            {n: {**g, "c": g["c"] + shift} for n, g in gated.gates.items()})
+        moved = lf.Steering(
+            {n: st[n] for n in st.modules},
+            st.metadata,
+            {n: {**g, "c": g["c"] + shift} for n, g in gated.gates.items()},
+        )
         evaluate(f"gates, c + {shift:g}", moved, 1.0, 60)
     evaluate("ungated, lambda 1", st, 1.0, 60)
     return 0

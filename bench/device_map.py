@@ -19,6 +19,7 @@ compute the same operations on the same device with the same weights, but on a G
 backward kernels (attention's) accumulate in a run-dependent order, so a bf16 run is compared
 as bf16 runs are there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,15 @@ PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 def timed_training(model, tok, src, tgt, steps: int, pattern: str, **kw):
     """(steering, per-step losses, per-step seconds after the first) of ``steps`` + 1 steps."""
     import lineas_fast as lf
+
     losses, times = [], []
-    with lf.Trainer(model, tok, src, tgt, modules=pattern, steps=steps + 1, progress=False,
-                    optimizer="adam", seed=1, **kw) as run:
+    with lf.Trainer(
+        model, tok, src, tgt, modules=pattern, steps=steps + 1, progress=False, optimizer="adam", seed=1, **kw
+    ) as run:
         for i in range(steps + 1):
             t0 = time.perf_counter()
             run.step()
-            run.read_records()                          # synchronises: the step is done
+            run.read_records()  # synchronises: the step is done
             losses.append(run.history[-1].loss)
             if i:
                 times.append(time.perf_counter() - t0)
@@ -56,8 +59,7 @@ def timed_training(model, tok, src, tgt, steps: int, pattern: str, **kw):
 
 def device_map_for(model, gpu_layers: int, offload: str, main) -> dict:
     layers = model.config.num_hidden_layers
-    dm = {"model.embed_tokens": main, "model.rotary_emb": main, "model.norm": main,
-          "lm_head": main}
+    dm = {"model.embed_tokens": main, "model.rotary_emb": main, "model.norm": main, "lm_head": main}
     dm.update({f"model.layers.{i}": main if i < gpu_layers else offload for i in range(layers)})
     return dm
 
@@ -72,21 +74,27 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from accelerate import dispatch_model
+
     if args.tiny:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
-        model, tok, src, tgt, pattern = (tiny_model("llama"), tiny_tokenizer(), SOURCE, TARGET,
-                                         NORMS["llama"])
-        main_dev, offload, label, kw = "cpu", "disk", "tests' tiny Llama, fp32", dict(lr=0.05,
-                                                                                    batch_size=4)
+
+        model, tok, src, tgt, pattern = (
+            tiny_model("llama"),
+            tiny_tokenizer(),
+            SOURCE,
+            TARGET,
+            NORMS["llama"],
+        )
+        main_dev, offload, label, kw = "cpu", "disk", "tests' tiny Llama, fp32", dict(lr=0.05, batch_size=4)
         dtype = "fp32"
     else:
         if not torch.cuda.is_available():
-            print("device_map.py: needs a CUDA device (or --tiny); GPU numbers come only from a "
-                  "GPU run")
+            print("device_map.py: needs a CUDA device (or --tiny); GPU numbers come only from a GPU run")
             return 2
         from trainer_setup import sentences, word_tokenizer
         from trainer_step import qwen_model
+
         model, tok = qwen_model(args.size), word_tokenizer()
         src, tgt, pattern = sentences(args.sentences, 1), sentences(args.sentences, 2), PATTERN
         main_dev, offload = 0, "cpu"
@@ -99,33 +107,52 @@ def main(argv=None) -> int:
     whole, whole_loss, whole_t = timed_training(model, tok, src, tgt, args.steps, pattern, **kw)
     model = model.to("cpu")
     with tempfile.TemporaryDirectory() as folder:
-        model = dispatch_model(model, device_map_for(model, gpu_layers, offload, main_dev),
-                               offload_dir=folder)
+        model = dispatch_model(
+            model, device_map_for(model, gpu_layers, offload, main_dev), offload_dir=folder
+        )
         offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        split, split_loss, split_t = timed_training(model, tok, src, tgt, args.steps, pattern,
-                                                    **kw)
+        split, split_loss, split_t = timed_training(model, tok, src, tgt, args.steps, pattern, **kw)
     execution = torch.device("cuda", 0) if main_dev == 0 else torch.device("cpu")
     map_devices = {n: str(split[n][0].device) for n in split.modules}
     diffs = run_differences(split, split_loss, whole, whole_loss)
-    problems = [f"map of {n} on {d}, its module runs on {execution}"
-                for n, d in map_devices.items() if torch.device(d) != execution]
-    problems += [p.replace(f"{dtype}: ", f"{dtype} split vs whole: ", 1)
-                 for p in verdict(diffs | {"loss_torch": whole_loss}, dtype)]
+    problems = [
+        f"map of {n} on {d}, its module runs on {execution}"
+        for n, d in map_devices.items()
+        if torch.device(d) != execution
+    ]
+    problems += [
+        p.replace(f"{dtype}: ", f"{dtype} split vs whole: ", 1)
+        for p in verdict(diffs | {"loss_torch": whole_loss}, dtype)
+    ]
     if not offloaded:
         problems.append("no weights were offloaded: the device map did not split the model")
-    row = {"model": label, "layers": layers, "gpu_layers": gpu_layers, "offloaded_to": offload,
-           "offloaded_parameters": len(offloaded), "steps": args.steps, "modules": pattern,
-           "whole_step_s": whole_t, "split_step_s": split_t,
-           "whole_median_s": statistics.median(whole_t),
-           "split_median_s": statistics.median(split_t),
-           "loss_whole": whole_loss, "loss_split": split_loss, "dtype": dtype,
-           "map_devices": map_devices, **diffs}
-    print(f"{label}: whole {row['whole_median_s']:.3f} s/step, {layers - gpu_layers} of {layers} "
-          f"layers offloaded to {offload} {row['split_median_s']:.3f} s/step; loss curves "
-          f"{diffs['max_loss_relative_diff']:.1e} apart, map moves "
-          f"{diffs['max_move_relative_diff']:.1e} (largest element), "
-          + ", ".join(f"{k} {v:.1e}" for k, v in diffs["moves_relative_l2"].items()) + " (L2)",
-          flush=True)
+    row = {
+        "model": label,
+        "layers": layers,
+        "gpu_layers": gpu_layers,
+        "offloaded_to": offload,
+        "offloaded_parameters": len(offloaded),
+        "steps": args.steps,
+        "modules": pattern,
+        "whole_step_s": whole_t,
+        "split_step_s": split_t,
+        "whole_median_s": statistics.median(whole_t),
+        "split_median_s": statistics.median(split_t),
+        "loss_whole": whole_loss,
+        "loss_split": split_loss,
+        "dtype": dtype,
+        "map_devices": map_devices,
+        **diffs,
+    }
+    print(
+        f"{label}: whole {row['whole_median_s']:.3f} s/step, {layers - gpu_layers} of {layers} "
+        f"layers offloaded to {offload} {row['split_median_s']:.3f} s/step; loss curves "
+        f"{diffs['max_loss_relative_diff']:.1e} apart, map moves "
+        f"{diffs['max_move_relative_diff']:.1e} (largest element), "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diffs["moves_relative_l2"].items())
+        + " (L2)",
+        flush=True,
+    )
     env = environment()
     name = env["device"].replace(" ", "_") if not args.tiny else "cpu-tiny"
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"device-map-{name}.json")

@@ -7,6 +7,7 @@ reference hooks, lineas_fast hooks, folded). Writes bench/results/diffusion-<dev
 The paper's figure to compare with: 1000 LinEAS steps on all UNet norms of DMD2 in 29 min on an
 A100 (1.74 s/step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,30 +29,67 @@ NORMS = r"unet\..*norm\d?"
 
 
 def sdxl_pipeline():
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from tiny_pipeline import clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     tok = clip_tokenizer()
     unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
         block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, num_hidden_layers=12,
-                                      num_attention_heads=12, intermediate_size=3072))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tok), hidden_size=1280,
-                                                     num_hidden_layers=32, num_attention_heads=20,
-                                                     intermediate_size=5120, projection_dim=1280))
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
-                                     tokenizer_2=tok, unet=unet,
-                                     scheduler=EulerDiscreteScheduler())
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        )
+    )
+    te2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=1280,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            intermediate_size=5120,
+            projection_dim=1280,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te,
+        text_encoder_2=te2,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+    )
     return pipe.to("cuda", torch.float16)
 
 
@@ -72,24 +110,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sdxl", action="store_true")
     ap.add_argument("--steps", type=int, default=5, help="training steps timed")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="prompts per training step (default: all on CPU, 8 with --sdxl: an "
-                         "SDXL UNet's activations at 128x128 latents for 32 prompts would not "
-                         "fit in 80 GB)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts per training step (default: all on CPU, 8 with --sdxl: an "
+        "SDXL UNet's activations at 128x128 latents for 32 prompts would not "
+        "fit in 80 GB)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.sdxl and not torch.cuda.is_available():
         print("diffusion.py: --sdxl needs a CUDA device; GPU numbers come only from a GPU run")
         return 2
     from tiny_pipeline import SOURCE_PROMPTS, TARGET_PROMPTS, tiny_pipeline
+
     pipe = sdxl_pipeline() if args.sdxl else tiny_pipeline()
     src = (SOURCE_PROMPTS * 7)[:32] if args.sdxl else SOURCE_PROMPTS
     tgt = (TARGET_PROMPTS * 6)[:32] if args.sdxl else TARGET_PROMPTS
     batch = args.batch_size or (8 if args.sdxl else len(src))
     stamps = []
-    steering = lf.train(pipe, None, src, tgt, modules=NORMS, steps=args.steps + 1,
-                        optimizer="adam", lr=1e-2, batch_size=batch, progress=False,
-                        callback=lambda r: stamps.append(time.perf_counter()))
+    steering = lf.train(
+        pipe,
+        None,
+        src,
+        tgt,
+        modules=NORMS,
+        steps=args.steps + 1,
+        optimizer="adam",
+        lr=1e-2,
+        batch_size=batch,
+        progress=False,
+        callback=lambda r: stamps.append(time.perf_counter()),
+    )
     step_s = statistics.median(b - a for a, b in zip(stamps[:-1], stamps[1:]))
     gen_steps = 4 if args.sdxl else 10
 
@@ -99,12 +152,20 @@ def main(argv=None) -> int:
 
     rows = {"unsteered": timed(lambda: generate(pipe), 3)}
     mods = lf.as_target(pipe).named
-    hs = [mods[n].register_forward_hook(
-        lambda m, a, out, om=steering[n][0], b=steering[n][1]:
-        out + ((om - 1).view(1, -1, *([1] * (out.ndim - 2))) * out
-               + b.view(1, -1, *([1] * (out.ndim - 2)))).to(out.dtype)
-        if out.ndim == 4 else out + ((om - 1) * out + b).to(out.dtype))
-        for n in steering.modules]
+    hs = [
+        mods[n].register_forward_hook(
+            lambda m, a, out, om=steering[n][0], b=steering[n][1]: (
+                out
+                + (
+                    (om - 1).view(1, -1, *([1] * (out.ndim - 2))) * out
+                    + b.view(1, -1, *([1] * (out.ndim - 2)))
+                ).to(out.dtype)
+                if out.ndim == 4
+                else out + ((om - 1) * out + b).to(out.dtype)
+            )
+        )
+        for n in steering.modules
+    ]
     rows["reference_hooks"] = timed(lambda: generate(pipe), 3)
     for h in hs:
         h.remove()
@@ -113,12 +174,19 @@ def main(argv=None) -> int:
     folded = copy.deepcopy(pipe)
     lf.fuse(folded, steering)
     rows["folded"] = timed(lambda: generate(folded), 3)
-    result = {"pipeline": "SDXL-sized UNet, random weights, fp16" if args.sdxl else
-              "tiny random SD pipeline (tests/tiny_pipeline.py), fp32",
-              "modules": NORMS, "n_modules": len(steering), "prompts": len(src),
-              "batch_size": batch,
-              "train_step_s": step_s, "generate_s": rows, "denoising_steps": gen_steps,
-              "paper_dmd2_a100_step_s": 29 * 60 / 1000}
+    result = {
+        "pipeline": "SDXL-sized UNet, random weights, fp16"
+        if args.sdxl
+        else "tiny random SD pipeline (tests/tiny_pipeline.py), fp32",
+        "modules": NORMS,
+        "n_modules": len(steering),
+        "prompts": len(src),
+        "batch_size": batch,
+        "train_step_s": step_s,
+        "generate_s": rows,
+        "denoising_steps": gen_steps,
+        "paper_dmd2_a100_step_s": 29 * 60 / 1000,
+    }
     print(result)
     env = environment()
     name = env["device"].replace(" ", "_") if args.sdxl else "cpu"

@@ -12,6 +12,7 @@ under equal noise (before the first cross-attention, found by reading them): the
 there is the identity, so their maps' movement measures how much noise a run learnt.
 Writes bench/results/diffusion-crn-cpu.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def pooled_w2(target, names, src, tgt, steering=None) -> dict:
 
 def movement(steering, names) -> float:
     """Σ over ``names`` of ‖(ω − 1, b)‖₂: how far the maps are from the identity."""
-    return sum(float(((steering[n][0] - 1).square().sum() + steering[n][1].square().sum()).sqrt())
-               for n in names)
+    return sum(
+        float(((steering[n][0] - 1).square().sum() + steering[n][1].square().sum()).sqrt()) for n in names
+    )
 
 
 def main(argv=None) -> int:
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from tiny_pipeline import SOURCE_PROMPTS, TARGET_PROMPTS, tiny_pipeline
+
     pipe = tiny_pipeline()
     probe = PipelineTarget(pipe)
     names = probe.match(NORMS)
@@ -78,42 +81,70 @@ def main(argv=None) -> int:
                 target = PipelineTarget(pipe, shared_noise=shared)
                 hist = []
                 t0 = time.perf_counter()
-                st = lf.train(target, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=NORMS,
-                              steps=args.steps, optimizer=optimizer, lr=lr,
-                              batch_size=batch_size, progress=False, callback=hist.append)
+                st = lf.train(
+                    target,
+                    None,
+                    SOURCE_PROMPTS,
+                    TARGET_PROMPTS,
+                    modules=NORMS,
+                    steps=args.steps,
+                    optimizer=optimizer,
+                    lr=lr,
+                    batch_size=batch_size,
+                    progress=False,
+                    callback=hist.append,
+                )
                 seconds = time.perf_counter() - t0
                 xs, _, w2 = pooled_w2(target, names, src, tgt, st)
                 early_w2 = sliced_wasserstein([xs[n] for n in early], [y[n] for n in early]).item()
                 first, last = hist[0].loss, hist[-1].loss
                 k = min(5, len(hist))
-                runs.append({
-                    "noise": "shared" if shared else "independent", "optimizer": optimizer,
-                    "lr": lr, "batch_size": batch_size, "steps": args.steps,
-                    "train_loss_first": first, "train_loss_last": last,
-                    "train_loss_rel_decrease": (first - last) / first,
-                    "train_loss_first5_mean": sum(r.loss for r in hist[:k]) / k,
-                    "train_loss_last5_mean": sum(r.loss for r in hist[-k:]) / k,
-                    "held_out_w2_before": identity_w2, "held_out_w2_after": w2,
-                    "held_out_rel_change": (w2 - identity_w2) / identity_w2,
-                    "held_out_w2_early_after": early_w2,
-                    "movement_early": movement(st, early), "movement_all": movement(st, names),
-                    "train_s": seconds})
-                print({k: (round(v, 4) if isinstance(v, float) else v)
-                       for k, v in runs[-1].items()}, flush=True)
+                runs.append(
+                    {
+                        "noise": "shared" if shared else "independent",
+                        "optimizer": optimizer,
+                        "lr": lr,
+                        "batch_size": batch_size,
+                        "steps": args.steps,
+                        "train_loss_first": first,
+                        "train_loss_last": last,
+                        "train_loss_rel_decrease": (first - last) / first,
+                        "train_loss_first5_mean": sum(r.loss for r in hist[:k]) / k,
+                        "train_loss_last5_mean": sum(r.loss for r in hist[-k:]) / k,
+                        "held_out_w2_before": identity_w2,
+                        "held_out_w2_after": w2,
+                        "held_out_rel_change": (w2 - identity_w2) / identity_w2,
+                        "held_out_w2_early_after": early_w2,
+                        "movement_early": movement(st, early),
+                        "movement_all": movement(st, names),
+                        "train_s": seconds,
+                    }
+                )
+                print(
+                    {k: (round(v, 4) if isinstance(v, float) else v) for k, v in runs[-1].items()}, flush=True
+                )
     import diffusers
-    result = {"pipeline": "tiny random SD pipeline (tests/tiny_pipeline.py), fp32, timestep "
-                          f"{probe.timestep}",
-              "modules": NORMS, "n_modules": len(names), "early_modules": early,
-              "held_out": {"samples": args.held_out, "noise_seed": HELD_OUT_SEED,
-                           "measure": "sliced_wasserstein reduction='reference' over all "
-                                      "modules; steered source vs unsteered target, sample k "
-                                      "of both on the same noise"},
-              "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
-              "notes": "independent = PipelineTarget(shared_noise=False), which gives the "
-                       "pre-CRN trainer's losses and maps bit for bit (checked against a run "
-                       "of the code before the change); train_s is wall time on a shared, "
-                       "loaded machine (not a benchmark of speed)",
-              "runs": runs}
+
+    result = {
+        "pipeline": f"tiny random SD pipeline (tests/tiny_pipeline.py), fp32, timestep {probe.timestep}",
+        "modules": NORMS,
+        "n_modules": len(names),
+        "early_modules": early,
+        "held_out": {
+            "samples": args.held_out,
+            "noise_seed": HELD_OUT_SEED,
+            "measure": "sliced_wasserstein reduction='reference' over all "
+            "modules; steered source vs unsteered target, sample k "
+            "of both on the same noise",
+        },
+        "diffusers": diffusers.__version__,
+        "threads": torch.get_num_threads(),
+        "notes": "independent = PipelineTarget(shared_noise=False), which gives the "
+        "pre-CRN trainer's losses and maps bit for bit (checked against a run "
+        "of the code before the change); train_s is wall time on a shared, "
+        "loaded machine (not a benchmark of speed)",
+        "runs": runs,
+    }
     out = args.out or os.path.join(os.path.dirname(__file__), "results", "diffusion-crn-cpu.json")
     write_json(out, {**environment(), **result})
     return 0

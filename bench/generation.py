@@ -7,6 +7,7 @@ repo's own (reference hooks, DSAS gates) and the ATen operator count per forward
     python bench/generation.py                     # CPU: SmolLM2-135M-sized Llama, fp32
     python bench/generation.py --qwen 1.5B 7B      # GPU: Qwen2.5 configs, random weights, bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,14 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json  # noqa: E402
 from generation_setup import QWEN25, extra_providers, ops_per_forward, random_steering  # noqa: E402
+
 from lineas_fast.bench import measure, table  # noqa: E402
 
 
 def models(args):
     if args.qwen:
         from transformers import Qwen2Config, Qwen2ForCausalLM
+
         for size in args.qwen:
             cfg = Qwen2Config(**QWEN25[size], max_position_embeddings=4096)
             with torch.device("cuda"):
@@ -32,6 +35,7 @@ def models(args):
             yield f"Qwen2.5-{size} config, random weights, bf16", m
     else:
         from trainer_setup import smollm2_sized
+
         yield "SmolLM2-135M-sized Llama, random weights, fp32", smollm2_sized()
 
 
@@ -57,15 +61,22 @@ def main(argv=None) -> int:
     rows = []
     for label, model in models(args):
         steering = random_steering(model)
-        got, skipped = measure(model, steering, 1.0, batches, prompt_len, new_tokens,
-                               repeats=args.repeats,
-                               extra=extra_providers(model, steering),
-                               annotate=lambda run: {"aten_ops_per_forward": ops_per_forward(run)})
+        got, skipped = measure(
+            model,
+            steering,
+            1.0,
+            batches,
+            prompt_len,
+            new_tokens,
+            repeats=args.repeats,
+            extra=extra_providers(model, steering),
+            annotate=lambda run: {"aten_ops_per_forward": ops_per_forward(run)},
+        )
         for provider, why in skipped.items():
             print(f"{label}: {provider} skipped: {why}")
         rows += [{"model": label, **r} for r in got]
         print(table(got))
-        del model                       # after each model: a run cut short keeps its rows
+        del model  # after each model: a run cut short keeps its rows
         write_json(out, {**env, "threads": torch.get_num_threads(), "results": rows})
     return 0
 

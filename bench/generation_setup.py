@@ -11,6 +11,7 @@ Prefill tokens/s is B·T / time of one forward over the prompt; decode tokens/s 
 of ``lineas-fast bench``, which times unsteered / hooks / fused_norms / folded itself;
 ``extra_providers`` adds the two this repo's benchmark also compares (reference hooks, DSAS gates).
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,15 +22,28 @@ import torch
 import lineas_fast as lf
 from lineas_fast.bench import throughput  # noqa: F401 -- the measurement, re-exported
 
-PROVIDERS = ["unsteered", "reference_hooks", "lineas_hooks", "lineas_gated", "fused_norms",
-             "folded"]
+PROVIDERS = ["unsteered", "reference_hooks", "lineas_hooks", "lineas_gated", "fused_norms", "folded"]
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 
 QWEN25 = {
-    "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    "1.5B": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "7B": dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -37,8 +51,9 @@ def random_steering(model, pattern=PATTERN, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
     names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
-    return lf.Steering({n: (1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g))
-                        for n in names})
+    return lf.Steering(
+        {n: (1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g)) for n in names}
+    )
 
 
 def prepare(provider, model, steering, strength=1.0):
@@ -49,16 +64,25 @@ def prepare(provider, model, steering, strength=1.0):
         return model, None
     if provider == "reference_hooks":
         mods = dict(model.named_modules())
-        hs = [mods[n].register_forward_hook(
-            lambda m, a, out, om=st[n][0], b=st[n][1]: out + strength * ((om - 1) * out + b).to(out.dtype))
-            for n in st.modules]
+        hs = [
+            mods[n].register_forward_hook(
+                lambda m, a, out, om=st[n][0], b=st[n][1]: out + strength * ((om - 1) * out + b).to(out.dtype)
+            )
+            for n in st.modules
+        ]
         return model, _Handles(hs)
     if provider == "lineas_hooks":
         return model, st.attach(model, strength=strength, strict=False)
     if provider == "lineas_gated":
         g = torch.Generator().manual_seed(1)
-        gates = {n: {"w": (torch.randn(st[n][0].shape[0], generator=g) * 0.01).to(dev),
-                     "c": torch.zeros(1, device=dev), "kind": "sigmoid"} for n in st.modules}
+        gates = {
+            n: {
+                "w": (torch.randn(st[n][0].shape[0], generator=g) * 0.01).to(dev),
+                "c": torch.zeros(1, device=dev),
+                "kind": "sigmoid",
+            }
+            for n in st.modules
+        }
         gated = lf.Steering({n: st[n] for n in st.modules}, gates=gates)
         return model, gated.attach(model, strength=strength, strict=False)
     if provider == "fused_norms":
@@ -80,11 +104,14 @@ class _Handles:
 def extra_providers(model, steering, strength=1.0) -> dict:
     """{name: prepare() -> (model to run, cleanup)} for ``lineas_fast.bench.measure``: the
     research-code-style hooks and the DSAS-gated lineas_fast hooks."""
+
     def make(provider):
         def prepare_it():
             run, handle = prepare(provider, model, steering, strength)
             return run, (handle.remove if handle else (lambda: None))
+
         return prepare_it
+
     return {p: make(p) for p in ("reference_hooks", "lineas_gated")}
 
 

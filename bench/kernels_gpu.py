@@ -8,6 +8,7 @@ intervention at (8192 tokens, d=3584) bf16, per provider (lineas_fast, torch eag
 torch.compile). The intervention's achieved bandwidth is reported against the device's copy
 bandwidth measured in the same run. Needs CUDA: it refuses to write numbers it did not measure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json  # noqa: E402
 from providers import loss_fn, loss_inputs, steer_fn  # noqa: E402
 
-
 LOSS_SHAPES = [(56, 3584), (28, 1536), (56, 2304), (28, 3584), (28, 2304), (56, 1536)]
 
 
 def timed(fn, setup=None):
     """(median ms, peak MiB above the baseline) of fn()."""
     from triton.testing import do_bench
-    fn()                                                     # compile / warm up
+
+    fn()  # compile / warm up
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -67,16 +68,21 @@ def copy_bandwidth(nbytes: int) -> float:
     src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms, _ = timed(lambda: dst.copy_(src))
-    return 2 * nbytes / (ms * 1e-3) / 1e9                     # GB/s, read + write
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # GB/s, read + write
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    ap.add_argument("--compile-at", nargs="+", default=None, metavar="LAYERSxD",
-                    help="torch.compile only at these loss shapes, e.g. 56x3584 (its compile "
-                         "takes minutes per shape); default: every shape")
+    ap.add_argument(
+        "--compile-at",
+        nargs="+",
+        default=None,
+        metavar="LAYERSxD",
+        help="torch.compile only at these loss shapes, e.g. 56x3584 (its compile "
+        "takes minutes per shape); default: every shape",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels_gpu.py: no CUDA device; GPU numbers are only written from a GPU run")
@@ -86,31 +92,54 @@ def main(argv=None) -> int:
     name = env["device"].replace(" ", "_")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernels-{name}.json")
     results = []
-    compile_at = None if args.compile_at is None else {
-        tuple(int(v) for v in shape.lower().split("x")) for shape in args.compile_at}
+    compile_at = (
+        None
+        if args.compile_at is None
+        else {tuple(int(v) for v in shape.lower().split("x")) for shape in args.compile_at}
+    )
     tokens, d = 8192, 3584
     bw = copy_bandwidth(tokens * d * 2)
 
-    def save(complete: bool) -> None:      # after each group: a run cut short keeps its rows
-        write_json(out, {**env, "copy_bandwidth_GB_per_s": bw, "complete": complete,
-                         "results": results})
+    def save(complete: bool) -> None:  # after each group: a run cut short keeps its rows
+        write_json(out, {**env, "copy_bandwidth_GB_per_s": bw, "complete": complete, "results": results})
 
     for p in providers:
         for mode, (ms, peak) in bench_steer(p, tokens, d).items():
             moved = tokens * d * 2 * (2 if mode == "forward" else 3 if mode == "backward" else 5)
             gbs = moved / (ms * 1e-3) / 1e9
-            results.append({"op": "affine_steer", "provider": p, "tokens": tokens, "d": d,
-                            "dtype": "bfloat16", "mode": mode, "ms": ms, "peak_mib": peak,
-                            "GB_per_s": gbs, "fraction_of_copy_bw": gbs / bw})
+            results.append(
+                {
+                    "op": "affine_steer",
+                    "provider": p,
+                    "tokens": tokens,
+                    "d": d,
+                    "dtype": "bfloat16",
+                    "mode": mode,
+                    "ms": ms,
+                    "peak_mib": peak,
+                    "GB_per_s": gbs,
+                    "fraction_of_copy_bw": gbs / bw,
+                }
+            )
             print(results[-1])
     save(False)
-    for layers, d in LOSS_SHAPES:                  # the target shape first
+    for layers, d in LOSS_SHAPES:  # the target shape first
         for p in providers:
             if p == "torch_compile" and compile_at is not None and (layers, d) not in compile_at:
                 continue
             for mode, (ms, peak) in bench_loss(p, 32, d, layers).items():
-                results.append({"op": "loss", "provider": p, "n": 32, "d": d,
-                                "layers": layers, "mode": mode, "ms": ms, "peak_mib": peak})
+                results.append(
+                    {
+                        "op": "loss",
+                        "provider": p,
+                        "n": 32,
+                        "d": d,
+                        "layers": layers,
+                        "mode": mode,
+                        "ms": ms,
+                        "peak_mib": peak,
+                    }
+                )
                 print(results[-1])
         save(False)
     save(True)

@@ -8,6 +8,7 @@ Intervention on (tokens, d) activations:
   * ``lineas_fast``: ``lf.affine_steer``; ``torch_eager``: z + λ((ω−1)z + b) in PyTorch;
     ``torch_compile``: its compiled form.
 """
+
 from __future__ import annotations
 
 import torch

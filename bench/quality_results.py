@@ -7,6 +7,7 @@ writes bench/results/quality-NAME.json (sweep.json plus an "environment" entry) 
 quality-NAME.png (its Pareto plot, redrawn), then prints each sweep's table (every row; the Pareto front's
 rows marked ◆; rows meeting the target marked ✓).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from lineas_fast.io import atomic_path  # noqa: E402
 from lineas_fast.sweep import format_table, plot_pareto  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-NOTE = ("fp32, one seed, a shared 2-core machine; sweep rows from several `lineas-fast sweep` "
-        "runs into one folder (same data and evaluation settings)")
+NOTE = (
+    "fp32, one seed, a shared 2-core machine; sweep rows from several `lineas-fast sweep` "
+    "runs into one folder (same data and evaluation settings)"
+)
 
 
 def main(argv: list[str]) -> int:

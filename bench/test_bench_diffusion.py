@@ -1,4 +1,5 @@
 """pytest-benchmark: one LinEAS step and one steered generation on the tiny pipeline."""
+
 import os
 import sys
 
@@ -8,8 +9,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 pytest.importorskip("diffusers")
 
-import lineas_fast as lf  # noqa: E402
 from tiny_pipeline import SOURCE_PROMPTS, TARGET_PROMPTS, tiny_pipeline  # noqa: E402
+
+import lineas_fast as lf  # noqa: E402
 
 NORMS = r"unet\..*norm\d?"
 
@@ -17,20 +19,22 @@ NORMS = r"unet\..*norm\d?"
 @pytest.fixture(scope="module")
 def setup():
     pipe = tiny_pipeline()
-    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=NORMS, steps=1,
-                  progress=False)
+    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=NORMS, steps=1, progress=False)
     return pipe, st
 
 
 def test_train_step(benchmark, setup):
     pipe, _ = setup
-    benchmark.pedantic(lambda: lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS,
-                                        modules=NORMS, steps=2, progress=False), rounds=2)
+    benchmark.pedantic(
+        lambda: lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=NORMS, steps=2, progress=False),
+        rounds=2,
+    )
 
 
 @pytest.mark.parametrize("provider", ["unsteered", "lineas_hooks", "folded"])
 def test_generate(benchmark, setup, provider):
     import copy
+
     pipe, st = setup
     run = pipe
     if provider == "folded":
@@ -40,6 +44,7 @@ def test_generate(benchmark, setup, provider):
     def gen():
         g = torch.Generator().manual_seed(0)
         return run("a cat", num_inference_steps=5, generator=g, output_type="latent")
+
     try:
         benchmark.pedantic(gen, rounds=3, warmup_rounds=1)
     finally:

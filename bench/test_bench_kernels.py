@@ -3,9 +3,9 @@
 
     pytest bench/test_bench_kernels.py --benchmark-json bench/results/bench-kernels-cpu.json
 """
+
 import pytest
 import torch
-
 from providers import loss_fn, loss_inputs, steer_fn
 
 CUDA = torch.cuda.is_available()
@@ -26,14 +26,22 @@ def _sync():
 def test_loss(benchmark, provider, n, d, layers, mode):
     xs, ys = loss_inputs(n, d, layers, DEVICE)
     fwd = loss_fn(provider, xs, ys)
-    benchmark.extra_info.update(provider=provider, n=n, d=d, layers=layers, mode=mode,
-                                device=torch.cuda.get_device_name() if CUDA else "cpu")
+    benchmark.extra_info.update(
+        provider=provider,
+        n=n,
+        d=d,
+        layers=layers,
+        mode=mode,
+        device=torch.cuda.get_device_name() if CUDA else "cpu",
+    )
     if mode == "forward":
         with torch.no_grad() if provider != "lineas_fast" else torch.enable_grad():
             benchmark(lambda: (fwd(), _sync()))
     elif mode == "backward":
+
         def setup():
             return (fwd(),), {}
+
         benchmark.pedantic(lambda loss: (loss.backward(), _sync()), setup=setup, rounds=20)
     else:
         benchmark(lambda: (fwd().backward(), _sync()))

@@ -28,6 +28,7 @@ plus the activation-only backward count 4 · (parameters in the layers run) · t
 reference's full forward and backward with weight gradients count 6 · parameters · tokens; both
 against the device's dense bf16 peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,17 +40,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json  # noqa: E402
-from trainer_setup import (demo_sentences, lineas_step_times,  # noqa: E402
-                           reference_trainer_step_times, sentences, smollm2_real, smollm2_sized,
-                           word_tokenizer)
+from trainer_setup import (
+    demo_sentences,
+    lineas_step_times,  # noqa: E402
+    reference_trainer_step_times,
+    sentences,
+    smollm2_real,
+    smollm2_sized,
+    word_tokenizer,
+)
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}   # dense
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 
 
 def qwen_model(size: str):
     from generation_setup import QWEN25
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     cfg = Qwen2Config(**QWEN25[size], max_position_embeddings=4096, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -75,17 +83,21 @@ def providers(ablation: bool) -> dict:
     """name -> fn(model, tok, src, tgt, steps, cpu) returning ``steps`` per-step wall seconds
     and appending their process CPU seconds to ``cpu`` (the first step of each call run and
     dropped)."""
+
     def reference(m, t, s, g, k, cpu):
         c = []
         wall = reference_trainer_step_times(m, t, s, g, PATTERN, k + 1, cpu_times=c)
         cpu += c[1:]
         return wall[1:]
-    out = {"reference": reference,
-           "lineas_fast": lambda m, t, s, g, k, cpu: lineas_step_times(m, t, s, g, PATTERN, k,
-                                                                       cpu_times=cpu)}
+
+    out = {
+        "reference": reference,
+        "lineas_fast": lambda m, t, s, g, k, cpu: lineas_step_times(m, t, s, g, PATTERN, k, cpu_times=cpu),
+    }
     if ablation:
         out["lineas_fast_bucketed"] = lambda m, t, s, g, k, cpu: lineas_step_times(
-            m, t, s, g, PATTERN, k, packing=False, cpu_times=cpu)
+            m, t, s, g, PATTERN, k, packing=False, cpu_times=cpu
+        )
     return out
 
 
@@ -99,48 +111,63 @@ def interleaved(model, tok, src, tgt, rounds: int, steps: int, ablation: bool) -
     per_round = {n: [] for n in names}
     loads = []
     for r in range(rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
+        for n in names if r % 2 == 0 else names[::-1]:
             ts = fns[n](model, tok, src, tgt, steps, cpu[n])
             times[n] += ts
             per_round[n].append(statistics.median(ts))
-            print(f"  round {r} {n}: " + " ".join(f"{t:.3f}" for t in ts) + " s (cpu "
-                  + " ".join(f"{t:.2f}" for t in cpu[n][-len(ts):]) + ")", flush=True)
+            print(
+                f"  round {r} {n}: "
+                + " ".join(f"{t:.3f}" for t in ts)
+                + " s (cpu "
+                + " ".join(f"{t:.2f}" for t in cpu[n][-len(ts) :])
+                + ")",
+                flush=True,
+            )
         loads.append(load_average())
-    return {"step_s": times, "step_cpu_s": cpu, "round_median_s": per_round,
-            "load_average_1_5_15": loads}
+    return {"step_s": times, "step_cpu_s": cpu, "round_median_s": per_round, "load_average_1_5_15": loads}
 
 
 def cpu_row(label: str, model, tok, src, tgt, args) -> dict:
     res = interleaved(model, tok, src, tgt, args.rounds, args.steps, args.ablation)
     med = {n: statistics.median(v) for n, v in res["step_s"].items()}
     rounds = res["round_median_s"]
-    row = {"model": label, "sentences": len(src),
-           "source_tokens": sum(len(x) for x in tok(src)["input_ids"]),
-           "modules": PATTERN, "threads": torch.get_num_threads(), "rounds": args.rounds,
-           "timed_steps_per_round": args.steps,
-           "reference_step_s": res["step_s"]["reference"],
-           "lineas_step_s": res["step_s"]["lineas_fast"],
-           "reference_median_s": med["reference"], "lineas_median_s": med["lineas_fast"],
-           "speedup": med["reference"] / med["lineas_fast"],
-           "speedup_per_round": [a / b for a, b in zip(rounds["reference"],
-                                                       rounds["lineas_fast"])],
-           "reference_step_cpu_s": res["step_cpu_s"]["reference"],
-           "lineas_step_cpu_s": res["step_cpu_s"]["lineas_fast"],
-           "speedup_cpu_time": (statistics.median(res["step_cpu_s"]["reference"])
-                                / statistics.median(res["step_cpu_s"]["lineas_fast"])),
-           "load_average_1_5_15": res["load_average_1_5_15"],
-           "parameters": sum(p.numel() for p in model.parameters())}
+    row = {
+        "model": label,
+        "sentences": len(src),
+        "source_tokens": sum(len(x) for x in tok(src)["input_ids"]),
+        "modules": PATTERN,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "timed_steps_per_round": args.steps,
+        "reference_step_s": res["step_s"]["reference"],
+        "lineas_step_s": res["step_s"]["lineas_fast"],
+        "reference_median_s": med["reference"],
+        "lineas_median_s": med["lineas_fast"],
+        "speedup": med["reference"] / med["lineas_fast"],
+        "speedup_per_round": [a / b for a, b in zip(rounds["reference"], rounds["lineas_fast"])],
+        "reference_step_cpu_s": res["step_cpu_s"]["reference"],
+        "lineas_step_cpu_s": res["step_cpu_s"]["lineas_fast"],
+        "speedup_cpu_time": (
+            statistics.median(res["step_cpu_s"]["reference"])
+            / statistics.median(res["step_cpu_s"]["lineas_fast"])
+        ),
+        "load_average_1_5_15": res["load_average_1_5_15"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if args.ablation:
         row["lineas_bucketed_step_s"] = res["step_s"]["lineas_fast_bucketed"]
         row["lineas_bucketed_median_s"] = med["lineas_fast_bucketed"]
         row["speedup_bucketed"] = med["reference"] / med["lineas_fast_bucketed"]
-        row["speedup_bucketed_cpu_time"] = (
-            statistics.median(res["step_cpu_s"]["reference"])
-            / statistics.median(res["step_cpu_s"]["lineas_fast_bucketed"]))
-    print(f"{label}: reference {row['reference_median_s']:.3f} s/step, lineas_fast "
-          f"{row['lineas_median_s']:.3f} s/step, speedup {row['speedup']:.2f}x (per round "
-          + ", ".join(f"{x:.2f}" for x in row["speedup_per_round"])
-          + f"; by process CPU time {row['speedup_cpu_time']:.2f}x)", flush=True)
+        row["speedup_bucketed_cpu_time"] = statistics.median(
+            res["step_cpu_s"]["reference"]
+        ) / statistics.median(res["step_cpu_s"]["lineas_fast_bucketed"])
+    print(
+        f"{label}: reference {row['reference_median_s']:.3f} s/step, lineas_fast "
+        f"{row['lineas_median_s']:.3f} s/step, speedup {row['speedup']:.2f}x (per round "
+        + ", ".join(f"{x:.2f}" for x in row["speedup_per_round"])
+        + f"; by process CPU time {row['speedup_cpu_time']:.2f}x)",
+        flush=True,
+    )
     return row
 
 
@@ -156,17 +183,25 @@ def gpu_rows(args, save=None) -> list[dict]:
         n_params = sum(p.numel() for p in model.parameters())
         ref = reference_trainer_step_times(model, tok, src, tgt, PATTERN, args.steps + 1)[1:]
         ours = lineas_step_times(model, tok, src, tgt, PATTERN, args.steps)
-        row = {"model": label, "sentences": args.sentences, "modules": PATTERN,
-               "reference_step_s": ref, "lineas_step_s": ours,
-               "reference_median_s": statistics.median(ref),
-               "lineas_median_s": statistics.median(ours), "parameters": n_params}
+        row = {
+            "model": label,
+            "sentences": args.sentences,
+            "modules": PATTERN,
+            "reference_step_s": ref,
+            "lineas_step_s": ours,
+            "reference_median_s": statistics.median(ref),
+            "lineas_median_s": statistics.median(ours),
+            "parameters": n_params,
+        }
         row["speedup"] = row["reference_median_s"] / row["lineas_median_s"]
         peak = peak_flops()
         if peak:
             row["reference_mfu"] = 6 * n_params * tokens / row["reference_median_s"] / peak
             row["lineas_mfu"] = 4 * n_params * tokens / row["lineas_median_s"] / peak
-        print(f"{label}: reference {row['reference_median_s']:.3f} s/step, lineas_fast "
-              f"{row['lineas_median_s']:.3f} s/step, speedup {row['speedup']:.2f}x")
+        print(
+            f"{label}: reference {row['reference_median_s']:.3f} s/step, lineas_fast "
+            f"{row['lineas_median_s']:.3f} s/step, speedup {row['speedup']:.2f}x"
+        )
         rows.append(row)
         if save is not None:
             save(rows)
@@ -177,16 +212,20 @@ def gpu_rows(args, save=None) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", nargs="+", default=["real", "synthetic"],
-                    choices=["real", "synthetic"])
+    ap.add_argument("--workload", nargs="+", default=["real", "synthetic"], choices=["real", "synthetic"])
     ap.add_argument("--layers", type=int, default=30, help="synthetic model's layers")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per trainer and round")
     ap.add_argument("--sentences", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ablation", action="store_true", help="also lf.train without packing")
-    ap.add_argument("--qwen", nargs="*", default=None, choices=["1.5B", "7B"],
-                    help="GPU: Qwen2.5 configs with random weights in bf16")
+    ap.add_argument(
+        "--qwen",
+        nargs="*",
+        default=None,
+        choices=["1.5B", "7B"],
+        help="GPU: Qwen2.5 configs with random weights in bf16",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.qwen and not torch.cuda.is_available():
@@ -208,8 +247,10 @@ def main(argv=None) -> int:
             else:
                 model, tok = smollm2_sized(args.layers), word_tokenizer()
                 src, tgt = sentences(args.sentences, 1), sentences(args.sentences, 2)
-                label = (f"SmolLM2-135M-sized Llama, {args.layers} layers, random weights, "
-                         f"synthetic sentences, fp32")
+                label = (
+                    f"SmolLM2-135M-sized Llama, {args.layers} layers, random weights, "
+                    f"synthetic sentences, fp32"
+                )
             row = cpu_row(label, model, tok, src, tgt, args)
             row["workload"] = w
             rows.append(row)

@@ -13,6 +13,7 @@ references and ``"triton"`` raises. The modules that define Triton kernels
 (``affine_steer``, ``gated_steer``, ``rms_norm_shift``, ``wasserstein_triton``) import it at
 the top, so the library imports them only on the Triton branch, after ``use_triton``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,13 +57,16 @@ def use_triton(device: torch.device, backend: str | None = None) -> bool:
     if backend == "torch":
         return False
     if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs Triton, which is not installed (pip install "
-                           "triton, Linux only); use backend='torch' or 'auto' for the PyTorch path")
+        raise RuntimeError(
+            "backend='triton' needs Triton, which is not installed (pip install "
+            "triton, Linux only); use backend='torch' or 'auto' for the PyTorch path"
+        )
     on_triton_device = device.type == "cuda" or (device.type == "cpu" and interpreting())
     if backend == "triton" and not on_triton_device:
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import for CPU "
-            f"tensors; got tensors on {device}")
+            f"tensors; got tensors on {device}"
+        )
     return on_triton_device and triton_available()
 
 

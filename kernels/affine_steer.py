@@ -18,8 +18,10 @@ A per-token strength's gradient ∂λ = Σ_coords g ⊙ (u ⊙ z + b) is written
 (n_dblk, P·S) and summed on the host. Every partial is written, so nothing is zero-filled.
 
 Activations float32 / bfloat16 / float16; u, b and λ float32; math float32. The host functions
-are pure (no autograd, no host synchronisation); their autograd is registered with the custom op in ``ops.py``.
+are pure (no autograd, no host synchronisation); their autograd is registered with the custom op in
+``ops.py``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-DEFAULT_SMS = 132            # H100 SXM; the real count is read from a CUDA device
-MIN_PROGRAMS_PER_SM = 2      # launch_config shrinks the tile until the grid has this many
+DEFAULT_SMS = 132  # H100 SXM; the real count is read from a CUDA device
+MIN_PROGRAMS_PER_SM = 2  # launch_config shrinks the tile until the grid has this many
 
 
 @triton.jit
@@ -40,7 +42,7 @@ def _tile(k, P, D, S, n_sblk, CHANNEL_FIRST: tl.constexpr, BLOCK_T: tl.constexpr
     if CHANNEL_FIRST:
         p = k // n_sblk
         s = (k - p * n_sblk) * BLOCK_T + ar
-        p64 = (p + ar * 0).to(tl.int64)        # a tensor also where k is a Python int (interpreter)
+        p64 = (p + ar * 0).to(tl.int64)  # a tensor also where k is a Python int (interpreter)
         return p64 * D * S + s, p64 * S + s, s < S, S
     t = (k * BLOCK_T + ar).to(tl.int64)
     return t * D, t, t < P, 1
@@ -60,17 +62,28 @@ def _coef(ptr, j, dmask, mask, CHANNEL_FIRST: tl.constexpr, BLOCK_T: tl.constexp
     if CHANNEL_FIRST:
         c = tl.load(ptr + j, mask=dmask, other=0.0)[None, :]
     else:
-        c = tl.load(ptr + (j[None, :] + tl.zeros([BLOCK_T, 1], dtype=tl.int32)), mask=mask,
-                    other=0.0)
+        c = tl.load(ptr + (j[None, :] + tl.zeros([BLOCK_T, 1], dtype=tl.int32)), mask=mask, other=0.0)
     return c
 
 
 @triton.jit
-def _affine_steer_fwd_kernel(z_ptr, y_ptr, u_ptr, b_ptr, lam_ptr, lam_scalar, P, D, S, n_sblk,
-                             CHANNEL_FIRST: tl.constexpr, TOKEN_STRENGTH: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    tok_off, tok_idx, tmask, d_stride = _tile(tl.program_id(0), P, D, S, n_sblk, CHANNEL_FIRST,
-                                              BLOCK_T)
+def _affine_steer_fwd_kernel(
+    z_ptr,
+    y_ptr,
+    u_ptr,
+    b_ptr,
+    lam_ptr,
+    lam_scalar,
+    P,
+    D,
+    S,
+    n_sblk,
+    CHANNEL_FIRST: tl.constexpr,
+    TOKEN_STRENGTH: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tok_off, tok_idx, tmask, d_stride = _tile(tl.program_id(0), P, D, S, n_sblk, CHANNEL_FIRST, BLOCK_T)
     j = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = j < D
     mask = tmask[:, None] & dmask[None, :]
@@ -87,11 +100,29 @@ def _affine_steer_fwd_kernel(z_ptr, y_ptr, u_ptr, b_ptr, lam_ptr, lam_scalar, P,
 
 
 @triton.jit
-def _affine_steer_bwd_kernel(z_ptr, g_ptr, dz_ptr, u_ptr, b_ptr, lam_ptr, lam_scalar,
-                             du_part_ptr, db_part_ptr, dlam_part_ptr, P, D, S, n_sblk, n_tiles,
-                             CHANNEL_FIRST: tl.constexpr, TOKEN_STRENGTH: tl.constexpr,
-                             NEED_DPARAM: tl.constexpr, NEED_DSTRENGTH: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _affine_steer_bwd_kernel(
+    z_ptr,
+    g_ptr,
+    dz_ptr,
+    u_ptr,
+    b_ptr,
+    lam_ptr,
+    lam_scalar,
+    du_part_ptr,
+    db_part_ptr,
+    dlam_part_ptr,
+    P,
+    D,
+    S,
+    n_sblk,
+    n_tiles,
+    CHANNEL_FIRST: tl.constexpr,
+    TOKEN_STRENGTH: tl.constexpr,
+    NEED_DPARAM: tl.constexpr,
+    NEED_DSTRENGTH: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     stripe = tl.program_id(0)
     n_stripes = tl.num_programs(0)
     dblk = tl.program_id(1)
@@ -99,14 +130,14 @@ def _affine_steer_bwd_kernel(z_ptr, g_ptr, dz_ptr, u_ptr, b_ptr, lam_ptr, lam_sc
     dmask = j < D
     u = _coef(u_ptr, j, dmask, dmask[None, :], CHANNEL_FIRST, BLOCK_T)
     b = _coef(b_ptr, j, dmask, dmask[None, :], CHANNEL_FIRST, BLOCK_T)
-    acc_u = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)     # Σ λ g z  (g z for a scalar λ)
-    acc_b = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)     # Σ λ g    (g)
+    acc_u = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # Σ λ g z  (g z for a scalar λ)
+    acc_b = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # Σ λ g    (g)
     for k in range(stripe, n_tiles, n_stripes):
         tok_off, tok_idx, tmask, d_stride = _tile(k, P, D, S, n_sblk, CHANNEL_FIRST, BLOCK_T)
         mask = tmask[:, None] & dmask[None, :]
         off = tok_off[:, None] + j[None, :].to(tl.int64) * d_stride
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        if NEED_DPARAM or NEED_DSTRENGTH:          # ∂z alone does not read z
+        if NEED_DPARAM or NEED_DSTRENGTH:  # ∂z alone does not read z
             z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if TOKEN_STRENGTH:
             lam = tl.load(lam_ptr + tok_idx, mask=tmask, other=0.0)[:, None]
@@ -141,7 +172,7 @@ CHANNEL_FIRST_TILES = ((64, 64, 8), (64, 16, 4), (32, 8, 2))
 # Backward tile, channel-last: one warp spans the 256 coordinates and holds both tokens in each
 # thread, so the final reduction over tokens stays in registers (no barrier, no shared memory).
 CHANNEL_LAST_BWD_TILE = (2, 256, 1)
-RESIDENT_WARPS_PER_SM = 16   # backward: stripes × column blocks ≈ this many warps per SM
+RESIDENT_WARPS_PER_SM = 16  # backward: stripes × column blocks ≈ this many warps per SM
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,9 +190,15 @@ def sm_count(device: torch.device) -> int:
 def _grid(P: int, D: int, S: int, tile) -> dict:
     bt, bd, warps = tile
     n_sblk = triton.cdiv(S, bt)
-    return {"BLOCK_T": bt, "BLOCK_D": bd, "num_warps": warps, "CHANNEL_FIRST": S > 1,
-            "n_tiles": P * n_sblk if S > 1 else triton.cdiv(P, bt), "n_dblk": triton.cdiv(D, bd),
-            "n_sblk": n_sblk}
+    return {
+        "BLOCK_T": bt,
+        "BLOCK_D": bd,
+        "num_warps": warps,
+        "CHANNEL_FIRST": S > 1,
+        "n_tiles": P * n_sblk if S > 1 else triton.cdiv(P, bt),
+        "n_dblk": triton.cdiv(D, bd),
+        "n_sblk": n_sblk,
+    }
 
 
 def launch_config(P: int, D: int, S: int, sms: int = DEFAULT_SMS) -> dict:
@@ -193,25 +230,32 @@ def _view(z: torch.Tensor, channel_dim: int):
     z = z.contiguous()
     D = z.shape[cd]
     P = int(torch.Size(z.shape[:cd]).numel())
-    S = int(torch.Size(z.shape[cd + 1:]).numel())
+    S = int(torch.Size(z.shape[cd + 1 :]).numel())
     if S == 1 or D == 1:
-        P, S = P * S, 1      # one coordinate per token: the channel-last layout is the same
+        P, S = P * S, 1  # one coordinate per token: the channel-last layout is the same
     return z, P, D, S
 
 
 def _meta(cfg: dict) -> dict:
-    return dict(CHANNEL_FIRST=cfg["CHANNEL_FIRST"], BLOCK_T=cfg["BLOCK_T"],
-                BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    return dict(
+        CHANNEL_FIRST=cfg["CHANNEL_FIRST"],
+        BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+    )
 
 
 def _check_strength(lam, P, S, z):
     if lam is not None and lam.numel() != P * S:
-        raise ValueError(f"lam must hold one strength per token ({P * S} for z of shape "
-                         f"{tuple(z.shape)}), got shape {tuple(lam.shape)}")
+        raise ValueError(
+            f"lam must hold one strength per token ({P * S} for z of shape "
+            f"{tuple(z.shape)}), got shape {tuple(lam.shape)}"
+        )
 
 
-def affine_steer_fwd(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, lam, lam_scalar: float,
-                     channel_dim: int) -> torch.Tensor:
+def affine_steer_fwd(
+    z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, lam, lam_scalar: float, channel_dim: int
+) -> torch.Tensor:
     """y = z + λ(u⊙z + b) in z's dtype and shape (contiguous).
 
     z: any shape, coordinates at ``channel_dim``; u, b: (d,) float32 contiguous; lam: None (then
@@ -225,13 +269,33 @@ def affine_steer_fwd(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, lam, lam
         return y
     cfg = launch_config(P, D, S, sm_count(z.device))
     _affine_steer_fwd_kernel[(cfg["n_tiles"], cfg["n_dblk"])](
-        z, y, u, b, lam if lam is not None else u, float(lam_scalar), P, D, S, cfg["n_sblk"],
-        TOKEN_STRENGTH=lam is not None, **_meta(cfg))
+        z,
+        y,
+        u,
+        b,
+        lam if lam is not None else u,
+        float(lam_scalar),
+        P,
+        D,
+        S,
+        cfg["n_sblk"],
+        TOKEN_STRENGTH=lam is not None,
+        **_meta(cfg),
+    )
     return y
 
 
-def affine_steer_bwd(z: torch.Tensor, g: torch.Tensor, u: torch.Tensor, b: torch.Tensor, lam,
-                     lam_scalar: float, channel_dim: int, need_param: bool, need_lam: bool):
+def affine_steer_bwd(
+    z: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+    b: torch.Tensor,
+    lam,
+    lam_scalar: float,
+    channel_dim: int,
+    need_param: bool,
+    need_lam: bool,
+):
     """(∂z like z, ∂u (d,) or None, ∂b (d,) or None, ∂λ flat like ``lam`` or None) for the
     incoming gradient g (z's shape). ∂u, ∂b when ``need_param``; ∂λ when ``need_lam`` (needs a
     tensor ``lam``). Arguments as for ``affine_steer_fwd``."""
@@ -245,18 +309,38 @@ def affine_steer_bwd(z: torch.Tensor, g: torch.Tensor, u: torch.Tensor, b: torch
     dz = torch.empty_like(z)
     f32 = dict(device=z.device, dtype=torch.float32)
     if z.numel() == 0:
-        return (dz, torch.zeros(D, **f32) if need_param else None,
-                torch.zeros(D, **f32) if need_param else None,
-                torch.zeros(P * S, **f32) if need_lam else None)
+        return (
+            dz,
+            torch.zeros(D, **f32) if need_param else None,
+            torch.zeros(D, **f32) if need_param else None,
+            torch.zeros(P * S, **f32) if need_lam else None,
+        )
     cfg = backward_config(P, D, S, sm_count(z.device))
     stripes = cfg["stripes"]
     du_part = torch.empty((stripes, D) if need_param else (1,), **f32)
     db_part = torch.empty((stripes, D) if need_param else (1,), **f32)
     dlam_part = torch.empty((cfg["n_dblk"], P * S) if need_lam else (1,), **f32)
     _affine_steer_bwd_kernel[(stripes, cfg["n_dblk"])](
-        z, g, dz, u, b, lam if lam is not None else u, float(lam_scalar), du_part, db_part,
-        dlam_part, P, D, S, cfg["n_sblk"], cfg["n_tiles"], TOKEN_STRENGTH=lam is not None,
-        NEED_DPARAM=need_param, NEED_DSTRENGTH=need_lam, **_meta(cfg))
+        z,
+        g,
+        dz,
+        u,
+        b,
+        lam if lam is not None else u,
+        float(lam_scalar),
+        du_part,
+        db_part,
+        dlam_part,
+        P,
+        D,
+        S,
+        cfg["n_sblk"],
+        cfg["n_tiles"],
+        TOKEN_STRENGTH=lam is not None,
+        NEED_DPARAM=need_param,
+        NEED_DSTRENGTH=need_lam,
+        **_meta(cfg),
+    )
     du = du_part.sum(0) if need_param else None
     db = db_part.sum(0) if need_param else None
     dlam = None

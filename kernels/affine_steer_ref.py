@@ -7,13 +7,15 @@ Shapes: z (..., D, ...) with the coordinate axis at ``channel_dim``; u, b (D,) f
 Computed in float32 (float64 for float64 z) and returned in z's dtype; autograd gives
 every gradient (z, u, b and a tensor λ).
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def affine_steer_ref(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor,
-                     strength: float | torch.Tensor, channel_dim: int) -> torch.Tensor:
+def affine_steer_ref(
+    z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, strength: float | torch.Tensor, channel_dim: int
+) -> torch.Tensor:
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     shape = [1] * z.ndim
     shape[channel_dim] = z.shape[channel_dim]

@@ -18,7 +18,8 @@ those values carries, under triton 3.6 and 3.9 alike.
 ``cuobjdump -res-usage`` (registers, local and shared memory), ``cuobjdump -sass`` (static SASS
 instruction count; barriers ``BAR.*``; shuffles ``SHFL.*``; shared-memory loads and stores;
 local loads/stores ``LDL``/``STL``; the same counts inside loops, found from backward branches)
-and the log of the very ``ptxas -v`` run that built the cubin (spill bytes, stack frame). Per element: a program's code handles ``KernelConfig.elements``
+and the log of the very ``ptxas -v`` run that built the cubin (spill bytes, stack frame).
+Per element: a program's code handles ``KernelConfig.elements``
 elements per pass (its tile; one loop iteration for a looping kernel), so warp instructions per
 element = instructions per pass × num_warps / elements, and shared bytes per element =
 metadata.shared / elements. These are static counts, not measurements.
@@ -28,6 +29,7 @@ and warp instructions per element that its restructured code needs at the paper'
 Exit status 1 names every configuration that did not build, and every one serving the paper's
 shapes that spills, exceeds the device's limits or its budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,20 +44,38 @@ import time
 
 # Device limits (CUDA programming guide, compute capability 8.0 and 9.0).
 DEVICE_LIMITS = {
-    80: {"name": "A100 (sm_80)", "max_shared_bytes": 166912, "max_regs_per_thread": 255,
-         "regs_per_sm": 65536},
-    90: {"name": "H100 (sm_90)", "max_shared_bytes": 232448, "max_regs_per_thread": 255,
-         "regs_per_sm": 65536},
+    80: {
+        "name": "A100 (sm_80)",
+        "max_shared_bytes": 166912,
+        "max_regs_per_thread": 255,
+        "regs_per_sm": 65536,
+    },
+    90: {
+        "name": "H100 (sm_90)",
+        "max_shared_bytes": 232448,
+        "max_regs_per_thread": 255,
+        "regs_per_sm": 65536,
+    },
 }
 
-_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64",
-                 "i32": "int32", "i64": "int64", "i8": "int8", "u8": "uint8", "i1": "bool"}
-DEFAULT_INT = 4096      # an int argument without an example value: a paper-shape size (16 | n)
+_TORCH_DTYPES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp64": "float64",
+    "i32": "int32",
+    "i64": "int64",
+    "i8": "int8",
+    "u8": "uint8",
+    "i1": "bool",
+}
+DEFAULT_INT = 4096  # an int argument without an example value: a paper-shape size (16 | n)
 
 
 def _tool(name: str) -> str:
     """Path of the NVIDIA tool Triton bundles (``ptxas``, ``cuobjdump``, ``nvdisasm``)."""
     from triton import knobs
+
     return getattr(knobs.nvidia, name).path
 
 
@@ -65,6 +85,7 @@ def example_args(cfg) -> list:
     allocator aligns CUDA storage), ``cfg.values`` or ``DEFAULT_INT`` per int, ``cfg.values``
     or 0.5 per float, and the constexprs by name."""
     import torch
+
     args = []
     for name in cfg.kernel.arg_names:
         ty = cfg.signature.get(name, "constexpr")
@@ -88,13 +109,15 @@ def jit_specialization(cfg, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
+
     kernel = cfg.kernel
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = {"num_warps": cfg.num_warps}
     bound_args, specialization, options = binder(*example_args(cfg), **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
-                                                              specialization, options)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
     return ASTSource(kernel, signature, constexprs, attrs), options.__dict__, specialization
 
 
@@ -105,6 +128,7 @@ class _FakeDriver:
 
     def __init__(self, arch: int):
         from triton.backends.compiler import GPUTarget
+
         self.target = GPUTarget("cuda", arch, 32)
 
     def get_current_target(self):
@@ -124,13 +148,15 @@ def jit_run_specialization(cfg, arch: int) -> dict:
     independent check of ``jit_specialization``."""
     from triton import knobs
     from triton.runtime import driver
+
     kernel = cfg.kernel
     seen = {}
 
     def hook(*, compile, **_):
-        seen.update(signature=compile["signature"], constants=compile["constants"],
-                    attrs=compile["configs"][0])
-        return True                                   # skip compiling
+        seen.update(
+            signature=compile["signature"], constants=compile["constants"], attrs=compile["configs"][0]
+        )
+        return True  # skip compiling
 
     fake = _FakeDriver(arch)
     old_hook, old_driver = knobs.runtime.jit_cache_hook, driver._active
@@ -140,7 +166,7 @@ def jit_run_specialization(cfg, arch: int) -> dict:
         kernel.run(*example_args(cfg), grid=(1,), warmup=True, num_warps=cfg.num_warps)
     finally:
         knobs.runtime.jit_cache_hook = old_hook
-        driver._active = old_driver        # reset_active() would build the real (absent) driver
+        driver._active = old_driver  # reset_active() would build the real (absent) driver
         kernel.device_caches.pop(fake.get_current_device(), None)
     return seen
 
@@ -155,6 +181,7 @@ def compile_with_ptxas_log(src, arch: int, options: dict):
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
+
     saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
     out = io.StringIO()
@@ -169,15 +196,18 @@ def compile_with_ptxas_log(src, arch: int, options: dict):
 def ptxas_spills(log: str) -> dict:
     """Spill stores/loads (bytes) and stack frame from a ``ptxas -v`` log: register-pressure
     spills, told apart from a call's stack frame (both show as STL/LDL in SASS)."""
+
     def grab(pattern):
         m = re.search(pattern, log)
         return int(m.group(1)) if m else 0
 
     if "Used" not in log:
         raise RuntimeError(f"no ptxas -v report in the compile log: {log[-500:]!r}")
-    return {"spill_store_bytes": grab(r"(\d+) bytes spill stores"),
-            "spill_load_bytes": grab(r"(\d+) bytes spill loads"),
-            "stack_frame_bytes": grab(r"(\d+) bytes stack frame")}
+    return {
+        "spill_store_bytes": grab(r"(\d+) bytes spill stores"),
+        "spill_load_bytes": grab(r"(\d+) bytes spill loads"),
+        "stack_frame_bytes": grab(r"(\d+) bytes stack frame"),
+    }
 
 
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -194,8 +224,7 @@ def parse_sass(sass: str) -> list[tuple[int, str, str]]:
         text = m.group(2).strip()
         op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
         out.append((int(m.group(1), 16), op, text))
-    while out and (out[-1][1] == "NOP" or (out[-1][1] == "BRA" and
-                                           out[-1][2].endswith(hex(out[-1][0])))):
+    while out and (out[-1][1] == "NOP" or (out[-1][1] == "BRA" and out[-1][2].endswith(hex(out[-1][0])))):
         out.pop()
     return out
 
@@ -213,12 +242,14 @@ def _loop_ranges(instrs) -> list[tuple[int, int]]:
 
 def _counts(instrs) -> dict:
     ops = [op for _, op, _ in instrs]
-    return {"instructions": len(ops),
-            "barriers": sum(op.startswith("BAR") for op in ops),
-            "shuffles": sum(op.startswith("SHFL") for op in ops),
-            "shared_ops": sum(op.startswith(("LDS", "STS", "LDSM", "STSM", "ATOMS")) for op in ops),
-            "local_stores": sum(op.startswith("STL") for op in ops),
-            "local_loads": sum(op.startswith("LDL") for op in ops)}
+    return {
+        "instructions": len(ops),
+        "barriers": sum(op.startswith("BAR") for op in ops),
+        "shuffles": sum(op.startswith("SHFL") for op in ops),
+        "shared_ops": sum(op.startswith(("LDS", "STS", "LDSM", "STSM", "ATOMS")) for op in ops),
+        "local_stores": sum(op.startswith("STL") for op in ops),
+        "local_loads": sum(op.startswith("LDL") for op in ops),
+    }
 
 
 def sass_stats(sass: str) -> dict:
@@ -227,8 +258,13 @@ def sass_stats(sass: str) -> dict:
     ranges = _loop_ranges(instrs)
     in_loop = [i for i in instrs if any(lo <= i[0] <= hi for lo, hi in ranges)]
     stats = _counts(instrs)
-    stats.update({f"loop_{k}": v for k, v in _counts(in_loop).items()
-                  if k in ("instructions", "barriers", "shuffles", "shared_ops")})
+    stats.update(
+        {
+            f"loop_{k}": v
+            for k, v in _counts(in_loop).items()
+            if k in ("instructions", "barriers", "shuffles", "shared_ops")
+        }
+    )
     stats["loops"] = len(ranges)
     return stats
 
@@ -239,10 +275,8 @@ def cubin_stats(cubin: bytes) -> dict:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True,
-                             text=True)
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True,
-                              text=True)
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True)
     if res.returncode or sass.returncode:
         raise RuntimeError(f"cuobjdump failed: {(res.stderr + sass.stderr).strip()}")
 
@@ -250,35 +284,56 @@ def cubin_stats(cubin: bytes) -> dict:
         m = re.search(rf"\b{key}:(\d+)", res.stdout)
         return int(m.group(1)) if m else 0
 
-    return {"registers": grab("REG"), "local_bytes": grab("LOCAL"), "stack_bytes": grab("STACK"),
-            **sass_stats(sass.stdout)}
+    return {
+        "registers": grab("REG"),
+        "local_bytes": grab("LOCAL"),
+        "stack_bytes": grab("STACK"),
+        **sass_stats(sass.stdout),
+    }
 
 
 def compile_config(cfg, arch: int) -> dict:
     """Compile one configuration as the JIT would; returns its resource row (raises on a
     compile error)."""
     from .registry import budget_for
+
     src, options, spec = jit_specialization(cfg, arch)
     compiled, log = compile_with_ptxas_log(src, arch, options)
     md = compiled.metadata
     stats = {**cubin_stats(compiled.asm["cubin"]), **ptxas_spills(log)}
     elements = cfg.tile_elements
     per_pass = stats["loop_instructions"] if stats["loops"] else stats["instructions"]
-    row = {"kernel": cfg.name, "config": cfg.label, "arch": arch, "num_warps": md.num_warps,
-           "elements": elements, "shared_bytes": md.shared, **stats,
-           "warp_instructions_per_element": round(per_pass * md.num_warps / elements, 4),
-           "shared_bytes_per_element": round(md.shared / elements, 4),
-           "specialization": {
-               "divisible_by_16": [n for n, (ty, *rest) in zip(cfg.kernel.arg_names, spec)
-                                   if ty != "constexpr" and rest and rest[0] and "D" in rest[0]],
-               "constant_ones": [n for n, (ty, *rest) in zip(cfg.kernel.arg_names, spec)
-                                 if ty == "constexpr" and n not in cfg.constexprs]}}
+    row = {
+        "kernel": cfg.name,
+        "config": cfg.label,
+        "arch": arch,
+        "num_warps": md.num_warps,
+        "elements": elements,
+        "shared_bytes": md.shared,
+        **stats,
+        "warp_instructions_per_element": round(per_pass * md.num_warps / elements, 4),
+        "shared_bytes_per_element": round(md.shared / elements, 4),
+        "specialization": {
+            "divisible_by_16": [
+                n
+                for n, (ty, *rest) in zip(cfg.kernel.arg_names, spec)
+                if ty != "constexpr" and rest and rest[0] and "D" in rest[0]
+            ],
+            "constant_ones": [
+                n
+                for n, (ty, *rest) in zip(cfg.kernel.arg_names, spec)
+                if ty == "constexpr" and n not in cfg.constexprs
+            ],
+        },
+    }
     limits = DEVICE_LIMITS[arch]
     problems = []
     if row["spill_store_bytes"] or row["spill_load_bytes"]:
-        problems.append(f"spills {row['spill_store_bytes']} B stores / "
-                        f"{row['spill_load_bytes']} B loads ({row['local_stores']} STL, "
-                        f"{row['local_loads']} LDL in SASS)")
+        problems.append(
+            f"spills {row['spill_store_bytes']} B stores / "
+            f"{row['spill_load_bytes']} B loads ({row['local_stores']} STL, "
+            f"{row['local_loads']} LDL in SASS)"
+        )
     if row["shared_bytes"] > limits["max_shared_bytes"]:
         problems.append(f"shared memory {row['shared_bytes']} B > {limits['max_shared_bytes']} B")
     if row["registers"] * 32 * row["num_warps"] > limits["regs_per_sm"]:
@@ -298,6 +353,7 @@ DEFAULT_SOURCE = "lineas_fast.kernels.registry:all_configs"
 def load_configs(source: str = DEFAULT_SOURCE) -> list:
     """The configurations listed by ``source``, a "module:function" returning KernelConfigs."""
     import importlib
+
     module, func = source.split(":")
     return getattr(importlib.import_module(module), func)()
 
@@ -318,16 +374,19 @@ def _compile_one(job) -> tuple[dict | None, str | None]:
     return row, failure
 
 
-def run(indices, archs, out_path: str | None = None, workers: int = 0, log=print,
-        source: str = DEFAULT_SOURCE):
+def run(
+    indices, archs, out_path: str | None = None, workers: int = 0, log=print, source: str = DEFAULT_SOURCE
+):
     """Compile configurations ``indices`` of ``source`` for each arch, in ``workers``
     processes (0: one per core). Returns (rows, failures): failures name kernel and reason."""
     from concurrent.futures import ProcessPoolExecutor
+
     jobs = [(source, i, a) for a in archs for i in indices]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     rows, failures = [], []
     if workers > 1:
         import multiprocessing
+
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
             results = list(ex.map(_compile_one, jobs))
     else:
@@ -339,11 +398,13 @@ def run(indices, archs, out_path: str | None = None, workers: int = 0, log=print
         if row:
             rows.append(row)
             status = "WARN" if row["problems"] else "ok  "
-            log(f"{status} {row['config']} sm_{row['arch']}: {row['registers']} regs, "
+            log(
+                f"{status} {row['config']} sm_{row['arch']}: {row['registers']} regs, "
                 f"{row['barriers']} bar ({row['loop_barriers']} in loops), "
                 f"{row['shuffles']} shfl, {row['warp_instructions_per_element']} warp-instr/elem, "
                 f"smem {row['shared_bytes']} B, spills {row['spill_store_bytes']}/"
-                f"{row['spill_load_bytes']} B, {row['compile_s']} s")
+                f"{row['spill_load_bytes']} B, {row['compile_s']} s"
+            )
     if out_path:
         write_report(rows, failures, archs, out_path)
     return rows, failures
@@ -354,14 +415,20 @@ def write_report(rows, failures, archs, out_path: str) -> None:
     import triton
 
     from .registry import BUDGETS
-    report = {"triton": triton.__version__, "torch": torch.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-              "commit": _git_commit(), "archs": [f"sm_{a}" for a in archs],
-              "limits": {str(a): DEVICE_LIMITS[a] for a in archs},
-              "budgets": [b.describe() for b in BUDGETS],
-              "note": "static counts from the cubins the JIT would build (run-time "
-                      "specialisation applied); not measurements",
-              "failures": failures, "kernels": rows}
+
+    report = {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "commit": _git_commit(),
+        "archs": [f"sm_{a}" for a in archs],
+        "limits": {str(a): DEVICE_LIMITS[a] for a in archs},
+        "budgets": [b.describe() for b in BUDGETS],
+        "note": "static counts from the cubins the JIT would build (run-time "
+        "specialisation applied); not measurements",
+        "failures": failures,
+        "kernels": rows,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:
@@ -371,8 +438,12 @@ def write_report(rows, failures, archs, out_path: str) -> None:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -383,8 +454,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(DEVICE_LIMITS))
     ap.add_argument("--filter", default="", help="only configurations whose label contains this")
     ap.add_argument("--workers", type=int, default=0, help="compile processes (0: one per core)")
-    ap.add_argument("--source", default=DEFAULT_SOURCE,
-                    help="module:function listing the configurations")
+    ap.add_argument("--source", default=DEFAULT_SOURCE, help="module:function listing the configurations")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter cannot build GPU code)")

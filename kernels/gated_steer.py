@@ -14,6 +14,7 @@ row (3D + 1) per program that the host sums (every row written: nothing zero-fil
 Activations float32/bfloat16/float16; u, b, w, c float32; λ a float. The host functions are
 pure (no autograd, no host synchronisation); their autograd is registered with the custom op in ``ops.py``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,13 +62,25 @@ def _param(ptr, j, mask, BLOCK_T: tl.constexpr):
     """A (D,) float32 parameter for the (BLOCK_T, BLOCK_D) tile, loaded at every element (the
     same vectors per row, from L1) so it arrives in the tile's register layout: a (BLOCK_D,)
     load would be moved there through shared memory, with barriers."""
-    return tl.load(ptr + (j[None, :] + tl.zeros([BLOCK_T, 1], dtype=tl.int32)), mask=mask,
-                   other=0.0)
+    return tl.load(ptr + (j[None, :] + tl.zeros([BLOCK_T, 1], dtype=tl.int32)), mask=mask, other=0.0)
 
 
 @triton.jit
-def _gated_steer_fwd_kernel(z_ptr, y_ptr, s_ptr, u_ptr, b_ptr, w_ptr, c_ptr, lam, T, D,
-                            RELU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gated_steer_fwd_kernel(
+    z_ptr,
+    y_ptr,
+    s_ptr,
+    u_ptr,
+    b_ptr,
+    w_ptr,
+    c_ptr,
+    lam,
+    T,
+    D,
+    RELU: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     t, j, tmask, dmask, mask, off = _rows(tl.program_id(0), T, D, BLOCK_T, BLOCK_D)
     z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
     w = _param(w_ptr, j, mask, BLOCK_T)
@@ -81,18 +94,33 @@ def _gated_steer_fwd_kernel(z_ptr, y_ptr, s_ptr, u_ptr, b_ptr, w_ptr, c_ptr, lam
 
 
 @triton.jit
-def _gated_steer_bwd_kernel(z_ptr, g_ptr, dz_ptr, u_ptr, b_ptr, w_ptr, c_ptr, lam, part_ptr, T, D,
-                            n_tiles, RELU: tl.constexpr, NEED_DPARAM: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gated_steer_bwd_kernel(
+    z_ptr,
+    g_ptr,
+    dz_ptr,
+    u_ptr,
+    b_ptr,
+    w_ptr,
+    c_ptr,
+    lam,
+    part_ptr,
+    T,
+    D,
+    n_tiles,
+    RELU: tl.constexpr,
+    NEED_DPARAM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     j = tl.arange(0, BLOCK_D)
     dmask = j < D
     c = tl.load(c_ptr)
-    acc_u = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)    # Σ s G z
-    acc_b = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)    # Σ s G
-    acc_w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)    # Σ λ g' r z
-    acc_c = tl.zeros([BLOCK_T], dtype=tl.float32)             # Σ λ g' r
+    acc_u = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # Σ s G z
+    acc_b = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # Σ s G
+    acc_w = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # Σ λ g' r z
+    acc_c = tl.zeros([BLOCK_T], dtype=tl.float32)  # Σ λ g' r
     for k in range(pid, n_tiles, n_prog):
         _, _, tmask, _, mask, off = _rows(k, T, D, BLOCK_T, BLOCK_D)
         z = tl.load(z_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -106,8 +134,11 @@ def _gated_steer_bwd_kernel(z_ptr, g_ptr, dz_ptr, u_ptr, b_ptr, w_ptr, c_ptr, la
         g, dg = _gate(zw + c, RELU)
         s = tl.where(tmask, lam * g, 0.0)
         ldgr = tl.where(tmask, lam * dg * r, 0.0)
-        tl.store(dz_ptr + off, (G + (s[:, None] * u) * G + ldgr[:, None] * w)
-                 .to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            dz_ptr + off,
+            (G + (s[:, None] * u) * G + ldgr[:, None] * w).to(dz_ptr.dtype.element_ty),
+            mask=mask,
+        )
         if NEED_DPARAM:
             sG = s[:, None] * G
             acc_u += sG * z
@@ -154,8 +185,15 @@ def _check(z2d, u, b, w, c):
         raise ValueError(f"c must hold one value, got shape {tuple(c.shape)}")
 
 
-def gated_steer_fwd(z2d: torch.Tensor, u: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
-                    c: torch.Tensor, lam: float, relu: bool):
+def gated_steer_fwd(
+    z2d: torch.Tensor,
+    u: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    c: torch.Tensor,
+    lam: float,
+    relu: bool,
+):
     """(y (T, D) in z2d's dtype, s (T,) float32 = λ·gate(w·z + c)) for z2d (T, D) contiguous;
     u, b, w (D,) and c (1,) float32 contiguous."""
     _check(z2d, u, b, w, c)
@@ -165,13 +203,35 @@ def gated_steer_fwd(z2d: torch.Tensor, u: torch.Tensor, b: torch.Tensor, w: torc
     s = torch.empty(T, device=z2d.device, dtype=torch.float32)
     if T:
         _gated_steer_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_T"]),)](
-            z2d, y, s, u, b, w, c, float(lam), T, D, RELU=bool(relu), BLOCK_T=cfg["BLOCK_T"],
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+            z2d,
+            y,
+            s,
+            u,
+            b,
+            w,
+            c,
+            float(lam),
+            T,
+            D,
+            RELU=bool(relu),
+            BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+        )
     return y, s
 
 
-def gated_steer_bwd(z2d: torch.Tensor, gy: torch.Tensor, u: torch.Tensor, b: torch.Tensor,
-                    w: torch.Tensor, c: torch.Tensor, lam: float, relu: bool, need_param: bool):
+def gated_steer_bwd(
+    z2d: torch.Tensor,
+    gy: torch.Tensor,
+    u: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    c: torch.Tensor,
+    lam: float,
+    relu: bool,
+    need_param: bool,
+):
     """(∂z (T, D), ∂u, ∂b, ∂w (D,), ∂c (1,)) for the incoming gradient gy (T, D) of y; the last
     four are None unless ``need_param``. Arguments as for ``gated_steer_fwd``."""
     _check(z2d, u, b, w, c)
@@ -182,17 +242,36 @@ def gated_steer_bwd(z2d: torch.Tensor, gy: torch.Tensor, u: torch.Tensor, b: tor
     cfg = launch_config(D)
     programs = backward_programs(T, cfg, sm_count(z2d.device))
     dz = torch.empty_like(z2d)
-    part = torch.empty((programs, 3 * D + 1) if need_param else (1,), device=z2d.device,
-                       dtype=torch.float32)
+    part = torch.empty((programs, 3 * D + 1) if need_param else (1,), device=z2d.device, dtype=torch.float32)
     if T:
         _gated_steer_bwd_kernel[(programs,)](
-            z2d, gy, dz, u, b, w, c, float(lam), part, T, D, triton.cdiv(T, cfg["BLOCK_T"]),
-            RELU=bool(relu), NEED_DPARAM=bool(need_param), BLOCK_T=cfg["BLOCK_T"],
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+            z2d,
+            gy,
+            dz,
+            u,
+            b,
+            w,
+            c,
+            float(lam),
+            part,
+            T,
+            D,
+            triton.cdiv(T, cfg["BLOCK_T"]),
+            RELU=bool(relu),
+            NEED_DPARAM=bool(need_param),
+            BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+        )
     if not need_param:
         return dz, None, None, None, None
     if not T:
         part = torch.zeros((1, 3 * D + 1), device=z2d.device, dtype=torch.float32)
     # four separate sums: the results must not alias (custom-op outputs)
-    return (dz, part[:, :D].sum(0), part[:, D:2 * D].sum(0), part[:, 2 * D:3 * D].sum(0),
-            part[:, 3 * D:].sum(0))
+    return (
+        dz,
+        part[:, :D].sum(0),
+        part[:, D : 2 * D].sum(0),
+        part[:, 2 * D : 3 * D].sum(0),
+        part[:, 3 * D :].sum(0),
+    )

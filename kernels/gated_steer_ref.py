@@ -7,6 +7,7 @@ z (..., d) channel-last, any float dtype; u, b, w (d,), c () float32; λ a float
 float32 (float64 for float64 z). Returns (y in z's dtype, per-token strength λ·g (...,) float32).
 Autograd gives every gradient (z, u, b, w, c).
 """
+
 from __future__ import annotations
 
 import torch

@@ -21,6 +21,7 @@ backward, or the same closed-form formulas in PyTorch (float32 accumulation; flo
 float64 inputs). A gradient not needed is returned as an empty tensor by the op and as None
 to autograd.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -32,7 +33,6 @@ from torch.library import custom_op
 from .affine_steer_ref import affine_steer_ref
 from .gated_steer_ref import gate_fn, gated_steer_ref
 from .rms_norm_shift_ref import rms_norm_shift_ref
-
 
 
 def _none(like: Tensor) -> Tensor:
@@ -58,10 +58,18 @@ def _token_shape(z: Tensor, cd: int) -> list[int]:
 
 # --- affine map -----------------------------------------------------------------------------
 @custom_op("lineas_fast::affine_steer", mutates_args=())
-def affine_steer_op(z: Tensor, u: Tensor, b: Tensor, lam: Optional[Tensor], lam_scalar: float,
-                    channel_dim: int, use_kernel: bool) -> Tensor:
+def affine_steer_op(
+    z: Tensor,
+    u: Tensor,
+    b: Tensor,
+    lam: Optional[Tensor],
+    lam_scalar: float,
+    channel_dim: int,
+    use_kernel: bool,
+) -> Tensor:
     if use_kernel:
         from .affine_steer import affine_steer_fwd
+
         return affine_steer_fwd(z, u, b, lam, lam_scalar, channel_dim)
     lam_v = lam.view(_token_shape(z, channel_dim)) if lam is not None else lam_scalar
     return affine_steer_ref(z, u, b, lam_v, channel_dim)
@@ -73,15 +81,23 @@ def _(z, u, b, lam, lam_scalar, channel_dim, use_kernel):
 
 
 @custom_op("lineas_fast::affine_steer_backward", mutates_args=())
-def affine_steer_backward_op(z: Tensor, g: Tensor, u: Tensor, b: Tensor, lam: Optional[Tensor],
-                             lam_scalar: float, channel_dim: int, use_kernel: bool,
-                             need_param: bool, need_lam: bool
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def affine_steer_backward_op(
+    z: Tensor,
+    g: Tensor,
+    u: Tensor,
+    b: Tensor,
+    lam: Optional[Tensor],
+    lam_scalar: float,
+    channel_dim: int,
+    use_kernel: bool,
+    need_param: bool,
+    need_lam: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(∂z, ∂u, ∂b, ∂λ); ∂u/∂b empty unless ``need_param``, ∂λ empty unless ``need_lam``."""
     if use_kernel:
         from .affine_steer import affine_steer_bwd
-        dz, du, db, dlam = affine_steer_bwd(z, g, u, b, lam, lam_scalar, channel_dim,
-                                            need_param, need_lam)
+
+        dz, du, db, dlam = affine_steer_bwd(z, g, u, b, lam, lam_scalar, channel_dim, need_param, need_lam)
     else:
         acc = _acc(z)
         zf, gf = z.to(acc), g.to(acc)
@@ -96,16 +112,22 @@ def affine_steer_backward_op(z: Tensor, g: Tensor, u: Tensor, b: Tensor, lam: Op
             du, db = (lg * zf).sum(axes), lg.sum(axes)
         if need_lam:
             dlam = (gf * (uv * zf + bv)).sum(channel_dim).reshape(-1)
-    return (dz, du.to(u.dtype) if du is not None else _none(z),
-            db.to(b.dtype) if db is not None else _none(z),
-            dlam.to(lam.dtype) if dlam is not None else _none(z))
+    return (
+        dz,
+        du.to(u.dtype) if du is not None else _none(z),
+        db.to(b.dtype) if db is not None else _none(z),
+        dlam.to(lam.dtype) if dlam is not None else _none(z),
+    )
 
 
 @affine_steer_backward_op.register_fake
 def _(z, g, u, b, lam, lam_scalar, channel_dim, use_kernel, need_param, need_lam):
-    return (torch.empty_like(z), torch.empty_like(u) if need_param else _none(z),
-            torch.empty_like(b) if need_param else _none(z),
-            torch.empty_like(lam) if need_lam else _none(z))
+    return (
+        torch.empty_like(z),
+        torch.empty_like(u) if need_param else _none(z),
+        torch.empty_like(b) if need_param else _none(z),
+        torch.empty_like(lam) if need_lam else _none(z),
+    )
 
 
 def _affine_setup(ctx, inputs, output):
@@ -118,11 +140,18 @@ def _affine_backward(ctx, gy):
     z, u, b, lam = ctx.saved_tensors
     need_param = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     need_lam = lam is not None and ctx.needs_input_grad[3]
-    dz, du, db, dlam = affine_steer_backward_op(z, gy.contiguous(), u, b, lam, ctx.lam_scalar,
-                                                ctx.channel_dim, ctx.use_kernel, need_param,
-                                                need_lam)
-    return (dz, du if need_param else None, db if need_param else None,
-            dlam if need_lam else None, None, None, None)
+    dz, du, db, dlam = affine_steer_backward_op(
+        z, gy.contiguous(), u, b, lam, ctx.lam_scalar, ctx.channel_dim, ctx.use_kernel, need_param, need_lam
+    )
+    return (
+        dz,
+        du if need_param else None,
+        db if need_param else None,
+        dlam if need_lam else None,
+        None,
+        None,
+        None,
+    )
 
 
 affine_steer_op.register_autograd(_affine_backward, setup_context=_affine_setup)
@@ -137,10 +166,12 @@ def _gate(logit: Tensor, relu: bool) -> tuple[Tensor, Tensor]:
 
 
 @custom_op("lineas_fast::gated_steer", mutates_args=())
-def gated_steer_op(z: Tensor, u: Tensor, b: Tensor, w: Tensor, c: Tensor, lam: float,
-                   relu: bool, use_kernel: bool) -> tuple[Tensor, Tensor]:
+def gated_steer_op(
+    z: Tensor, u: Tensor, b: Tensor, w: Tensor, c: Tensor, lam: float, relu: bool, use_kernel: bool
+) -> tuple[Tensor, Tensor]:
     if use_kernel:
         from .gated_steer import gated_steer_fwd
+
         return gated_steer_fwd(z, u, b, w, c, lam, relu)
     return gated_steer_ref(z, u, b, w, c.reshape(()), lam, "relu" if relu else "sigmoid")
 
@@ -151,12 +182,22 @@ def _(z, u, b, w, c, lam, relu, use_kernel):
 
 
 @custom_op("lineas_fast::gated_steer_backward", mutates_args=())
-def gated_steer_backward_op(z: Tensor, gy: Tensor, u: Tensor, b: Tensor, w: Tensor, c: Tensor,
-                            lam: float, relu: bool, use_kernel: bool, need_param: bool
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def gated_steer_backward_op(
+    z: Tensor,
+    gy: Tensor,
+    u: Tensor,
+    b: Tensor,
+    w: Tensor,
+    c: Tensor,
+    lam: float,
+    relu: bool,
+    use_kernel: bool,
+    need_param: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(∂z, ∂u, ∂b, ∂w, ∂c); the last four empty unless ``need_param``."""
     if use_kernel:
         from .gated_steer import gated_steer_bwd
+
         dz, du, db, dw, dc = gated_steer_bwd(z, gy, u, b, w, c, lam, relu, need_param)
         if not need_param:
             return dz, _none(z), _none(z), _none(z), _none(z)
@@ -172,16 +213,26 @@ def gated_steer_backward_op(z: Tensor, gy: Tensor, u: Tensor, b: Tensor, w: Tens
         return dz.to(z.dtype), _none(z), _none(z), _none(z), _none(z)
     sG = s.unsqueeze(-1) * G
     lr = (ldg * r).unsqueeze(-1)
-    return (dz.to(z.dtype), (sG * zf).sum(0).to(u.dtype), sG.sum(0).to(b.dtype),
-            (lr * zf).sum(0).to(w.dtype), (ldg * r).sum().reshape(c.shape).to(c.dtype))
+    return (
+        dz.to(z.dtype),
+        (sG * zf).sum(0).to(u.dtype),
+        sG.sum(0).to(b.dtype),
+        (lr * zf).sum(0).to(w.dtype),
+        (ldg * r).sum().reshape(c.shape).to(c.dtype),
+    )
 
 
 @gated_steer_backward_op.register_fake
 def _(z, gy, u, b, w, c, lam, relu, use_kernel, need_param):
     if not need_param:
         return torch.empty_like(z), _none(z), _none(z), _none(z), _none(z)
-    return (torch.empty_like(z), torch.empty_like(u), torch.empty_like(b), torch.empty_like(w),
-            torch.empty_like(c))
+    return (
+        torch.empty_like(z),
+        torch.empty_like(u),
+        torch.empty_like(b),
+        torch.empty_like(w),
+        torch.empty_like(c),
+    )
 
 
 def _gated_setup(ctx, inputs, output):
@@ -193,8 +244,9 @@ def _gated_setup(ctx, inputs, output):
 def _gated_backward(ctx, gy, _gs):
     z, u, b, w, c = ctx.saved_tensors
     need = any(ctx.needs_input_grad[1:5])
-    dz, du, db, dw, dc = gated_steer_backward_op(z, gy.contiguous(), u, b, w, c, ctx.lam,
-                                                 ctx.relu, ctx.use_kernel, need)
+    dz, du, db, dw, dc = gated_steer_backward_op(
+        z, gy.contiguous(), u, b, w, c, ctx.lam, ctx.relu, ctx.use_kernel, need
+    )
     if not need:
         return dz, None, None, None, None, None, None, None
     return dz, du, db, dw, dc, None, None, None
@@ -205,10 +257,12 @@ gated_steer_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 # --- RMSNorm with the steering shift (inference) --------------------------------------------
 @custom_op("lineas_fast::rms_norm_shift", mutates_args=())
-def rms_norm_shift_op(x: Tensor, weight: Tensor, shift: Tensor, eps: float, gemma: bool,
-                      use_kernel: bool) -> Tensor:
+def rms_norm_shift_op(
+    x: Tensor, weight: Tensor, shift: Tensor, eps: float, gemma: bool, use_kernel: bool
+) -> Tensor:
     if use_kernel:
         from .rms_norm_shift import rms_norm_shift_triton
+
         return rms_norm_shift_triton(x, weight, shift, eps, gemma)
     return rms_norm_shift_ref(x, weight, shift, eps, gemma)
 

@@ -5,6 +5,7 @@ the plain norm costs. x (rows, d) float32/bfloat16/float16 contiguous; w, c (d,)
 Training through it uses the PyTorch reference (``rms_norm_shift_ref``), which autograd
 differentiates; the kernel runs when no gradient is needed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,12 +13,13 @@ import triton
 import triton.language as tl
 
 from ._backend import next_pow2
-from .rms_norm_shift_ref import MAX_D as MAX_D   # re-exported: above it the PyTorch path runs
+from .rms_norm_shift_ref import MAX_D as MAX_D  # re-exported: above it the PyTorch path runs
 
 
 @triton.jit
-def _rms_norm_shift_fwd_kernel(x_ptr, w_ptr, c_ptr, y_ptr, d, eps, GEMMA: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
+def _rms_norm_shift_fwd_kernel(
+    x_ptr, w_ptr, c_ptr, y_ptr, d, eps, GEMMA: tl.constexpr, BLOCK_D: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d
@@ -39,14 +41,23 @@ def launch_config(d: int) -> dict:
     return {"BLOCK_D": block, "num_warps": 4 if block <= 2048 else 8 if block <= 8192 else 16}
 
 
-def rms_norm_shift_triton(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, eps: float,
-                          gemma: bool) -> torch.Tensor:
+def rms_norm_shift_triton(
+    x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, eps: float, gemma: bool
+) -> torch.Tensor:
     d = x.shape[-1]
     x2 = x.reshape(-1, d).contiguous()
     y = torch.empty_like(x2)
     cfg = launch_config(d)
     if x2.shape[0] > 0:
-        _rms_norm_shift_fwd_kernel[(x2.shape[0],)](x2, weight, shift, y, d, float(eps),
-                                                   GEMMA=gemma, BLOCK_D=cfg["BLOCK_D"],
-                                                   num_warps=cfg["num_warps"])
+        _rms_norm_shift_fwd_kernel[(x2.shape[0],)](
+            x2,
+            weight,
+            shift,
+            y,
+            d,
+            float(eps),
+            GEMMA=gemma,
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+        )
     return y.view(x.shape)

@@ -5,6 +5,7 @@ with scale = w (Llama-style: x̂ cast to x's dtype before the product, as transf
 or 1 + w (Gemma-style, product in float32). x (..., d) any float dtype; w, c (d,).
 Returns x's dtype. Differentiable by autograd.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ import torch
 MAX_D = 16384
 
 
-def rms_norm_shift_ref(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, eps: float,
-                       gemma: bool) -> torch.Tensor:
+def rms_norm_shift_ref(
+    x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, eps: float, gemma: bool
+) -> torch.Tensor:
     xf = x.float()
     xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if gemma:

@@ -13,6 +13,7 @@ Outputs: loss () float32, per_layer (L,) float32 = w_l (Σ_ij (sort x − ḡ)²
 grad (n·Σd_l,) float32: layer l's ∂loss/∂x_l, (n, d_l) contiguous at offset n·Σ_{k<l} d_k (empty
 when not need_grad). Nothing here reads a device tensor back to the host.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,9 +23,9 @@ import torch
 
 from ._backend import next_pow2
 
-MAX_N = 2048          # largest source set one program sorts; above it the PyTorch path runs
+MAX_N = 2048  # largest source set one program sorts; above it the PyTorch path runs
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TABLE_COLS = 6        # x offset, row stride, column stride, d, profile column, grad offset
+TABLE_COLS = 6  # x offset, row stride, column stride, d, profile column, grad offset
 _TABLE_CACHE_SIZE = 32
 
 
@@ -63,8 +64,9 @@ def layer_table(xs: list, n: int) -> tuple[torch.Tensor, bool]:
     synchronisation."""
     x0 = xs[0].data_ptr()
     item = xs[0].element_size()
-    key = (xs[0].device, xs[0].dtype, n) + tuple((x.data_ptr(), x.stride(0), x.stride(1), x.shape[1])
-                                     for x in xs)
+    key = (xs[0].device, xs[0].dtype, n) + tuple(
+        (x.data_ptr(), x.stride(0), x.stride(1), x.shape[1]) for x in xs
+    )
     entry = _tables.get(key)
     if entry is None:
         rows, col, goff = [], 0, 0
@@ -88,8 +90,9 @@ def layer_table(xs: list, n: int) -> tuple[torch.Tensor, bool]:
 
 def kernel_runs(xs: list) -> bool:
     """Whether the kernel can take these layers (else the PyTorch reference runs)."""
-    return (xs[0].shape[0] <= MAX_N and xs[0].dtype in KERNEL_DTYPES
-            and all(x.dtype == xs[0].dtype for x in xs))
+    return (
+        xs[0].shape[0] <= MAX_N and xs[0].dtype in KERNEL_DTYPES and all(x.dtype == xs[0].dtype for x in xs)
+    )
 
 
 def _addressable(xs: list) -> list:
@@ -99,19 +102,32 @@ def _addressable(xs: list) -> list:
     return [x if (x.data_ptr() - x0) % item == 0 else x.clone() for x in xs]
 
 
-def wasserstein_loss_triton(xs: list, mean: torch.Tensor, var_sum: torch.Tensor,
-                            weight: torch.Tensor, total_scale: float, need_grad: bool):
+def wasserstein_loss_triton(
+    xs: list,
+    mean: torch.Tensor,
+    var_sum: torch.Tensor,
+    weight: torch.Tensor,
+    total_scale: float,
+    need_grad: bool,
+):
     """The loss through the kernel: returns (loss, per_layer, grad); see the module docstring."""
     from .wasserstein_triton import wasserstein_partials_triton
+
     xs = _addressable(list(xs))
     n = xs[0].shape[0]
     table, unit = layer_table(xs, n)
     total = n * sum(x.shape[1] for x in xs)
-    grad = (torch.empty(total, device=mean.device, dtype=torch.float32) if need_grad
-            else mean.new_empty(0))
-    part = wasserstein_partials_triton(xs[0], table, mean, weight, n,
-                                       max(x.shape[1] for x in xs), unit, 2.0 * total_scale,
-                                       grad if need_grad else None)
+    grad = torch.empty(total, device=mean.device, dtype=torch.float32) if need_grad else mean.new_empty(0)
+    part = wasserstein_partials_triton(
+        xs[0],
+        table,
+        mean,
+        weight,
+        n,
+        max(x.shape[1] for x in xs),
+        unit,
+        2.0 * total_scale,
+        grad if need_grad else None,
+    )
     per_layer = part.sum(1).add_(var_sum).mul_(weight)
     return per_layer.sum() * total_scale, per_layer, grad
-

@@ -8,6 +8,7 @@ v̄[i, j] = q̄[i, j] − ḡ[i, j]² ≥ 0 its variance over that cell (0 when 
 
 exactly, for any n and m; v̄ only adds a constant per layer (``var_sum``), never read per step.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,16 +23,16 @@ def target_profile(y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
     the cumulative integral of the target quantile function is exact at every cell edge.
     """
     m, d = y.shape
-    ys = torch.sort(y.detach().to(torch.float64), dim=0).values                      # (m, d)
+    ys = torch.sort(y.detach().to(torch.float64), dim=0).values  # (m, d)
     zero = ys.new_zeros(1, d)
-    edges = torch.arange(n + 1, device=y.device, dtype=torch.int64) * m              # source cell edges
-    k, r = edges // n, edges % n                                                     # target cell, offset
+    edges = torch.arange(n + 1, device=y.device, dtype=torch.int64) * m  # source cell edges
+    k, r = edges // n, edges % n  # target cell, offset
 
     def cumulative(values: torch.Tensor) -> torch.Tensor:
         # ∫ over [0, p) of the step function, in units of 1/(n·m) per unit of p times n
-        cums = torch.cat([zero, torch.cumsum(values, 0)]) * n                        # (m + 1, d)
+        cums = torch.cat([zero, torch.cumsum(values, 0)]) * n  # (m + 1, d)
         vpad = torch.cat([values, zero])
-        return cums[k] + r.to(torch.float64)[:, None] * vpad[k]                      # (n + 1, d)
+        return cums[k] + r.to(torch.float64)[:, None] * vpad[k]  # (n + 1, d)
 
     cg, cq = cumulative(ys), cumulative(ys * ys)
     g = (cg[1:] - cg[:-1]) / m
@@ -40,8 +41,14 @@ def target_profile(y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
     return g.to(torch.float32), v.to(torch.float32)
 
 
-def wasserstein_loss_ref(xs: list, mean: torch.Tensor, var_sum: torch.Tensor, weight: torch.Tensor,
-                         total_scale: float, need_grad: bool):
+def wasserstein_loss_ref(
+    xs: list,
+    mean: torch.Tensor,
+    var_sum: torch.Tensor,
+    weight: torch.Tensor,
+    total_scale: float,
+    need_grad: bool,
+):
     """The PyTorch reference of the loss kernel, the same math (``kernels.wasserstein``):
     one stable ``torch.sort`` per layer, in float32 (float64 when a layer is float64).
 
@@ -60,10 +67,10 @@ def wasserstein_loss_ref(xs: list, mean: torch.Tensor, var_sum: torch.Tensor, we
     parts, col = [], 0
     for i, (x, d) in enumerate(zip(xs, dims)):
         values, rows = torch.sort(x.detach().to(acc), dim=0, stable=True)
-        diff = values - mean[:, col:col + d].to(acc)
+        diff = values - mean[:, col : col + d].to(acc)
         parts.append((diff * diff).sum())
         if need_grad:
-            grad[n * col:n * (col + d)].view(n, d).scatter_(0, rows, diff * gw[i])
+            grad[n * col : n * (col + d)].view(n, d).scatter_(0, rows, diff * gw[i])
         col += d
     per_layer = torch.stack(parts).add_(var_sum.to(acc)).mul_(weight.to(acc))
     return per_layer.sum() * total_scale, per_layer, grad

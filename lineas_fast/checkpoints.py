@@ -1,6 +1,7 @@
 """Training checkpoints: what a run writes every ``checkpoint_every`` steps and on SIGINT/SIGTERM,
 what it must match to be resumed (model, data, settings), and the signal handling that saves
 before acting on the signal."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,10 @@ def check_checkpoint_path(path) -> None:
         return
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise IsADirectoryError(f"checkpoint_path {path!r} is a folder; give a file name such as "
-                                f"{os.path.join(path, 'checkpoint.pt')!r}")
+        raise IsADirectoryError(
+            f"checkpoint_path {path!r} is a folder; give a file name such as "
+            f"{os.path.join(path, 'checkpoint.pt')!r}"
+        )
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -74,23 +77,31 @@ def run_identity(steered, source, target, control) -> dict:
             reading[key] = value if isinstance(value, (int, float, str, type(None))) else str(value)
     if getattr(steered, "shared_noise", False):
         reading["shared_noise"] = True
-    return {"model": {**steered.fingerprint(), "weights_sample_sha256": _weights_sample(steered.root)},
-            "data": {"source": _texts_digest(source), "target": _texts_digest(target),
-                     "control": _texts_digest(control)},
-            "reading": reading}
+    return {
+        "model": {**steered.fingerprint(), "weights_sample_sha256": _weights_sample(steered.root)},
+        "data": {
+            "source": _texts_digest(source),
+            "target": _texts_digest(target),
+            "control": _texts_digest(control),
+        },
+        "reading": reading,
+    }
 
 
 def check_finite(maps, gates, done: int, path) -> None:
     """Trained maps (and gates) must be finite: a NaN/Inf map is never returned or saved."""
+
     def finite(*ts):
         return all(bool(torch.isfinite(t.detach()).all()) for t in ts)
+
     bad = [m for m, (om, b) in maps.items() if not finite(om, b)]
     bad += [f"{m} (gate)" for m, g in gates.items() if not finite(g["w"], g["c"])]
     if bad:
         kept = f"; the last checkpoint {os.fspath(path)!r} is left as it was" if path else ""
         raise TrainingDivergedError(
             f"the trained maps are not finite (NaN or Inf) after step {done} at {len(bad)} "
-            f"module(s): {bad[:5]}; lower the learning rate or use autocast_dtype=None{kept}")
+            f"module(s): {bad[:5]}; lower the learning rate or use autocast_dtype=None{kept}"
+        )
 
 
 def save_checkpoint(path, step, cfg, identity, maps, gates, opt, sched, gen, history):
@@ -98,23 +109,33 @@ def save_checkpoint(path, step, cfg, identity, maps, gates, opt, sched, gen, his
     must match to be resumed; written atomically (the old checkpoint stays until the new one is
     complete). Non-finite maps are refused (TrainingDivergedError), the old checkpoint kept."""
     from ._version import __version__
+
     check_finite(maps, gates, step, path)
-    state = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-             "library_version": __version__, "step": step, "config": asdict(cfg), **identity,
-             "maps": {m: (om.detach().cpu(), b.detach().cpu()) for m, (om, b) in maps.items()},
-             "gates": {m: (g["w"].detach().cpu(), g["c"].detach().cpu()) for m, g in gates.items()},
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "generator": gen.get_state(), "history": [asdict(r) for r in history]}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "library_version": __version__,
+        "step": step,
+        "config": asdict(cfg),
+        **identity,
+        "maps": {m: (om.detach().cpu(), b.detach().cpu()) for m, (om, b) in maps.items()},
+        "gates": {m: (g["w"].detach().cpu(), g["c"].detach().cpu()) for m, g in gates.items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+        "history": [asdict(r) for r in history],
+    }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def _what_it_is(path: str) -> str:
     """A hint on what a file that is not a checkpoint looks like."""
-    return {"empty": "the file is empty",
-            "safetensors": "it is a safetensors file, e.g. a steering written by Steering.save; "
-                           "resume_from takes the file train wrote to checkpoint_path",
-            }.get(file_kind(path), "")
+    return {
+        "empty": "the file is empty",
+        "safetensors": "it is a safetensors file, e.g. a steering written by Steering.save; "
+        "resume_from takes the file train wrote to checkpoint_path",
+    }.get(file_kind(path), "")
 
 
 def _differences(state: dict, cfg, identity: dict, names: list[str]) -> list[str]:
@@ -124,10 +145,16 @@ def _differences(state: dict, cfg, identity: dict, names: list[str]) -> list[str
         if was.get(k) != now.get(k):
             diffs.append(f"setting {k}: saved {was.get(k)!r}, now {now.get(k)!r}")
     sm, nm = state.get("model") or {}, identity["model"]
-    labels = {"model_type": "model_type", "shapes_sha256": "parameter names/shapes (sha256)",
-              "weights_sample_sha256": "weights sample (sha256; other weights or dtype)"}
-    parts = [f"{label} saved {sm.get(k)!r}, now {nm.get(k)!r}" for k, label in labels.items()
-             if sm.get(k) != nm.get(k)]
+    labels = {
+        "model_type": "model_type",
+        "shapes_sha256": "parameter names/shapes (sha256)",
+        "weights_sample_sha256": "weights sample (sha256; other weights or dtype)",
+    }
+    parts = [
+        f"{label} saved {sm.get(k)!r}, now {nm.get(k)!r}"
+        for k, label in labels.items()
+        if sm.get(k) != nm.get(k)
+    ]
     if parts:
         names_or_paths = (sm.get("name_or_path") or "", nm.get("name_or_path") or "")
         where = f" (saved {names_or_paths[0]!r}, now {names_or_paths[1]!r})" if any(names_or_paths) else ""
@@ -137,21 +164,24 @@ def _differences(state: dict, cfg, identity: dict, names: list[str]) -> list[str
     for role, digest in identity["data"].items():
         old = saved_data.get(role)
         if old != digest:
+
             def show(d):
                 return "none" if d is None else f"{d['count']} (sha256 {d['sha256'][:12]})"
+
             diffs.append(f"{role} {what}: saved {show(old)}, now {show(digest)}")
     saved_reading = state.get("reading") or {}
     for k in dict.fromkeys([*identity["reading"], *saved_reading]):
         if any(d.startswith(f"setting {k}:") for d in diffs):
-            continue                                     # the same value, listed as a setting
+            continue  # the same value, listed as a setting
         if saved_reading.get(k) != identity["reading"].get(k):
-            diffs.append(f"reading {k}: saved {saved_reading.get(k)!r}, now "
-                         f"{identity['reading'].get(k)!r}")
+            diffs.append(f"reading {k}: saved {saved_reading.get(k)!r}, now {identity['reading'].get(k)!r}")
     saved_mods = list(state.get("maps") or {})
     if set(saved_mods) != set(names):
         extra, missing = sorted(set(saved_mods) - set(names)), sorted(set(names) - set(saved_mods))
-        diffs.append(f"modules: {len(saved_mods)} saved, {len(names)} now (only saved: "
-                     f"{extra[:3]}, only now: {missing[:3]})")
+        diffs.append(
+            f"modules: {len(saved_mods)} saved, {len(names)} now (only saved: "
+            f"{extra[:3]}, only now: {missing[:3]})"
+        )
     return diffs
 
 
@@ -163,31 +193,43 @@ def load_checkpoint(path, cfg, identity: dict, names: list[str]) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} (resume_from) does not exist")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"resume_from {path!r} is a folder; give the checkpoint file "
-                                f"written to checkpoint_path")
+        raise IsADirectoryError(
+            f"resume_from {path!r} is a folder; give the checkpoint file written to checkpoint_path"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                   # noqa: BLE001 (any unreadable file)
+    except Exception as e:  # noqa: BLE001 (any unreadable file)
         first = (str(e).strip().splitlines() or [""])[0][:160]
         hint = _what_it_is(path)
-        raise ValueError(f"{path!r} is not a lineas_fast training checkpoint "
-                         f"({hint + '; ' if hint else ''}torch.load failed: "
-                         f"{type(e).__name__}: {first})") from None
+        raise ValueError(
+            f"{path!r} is not a lineas_fast training checkpoint "
+            f"({hint + '; ' if hint else ''}torch.load failed: "
+            f"{type(e).__name__}: {first})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        hint = _what_it_is(path) or (f"no {CHECKPOINT_FORMAT!r} marker: another kind of file, "
-                                     f"or a checkpoint from an older lineas_fast")
+        hint = _what_it_is(path) or (
+            f"no {CHECKPOINT_FORMAT!r} marker: another kind of file, "
+            f"or a checkpoint from an older lineas_fast"
+        )
         raise ValueError(f"{path!r} is not a lineas_fast training checkpoint ({hint})")
     if state.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path!r} was written by a newer lineas_fast "
-                         f"({state.get('library_version')}); upgrade to resume it")
-    missing = [k for k in ("step", "maps", "gates", "optimizer", "scheduler", "generator",
-                           "history") if k not in state]
+        raise ValueError(
+            f"checkpoint {path!r} was written by a newer lineas_fast "
+            f"({state.get('library_version')}); upgrade to resume it"
+        )
+    missing = [
+        k
+        for k in ("step", "maps", "gates", "optimizer", "scheduler", "generator", "history")
+        if k not in state
+    ]
     if missing:
         raise ValueError(f"checkpoint {path!r} is damaged: {missing} missing")
     diffs = _differences(state, cfg, identity, names)
     if diffs:
-        raise ValueError(f"cannot resume from {path!r}: it was written with other settings, "
-                         f"model or data ({len(diffs)} difference(s)):\n  - " + "\n  - ".join(diffs))
+        raise ValueError(
+            f"cannot resume from {path!r}: it was written with other settings, "
+            f"model or data ({len(diffs)} difference(s)):\n  - " + "\n  - ".join(diffs)
+        )
     return state
 
 
@@ -256,8 +298,8 @@ class SaveOnSignal:
     def _act(self, signum) -> None:
         self.armed = False
         self._restore()
-        signal.raise_signal(signum)              # the previous handler (or default action) runs
-        if signum == signal.SIGINT:              # it returned: training stops anyway
+        signal.raise_signal(signum)  # the previous handler (or default action) runs
+        if signum == signal.SIGINT:  # it returned: training stops anyway
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 

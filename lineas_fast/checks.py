@@ -1,13 +1,15 @@
 """Argument checks shared by the public entry points: each error names the argument, the value
 and what is expected, and is raised before any compute is spent."""
+
 from __future__ import annotations
 
 import math
 import numbers
 
 
-def number(value, name: str, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False) -> float:
+def number(
+    value, name: str, *, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
     """``value`` as a finite float in [low, high] (or (low, high] with ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
@@ -39,6 +41,7 @@ def choice(value, name: str, options) -> str:
 def finite_tensors(what: str, **tensors) -> None:
     """Every tensor finite (one host sync per call: for set-up, never per step)."""
     import torch
+
     bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"{what}: {', '.join(bad)} not finite (NaN or Inf)")

@@ -19,6 +19,7 @@ Sentence files (``read_sentences``) are read by their content, whatever their ex
 Files must be UTF-8 (a BOM is allowed; an invalid byte is reported with its offset), hold no
 NUL byte and at least one sentence; an empty sentence in a JSON file is an error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def _range_text(low, high, low_open):
     def show(v):
         return str(v) if isinstance(v, int) else f"{v:g}"
+
     parts = []
     if low is not None:
         parts.append(f"{'>' if low_open else '>='} {show(low)}")
@@ -64,35 +66,45 @@ def _range_text(low, high, low_open):
 
 def real(low: float | None = None, high: float | None = None, low_open: bool = False):
     """argparse type: a finite float in the range (NaN and Inf are refused)."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid float value: {text!r} (expected a "
-                                             f"number{_range_text(low, high, low_open)})") from None
-        bad = not math.isfinite(value) or (low is not None and (value <= low if low_open
-                                                                 else value < low)) \
+            raise argparse.ArgumentTypeError(
+                f"invalid float value: {text!r} (expected a number{_range_text(low, high, low_open)})"
+            ) from None
+        bad = (
+            not math.isfinite(value)
+            or (low is not None and (value <= low if low_open else value < low))
             or (high is not None and value > high)
+        )
         if bad:
-            raise argparse.ArgumentTypeError(f"expected a finite number"
-                                             f"{_range_text(low, high, low_open)}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number{_range_text(low, high, low_open)}, got {text!r}"
+            )
         return value
+
     parse.__name__ = "float"
     return parse
 
 
 def integer(low: int | None = None, high: int | None = None):
     """argparse type: an integer in [low, high]."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (expected an "
-                                             f"integer{_range_text(low, high, False)})") from None
+            raise argparse.ArgumentTypeError(
+                f"invalid int value: {text!r} (expected an integer{_range_text(low, high, False)})"
+            ) from None
         if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected an integer"
-                                             f"{_range_text(low, high, False)}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected an integer{_range_text(low, high, False)}, got {text!r}"
+            )
         return value
+
     parse.__name__ = "int"
     return parse
 
@@ -102,7 +114,9 @@ def nonblank(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError(f"expected a non-empty text, got {value!r}")
     return value
-SEED = integer(0, 2 ** 63 - 1)
+
+
+SEED = integer(0, 2**63 - 1)
 
 
 def regex(value: str) -> str:
@@ -136,8 +150,7 @@ def _writable_ancestor(path: str, flag: str) -> None:
         raise CLIError(f"{flag} {path!r}: cannot write in folder {p!r} (permission denied)")
 
 
-def check_output_file(path: str, flag: str, inputs: dict | None = None,
-                      suffix: str | None = None) -> None:
+def check_output_file(path: str, flag: str, inputs: dict | None = None, suffix: str | None = None) -> None:
     """``path`` can be written as a file: not a folder, under a writable folder, not one of the
     ``inputs`` ({flag: path}) and, when given, ending in ``suffix``."""
     if not path or not path.strip():
@@ -154,8 +167,9 @@ def check_output_file(path: str, flag: str, inputs: dict | None = None,
         raise CLIError(f"{flag} {path!r} exists and is not a regular file")
 
 
-def check_output_dir(path: str, flag: str, overwrite: bool | None = None,
-                     inputs: dict | None = None, inside: bool = False) -> None:
+def check_output_dir(
+    path: str, flag: str, overwrite: bool | None = None, inputs: dict | None = None, inside: bool = False
+) -> None:
     """``path`` can be written as a folder: not a file; when ``overwrite`` is False an existing
     folder must be empty; it holds none of the ``inputs``; its parent (``inside``: the folder
     itself when it exists) is writable."""
@@ -168,8 +182,7 @@ def check_output_dir(path: str, flag: str, overwrite: bool | None = None,
     real_out = os.path.realpath(path)
     for other, value in (inputs or {}).items():
         if value and (os.path.realpath(value) + os.sep).startswith(real_out + os.sep):
-            raise CLIError(f"{flag} {path!r} holds {other} {value!r}: writing it would delete "
-                           f"that input")
+            raise CLIError(f"{flag} {path!r} holds {other} {value!r}: writing it would delete that input")
     if inside and os.path.isdir(path):
         if not os.access(path, os.W_OK | os.X_OK):
             raise CLIError(f"{flag} {path!r}: cannot write in this folder (permission denied)")
@@ -201,16 +214,17 @@ def read_text(path: str, flag: str) -> str:
         raise CLIError(f"{flag} file {path!r} cannot be read ({e.strerror or e})") from None
     nul = raw.find(b"\x00")
     if nul >= 0:
-        raise CLIError(f"{flag} file {path!r} holds a NUL byte at offset {nul}: a binary file, not "
-                       f"sentences")
+        raise CLIError(f"{flag} file {path!r} holds a NUL byte at offset {nul}: a binary file, not sentences")
     skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         data = raw[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
         at = skip + e.start
         line = raw[:at].count(b"\n") + 1
-        raise CLIError(f"{flag} file {path!r} is not UTF-8 text: byte 0x{raw[at]:02x} at offset "
-                       f"{at} (line {line}) ({e.reason}); save it as UTF-8") from None
+        raise CLIError(
+            f"{flag} file {path!r} is not UTF-8 text: byte 0x{raw[at]:02x} at offset "
+            f"{at} (line {line}) ({e.reason}); save it as UTF-8"
+        ) from None
     return data
 
 
@@ -221,11 +235,12 @@ def _record(value, where: str) -> str:
     """The sentence of one JSON item, or a CLIError saying why it is not one."""
     if isinstance(value, dict):
         if "text" not in value:
-            raise CLIError(f"{where}: JSON object without a \"text\" field (keys "
-                           f"{sorted(value)[:5]}); expected {_RECORD}")
+            raise CLIError(
+                f'{where}: JSON object without a "text" field (keys {sorted(value)[:5]}); expected {_RECORD}'
+            )
         value = value["text"]
         if not isinstance(value, str):
-            raise CLIError(f"{where}: \"text\" is {type(value).__name__}, not a string")
+            raise CLIError(f'{where}: "text" is {type(value).__name__}, not a string')
     elif not isinstance(value, str):
         raise CLIError(f"{where}: JSON {type(value).__name__}; expected {_RECORD}")
     if not value.strip():
@@ -261,11 +276,14 @@ def read_sentences(path: str, flag: str) -> list[str]:
                     raise CLIError(f"{flag} file {path!r} holds an empty JSON array")
                 return texts
         elif isinstance(whole, dict):
-            raise CLIError(f"{flag} file {path!r} holds one JSON object; expected a JSON array "
-                           f"of sentences, JSON lines or plain text")
+            raise CLIError(
+                f"{flag} file {path!r} holds one JSON object; expected a JSON array "
+                f"of sentences, JSON lines or plain text"
+            )
         elif body[0] == "[" and ext == ".json":
-            raise CLIError(f"{flag} {path}:{whole.lineno}: not valid JSON ({whole.msg}, column "
-                           f"{whole.colno})")
+            raise CLIError(
+                f"{flag} {path}:{whole.lineno}: not valid JSON ({whole.msg}, column {whole.colno})"
+            )
     parsed = []
     for i, line in lines:
         try:
@@ -276,20 +294,27 @@ def read_sentences(path: str, flag: str) -> list[str]:
         return [_record(v, f"{flag} {path}:{i}") for i, _, v, _ in parsed]
     objects = [i for i, _, v, err in parsed if err is None and isinstance(v, dict)]
     if json_name or objects:
-        why = (f"the file is named {ext}" if json_name
-               else f"line {objects[0]} is a JSON object, so the file is read as JSON lines")
+        why = (
+            f"the file is named {ext}"
+            if json_name
+            else f"line {objects[0]} is a JSON object, so the file is read as JSON lines"
+        )
         for i, line, v, err in parsed:
             if err is not None:
-                raise CLIError(f"{flag} {path}:{i}: not valid JSON ({err.msg}, column {err.colno}) "
-                               f"in {line[:40]!r}; expected {_RECORD} per line ({why})")
+                raise CLIError(
+                    f"{flag} {path}:{i}: not valid JSON ({err.msg}, column {err.colno}) "
+                    f"in {line[:40]!r}; expected {_RECORD} per line ({why})"
+                )
             _record(v, f"{flag} {path}:{i}")
     return [line for _, line, _, _ in parsed]
 
 
 # --- models, pipelines, steerings, checkpoints ----------------------------------------------------
 # kind: (the file that marks its folder, what the folder is, how "does not exist" names it)
-_FOLDERS = {"model": ("config.json", "transformers model", "transformers model"),
-            "pipeline": ("model_index.json", "diffusers pipeline", "diffusers")}
+_FOLDERS = {
+    "model": ("config.json", "transformers model", "transformers model"),
+    "pipeline": ("model_index.json", "diffusers pipeline", "diffusers"),
+}
 
 
 def _check_folder(path: str, flag: str, kind: str) -> None:
@@ -299,8 +324,7 @@ def _check_folder(path: str, flag: str, kind: str) -> None:
     if not path:
         raise CLIError(f"{flag}: expected a folder path, got ''")
     if not os.path.exists(path):
-        raise CLIError(f"{flag} folder {path!r} does not exist (expected a local {expected} "
-                       f"folder)")
+        raise CLIError(f"{flag} folder {path!r} does not exist (expected a local {expected} folder)")
     if not os.path.isdir(path):
         raise CLIError(f"{flag} {path!r} is a file; expected a local {what} folder")
     if not os.path.isfile(os.path.join(path, marker)):
@@ -323,8 +347,9 @@ def model_or_pipeline(args) -> str:
     """Which of --model / --pipeline was given (exactly one), its folder checked."""
     if (args.model is None) == (args.pipeline is None):
         given = "neither" if args.model is None else "both"
-        raise CLIError(f"give exactly one of --model DIR (a causal LM) or --pipeline DIR "
-                       f"(diffusers); got {given}")
+        raise CLIError(
+            f"give exactly one of --model DIR (a causal LM) or --pipeline DIR (diffusers); got {given}"
+        )
     if args.pipeline is not None:
         check_pipeline_dir(args.pipeline)
         return "pipeline"
@@ -336,11 +361,13 @@ def model_positions(path: str, flag: str = "--model") -> int | None:
     """The model's max_position_embeddings from its config (no weights read), None if unset."""
     try:
         from transformers import AutoConfig
+
         with quiet_loading():
             cfg = AutoConfig.from_pretrained(path)
-    except Exception as e:           # noqa: BLE001 -- a broken config.json is the user's file
-        raise CLIError(f"{flag} {path!r}: cannot read its config.json "
-                       f"({type(e).__name__}: {one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 -- a broken config.json is the user's file
+        raise CLIError(
+            f"{flag} {path!r}: cannot read its config.json ({type(e).__name__}: {one_line(e)})"
+        ) from None
     positions = getattr(cfg, "max_position_embeddings", None)
     return positions if isinstance(positions, int) and positions > 0 else None
 
@@ -369,6 +396,7 @@ def quiet_loading():
     optional backend not installed) and Python warnings silenced, and their progress bars off
     unless stderr is a terminal, so a failing command's stderr is its one error line."""
     import warnings
+
     undo = []
     for name in ("transformers", "diffusers"):
         try:
@@ -393,25 +421,30 @@ def quiet_loading():
 def load_tokenizer(path: str, flag: str = "--model"):
     try:
         from transformers import AutoTokenizer
+
         with quiet_loading():
             return AutoTokenizer.from_pretrained(path)
-    except Exception as e:           # noqa: BLE001 -- a broken folder is the user's input
-        raise CLIError(f"{flag} {path!r}: cannot load its tokenizer "
-                       f"({type(e).__name__}: {one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
+        raise CLIError(
+            f"{flag} {path!r}: cannot load its tokenizer ({type(e).__name__}: {one_line(e)})"
+        ) from None
 
 
 def load_model(path: str, dtype: str = "float32", tokenizer=None):
     """(model, tokenizer) from a local transformers causal LM folder."""
     import torch
+
     check_model_dir(path)
     tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     try:
         from transformers import AutoModelForCausalLM
+
         with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except Exception as e:           # noqa: BLE001 -- a broken folder is the user's input
-        raise CLIError(f"--model {path!r}: cannot load a causal LM from it "
-                       f"({type(e).__name__}: {one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
+        raise CLIError(
+            f"--model {path!r}: cannot load a causal LM from it ({type(e).__name__}: {one_line(e)})"
+        ) from None
     model.eval()
     return model, tok
 
@@ -425,12 +458,16 @@ def load_pipeline(path: str):
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(path)
-    except Exception as e:           # noqa: BLE001 -- a broken folder is the user's input
-        raise CLIError(f"--pipeline {path!r}: cannot load a diffusers pipeline from it "
-                       f"({type(e).__name__}: {one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
+        raise CLIError(
+            f"--pipeline {path!r}: cannot load a diffusers pipeline from it "
+            f"({type(e).__name__}: {one_line(e)})"
+        ) from None
     if not hasattr(pipe, "unet") or not hasattr(pipe, "components"):
-        raise CLIError(f"--pipeline {path!r}: {type(pipe).__name__} has no UNet; expected a "
-                       f"text-to-image pipeline (Stable Diffusion, SDXL)")
+        raise CLIError(
+            f"--pipeline {path!r}: {type(pipe).__name__} has no UNet; expected a "
+            f"text-to-image pipeline (Stable Diffusion, SDXL)"
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -446,24 +483,27 @@ def load_steering(path: str, flag: str = "--steering"):
     """A steering file (read before any model, so a bad one fails fast). Any failure to parse
     the file, or metadata of the wrong shape, is the file's problem: a CLIError naming it."""
     import lineas_fast as lf
+
     check_input_file(path, flag)
     try:
         from safetensors import SafetensorError
-    except ImportError:              # pragma: no cover
+    except ImportError:  # pragma: no cover
         SafetensorError = ValueError
     try:
         steering = lf.Steering.load(path)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError,
-            SafetensorError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError, SafetensorError) as e:
         msg = one_line(e)
         if path in msg:
             raise CLIError(f"{flag}: {msg}") from None
-        raise CLIError(f"{flag} {path!r} is not a valid lineas_fast steering file "
-                       f"({type(e).__name__}: {msg})") from None
+        raise CLIError(
+            f"{flag} {path!r} is not a valid lineas_fast steering file ({type(e).__name__}: {msg})"
+        ) from None
     model = steering.metadata.get("model")
     if model is not None and not isinstance(model, dict):
-        raise CLIError(f"{flag} {path!r} has malformed metadata: \"model\" is "
-                       f"{type(model).__name__}, expected an object (the model fingerprint)")
+        raise CLIError(
+            f'{flag} {path!r} has malformed metadata: "model" is '
+            f"{type(model).__name__}, expected an object (the model fingerprint)"
+        )
     return steering
 
 
@@ -471,9 +511,10 @@ CHECKPOINT_KEYS = ("step", "maps", "optimizer", "scheduler", "generator", "histo
 
 
 def _looks_like(path: str) -> str:
-    return {"empty": "the file is empty; ",
-            "safetensors": "it is a safetensors file, e.g. a steering written by --out; "
-            }.get(file_kind(path), "")
+    return {
+        "empty": "the file is empty; ",
+        "safetensors": "it is a safetensors file, e.g. a steering written by --out; ",
+    }.get(file_kind(path), "")
 
 
 def check_checkpoint(path: str, flag: str = "--resume", config: dict | None = None) -> None:
@@ -482,30 +523,38 @@ def check_checkpoint(path: str, flag: str = "--resume", config: dict | None = No
     data) before training."""
     check_input_file(path, flag)
     import torch
+
     expected = "expected the file written by `lineas-fast train --checkpoint`"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:           # noqa: BLE001 -- any unreadable file is the user's input
-        raise CLIError(f"{flag} {path!r} is not a lineas-fast training checkpoint "
-                       f"({_looks_like(path)}torch.load failed: {type(e).__name__}; "
-                       f"{expected})") from None
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
+        raise CLIError(
+            f"{flag} {path!r} is not a lineas-fast training checkpoint "
+            f"({_looks_like(path)}torch.load failed: {type(e).__name__}; "
+            f"{expected})"
+        ) from None
     try:
         from .trainer import CHECKPOINT_FORMAT
     except ImportError:
         CHECKPOINT_FORMAT = None
-    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or (
-            CHECKPOINT_FORMAT and state.get("format") != CHECKPOINT_FORMAT):
-        raise CLIError(f"{flag} {path!r} is not a lineas-fast training checkpoint "
-                       f"({_looks_like(path)}{expected})")
+    if (
+        not isinstance(state, dict)
+        or any(k not in state for k in CHECKPOINT_KEYS)
+        or (CHECKPOINT_FORMAT and state.get("format") != CHECKPOINT_FORMAT)
+    ):
+        raise CLIError(
+            f"{flag} {path!r} is not a lineas-fast training checkpoint ({_looks_like(path)}{expected})"
+        )
     saved = state.get("config")
     if config is not None and isinstance(saved, dict):
-        diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
-                if saved.get(k) != v]
+        diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items() if saved.get(k) != v]
         if diff:
             more = f"; {len(diff) - 4} more" if len(diff) > 4 else ""
-            raise CLIError(f"{flag} {path!r} was written with other settings "
-                           f"({'; '.join(diff[:4])}{more}); "
-                           f"resume with the arguments of that run")
+            raise CLIError(
+                f"{flag} {path!r} was written with other settings "
+                f"({'; '.join(diff[:4])}{more}); "
+                f"resume with the arguments of that run"
+            )
 
 
 def name_flags(message: str, flags: dict) -> str:
@@ -528,5 +577,7 @@ def fits(steering, model, args, flag: str = "--model") -> None:
     try:
         steering.validate(model, strict=not getattr(args, "no_strict", False))
     except (ValueError, TypeError) as e:
-        raise CLIError(f"--steering {args.steering!r} does not fit {flag} "
-                       f"{getattr(args, flag[2:])!r}: {name_flags(e, {})}") from None
+        raise CLIError(
+            f"--steering {args.steering!r} does not fit {flag} "
+            f"{getattr(args, flag[2:])!r}: {name_flags(e, {})}"
+        ) from None

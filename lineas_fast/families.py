@@ -23,6 +23,7 @@ Fields of ``Family``:
   fused     fused Linear (relative to the layer) → the equivalent class's Linears it splits
             into, in row order
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Optional
 
 from torch import nn
 
-ALWAYS = "always"          # the group's Linears always have a bias (no flag needed)
+ALWAYS = "always"  # the group's Linears always have a bias (no flag needed)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Family:
 class NormSpec:
     """How one norm computes its output: kind ("layernorm" | "rms" | "rms_offset"), casting
     ("input" | "float32", see above) and the attribute holding ε (None for LayerNorm)."""
+
     kind: str
     casting: str = "input"
     eps: Optional[str] = None
@@ -93,26 +95,40 @@ _GEMMA = dict(norm="rms_offset", casting="float32", eps="eps")
 _GEMMA_POST = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family(**_LLAMA, readers=_PRE_NORMS,
-                    bias={**_ATTN_FLAG, "mlp": ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))}),
-    "qwen2": Family(**_LLAMA, readers=_PRE_NORMS,
-                    bias={"self_attn": (ALWAYS, ("q_proj", "k_proj", "v_proj"))},
-                    equivalent=("llama", _qwen2_as_llama)),
+    "llama": Family(
+        **_LLAMA,
+        readers=_PRE_NORMS,
+        bias={**_ATTN_FLAG, "mlp": ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))},
+    ),
+    "qwen2": Family(
+        **_LLAMA,
+        readers=_PRE_NORMS,
+        bias={"self_attn": (ALWAYS, ("q_proj", "k_proj", "v_proj"))},
+        equivalent=("llama", _qwen2_as_llama),
+    ),
     "mistral": Family(**_LLAMA, readers=_PRE_NORMS, equivalent=("llama", _no_sliding_window)),
     "qwen3": Family(**_LLAMA, readers=_PRE_NORMS, bias=_ATTN_FLAG, rotary=("q_norm", "k_norm")),
-    "phi3": Family(**_LLAMA, readers={"input_layernorm": ("self_attn", ("qkv_proj",)),
-                                      "post_attention_layernorm": ("mlp", ("gate_up_proj",))},
-                   equivalent=("llama", _phi3_as_llama),
-                   fused={"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}),
+    "phi3": Family(
+        **_LLAMA,
+        readers={
+            "input_layernorm": ("self_attn", ("qkv_proj",)),
+            "post_attention_layernorm": ("mlp", ("gate_up_proj",)),
+        },
+        equivalent=("llama", _phi3_as_llama),
+        fused={
+            "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+        },
+    ),
     "gemma": Family(**_GEMMA, readers=_PRE_NORMS, bias=_ATTN_FLAG),
     "gemma2": Family(**_GEMMA, readers=_GEMMA2_NORMS, bias=_ATTN_FLAG, residual=_GEMMA_POST),
-    "gemma3_text": Family(**_GEMMA, readers=_GEMMA2_NORMS, bias=_ATTN_FLAG, residual=_GEMMA_POST,
-                          rotary=("q_norm", "k_norm")),
+    "gemma3_text": Family(
+        **_GEMMA, readers=_GEMMA2_NORMS, bias=_ATTN_FLAG, residual=_GEMMA_POST, rotary=("q_norm", "k_norm")
+    ),
 }
-FAMILIES["gemma3"] = FAMILIES["gemma3_text"]     # the multimodal wrapper's text stack
+FAMILIES["gemma3"] = FAMILIES["gemma3_text"]  # the multimodal wrapper's text stack
 
-EPS_NAMES = ("variance_epsilon", "eps", "epsilon")      # how an RMSNorm-like module is recognised
+EPS_NAMES = ("variance_epsilon", "eps", "epsilon")  # how an RMSNorm-like module is recognised
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -125,9 +141,8 @@ def owner_of(name: str, named: dict[str, nn.Module]) -> tuple[str, nn.Module | N
     causal LM for its layers; a multimodal model's text stack for its own). (name, module), or
     ("", None) when no enclosing module has a model_type."""
     parts = name.split(".")
-    chain = [".".join(parts[:i]) for i in range(len(parts))]        # "", "model", ...
-    cfg = next((named[p].config for p in reversed(chain)
-                if p in named and model_type_of(named[p])), None)
+    chain = [".".join(parts[:i]) for i in range(len(parts))]  # "", "model", ...
+    cfg = next((named[p].config for p in reversed(chain) if p in named and model_type_of(named[p])), None)
     if cfg is None:
         return "", None
     owner = next(p for p in chain if p in named and getattr(named[p], "config", None) is cfg)
@@ -140,25 +155,36 @@ def norm_spec(mod: nn.Module, model_type: str) -> tuple[NormSpec | None, str | N
         if getattr(mod, "weight", None) is None:
             return None, f"{type(mod).__name__} without an affine weight: nothing to fold into"
         return NormSpec("layernorm"), None
-    if isinstance(mod, getattr(nn, "RMSNorm", ())):          # torch.nn.RMSNorm: x̂ cast first
+    if isinstance(mod, getattr(nn, "RMSNorm", ())):  # torch.nn.RMSNorm: x̂ cast first
         if mod.weight is None:
             return None, "RMSNorm without an affine weight: nothing to fold into"
         return NormSpec("rms", "input", "eps"), None
     w = getattr(mod, "weight", None)
-    rms_like = (isinstance(w, nn.Parameter) and w.ndim == 1 and getattr(mod, "bias", None) is None
-                and not list(mod.children()) and any(hasattr(mod, e) for e in EPS_NAMES))
+    rms_like = (
+        isinstance(w, nn.Parameter)
+        and w.ndim == 1
+        and getattr(mod, "bias", None) is None
+        and not list(mod.children())
+        and any(hasattr(mod, e) for e in EPS_NAMES)
+    )
     if not rms_like:
-        return None, (f"{type(mod).__name__} is not a normalization with an affine weight "
-                      f"(LayerNorm, GroupNorm, RMSNorm): nothing to fold into")
+        return None, (
+            f"{type(mod).__name__} is not a normalization with an affine weight "
+            f"(LayerNorm, GroupNorm, RMSNorm): nothing to fold into"
+        )
     fam = FAMILIES.get(model_type)
     if fam is None:
-        return None, (f"{type(mod).__name__} looks like an RMSNorm, but model type "
-                      f"{model_type or '(none)'!r} is not in lineas_fast.families.FAMILIES, so "
-                      f"its formula (offset, casting) is unknown; add the family to the table")
+        return None, (
+            f"{type(mod).__name__} looks like an RMSNorm, but model type "
+            f"{model_type or '(none)'!r} is not in lineas_fast.families.FAMILIES, so "
+            f"its formula (offset, casting) is unknown; add the family to the table"
+        )
     if not hasattr(mod, fam.eps):
-        return None, (f"{type(mod).__name__} has no {fam.eps!r} attribute, so it is not "
-                      f"{model_type}'s RMSNorm (lineas_fast.families.FAMILIES); its formula is "
-                      f"unknown")
+        return None, (
+            f"{type(mod).__name__} has no {fam.eps!r} attribute, so it is not "
+            f"{model_type}'s RMSNorm (lineas_fast.families.FAMILIES); its formula is "
+            f"unknown"
+        )
     return NormSpec(fam.norm, fam.casting, fam.eps), None
 
 

@@ -6,6 +6,7 @@ synchronisation, for callers (the steering hooks) that prepared the coefficients
 Triton kernel modules are imported on the first call that runs them, so this module imports
 where Triton is not installed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,7 +25,8 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.lru_cache(maxsize=None)
 def _gated_max_d() -> int:
-    from .kernels.gated_steer import MAX_D          # imports Triton: only on the kernel path
+    from .kernels.gated_steer import MAX_D  # imports Triton: only on the kernel path
+
     return MAX_D
 
 
@@ -32,8 +34,10 @@ def check_param_shapes(d: int, where: str, **params) -> None:
     """Each named parameter must be a (d,) tensor; the error names it and ``where`` d comes from."""
     for name, p in params.items():
         if not isinstance(p, torch.Tensor) or p.shape != (d,):
-            raise ValueError(f"{name} must have shape ({d},) to match {where}, got "
-                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+            raise ValueError(
+                f"{name} must have shape ({d},) to match {where}, got "
+                f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}"
+            )
 
 
 def map_coefficients(omega: torch.Tensor, bias: torch.Tensor, inverse: bool = False):
@@ -44,8 +48,7 @@ def map_coefficients(omega: torch.Tensor, bias: torch.Tensor, inverse: bool = Fa
     if inverse:
         if bool((omega == 0).any()):
             zeros = torch.nonzero(omega == 0).flatten()[:8].tolist()
-            raise ValueError(f"inverse map needs omega != 0 everywhere; omega is 0 at coordinates "
-                             f"{zeros}")
+            raise ValueError(f"inverse map needs omega != 0 everywhere; omega is 0 at coordinates {zeros}")
         return 1.0 / omega - 1.0, -bias / omega
     return omega - 1.0, bias
 
@@ -57,26 +60,38 @@ def token_strength(strength: torch.Tensor, z_shape: torch.Size, channel_dim: int
     over z's leading token axes (left-aligned, e.g. (B,) or (B, T) for z (B, T, d); (B,) or
     (B, H, W) for z (B, C, H, W)), each axis of size 1 or equal to z's.
     """
-    tok_shape = list(z_shape[:channel_dim]) + list(z_shape[channel_dim + 1:])
+    tok_shape = list(z_shape[:channel_dim]) + list(z_shape[channel_dim + 1 :])
     s = strength
     if s.ndim == len(z_shape):
         if s.shape[channel_dim] != 1:
-            raise ValueError(f"strength of shape {tuple(s.shape)} must have size 1 at channel_dim "
-                             f"{channel_dim} for z of shape {tuple(z_shape)}")
+            raise ValueError(
+                f"strength of shape {tuple(s.shape)} must have size 1 at channel_dim "
+                f"{channel_dim} for z of shape {tuple(z_shape)}"
+            )
         s = s.squeeze(channel_dim)
     elif s.ndim > len(tok_shape):
-        raise ValueError(f"strength of shape {tuple(s.shape)} has too many axes for z of shape "
-                         f"{tuple(z_shape)} (token axes {tuple(tok_shape)})")
+        raise ValueError(
+            f"strength of shape {tuple(s.shape)} has too many axes for z of shape "
+            f"{tuple(z_shape)} (token axes {tuple(tok_shape)})"
+        )
     for i, k in enumerate(s.shape):
         if k not in (1, tok_shape[i]):
-            raise ValueError(f"strength of shape {tuple(strength.shape)} does not broadcast over "
-                             f"z's token axes {tuple(tok_shape)} (axis {i}: {k} vs {tok_shape[i]})")
+            raise ValueError(
+                f"strength of shape {tuple(strength.shape)} does not broadcast over "
+                f"z's token axes {tuple(tok_shape)} (axis {i}: {k} vs {tok_shape[i]})"
+            )
     s = s.reshape(tuple(s.shape) + (1,) * (len(tok_shape) - s.ndim)).expand(tok_shape)
     return s.unsqueeze(channel_dim)
 
 
-def apply_affine(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, lam: Union[float, torch.Tensor],
-                 channel_dim: int, backend: str | None = None) -> torch.Tensor:
+def apply_affine(
+    z: torch.Tensor,
+    u: torch.Tensor,
+    b: torch.Tensor,
+    lam: Union[float, torch.Tensor],
+    channel_dim: int,
+    backend: str | None = None,
+) -> torch.Tensor:
     """y = z + λ(u⊙z + b) with no validation and no host synchronisation (the hooks' per-call path).
 
     Args:
@@ -106,9 +121,16 @@ def _channel_axis(z: torch.Tensor, channel_dim: int) -> int:
     return channel_dim % z.ndim
 
 
-def affine_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor,
-                 strength: Strength = 1.0, inverse: bool = False, channel_dim: int = -1,
-                 *, backend: str | None = None) -> torch.Tensor:
+def affine_steer(
+    z: torch.Tensor,
+    omega: torch.Tensor,
+    bias: torch.Tensor,
+    strength: Strength = 1.0,
+    inverse: bool = False,
+    channel_dim: int = -1,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Apply T(z) = ω⊙z + b with strength λ: z + λ(T(z) − z), or with T⁻¹ when ``inverse``.
 
     Args:
@@ -122,27 +144,36 @@ def affine_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor,
         y of z's shape and dtype. Gradients flow to z, omega, bias and a tensor strength.
     """
     if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-        raise TypeError(f"z must be a floating-point tensor, got "
-                        f"{getattr(z, 'dtype', type(z).__name__)}")
+        raise TypeError(f"z must be a floating-point tensor, got {getattr(z, 'dtype', type(z).__name__)}")
     if z.ndim == 0:
         raise ValueError("z must have at least one axis (the coordinates)")
     cd = _channel_axis(z, channel_dim)
     d = z.shape[cd]
-    check_param_shapes(d, f"z's axis {channel_dim} of z.shape {tuple(z.shape)}", omega=omega,
-                       bias=bias)
+    check_param_shapes(d, f"z's axis {channel_dim} of z.shape {tuple(z.shape)}", omega=omega, bias=bias)
     tensors = dict(z=z, omega=omega, bias=bias)
     if isinstance(strength, torch.Tensor):
         tensors["strength"] = strength
     check_same_device(**tensors)
     u, b = map_coefficients(omega, bias, inverse)
-    lam = (token_strength(strength, z.shape, cd) if isinstance(strength, torch.Tensor)
-           else number(strength, "strength"))
+    lam = (
+        token_strength(strength, z.shape, cd)
+        if isinstance(strength, torch.Tensor)
+        else number(strength, "strength")
+    )
     return apply_affine(z, u, b, lam, cd, backend)
 
 
-def apply_gated(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, gate_w: torch.Tensor,
-                gate_c: torch.Tensor, lam: float, relu: bool, channel_dim: int = -1,
-                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_gated(
+    z: torch.Tensor,
+    u: torch.Tensor,
+    b: torch.Tensor,
+    gate_w: torch.Tensor,
+    gate_c: torch.Tensor,
+    lam: float,
+    relu: bool,
+    channel_dim: int = -1,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated steering with no validation and no host synchronisation (the hooks' per-call path).
 
     Args:
@@ -161,20 +192,30 @@ def apply_gated(z: torch.Tensor, u: torch.Tensor, b: torch.Tensor, gate_w: torch
         y = y.movedim(-1, cd)
         return (y.contiguous() if z.is_contiguous() else y), s
     d = z.shape[-1]
-    kernel = (use_triton(z.device, backend) and z.dtype in KERNEL_DTYPES
-              and d <= _gated_max_d())
+    kernel = use_triton(z.device, backend) and z.dtype in KERNEL_DTYPES and d <= _gated_max_d()
     if kernel:
         u, b, gate_w = u.float().contiguous(), b.float().contiguous(), gate_w.float().contiguous()
         gate_c = gate_c.float()
-    y, s = gated_steer_op(z.reshape(-1, d).contiguous(), u, b, gate_w, gate_c.reshape(1),
-                          float(lam), bool(relu), kernel)
+    y, s = gated_steer_op(
+        z.reshape(-1, d).contiguous(), u, b, gate_w, gate_c.reshape(1), float(lam), bool(relu), kernel
+    )
     return y.view(z.shape), s.view(z.shape[:-1])
 
 
-def gated_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor, gate_w: torch.Tensor,
-                gate_c: torch.Tensor, strength: float = 1.0, gate: str = "sigmoid",
-                inverse: bool = False, return_strengths: bool = False, channel_dim: int = -1, *,
-                backend: str | None = None):
+def gated_steer(
+    z: torch.Tensor,
+    omega: torch.Tensor,
+    bias: torch.Tensor,
+    gate_w: torch.Tensor,
+    gate_c: torch.Tensor,
+    strength: float = 1.0,
+    gate: str = "sigmoid",
+    inverse: bool = False,
+    return_strengths: bool = False,
+    channel_dim: int = -1,
+    *,
+    backend: str | None = None,
+):
     """DSAS (SPEC §5): steer each token with strength λ·g(z_t), g = σ(w·z_t + c) ("sigmoid") or
     clamp(w·z_t + c, 0, 1) ("relu"), the gate computed on the activation entering the map.
 
@@ -196,8 +237,9 @@ def gated_steer(z: torch.Tensor, omega: torch.Tensor, bias: torch.Tensor, gate_w
         raise TypeError("z must be a floating-point tensor (..., d)")
     cd = _channel_axis(z, channel_dim)
     d = z.shape[cd]
-    check_param_shapes(d, f"z's axis {channel_dim} of z.shape {tuple(z.shape)}", omega=omega,
-                       bias=bias, gate_w=gate_w)
+    check_param_shapes(
+        d, f"z's axis {channel_dim} of z.shape {tuple(z.shape)}", omega=omega, bias=bias, gate_w=gate_w
+    )
     if not isinstance(gate_c, torch.Tensor) or gate_c.numel() != 1:
         raise ValueError("gate_c must be a tensor holding one value")
     if isinstance(strength, torch.Tensor):

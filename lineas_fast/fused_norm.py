@@ -7,6 +7,7 @@ What each RMSNorm computes (offset 1 + w or not, casting, ε attribute) comes fr
 table (``lineas_fast.families``). The Triton kernel is imported only on its branch, so this
 module imports where Triton is not installed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,11 +15,11 @@ from torch import nn
 
 from .checks import number
 from .families import NormSpec, norm_spec
-from .fusion import (OFFLOADED, FusionError, _fold, _Plan, coefficients, refuse_attached,
-                     refuse_gates, spec_of)
+from .fusion import OFFLOADED, FusionError, _fold, _Plan, coefficients, refuse_attached, refuse_gates, spec_of
 from .kernels._backend import use_triton
 from .kernels.ops import rms_norm_shift_op
-from .kernels.rms_norm_shift_ref import MAX_D as RMS_MAX_D, rms_norm_shift_ref
+from .kernels.rms_norm_shift_ref import MAX_D as RMS_MAX_D
+from .kernels.rms_norm_shift_ref import rms_norm_shift_ref
 from .placement import offloaded
 from .steering import Steering
 from .targets import as_target
@@ -36,8 +37,15 @@ class SteeredRMSNorm(nn.Module):
     ``original`` keeps the replaced module for ``unfuse_in_memory``.
     """
 
-    def __init__(self, norm: nn.Module, a: torch.Tensor, c: torch.Tensor, backend=None,
-                 spec: NormSpec | None = None, model_type: str = ""):
+    def __init__(
+        self,
+        norm: nn.Module,
+        a: torch.Tensor,
+        c: torch.Tensor,
+        backend=None,
+        spec: NormSpec | None = None,
+        model_type: str = "",
+    ):
         super().__init__()
         if spec is None:
             spec, why = norm_spec(norm, model_type)
@@ -46,33 +54,42 @@ class SteeredRMSNorm(nn.Module):
         if spec.kind not in ("rms", "rms_offset"):
             raise ValueError(f"SteeredRMSNorm replaces RMSNorms, got a {spec.kind} spec")
         self.spec, self.offset, self.casting = spec, spec.offset, spec.casting
-        eps = getattr(norm, spec.eps)                    # torch.nn.RMSNorm: None = dtype's eps
+        eps = getattr(norm, spec.eps)  # torch.nn.RMSNorm: None = dtype's eps
         self.eps = None if eps is None else float(eps)
         w = norm.weight.detach().double()
         a, c = a.to(w.device), c.to(w.device)
         scale = a * (1 + w) if spec.offset else a * w
         self.float32_product = spec.casting == "float32"
-        self.weight = nn.Parameter((scale - 1 if self.float32_product else scale).float(),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            (scale - 1 if self.float32_product else scale).float(), requires_grad=False
+        )
         self.register_buffer("shift", c.float())
-        self.original = [norm]                         # a list: not registered as a submodule
+        self.original = [norm]  # a list: not registered as a submodule
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        if torch.is_grad_enabled() and x.requires_grad:      # the op has no backward: autograd
+        if torch.is_grad_enabled() and x.requires_grad:  # the op has no backward: autograd
             return rms_norm_shift_ref(x, self.weight, self.shift, eps, self.float32_product)
-        kernel = (x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                  and x.shape[-1] <= RMS_MAX_D and use_triton(x.device, self.backend))
+        kernel = (
+            x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and x.shape[-1] <= RMS_MAX_D
+            and use_triton(x.device, self.backend)
+        )
         return rms_norm_shift_op(x, self.weight, self.shift, eps, self.float32_product, kernel)
 
     def extra_repr(self) -> str:
-        return (f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}, "
-                f"casting={self.casting!r}")
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}, casting={self.casting!r}"
 
 
-def fuse_in_memory(model, steering: Steering, strength: float = 1.0,
-                   inverse: bool = False, backend: str | None = None, strict: bool = True):
+def fuse_in_memory(
+    model,
+    steering: Steering,
+    strength: float = 1.0,
+    inverse: bool = False,
+    backend: str | None = None,
+    strict: bool = True,
+):
     """Apply each map inside its norm: LayerNorm/GroupNorm with bias get folded weights (the
     same module type); RMSNorms (torch.nn.RMSNorm, or a family's of the table) become
     ``SteeredRMSNorm``. ``model``: a model, a diffusers pipeline or a ``Target``. In place;

@@ -13,6 +13,7 @@ What each family's norms compute, which Linears read them and which config flag 
 Linears a bias all come from one table, ``lineas_fast.families.FAMILIES``. Models, diffusers
 pipelines and targets all go through ``lineas_fast.targets.as_target``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,8 +23,7 @@ import torch
 from torch import nn
 
 from .checks import number
-from .families import (ALWAYS, FAMILIES, NormSpec, equivalent_refusal, model_type_of, norm_spec,
-                       owner_of)
+from .families import ALWAYS, FAMILIES, NormSpec, equivalent_refusal, model_type_of, norm_spec, owner_of
 from .functional import map_coefficients
 from .hooks import AlreadySteeredError, installed
 from .placement import offloaded
@@ -37,27 +37,31 @@ class FusionError(ValueError):
     def __init__(self, problems: dict[str, str]):
         self.problems = problems
         lines = "\n".join(f"  {m}: {why}" for m, why in problems.items())
-        super().__init__(f"cannot fold {len(problems)} steering map(s) into the weights:\n{lines}\n"
-                         f"Use steering.attach(model) (hooks with the fused kernel) or "
-                         f"lf.fuse_in_memory(model, steering) for these modules.")
+        super().__init__(
+            f"cannot fold {len(problems)} steering map(s) into the weights:\n{lines}\n"
+            f"Use steering.attach(model) (hooks with the fused kernel) or "
+            f"lf.fuse_in_memory(model, steering) for these modules."
+        )
 
 
-OFFLOADED = ("its weights are offloaded by accelerate (on the meta device between forwards: a "
-             "device_map with 'cpu' or 'disk' entries), and folding writes weights; fold a model "
-             "loaded without offload, or steer this one with steering.attach(model)")
+OFFLOADED = (
+    "its weights are offloaded by accelerate (on the meta device between forwards: a "
+    "device_map with 'cpu' or 'disk' entries), and folding writes weights; fold a model "
+    "loaded without offload, or steer this one with steering.attach(model)"
+)
 
 
 @dataclass
 class _Plan:
     name: str
     module: nn.Module
-    a: torch.Tensor                 # (d,) float64
-    c: torch.Tensor                 # (d,) float64
+    a: torch.Tensor  # (d,) float64
+    c: torch.Tensor  # (d,) float64
     spec: NormSpec
-    readers: list = field(default_factory=list)      # [(name, nn.Linear)] when c goes there
-    owner: str = ""                 # the module whose config governs this norm ("" = root)
+    readers: list = field(default_factory=list)  # [(name, nn.Linear)] when c goes there
+    owner: str = ""  # the module whose config governs this norm ("" = root)
     model_type: str = ""
-    convert: bool = False           # the readers need the family's exactly equivalent class
+    convert: bool = False  # the readers need the family's exactly equivalent class
 
     @property
     def kind(self) -> str:
@@ -80,8 +84,7 @@ def spec_of(name: str, named: dict) -> tuple[NormSpec | None, str | None, str, s
     return spec, why, owner, mtype
 
 
-def plan_fusion(model, steering: Steering, strength: float = 1.0,
-                inverse: bool = False) -> list[_Plan]:
+def plan_fusion(model, steering: Steering, strength: float = 1.0, inverse: bool = False) -> list[_Plan]:
     """Check every map can fold; returns the plan or raises FusionError listing all problems.
     ``model``: a model, a diffusers pipeline or a ``Target``."""
     target = as_target(model)
@@ -122,35 +125,49 @@ def _attach_readers(plan: _Plan, named: dict) -> str | None:
     mtype = plan.model_type
     fam = FAMILIES.get(mtype)
     if fam is None:
-        return (f"norm without bias in a model of type {mtype or '(none)'!r}, which is not in "
-                f"lineas_fast.families.FAMILIES: no known Linear layers read only its output, so "
-                f"the shift c = λb has no bias to go into")
+        return (
+            f"norm without bias in a model of type {mtype or '(none)'!r}, which is not in "
+            f"lineas_fast.families.FAMILIES: no known Linear layers read only its output, so "
+            f"the shift c = λb has no bias to go into"
+        )
     if local in fam.residual:
-        return (f"its output is added straight into the residual stream ({mtype}), so the shift "
-                f"c = λb has no bias to go into (a scale-only map folds)")
+        return (
+            f"its output is added straight into the residual stream ({mtype}), so the shift "
+            f"c = λb has no bias to go into (a scale-only map folds)"
+        )
     if local in fam.rotary:
-        return (f"per-head norm over head_dim whose output goes through the rotary position "
-                f"embedding ({mtype}): a shift there has no bias to go into (a scale-only map "
-                f"folds into its weight)")
+        return (
+            f"per-head norm over head_dim whose output goes through the rotary position "
+            f"embedding ({mtype}): a shift there has no bias to go into (a scale-only map "
+            f"folds into its weight)"
+        )
     if local == fam.final:
-        return (f"final norm: its output is read by the LM head, which has no bias and no config "
-                f"flag that adds one ({mtype})")
+        return (
+            f"final norm: its output is read by the LM head, which has no bias and no config "
+            f"flag that adds one ({mtype})"
+        )
     if local not in fam.readers:
-        return (f"norm without bias and no known linear layers that read only its output "
-                f"(model type {mtype!r}, module {local!r} is not in the family table's readers)")
+        return (
+            f"norm without bias and no known linear layers that read only its output "
+            f"(model type {mtype!r}, module {local!r} is not in the family table's readers)"
+        )
     group, names = fam.readers[local]
     flag = fam.bias.get(group, (None, ()))[0]
     if flag is None:
         why = equivalent_refusal(mtype, named[plan.owner].config)
         if why is None and plan.owner:
-            why = (f"switching to the exactly equivalent class needs the model itself, not its "
-                   f"component {plan.owner!r}")
+            why = (
+                f"switching to the exactly equivalent class needs the model itself, not its "
+                f"component {plan.owner!r}"
+            )
         if why is None and FAMILIES[fam.equivalent[0]].bias.get(group, (None,))[0] is None:
             why = f"the equivalent {fam.equivalent[0]} class has no bias flag for {group} either"
         if why:
-            return (f"the shift must go into the biases of {group}.{{{','.join(names)}}}, but "
-                    f"{mtype}'s {group} has no bias parameters and no config flag that adds "
-                    f"them, and {why}")
+            return (
+                f"the shift must go into the biases of {group}.{{{','.join(names)}}}, but "
+                f"{mtype}'s {group} has no bias parameters and no config flag that adds "
+                f"them, and {why}"
+            )
         plan.convert = True
     readers = []
     for r in names:
@@ -163,8 +180,13 @@ def _attach_readers(plan: _Plan, named: dict) -> str | None:
     return None
 
 
-def fuse(model, steering: Union[Steering, Sequence[Steering]], strength: float = 1.0,
-         inverse: bool = False, strict: bool = True):
+def fuse(
+    model,
+    steering: Union[Steering, Sequence[Steering]],
+    strength: float = 1.0,
+    inverse: bool = False,
+    strict: bool = True,
+):
     """Fold steering maps into the weights; returns the steered model (the same object, or for
     a family that needs biases its own class lacks, e.g. Qwen2/Mistral/Phi-3, an exactly
     equivalent ``LlamaForCausalLM``: always use the return value).
@@ -201,7 +223,7 @@ def fuse(model, steering: Union[Steering, Sequence[Steering]], strength: float =
     if any(p.convert for p in plans):
         result = to_llama(target.root)
         target = as_target(result)
-        plans = plan_fusion(target, effective)            # the modules are new objects
+        plans = plan_fusion(target, effective)  # the modules are new objects
     if any(p.readers for p in plans):
         _ensure_reader_biases(target, plans)
     with torch.no_grad():
@@ -215,22 +237,28 @@ def refuse_attached(target) -> None:
     the live wrappers): refuse, naming the modules."""
     live = [n for n, m in target.named.items() if installed(m)]
     if live:
-        raise AlreadySteeredError(f"modules {live[:5]} carry attached steering maps; remove "
-                                  f"their handles before folding (else they would apply twice)")
+        raise AlreadySteeredError(
+            f"modules {live[:5]} carry attached steering maps; remove "
+            f"their handles before folding (else they would apply twice)"
+        )
 
 
 def refuse_gates(steerings: Sequence[Steering]) -> None:
-    gated = {n: "per-token DSAS gate: the strength differs per token, so no fixed weight holds "
-                "it; use steering.attach(model), which runs the gate inside the fused kernel"
-             for st in steerings for n in st.gates}
+    gated = {
+        n: "per-token DSAS gate: the strength differs per token, so no fixed weight holds "
+        "it; use steering.attach(model), which runs the gate inside the fused kernel"
+        for st in steerings
+        for n in st.gates
+    }
     if gated:
         raise FusionError(gated)
 
 
 def effective_map(steering: Steering, strength: float, inverse: bool = False) -> Steering:
     """The map z ↦ a⊙z + c that ``steering`` applies at ``strength``, as a float64 Steering."""
-    return Steering({n: coefficients(*steering[n], strength, inverse) for n in steering.modules},
-                    steering.metadata)
+    return Steering(
+        {n: coefficients(*steering[n], strength, inverse) for n in steering.modules}, steering.metadata
+    )
 
 
 def folded_scale(spec: NormSpec, weight: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -249,8 +277,7 @@ def _fold(p: _Plan) -> None:
         mod.bias.copy_((a * mod.bias.double() + c).to(mod.bias.dtype))
         return
     for _, lin in p.readers:
-        lin.bias.copy_((lin.bias.double() + lin.weight.double() @ c.to(lin.weight.device))
-                       .to(lin.bias.dtype))
+        lin.bias.copy_((lin.bias.double() + lin.weight.double() @ c.to(lin.weight.device)).to(lin.bias.dtype))
 
 
 def _ensure_reader_biases(target: Target, plans: list[_Plan]) -> None:
@@ -258,8 +285,9 @@ def _ensure_reader_biases(target: Target, plans: list[_Plan]) -> None:
     config flag on, creating zero biases on every Linear the flag governs (inside the module
     that owns the config)."""
     named = target.named
-    for owner, mtype, group in {(p.owner, p.model_type, p.readers[0][0].split(".")[-2])
-                                for p in plans if p.readers}:
+    for owner, mtype, group in {
+        (p.owner, p.model_type, p.readers[0][0].split(".")[-2]) for p in plans if p.readers
+    }:
         flag, governed = FAMILIES[mtype].bias[group]
         if flag == ALWAYS:
             continue
@@ -267,18 +295,39 @@ def _ensure_reader_biases(target: Target, plans: list[_Plan]) -> None:
         prefix = f"{owner}." if owner else ""
         suffixes = tuple(f".{group}.{g}" for g in governed)
         for name, lin in named.items():
-            if (isinstance(lin, nn.Linear) and name.startswith(prefix) and name.endswith(suffixes)
-                    and lin.bias is None):
-                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                    device=lin.weight.device),
-                                        requires_grad=lin.weight.requires_grad)
+            if (
+                isinstance(lin, nn.Linear)
+                and name.startswith(prefix)
+                and name.endswith(suffixes)
+                and lin.bias is None
+            ):
+                lin.bias = nn.Parameter(
+                    torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
+                    requires_grad=lin.weight.requires_grad,
+                )
 
 
-_LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-               "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta",
-               "rope_scaling", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-               "pad_token_id", "attention_dropout", "initializer_range")
+_LLAMA_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_dropout",
+    "initializer_range",
+)
 
 
 def to_llama(model: nn.Module) -> nn.Module:
@@ -288,6 +337,7 @@ def to_llama(model: nn.Module) -> nn.Module:
     sliding window and no residual dropout). Existing biases are kept; a Llama bias flag is on
     when any Linear it governs has a bias; new biases are zero."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg, mtype = model.config, model_type_of(model)
     fam = FAMILIES.get(mtype)
     if fam is None or fam.equivalent is None or fam.equivalent[0] != "llama":
@@ -296,19 +346,21 @@ def to_llama(model: nn.Module) -> nn.Module:
     if why:
         raise FusionError({"<model>": f"{mtype} → Llama: {why}"})
     source = model.state_dict()
-    parts = {}                                            # source key → [target keys]
+    parts = {}  # source key → [target keys]
     for key in source:
         head, _, leaf = key.rpartition(".")
-        for old, new_names in fam.fused.items():                 # Phi-3: qkv_proj → q/k/v_proj
+        for old, new_names in fam.fused.items():  # Phi-3: qkv_proj → q/k/v_proj
             if head == old or head.endswith("." + old):
-                layer = head[:len(head) - len(old)]
+                layer = head[: len(head) - len(old)]
                 parts[key] = [f"{layer}{n}.{leaf}" for n in new_names]
                 break
         else:
             parts[key] = [key]
     names = [k for ks in parts.values() for k in ks]
-    flags = {flag: any(k.endswith(f".{group}.{g}.bias") for k in names for g in governed)
-             for group, (flag, governed) in FAMILIES["llama"].bias.items()}
+    flags = {
+        flag: any(k.endswith(f".{group}.{g}.bias") for k in names for g in governed)
+        for group, (flag, governed) in FAMILIES["llama"].bias.items()
+    }
     kw = {k: getattr(cfg, k) for k in _LLAMA_KEYS if getattr(cfg, k, None) is not None}
     llama_cfg = LlamaConfig(**kw, **flags)
     llama_cfg.architectures = ["LlamaForCausalLM"]
@@ -323,16 +375,21 @@ def to_llama(model: nn.Module) -> nn.Module:
             continue
         sizes = [want[t].shape[0] if t in want else -1 for t in targets]
         if -1 in sizes or sum(sizes) != source[key].shape[0]:
-            raise FusionError({"<model>": f"{mtype} → Llama: cannot split {key} "
-                                          f"{tuple(source[key].shape)} into {targets}"})
+            raise FusionError(
+                {"<model>": f"{mtype} → Llama: cannot split {key} {tuple(source[key].shape)} into {targets}"}
+            )
         state.update(zip(targets, torch.split(source[key], sizes, dim=0)))
     try:
         missing, unexpected = new.load_state_dict(state, strict=False)
-    except RuntimeError as e:                                        # shape mismatch
+    except RuntimeError as e:  # shape mismatch
         raise FusionError({"<model>": f"{mtype} → Llama: {e}"}) from None
     if unexpected or any(not k.endswith(".bias") for k in missing):
-        raise FusionError({"<model>": f"{mtype} → Llama: parameter names differ "
-                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})"})
+        raise FusionError(
+            {
+                "<model>": f"{mtype} → Llama: parameter names differ "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            }
+        )
     with torch.no_grad():
         for k in missing:
             new.get_parameter(k).zero_()

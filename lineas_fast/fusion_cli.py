@@ -1,4 +1,5 @@
 """``lineas-fast fuse``: write a steered checkpoint that plain transformers loads."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,18 @@ from .io import atomic_dir
 
 def add_fuse_parser(sub) -> None:
     from .cli_io import real
-    f = sub.add_parser("fuse", help="fold a steering into the weights and save a plain checkpoint",
-                       description="Fold the steering maps into the model's norms (and the biases "
-                                   "of the linear layers reading them) and save a checkpoint that "
-                                   "AutoModelForCausalLM.from_pretrained loads without lineas_fast.")
+
+    f = sub.add_parser(
+        "fuse",
+        help="fold a steering into the weights and save a plain checkpoint",
+        description="Fold the steering maps into the model's norms (and the biases "
+        "of the linear layers reading them) and save a checkpoint that "
+        "AutoModelForCausalLM.from_pretrained loads without lineas_fast.",
+    )
     f.add_argument("--model", help="local transformers model folder")
     f.add_argument("--pipeline", help="local diffusers pipeline folder (instead of --model)")
     f.add_argument("--steering", required=True, help="steering file (.safetensors)")
-    f.add_argument("--strength", type=real(), default=1.0,
-                   help="negative: fold the inverse map")
+    f.add_argument("--strength", type=real(), default=1.0, help="negative: fold the inverse map")
     f.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     f.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
@@ -28,17 +32,23 @@ def check_fuse_args(args) -> None:
     """Every check of ``fuse`` that needs no model (a CLIError names the argument)."""
     from .cli_io import check_output_dir, model_or_pipeline
     from .io import recover
+
     kind = model_or_pipeline(args)
     if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        recover(args.out)           # a swap killed between its renames gets its old folder back
-    check_output_dir(args.out, "--out", overwrite=args.overwrite,
-                     inputs={f"--{kind}": getattr(args, kind), "--steering": args.steering})
+        recover(args.out)  # a swap killed between its renames gets its old folder back
+    check_output_dir(
+        args.out,
+        "--out",
+        overwrite=args.overwrite,
+        inputs={f"--{kind}": getattr(args, kind), "--steering": args.steering},
+    )
 
 
 def cmd_fuse(args) -> int:
     import lineas_fast as lf
-    from .cli_io import (CLIError, fits, load_model_or_pipeline, load_steering, one_line,
-                         quiet_loading)
+
+    from .cli_io import CLIError, fits, load_model_or_pipeline, load_steering, one_line, quiet_loading
+
     check_fuse_args(args)
     steering = load_steering(args.steering)
     model, tok = load_model_or_pipeline(args)
@@ -46,9 +56,11 @@ def cmd_fuse(args) -> int:
     fits(steering, model, args, flag)
     try:
         model = lf.fuse(model, steering, strength=args.strength)
-    except (ValueError, TypeError) as e:              # FusionError is a ValueError
-        raise CLIError(f"--steering {args.steering!r} cannot be folded into {flag} "
-                       f"{getattr(args, flag[2:])!r}: {one_line(e)}") from None
+    except (ValueError, TypeError) as e:  # FusionError is a ValueError
+        raise CLIError(
+            f"--steering {args.steering!r} cannot be folded into {flag} "
+            f"{getattr(args, flag[2:])!r}: {one_line(e)}"
+        ) from None
     with quiet_loading():
         write_checkpoint(model, tok, args.out, steering, args.strength, args.steering)
     print(f"wrote {args.out} ({type(model).__name__}, strength {args.strength})")
@@ -71,13 +83,17 @@ def write_checkpoint(model, tokenizer, out: str, steering, strength: float, sour
 
 def model_card(model, steering, strength: float, source: str) -> str:
     from ._version import __version__
+
     kind = "inverse map (induces the concept)" if strength < 0 else "map (removes the concept)"
     mods = "\n".join(f"- `{m}`" for m in steering.modules)
-    return (f"# Steered checkpoint (lineas_fast {__version__})\n\n"
-            f"Folded the LinEAS {kind} from `{os.path.basename(source)}` with strength "
-            f"{abs(strength)} into the weights of {len(steering)} modules. The architecture is "
-            f"`{type(model).__name__}`; it loads with plain transformers (or diffusers) and runs at the "
-            f"unsteered model's cost.\n\nSupport: {steering.support()} of "
-            f"{sum(steering.dims().values())} coordinates.\n\nSteering metadata:\n\n```json\n"
-            f"{json.dumps({k: v for k, v in steering.metadata.items() if k != 'history'}, indent=1, default=str)}\n"
-            f"```\n\nModules:\n{mods}\n")
+    shown_metadata = {k: v for k, v in steering.metadata.items() if k != "history"}
+    return (
+        f"# Steered checkpoint (lineas_fast {__version__})\n\n"
+        f"Folded the LinEAS {kind} from `{os.path.basename(source)}` with strength "
+        f"{abs(strength)} into the weights of {len(steering)} modules. The architecture is "
+        f"`{type(model).__name__}`; it loads with plain transformers (or diffusers) and runs at the "
+        f"unsteered model's cost.\n\nSupport: {steering.support()} of "
+        f"{sum(steering.dims().values())} coordinates.\n\nSteering metadata:\n\n```json\n"
+        f"{json.dumps(shown_metadata, indent=1, default=str)}\n"
+        f"```\n\nModules:\n{mods}\n"
+    )

@@ -16,6 +16,7 @@ untouched model's control tokens is at most q: a selective gate that stays mostl
 neutral text. ``gate_openings`` measures the mean per-token strength λ·g while a steering is
 applied, e.g. on Wikipedia and on the prompts to steer.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -28,9 +29,9 @@ from .targets import as_target
 from .token_acts import language_model_target, padded_batches, token_activations, token_positions
 
 
-def logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0,
-                        iters: int = 50, weights: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, iters: int = 50, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-regularized logistic regression by Newton's method. x (n, k), y (n,) in {0, 1},
     optional per-sample ``weights`` (n,) ≥ 0 on the log-likelihood terms. Returns (β (k,),
     β0 ()) float64; the intercept is not penalized."""
@@ -52,25 +53,38 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 1.0,
     return theta[:k], theta[k]
 
 
-def _fit_folded(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, k: int, l2: float,
-                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_folded(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train: torch.Tensor,
+    k: int,
+    l2: float,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA on the ``train`` rows of x (n, d) to k components, standardized, logistic regression,
     folded back: (w (d,), c ()) float64 with logit = x·w + c."""
     x = x.double()
     mu = x[train].mean(0)
     k = max(1, min(k, int(train.sum()) - 1, x.shape[1]))
     _, _, vh = torch.linalg.svd(x[train] - mu, full_matrices=False)
-    proj = vh[:k]                                           # (k, d)
+    proj = vh[:k]  # (k, d)
     feats = (x[train] - mu) @ proj.T
-    scale = feats.std(0).clamp_min(1e-12)                   # standardize for a well-posed L2
-    beta, beta0 = logistic_regression(feats / scale, y[train], l2,
-                                      weights=None if weights is None else weights[train])
-    w = proj.T @ (beta / scale)                             # fold PCA, scaling and centering
+    scale = feats.std(0).clamp_min(1e-12)  # standardize for a well-posed L2
+    beta, beta0 = logistic_regression(
+        feats / scale, y[train], l2, weights=None if weights is None else weights[train]
+    )
+    w = proj.T @ (beta / scale)  # fold PCA, scaling and centering
     return w, beta0 - w @ mu
 
 
-def fit_gate(src: torch.Tensor, ctrl: torch.Tensor, k: int = 5, l2: float = 1.0,
-             val_fraction: float = 0.25, seed: int = 0) -> dict:
+def fit_gate(
+    src: torch.Tensor,
+    ctrl: torch.Tensor,
+    k: int = 5,
+    l2: float = 1.0,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+) -> dict:
     """Fit one gate on pooled activations src (n1, d) (label 1) and ctrl (n0, d) (label 0).
 
     Returns {"w": (d,) float32, "c": (1,) float32, "train_accuracy", "val_accuracy"}: the gate
@@ -78,8 +92,10 @@ def fit_gate(src: torch.Tensor, ctrl: torch.Tensor, k: int = 5, l2: float = 1.0,
     validation accuracy is the training accuracy.
     """
     if src.ndim != 2 or ctrl.ndim != 2 or src.shape[1] != ctrl.shape[1]:
-        raise ValueError(f"source {tuple(src.shape)} and control {tuple(ctrl.shape)} activations "
-                         f"must be (n, d) with the same d")
+        raise ValueError(
+            f"source {tuple(src.shape)} and control {tuple(ctrl.shape)} activations "
+            f"must be (n, d) with the same d"
+        )
     if len(src) < 2 or len(ctrl) < 2:
         raise ValueError("fitting a gate needs at least 2 source and 2 control sentences")
     x = torch.cat([src, ctrl]).double()
@@ -95,12 +111,22 @@ def fit_gate(src: torch.Tensor, ctrl: torch.Tensor, k: int = 5, l2: float = 1.0,
     pred = ((x @ w + c) > 0).double()
     acc = lambda m: float((pred[m] == y[m]).double().mean()) if m.any() else float("nan")
     train_acc = acc(train)
-    return {"w": w.float(), "c": c.reshape(1).float(), "train_accuracy": train_acc,
-            "val_accuracy": acc(val) if val.any() else train_acc}
+    return {
+        "w": w.float(),
+        "c": c.reshape(1).float(),
+        "train_accuracy": train_acc,
+        "val_accuracy": acc(val) if val.any() else train_acc,
+    }
 
 
-def fit_token_gate(src: torch.Tensor, ctrl: torch.Tensor, src_val: torch.Tensor | None = None,
-                   ctrl_val: torch.Tensor | None = None, k: int = 5, l2: float = 1.0) -> dict:
+def fit_token_gate(
+    src: torch.Tensor,
+    ctrl: torch.Tensor,
+    src_val: torch.Tensor | None = None,
+    ctrl_val: torch.Tensor | None = None,
+    k: int = 5,
+    l2: float = 1.0,
+) -> dict:
     """Fit one gate on token activations src (n1, d) (label 1) and ctrl (n0, d) (label 0), each
     class weighted to half the total weight. ``src_val`` (n1,) / ``ctrl_val`` (n0,) bool mark
     held-out tokens (those of validation sentences: tokens of one sentence are not independent).
@@ -110,13 +136,17 @@ def fit_token_gate(src: torch.Tensor, ctrl: torch.Tensor, src_val: torch.Tensor 
     training one when nothing is held out.
     """
     if src.ndim != 2 or ctrl.ndim != 2 or src.shape[1] != ctrl.shape[1]:
-        raise ValueError(f"source {tuple(src.shape)} and control {tuple(ctrl.shape)} token "
-                         f"activations must be (n, d) with the same d")
+        raise ValueError(
+            f"source {tuple(src.shape)} and control {tuple(ctrl.shape)} token "
+            f"activations must be (n, d) with the same d"
+        )
     src_val = torch.zeros(len(src), dtype=torch.bool) if src_val is None else src_val.bool()
     ctrl_val = torch.zeros(len(ctrl), dtype=torch.bool) if ctrl_val is None else ctrl_val.bool()
     if src_val.shape != (len(src),) or ctrl_val.shape != (len(ctrl),):
-        raise ValueError(f"src_val {tuple(src_val.shape)} / ctrl_val {tuple(ctrl_val.shape)} must "
-                         f"be ({len(src)},) / ({len(ctrl)},)")
+        raise ValueError(
+            f"src_val {tuple(src_val.shape)} / ctrl_val {tuple(ctrl_val.shape)} must "
+            f"be ({len(src)},) / ({len(ctrl)},)"
+        )
     if int((~src_val).sum()) < 2 or int((~ctrl_val).sum()) < 2:
         raise ValueError("fitting a token gate needs at least 2 training tokens per class")
     x = torch.cat([src, ctrl]).double()
@@ -129,12 +159,16 @@ def fit_token_gate(src: torch.Tensor, ctrl: torch.Tensor, src_val: torch.Tensor 
     right = ((x @ w + c) > 0).double() == y
 
     def balanced(m):
-        return 0.5 * (float(right[m & (y == 1)].double().mean())
-                      + float(right[m & (y == 0)].double().mean()))
+        return 0.5 * (float(right[m & (y == 1)].double().mean()) + float(right[m & (y == 0)].double().mean()))
+
     train_acc = balanced(train)
     has_val = bool(src_val.any()) and bool(ctrl_val.any())
-    return {"w": w, "c": c.reshape(1), "train_accuracy": train_acc,
-            "val_accuracy": balanced(val) if has_val else train_acc}
+    return {
+        "w": w,
+        "c": c.reshape(1),
+        "train_accuracy": train_acc,
+        "val_accuracy": balanced(val) if has_val else train_acc,
+    }
 
 
 def gate_value(logit: torch.Tensor, kind: str) -> torch.Tensor:
@@ -150,7 +184,7 @@ def calibrate_bias(logits: torch.Tensor, kind: str, opening: float, iters: int =
     mean = lambda delta: float(gate_value(logits + delta, kind).mean())
     if len(logits) == 0 or mean(0.0) <= opening:
         return 0.0
-    lo, hi = -1.0, 0.0                         # invariant: mean(lo) <= opening < mean(hi)
+    lo, hi = -1.0, 0.0  # invariant: mean(lo) <= opening < mean(hi)
     while mean(lo) > opening:
         hi, lo = lo, 2 * lo
         if lo < -1e12:
@@ -172,12 +206,24 @@ def _val_sentences(n: int, val_fraction: float, g: torch.Generator) -> torch.Ten
     return val
 
 
-def fit_gates(model, tokenizer, source: Sequence[str], control: Sequence[str],
-              steering: Steering, k: int | None = None, l2: float = 1.0,
-              threshold: float | None = None, on_low: str = "ungated", gate: str = "sigmoid",
-              val_fraction: float = 0.25, max_length: int = 128, seed: int = 0,
-              level: str = "sentence",
-              max_tokens: int = 4096, control_opening: float | None = None) -> Steering:
+def fit_gates(
+    model,
+    tokenizer,
+    source: Sequence[str],
+    control: Sequence[str],
+    steering: Steering,
+    k: int | None = None,
+    l2: float = 1.0,
+    threshold: float | None = None,
+    on_low: str = "ungated",
+    gate: str = "sigmoid",
+    val_fraction: float = 0.25,
+    max_length: int = 128,
+    seed: int = 0,
+    level: str = "sentence",
+    max_tokens: int = 4096,
+    control_opening: float | None = None,
+) -> Steering:
     """A copy of ``steering`` with a DSAS gate per module, fitted on the untouched model's
     activations at each module: ``source`` (label 1) against neutral ``control`` (label 0).
     ``model`` is a causal LM with its tokenizer, a diffusers pipeline (``tokenizer`` None; the
@@ -193,7 +239,8 @@ def fit_gates(model, tokenizer, source: Sequence[str], control: Sequence[str],
 
     A module whose validation accuracy (of the logistic fit, before calibration) is below
     ``threshold`` (default 0.75 for sentences, 0.6 for tokens: a token's label is its
-    sentence's, most tokens of an insult are ordinary words) gets no gate (``on_low="ungated"``: plain steering there) or loses its map
+    sentence's, most tokens of an insult are ordinary words) gets no gate
+    (``on_low="ungated"``: plain steering there) or loses its map
     (``on_low="disable"``). Per-module accuracies, status, the bias shift and the mean openings
     on the fitted tokens are kept in ``metadata["gates"]`` (saved with the file).
     """
@@ -202,8 +249,9 @@ def fit_gates(model, tokenizer, source: Sequence[str], control: Sequence[str],
     choice(level, "level", ("sentence", "token"))
     k = (5 if level == "sentence" else 64) if k is None else integer(k, "k", low=1)
     number(l2, "l2", low=0)
-    threshold = ((0.75 if level == "sentence" else 0.6) if threshold is None
-                 else number(threshold, "threshold", low=0))
+    threshold = (
+        (0.75 if level == "sentence" else 0.6) if threshold is None else number(threshold, "threshold", low=0)
+    )
     number(val_fraction, "val_fraction", low=0, high=0.9)
     integer(max_tokens, "max_tokens", low=2)
     if control_opening is not None:
@@ -212,15 +260,18 @@ def fit_gates(model, tokenizer, source: Sequence[str], control: Sequence[str],
         raise TypeError(f"steering must be a lineas_fast.Steering, got {type(steering).__name__}")
     steered = as_target(model, tokenizer, max_length=max_length)
     if level == "token" or control_opening is not None:
-        language_model_target(steered, "fit_gates(level='token')" if level == "token"
-                              else "fit_gates(control_opening=...)")
+        language_model_target(
+            steered, "fit_gates(level='token')" if level == "token" else "fit_gates(control_opening=...)"
+        )
     steering = steered.resolve(steering)
     steering.validate(steered, strict=False)
     names = steering.modules
     source_enc, control_enc = steered.encode(source, "source"), steered.encode(control, "control")
     if len(source_enc) < 2 or len(control_enc) < 2:
-        raise ValueError(f"fitting gates needs at least 2 source and 2 control sentences, got "
-                         f"{len(source_enc)} and {len(control_enc)}")
+        raise ValueError(
+            f"fitting gates needs at least 2 source and 2 control sentences, got "
+            f"{len(source_enc)} and {len(control_enc)}"
+        )
     g = torch.Generator().manual_seed(seed)
     src_tok = ctrl_tok = None
     with steered.frozen(), torch.no_grad():
@@ -240,47 +291,70 @@ def fit_gates(model, tokenizer, source: Sequence[str], control: Sequence[str],
         if level == "sentence":
             fit = fit_gate(src[n].cpu(), ctrl[n].cpu(), k, l2, val_fraction, seed)
         else:
-            fit = fit_token_gate(src_tok[n], ctrl_tok[n], val_s[pos_s[:, 0]], val_c[pos_c[:, 0]],
-                                 k, l2)
+            fit = fit_token_gate(src_tok[n], ctrl_tok[n], val_s[pos_s[:, 0]], val_c[pos_c[:, 0]], k, l2)
         ok = fit["val_accuracy"] >= threshold
         status = "gated" if ok else on_low
-        report[n] = {"train_accuracy": fit["train_accuracy"],
-                     "val_accuracy": fit["val_accuracy"], "status": status, "k": k,
-                     "level": level}
+        report[n] = {
+            "train_accuracy": fit["train_accuracy"],
+            "val_accuracy": fit["val_accuracy"],
+            "status": status,
+            "k": k,
+            "level": level,
+        }
         if status == "disable":
             continue
         maps[n] = steering[n]
         if not ok:
             continue
         w, c = fit["w"].double(), fit["c"].double().reshape(1)
-        if gate == "relu":            # σ(x) ≈ clamp(x/4 + 1/2, 0, 1): same decision boundary
+        if gate == "relu":  # σ(x) ≈ clamp(x/4 + 1/2, 0, 1): same decision boundary
             w, c = w / 4, c / 4 + 0.5
         if ctrl_tok is not None:
-            shift = (0.0 if control_opening is None else
-                     calibrate_bias(ctrl_tok[n].double() @ w + c, gate, control_opening))
+            shift = (
+                0.0
+                if control_opening is None
+                else calibrate_bias(ctrl_tok[n].double() @ w + c, gate, control_opening)
+            )
             c = c + shift
             report[n]["bias_shift"] = shift
-            report[n]["control_opening"] = float(gate_value(ctrl_tok[n].double() @ w + c,
-                                                            gate).mean())
+            report[n]["control_opening"] = float(gate_value(ctrl_tok[n].double() @ w + c, gate).mean())
             if src_tok is not None:
-                report[n]["source_opening"] = float(gate_value(src_tok[n].double() @ w + c,
-                                                               gate).mean())
+                report[n]["source_opening"] = float(gate_value(src_tok[n].double() @ w + c, gate).mean())
         dev = steering[n][0].device
         gates[n] = {"w": w.float().to(dev), "c": c.float().to(dev), "kind": gate}
     if not maps:
-        raise ValueError(f"every gate's validation accuracy is below {threshold} and "
-                         f"on_low='disable' removed every map: {report}")
-    meta = {**steering.metadata, "gates": report,
-            "gate_fit": {"k": k, "l2": l2, "threshold": threshold, "on_low": on_low,
-                         "n_source": len(source_enc), "n_control": len(control_enc),
-                         "level": level, "max_tokens": max_tokens,
-                         "control_opening": control_opening}}
+        raise ValueError(
+            f"every gate's validation accuracy is below {threshold} and "
+            f"on_low='disable' removed every map: {report}"
+        )
+    meta = {
+        **steering.metadata,
+        "gates": report,
+        "gate_fit": {
+            "k": k,
+            "l2": l2,
+            "threshold": threshold,
+            "on_low": on_low,
+            "n_source": len(source_enc),
+            "n_control": len(control_enc),
+            "level": level,
+            "max_tokens": max_tokens,
+            "control_opening": control_opening,
+        },
+    }
     return Steering(maps, meta, gates)
 
 
 @torch.no_grad()
-def gate_openings(model, tokenizer, steering: Steering, texts: Sequence[str],
-                  strength=1.0, max_length: int = 128, use_gates: bool = True) -> dict[str, float]:
+def gate_openings(
+    model,
+    tokenizer,
+    steering: Steering,
+    texts: Sequence[str],
+    strength=1.0,
+    max_length: int = 128,
+    use_gates: bool = True,
+) -> dict[str, float]:
     """Mean per-token strength λ·g at each steered module over the real tokens of ``texts``
     (each truncated to ``max_length`` tokens, padding excluded) while ``steering`` is applied to
     the causal LM ``model`` at ``strength`` (a float or a per-module dict, as ``apply``): the
@@ -293,13 +367,14 @@ def gate_openings(model, tokenizer, steering: Steering, texts: Sequence[str],
     """
     if not isinstance(steering, Steering):
         raise TypeError(f"steering must be a lineas_fast.Steering, got {type(steering).__name__}")
-    lm = language_model_target(as_target(model, tokenizer, max_length=max_length),
-                               "gate_openings")
+    lm = language_model_target(as_target(model, tokenizer, max_length=max_length), "gate_openings")
     enc = lm.encode(texts, "texts")
     own = lm.resolve(steering)
     if "mean" in own.modules:
-        raise ValueError("gate_openings reports the overall mean under 'mean': a steered module "
-                         "named 'mean' would collide with it")
+        raise ValueError(
+            "gate_openings reports the overall mean under 'mean': a steered module "
+            "named 'mean' would collide with it"
+        )
     sums = {n: torch.zeros((), dtype=torch.float64) for n in own.modules}
     count = 0
     with lm.frozen(), own.apply(lm, strength, use_gates=use_gates, record_strengths=True) as h:

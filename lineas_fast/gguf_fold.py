@@ -23,6 +23,7 @@ loaded with ``from_pretrained(dir, gguf_file=...)``): ``model.layers.3.post_atte
 → ``blk.3.ffn_norm``, ``model.layers.3.input_layernorm`` → ``blk.3.attn_norm``, ``model.norm``
 → ``output_norm``.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,32 +52,47 @@ class GGUFFamily:
     no_bias      norm → why its shift has nowhere to go in this arch
     rotary       per-head norms whose output is rotated (scale folds, shift does not)
     """
+
     model_types: tuple
     readers: dict
     no_bias: dict = field(default_factory=dict)
     rotary: tuple = ()
 
 
-_FINAL = ("the final norm is read by the output projection, which has no bias tensor in "
-          "llama.cpp's {arch} loader (a scale-only map folds)")
-_NO_FFN_BIAS = ("llama.cpp's {arch} loader reads no ffn_gate/ffn_up bias tensors, so the "
-                "shift c = λb has no bias to go into (a scale-only map folds; the llama arch "
-                "takes MLP biases)")
+_FINAL = (
+    "the final norm is read by the output projection, which has no bias tensor in "
+    "llama.cpp's {arch} loader (a scale-only map folds)"
+)
+_NO_FFN_BIAS = (
+    "llama.cpp's {arch} loader reads no ffn_gate/ffn_up bias tensors, so the "
+    "shift c = λb has no bias to go into (a scale-only map folds; the llama arch "
+    "takes MLP biases)"
+)
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
-    "llama": GGUFFamily(("llama", "mistral"),
-                        readers={"attn_norm": _QKV, "ffn_norm": ("ffn_gate", "ffn_up")},
-                        no_bias={"output_norm": _FINAL}),
-    "qwen2": GGUFFamily(("qwen2",), readers={"attn_norm": _QKV},
-                        no_bias={"ffn_norm": _NO_FFN_BIAS, "output_norm": _FINAL}),
-    "qwen3": GGUFFamily(("qwen3",), readers={"attn_norm": _QKV},
-                        no_bias={"ffn_norm": _NO_FFN_BIAS, "output_norm": _FINAL},
-                        rotary=("attn_q_norm", "attn_k_norm")),
+    "llama": GGUFFamily(
+        ("llama", "mistral"),
+        readers={"attn_norm": _QKV, "ffn_norm": ("ffn_gate", "ffn_up")},
+        no_bias={"output_norm": _FINAL},
+    ),
+    "qwen2": GGUFFamily(
+        ("qwen2",), readers={"attn_norm": _QKV}, no_bias={"ffn_norm": _NO_FFN_BIAS, "output_norm": _FINAL}
+    ),
+    "qwen3": GGUFFamily(
+        ("qwen3",),
+        readers={"attn_norm": _QKV},
+        no_bias={"ffn_norm": _NO_FFN_BIAS, "output_norm": _FINAL},
+        rotary=("attn_q_norm", "attn_k_norm"),
+    ),
 }
 
 # transformers module name (inside a decoder layer) → GGUF tensor name stem
-_LAYER_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+_LAYER_NORMS = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
 _LAYER_RE = re.compile(r"(?:model\.)?layers\.(\d+)\.(.+)")
 _FINAL_NAMES = ("model.norm", "norm")
 
@@ -95,24 +111,25 @@ def gguf_norm_name(module: str) -> str | None:
 @dataclass
 class _Edit:
     module: str
-    norm: str                        # GGUF stem, e.g. blk.3.ffn_norm
-    a: np.ndarray                    # (d,) float64
-    c: np.ndarray                    # (d,) float64
-    readers: list = field(default_factory=list)      # GGUF stems that take W·c in their bias
+    norm: str  # GGUF stem, e.g. blk.3.ffn_norm
+    a: np.ndarray  # (d,) float64
+    c: np.ndarray  # (d,) float64
+    readers: list = field(default_factory=list)  # GGUF stems that take W·c in their bias
 
 
 def _reader(path: str):
     import gguf
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist")
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:           # noqa: BLE001 -- any unreadable file is the caller's input
-        raise ValueError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]})") from None
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the caller's input
+        raise ValueError(
+            f"{path!r} is not a readable GGUF file ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     if reader.endianess != gguf.GGUFEndian.LITTLE or sys.byteorder != "little":
-        raise ValueError(f"{path!r}: only little-endian GGUF files on a little-endian machine are "
-                         f"supported")
+        raise ValueError(f"{path!r}: only little-endian GGUF files on a little-endian machine are supported")
     return reader
 
 
@@ -127,40 +144,53 @@ def _check_model_type(steering: Steering, arch: str, fam: GGUFFamily, path: str)
     want = steering.metadata.get("model")
     mtype = want.get("model_type") if isinstance(want, dict) else None
     if mtype and mtype not in fam.model_types:
-        raise ValueError(f"steering was trained on a {mtype!r} model but {path!r} is a GGUF "
-                         f"{arch!r} model (expects {'/'.join(fam.model_types)}); pass "
-                         f"strict=False to fold it anyway")
+        raise ValueError(
+            f"steering was trained on a {mtype!r} model but {path!r} is a GGUF "
+            f"{arch!r} model (expects {'/'.join(fam.model_types)}); pass "
+            f"strict=False to fold it anyway"
+        )
 
 
 def plan_gguf(reader, steering: Steering, arch: str, path: str) -> list[_Edit]:
     """Check every map of an effective (a, c) steering can fold into this file; the edits, or
     FusionError listing every module that cannot."""
     import gguf
+
     fam = GGUF_FAMILIES[arch]
     tensors = {t.name: t for t in reader.tensors}
-    floats = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                 gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F64}
+    floats = {
+        gguf.GGMLQuantizationType.F32,
+        gguf.GGMLQuantizationType.F16,
+        gguf.GGMLQuantizationType.BF16,
+        gguf.GGMLQuantizationType.F64,
+    }
     edits, problems = [], {}
     for module in steering.modules:
         a_t, c_t = steering[module]
         a, c = a_t.detach().double().cpu().numpy(), c_t.detach().double().cpu().numpy()
         stem = gguf_norm_name(module)
         if stem is None:
-            problems[module] = (f"not a norm that maps to a GGUF tensor (known: "
-                                f"{', '.join(_LAYER_NORMS)} in model.layers.N, and model.norm)")
+            problems[module] = (
+                f"not a norm that maps to a GGUF tensor (known: "
+                f"{', '.join(_LAYER_NORMS)} in model.layers.N, and model.norm)"
+            )
             continue
         norm = tensors.get(stem + ".weight")
         if norm is None:
             problems[module] = f"{path!r} has no tensor {stem + '.weight'!r}"
             continue
         if norm.tensor_type not in floats:
-            problems[module] = (f"{stem}.weight is stored quantized ({norm.tensor_type.name}): "
-                                f"its scaled weight cannot be written back byte-exactly")
+            problems[module] = (
+                f"{stem}.weight is stored quantized ({norm.tensor_type.name}): "
+                f"its scaled weight cannot be written back byte-exactly"
+            )
             continue
         if int(norm.n_elements) != a.shape[0]:
-            problems[module] = (f"{stem}.weight has {int(norm.n_elements)} coordinates but the "
-                                f"map has {a.shape[0]}: this steering was trained on another "
-                                f"model")
+            problems[module] = (
+                f"{stem}.weight has {int(norm.n_elements)} coordinates but the "
+                f"map has {a.shape[0]}: this steering was trained on another "
+                f"model"
+            )
             continue
         edit = _Edit(module, stem, a, c)
         if bool((c != 0).any()):
@@ -178,18 +208,22 @@ def _readers(edit: _Edit, stem: str, fam: GGUFFamily, arch: str, tensors: dict) 
     """Fill ``edit.readers`` with the projections whose biases take W·c; why not, else None."""
     block, _, local = stem.rpartition(".")
     if local in fam.rotary:
-        return (f"per-head norm whose output goes through the rotary embedding ({arch}): a "
-                f"shift has no bias to go into (a scale-only map folds)")
+        return (
+            f"per-head norm whose output goes through the rotary embedding ({arch}): a "
+            f"shift has no bias to go into (a scale-only map folds)"
+        )
     if local in fam.no_bias:
         return fam.no_bias[local].format(arch=arch)
     names = fam.readers.get(local)
     if names is None:
         return f"llama.cpp's {arch} loader has no bias tensors for the readers of {local}"
     if local == "ffn_norm" and f"{block}.ffn_gate_inp.weight" in tensors:
-        return (f"mixture-of-experts FFN ({block}.ffn_gate_inp): the router and the experts "
-                f"have no bias tensors in llama.cpp")
+        return (
+            f"mixture-of-experts FFN ({block}.ffn_gate_inp): the router and the experts "
+            f"have no bias tensors in llama.cpp"
+        )
     if local == "attn_norm" and f"{block}.attn_qkv.weight" in tensors:
-        names = ("attn_qkv",)                  # fused q/k/v: one bias over the fused rows
+        names = ("attn_qkv",)  # fused q/k/v: one bias over the fused rows
     missing = [f"{block}.{r}.weight" for r in names if f"{block}.{r}.weight" not in tensors]
     if missing:
         return f"expected reader tensors {missing} in the file"
@@ -200,12 +234,15 @@ def _readers(edit: _Edit, stem: str, fam: GGUFFamily, arch: str, tensors: dict) 
 def _dequantized(tensor) -> np.ndarray:
     """The tensor's values as float64, shape (rows, cols) for a matrix (rows = outputs)."""
     import gguf
+
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
-        raise ValueError(f"{tensor.name}: gguf {getattr(gguf, '__version__', '')} cannot "
-                         f"dequantize {tensor.tensor_type.name}, needed to compute its bias "
-                         f"W·c") from None
+        raise ValueError(
+            f"{tensor.name}: gguf {getattr(gguf, '__version__', '')} cannot "
+            f"dequantize {tensor.tensor_type.name}, needed to compute its bias "
+            f"W·c"
+        ) from None
     return np.asarray(values, dtype=np.float64)
 
 
@@ -218,7 +255,7 @@ def _new_tensors(reader, edits: list[_Edit]) -> dict[str, np.ndarray]:
         new[e.norm + ".weight"] = (e.a * w).astype(np.float32)
         for r in e.readers:
             weight = _dequantized(tensors[r + ".weight"])
-            weight = weight.reshape(-1, e.c.shape[0])           # (outputs, inputs)
+            weight = weight.reshape(-1, e.c.shape[0])  # (outputs, inputs)
             bias = weight @ e.c
             name = r + ".bias"
             if name in new:
@@ -231,8 +268,14 @@ def _new_tensors(reader, edits: list[_Edit]) -> dict[str, np.ndarray]:
     return new
 
 
-def fuse_gguf(in_gguf: str, steering: Union[Steering, Sequence[Steering]], strength: float = 1.0,
-              out_gguf: str | None = None, inverse: bool = False, strict: bool = True) -> dict:
+def fuse_gguf(
+    in_gguf: str,
+    steering: Union[Steering, Sequence[Steering]],
+    strength: float = 1.0,
+    out_gguf: str | None = None,
+    inverse: bool = False,
+    strict: bool = True,
+) -> dict:
     """Fold ``steering`` at ``strength`` into the GGUF model ``in_gguf`` and write ``out_gguf``
     (atomically: a temporary beside it, renamed in one step).
 
@@ -252,8 +295,9 @@ def fuse_gguf(in_gguf: str, steering: Union[Steering, Sequence[Steering]], stren
     try:
         import gguf  # noqa: F401 -- reader and writer of the file format
     except ImportError:
-        raise ImportError("lf.fuse_gguf needs the gguf package: pip install 'lineas_fast[gguf]' "
-                          "(or pip install gguf)") from None
+        raise ImportError(
+            "lf.fuse_gguf needs the gguf package: pip install 'lineas_fast[gguf]' (or pip install gguf)"
+        ) from None
     strength = number(strength, "strength")
     if out_gguf is None or not str(out_gguf).strip():
         raise ValueError(f"out_gguf: expected a file path, got {out_gguf!r}")
@@ -265,10 +309,14 @@ def fuse_gguf(in_gguf: str, steering: Union[Steering, Sequence[Steering]], stren
     arch = _arch(reader, in_gguf)
     fam = GGUF_FAMILIES.get(arch)
     if fam is None:
-        raise FusionError({"<model>": f"GGUF architecture {arch!r} is not in "
-                                      f"lineas_fast.gguf_fold.GGUF_FAMILIES "
-                                      f"({', '.join(GGUF_FAMILIES)}): which bias tensors its "
-                                      f"llama.cpp loader reads is unknown"})
+        raise FusionError(
+            {
+                "<model>": f"GGUF architecture {arch!r} is not in "
+                f"lineas_fast.gguf_fold.GGUF_FAMILIES "
+                f"({', '.join(GGUF_FAMILIES)}): which bias tensors its "
+                f"llama.cpp loader reads is unknown"
+            }
+        )
     if strict:
         for st in steerings:
             _check_model_type(st, arch, fam, in_gguf)
@@ -279,8 +327,13 @@ def fuse_gguf(in_gguf: str, steering: Union[Steering, Sequence[Steering]], stren
             effective = effective_map(st, strength, inverse).compose(effective)
         edits = plan_gguf(reader, effective, arch, in_gguf)
     new = _new_tensors(reader, edits)
-    report = {"out": os.fspath(out_gguf), "arch": arch, "scaled": [e.norm + ".weight" for e in edits],
-              "biases": {}, "copied": 0}
+    report = {
+        "out": os.fspath(out_gguf),
+        "arch": arch,
+        "scaled": [e.norm + ".weight" for e in edits],
+        "biases": {},
+        "copied": 0,
+    }
     existing = {t.name for t in reader.tensors}
     for name in new:
         if name.endswith(".bias"):
@@ -296,16 +349,19 @@ def _layout(reader, new: dict[str, np.ndarray]) -> list[tuple[str, object]]:
     names = {t.name for t in reader.tensors}
     for t in reader.tensors:
         order.append((t.name, new.get(t.name, t)))
-        stem = t.name[:-len(".weight")] if t.name.endswith(".weight") else None
+        stem = t.name[: -len(".weight")] if t.name.endswith(".weight") else None
         if stem and stem + ".bias" in new and stem + ".bias" not in names:
             order.append((stem + ".bias", new[stem + ".bias"]))
     return order
 
 
-def _write(reader, arch: str, new: dict, out: str, steerings, strength: float, inverse: bool,
-           report: dict) -> None:
+def _write(
+    reader, arch: str, new: dict, out: str, steerings, strength: float, inverse: bool, report: dict
+) -> None:
     import gguf
+
     from ._version import __version__
+
     layout = _layout(reader, new)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
@@ -324,11 +380,13 @@ def _write(reader, arch: str, new: dict, out: str, steerings, strength: float, i
         writer.add_array("lineas_fast.modules", modules)
         for name, item in layout:
             if isinstance(item, np.ndarray):
-                writer.add_tensor_info(name, item.shape, item.dtype, item.nbytes,
-                                       gguf.GGMLQuantizationType.F32)
+                writer.add_tensor_info(
+                    name, item.shape, item.dtype, item.nbytes, gguf.GGMLQuantizationType.F32
+                )
             else:
-                writer.add_tensor_info(name, item.data.shape, item.data.dtype, item.data.nbytes,
-                                       item.tensor_type)
+                writer.add_tensor_info(
+                    name, item.data.shape, item.data.dtype, item.data.nbytes, item.tensor_type
+                )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

@@ -13,6 +13,7 @@ the module's device, the gate's parameters and the kernel choice. A call then la
 fused kernel with no host synchronisation. While training (ω, b require grad) the coefficients
 are recomputed per call from the leaves so autograd reaches them; that is a few (d,) ops.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -25,7 +26,7 @@ from .functional import apply_affine, apply_gated, map_coefficients
 from .kernels._backend import use_triton
 from .modules import channel_dim_of
 
-MARK = "_lineas_fast_steered"        # module attribute: the installed maps, innermost first
+MARK = "_lineas_fast_steered"  # module attribute: the installed maps, innermost first
 
 
 class AlreadySteeredError(ValueError):
@@ -42,7 +43,7 @@ class SteeredForward:
 
     def __init__(self, name: str, module: nn.Module, apply: Callable):
         self.name, self.module, self.apply, self.active = name, module, apply, True
-        self.previous = module.__dict__.get("forward")        # an instance attribute, or None
+        self.previous = module.__dict__.get("forward")  # an instance attribute, or None
         inner = module.forward
 
         def forward(*args, **kwargs):
@@ -98,18 +99,29 @@ def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
     return placement.device_of(module) or fallback
 
 
-def make_steer(name: str, module: nn.Module, omega: torch.Tensor, bias: torch.Tensor,
-               strength: float, backend: str | None = None, gate: dict | None = None,
-               record: list | None = None) -> Callable:
+def make_steer(
+    name: str,
+    module: nn.Module,
+    omega: torch.Tensor,
+    bias: torch.Tensor,
+    strength: float,
+    backend: str | None = None,
+    gate: dict | None = None,
+    record: list | None = None,
+) -> Callable:
     """The per-call function of one map at one strength (negative: the inverse map), with
     everything that does not depend on the activations computed now."""
     inverse, lam = strength < 0, abs(float(strength))
-    training = omega.requires_grad or bias.requires_grad or (
-        gate is not None and (gate["w"].requires_grad or gate["c"].requires_grad))
-    if inverse and bool((omega == 0).any()):              # the one host sync, at attach time
+    training = (
+        omega.requires_grad
+        or bias.requires_grad
+        or (gate is not None and (gate["w"].requires_grad or gate["c"].requires_grad))
+    )
+    if inverse and bool((omega == 0).any()):  # the one host sync, at attach time
         zeros = torch.nonzero(omega == 0).flatten()[:8].tolist()
-        raise ValueError(f"module {name!r}: the inverse map needs omega != 0, omega is 0 at "
-                         f"coordinates {zeros}")
+        raise ValueError(
+            f"module {name!r}: the inverse map needs omega != 0, omega is 0 at coordinates {zeros}"
+        )
     d = omega.shape[0]
     home = _device_of(module, omega.device)
     cache: dict = {}
@@ -123,8 +135,11 @@ def make_steer(name: str, module: nn.Module, omega: torch.Tensor, bias: torch.Te
         else:
             u, b = map_coefficients(omega.detach(), bias.detach(), inverse)
         u, b = u.to(device, torch.float32).contiguous(), b.to(device, torch.float32).contiguous()
-        g = ((gate["w"].to(device, torch.float32).contiguous(),
-              gate["c"].to(device, torch.float32).reshape(1)) if gate is not None else (None, None))
+        g = (
+            (gate["w"].to(device, torch.float32).contiguous(), gate["c"].to(device, torch.float32).reshape(1))
+            if gate is not None
+            else (None, None)
+        )
         out = (u, b) + g
         if not training:
             cache[device] = out
@@ -141,14 +156,13 @@ def make_steer(name: str, module: nn.Module, omega: torch.Tensor, bias: torch.Te
         be = "triton" if triton_for[h.device] else "torch"
         cd = channel_dim_of(mod, h, d, name)
         if w is not None:
-            y, s = apply_gated(h, u, b, w, c, lam, gate["kind"] == "relu", channel_dim=cd,
-                               backend=be)
+            y, s = apply_gated(h, u, b, w, c, lam, gate["kind"] == "relu", channel_dim=cd, backend=be)
             if record is not None:
                 record.append(s.detach())
             return y
         if record is not None:
             cdp = cd % h.ndim
-            record.append(torch.full(h.shape[:cdp] + h.shape[cdp + 1:], lam, device=h.device))
+            record.append(torch.full(h.shape[:cdp] + h.shape[cdp + 1 :], lam, device=h.device))
         return apply_affine(h, u, b, lam, cd, backend=be)
 
     return steer
@@ -171,4 +185,5 @@ def check_free(modules: dict[str, nn.Module], compose: bool) -> None:
         raise AlreadySteeredError(
             f"modules {taken[:5]} already carry an attached steering map; remove that handle "
             f"first, attach one composed map (a.compose(b)), or pass compose=True to apply this "
-            f"one on top of it")
+            f"one on top of it"
+        )

@@ -29,6 +29,7 @@ test can kill it exactly there. Stages: ``written`` (temporary complete, destina
 ``moved-aside`` (fallback swap only: old folder at its backup name, new not yet in place),
 ``swapped`` (new output in place, old folder not yet deleted).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,8 @@ TMP_PREFIX = ".lineas-tmp-"
 OLD_PREFIX = ".lineas-old-"
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 _ENTRY = re.compile(r"^\.lineas-(tmp|old)-([0-9a-f]{6})-(\d+)-([0-9a-f]{8})-(.*)$", re.S)
-_MAX_NAME = 180                     # bytes of the destination name kept in a temporary's name
-_SLACK = 10.0                       # seconds of clock uncertainty when comparing start times
+_MAX_NAME = 180  # bytes of the destination name kept in a temporary's name
+_SLACK = 10.0  # seconds of clock uncertainty when comparing start times
 
 
 def _umask() -> int:
@@ -75,7 +76,7 @@ def _pause(stage: str) -> None:
 
 
 # --- SIGINT / SIGTERM: clean temporaries, never interrupt a swap half-way ---------------------
-_live: dict[str, None] = {}         # this process's temporaries, removed on SIGTERM
+_live: dict[str, None] = {}  # this process's temporaries, removed on SIGTERM
 _state = {"depth": 0, "critical": 0, "pending": None, "installed": {}}
 
 
@@ -95,12 +96,12 @@ def _deliver(signum: int) -> None:
         _remove(path)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
-    os._exit(128 + signum)                         # not reached: the default action kills
+    os._exit(128 + signum)  # not reached: the default action kills
 
 
 def _on_signal(signum, frame) -> None:
     if _state["critical"]:
-        _state["pending"] = signum                 # acted on when the swap is complete
+        _state["pending"] = signum  # acted on when the swap is complete
         return
     _deliver(signum)
 
@@ -180,7 +181,7 @@ def _writer_gone(pid: int, made: float) -> bool:
     only: elsewhere a temporary is never judged stale)."""
     if os.name != "posix":
         return False
-    if pid == os.getpid():                            # ours, unless made before we started
+    if pid == os.getpid():  # ours, unless made before we started
         start = _start_time(pid)
         return start is not None and start > made + _SLACK
     try:
@@ -188,11 +189,11 @@ def _writer_gone(pid: int, made: float) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False                                  # alive, another user's
+        return False  # alive, another user's
     start = _start_time(pid)
     if start is None:
         return False
-    return start < 0 or start > made + _SLACK         # zombie, or the pid was reused since
+    return start < 0 or start > made + _SLACK  # zombie, or the pid was reused since
 
 
 def _stale_entries(folder: str):
@@ -229,7 +230,7 @@ def recover(path: str) -> None:
     for entry in sorted(backups, key=lambda p: os.lstat(p).st_ctime, reverse=True):
         if not os.path.lexists(path):
             try:
-                os.rename(entry, path)                # the old complete output comes back
+                os.rename(entry, path)  # the old complete output comes back
                 continue
             except OSError:
                 pass
@@ -253,7 +254,7 @@ def _fsync_tree(path: str) -> None:
 
 
 def _prepare(path) -> tuple[str, str]:
-    path = os.path.realpath(os.fspath(path))          # a symlink is written through
+    path = os.path.realpath(os.fspath(path))  # a symlink is written through
     folder = os.path.dirname(path)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"cannot write {path!r}: {folder!r} is a file, not a folder")
@@ -298,6 +299,7 @@ def _renameat2():
         return None
     try:
         import ctypes
+
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return None
@@ -309,6 +311,7 @@ def _exchange(a: str, b: str) -> bool:
     """Swap two existing paths in one atomic step (Linux renameat2); False where the system or
     the filesystem cannot."""
     import ctypes
+
     fn = _renameat2()
     if fn is None:
         return False
@@ -354,10 +357,10 @@ def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:
     if os.path.isdir(path) and _exchange(tmp, path):
         return
     if not os.path.isdir(path) or not os.listdir(path):
-        os.replace(tmp, path)          # nothing to keep (absent or empty): one atomic rename
+        os.replace(tmp, path)  # nothing to keep (absent or empty): one atomic rename
         return
     backup = os.path.join(folder, _temp_name(OLD_PREFIX, name))
-    _live[backup] = None               # removed on SIGTERM only once the swap is complete
+    _live[backup] = None  # removed on SIGTERM only once the swap is complete
     try:
         with _critical():
             os.rename(path, backup)
@@ -365,9 +368,9 @@ def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:
                 _pause("moved-aside")
                 os.rename(tmp, path)
             except BaseException:
-                os.rename(backup, path)             # put the old folder back
+                os.rename(backup, path)  # put the old folder back
                 raise
-            os.rename(backup, tmp)                  # the caller deletes the old folder
+            os.rename(backup, tmp)  # the caller deletes the old folder
     finally:
         _live.pop(backup, None)
         if os.path.lexists(backup) and os.path.isdir(path):

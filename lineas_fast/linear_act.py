@@ -1,5 +1,6 @@
 """Closed-form per-module maps, fitted module after module: Linear-AcT (SPEC §4) and the
 mean-shift baseline (ω = 1, b = mean(target) − mean(source))."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -24,13 +25,16 @@ def linear_act_map(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
         A coordinate where the source is constant gets ω = 1 and the mean shift b = ȳ − x̄.
     """
     if x.ndim != 2 or y.ndim != 2:
-        raise ValueError(f"x and y must be 2-D (samples, coordinates), got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must be 2-D (samples, coordinates), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x has {x.shape[1]} coordinates but y has {y.shape[1]}")
     if x.shape[0] < 2 or y.shape[0] < 1:
-        raise ValueError(f"Linear-AcT needs at least 2 source samples and 1 target sample, got "
-                         f"{x.shape[0]} and {y.shape[0]}")
+        raise ValueError(
+            f"Linear-AcT needs at least 2 source samples and 1 target sample, got "
+            f"{x.shape[0]} and {y.shape[0]}"
+        )
     xs = torch.sort(x.detach().double(), dim=0).values
     if y.shape[0] == x.shape[0]:
         ys = torch.sort(y.detach().double(), dim=0).values
@@ -44,50 +48,100 @@ def linear_act_map(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return omega.float(), bias.float()
 
 
-def fit_linear_act(model, tokenizer, source: Sequence[str], target: Sequence[str],
-                   modules: str = ".*post.*layernorm", max_length: int = 128,
-                   autocast_dtype: torch.dtype | None = None, timestep: int | None = None,
-                   seed: int = 0) -> Steering:
+def fit_linear_act(
+    model,
+    tokenizer,
+    source: Sequence[str],
+    target: Sequence[str],
+    modules: str = ".*post.*layernorm",
+    max_length: int = 128,
+    autocast_dtype: torch.dtype | None = None,
+    timestep: int | None = None,
+    seed: int = 0,
+) -> Steering:
     """Fit Linear-AcT maps module after module (in execution order), each on source
     activations with the earlier modules' maps active, against the untouched model's target.
     ``model`` may be a diffusers pipeline (``tokenizer`` None) or a ``Target`` (see ``lf.train``)."""
-    return fit_per_module(model, tokenizer, source, target, modules, linear_act_map,
-                          "linear_act", max_length=max_length, autocast_dtype=autocast_dtype,
-                          timestep=timestep, seed=seed)
+    return fit_per_module(
+        model,
+        tokenizer,
+        source,
+        target,
+        modules,
+        linear_act_map,
+        "linear_act",
+        max_length=max_length,
+        autocast_dtype=autocast_dtype,
+        timestep=timestep,
+        seed=seed,
+    )
 
 
 def mean_shift_map(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The additive steering vector: ω = 1, b = mean(y) − mean(x) per coordinate (float32).
     x (n, d) source samples, y (m, d) target samples."""
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must be 2-D with the same coordinates, got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must be 2-D with the same coordinates, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     bias = y.detach().double().mean(0) - x.detach().double().mean(0)
     return torch.ones_like(bias).float(), bias.float()
 
 
-def fit_mean_shift(model, tokenizer, source: Sequence[str], target: Sequence[str],
-                   modules: str = ".*post.*layernorm", max_length: int = 128,
-                   autocast_dtype: torch.dtype | None = None, timestep: int | None = None,
-                   seed: int = 0, sequential: bool = True) -> Steering:
+def fit_mean_shift(
+    model,
+    tokenizer,
+    source: Sequence[str],
+    target: Sequence[str],
+    modules: str = ".*post.*layernorm",
+    max_length: int = 128,
+    autocast_dtype: torch.dtype | None = None,
+    timestep: int | None = None,
+    seed: int = 0,
+    sequential: bool = True,
+) -> Steering:
     """The mean-shift baseline (the additive steering vectors of repeng or steering-vectors):
     ω = 1, b = mean(target) − mean(source) of the pooled activations, per module. With
     ``sequential`` (default) each module's shift is measured with the earlier modules' shifts
     active, as Linear-AcT does, so stacked layers do not add up the same shift; with
     ``sequential=False`` every shift is measured on the untouched model."""
-    return fit_per_module(model, tokenizer, source, target, modules, mean_shift_map,
-                          "mean_shift", max_length=max_length, autocast_dtype=autocast_dtype,
-                          timestep=timestep, seed=seed, sequential=bool(sequential))
+    return fit_per_module(
+        model,
+        tokenizer,
+        source,
+        target,
+        modules,
+        mean_shift_map,
+        "mean_shift",
+        max_length=max_length,
+        autocast_dtype=autocast_dtype,
+        timestep=timestep,
+        seed=seed,
+        sequential=bool(sequential),
+    )
 
 
-def fit_per_module(model, tokenizer, source, target, modules, map_fn, method: str, *,
-                   max_length: int = 128, autocast_dtype=None, timestep=None, seed: int = 0,
-                   sequential: bool = True) -> Steering:
+def fit_per_module(
+    model,
+    tokenizer,
+    source,
+    target,
+    modules,
+    map_fn,
+    method: str,
+    *,
+    max_length: int = 128,
+    autocast_dtype=None,
+    timestep=None,
+    seed: int = 0,
+    sequential: bool = True,
+) -> Steering:
     """Fit ``map_fn(source (n, d), target (m, d)) -> (ω, b)`` at each module in execution
     order; with ``sequential`` the maps fitted so far are active while the next module's
     source activations are read."""
-    steered = as_target(model, tokenizer, max_length=max_length, autocast_dtype=autocast_dtype,
-                        timestep=timestep, seed=seed)
+    steered = as_target(
+        model, tokenizer, max_length=max_length, autocast_dtype=autocast_dtype, timestep=timestep, seed=seed
+    )
     names = steered.match(modules, "modules")
     steered.require(names)
     src, tgt = steered.encode(source, "source"), steered.encode(target, "target")
@@ -104,8 +158,12 @@ def fit_per_module(model, tokenizer, source, target, modules, map_fn, method: st
             omega, bias = map_fn(x, target_acts[name])
             dev = steered.module_device(name)
             maps[name] = (omega.to(dev), bias.to(dev))
-    hyper = {"modules": modules, "max_length": getattr(steered, "max_length", None),
-             "n_source": steered.count(src), "n_target": steered.count(tgt)}
+    hyper = {
+        "modules": modules,
+        "max_length": getattr(steered, "max_length", None),
+        "n_source": steered.count(src),
+        "n_target": steered.count(tgt),
+    }
     if method == "mean_shift":
         hyper["sequential"] = sequential
     meta = {"model": steered.fingerprint(), "method": method, "hyperparameters": hyper}

@@ -1,4 +1,5 @@
 """Finding modules by regex and reading their outputs' coordinate axis."""
+
 from __future__ import annotations
 
 import difflib
@@ -18,8 +19,10 @@ def match_modules(model: nn.Module, pattern: str, what: str = "modules") -> list
     names = [n for n, _ in model.named_modules() if n]
     hits = [n for n in names if rx.fullmatch(n)]
     if not hits:
-        raise ValueError(f"{what} pattern {pattern!r} matches no module of "
-                         f"{type(model).__name__}; nearby names: {nearby_names(names, pattern)}")
+        raise ValueError(
+            f"{what} pattern {pattern!r} matches no module of "
+            f"{type(model).__name__}; nearby names: {nearby_names(names, pattern)}"
+        )
     return hits
 
 
@@ -49,10 +52,15 @@ _CHANNEL_FIRST_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.Conv2d, nn.InstanceNorm
 def channel_dim_of(module: nn.Module, out: torch.Tensor, d: int, name: str) -> int:
     """Which axis of ``out`` holds the d coordinates: last for token streams (B, T, d),
     1 for image maps (B, C, H, W)."""
-    if out.ndim >= 3 and out.shape[1] == d and (isinstance(module, _CHANNEL_FIRST_TYPES)
-                                                or out.shape[-1] != d):
+    if (
+        out.ndim >= 3
+        and out.shape[1] == d
+        and (isinstance(module, _CHANNEL_FIRST_TYPES) or out.shape[-1] != d)
+    ):
         return 1
     if out.shape[-1] == d:
         return -1
-    raise ValueError(f"module {name!r} outputs shape {tuple(out.shape)}, which has no axis of "
-                     f"size {d} (the steering map's dimension)")
+    raise ValueError(
+        f"module {name!r} outputs shape {tuple(out.shape)}, which has no axis of "
+        f"size {d} (the steering map's dimension)"
+    )

@@ -8,6 +8,7 @@ loads them onto its ``execution_device`` for each forward. A steering map must l
 module's output is computed, so the device of a module is: its parameters' device when they are
 real, else the execution device of the nearest accelerate hook on it or an ancestor.
 """
+
 from __future__ import annotations
 
 import torch

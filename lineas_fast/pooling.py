@@ -9,6 +9,7 @@
   decreasing), and the (n, R·L) matrix whose product with the packed stream is each sentence's
   mean: one matmul pools a whole packed batch, rows in the caller's order.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -54,8 +55,8 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for r, x in enumerate(seqs):
-        ids[r, :len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-        mask[r, :len(x)] = 1
+        ids[r, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        mask[r, : len(x)] = 1
     return ids, mask
 
 
@@ -67,8 +68,7 @@ def pack_rows(lengths: Sequence[int], capacity: int | None = None) -> list[list[
         return []
     cap = max(lengths) if capacity is None else int(capacity)
     if cap < max(lengths):
-        raise ValueError(f"capacity={cap} is shorter than the longest sentence ({max(lengths)} "
-                         f"tokens)")
+        raise ValueError(f"capacity={cap} is shorter than the longest sentence ({max(lengths)} tokens)")
     rows: list[list[int]] = []
     free: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -83,8 +83,7 @@ def pack_rows(lengths: Sequence[int], capacity: int | None = None) -> list[list[
     return rows
 
 
-def segment_means(starts: Sequence[int], lengths: Sequence[int], total: int,
-                  device=None) -> torch.Tensor:
+def segment_means(starts: Sequence[int], lengths: Sequence[int], total: int, device=None) -> torch.Tensor:
     """(n, total) float32 matrix W with W[k, starts[k]:starts[k] + lengths[k]] = 1/lengths[k]
     and 0 elsewhere: ``W @ h.reshape(total, d)`` is the mean of each segment of a flattened
     stream (n = len(starts); segments are disjoint spans of the flattened (R, L) positions)."""
@@ -94,5 +93,5 @@ def segment_means(starts: Sequence[int], lengths: Sequence[int], total: int,
     for k, (s, n) in enumerate(zip(starts, lengths)):
         if n < 1 or s < 0 or s + n > total:
             raise ValueError(f"segment {k} = [{s}, {s + n}) is empty or outside [0, {total})")
-        w[k, s:s + n] = 1.0 / n
+        w[k, s : s + n] = 1.0 / n
     return w if device is None else w.to(device)

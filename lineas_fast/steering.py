@@ -1,4 +1,5 @@
 """``Steering``: one affine map (ω, b) per module, saved as safetensors, applied by hooks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,12 @@ class Steering:
             hyperparameters, ...).
     """
 
-    def __init__(self, maps: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                 metadata: dict | None = None, gates: Mapping[str, dict] | None = None):
+    def __init__(
+        self,
+        maps: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        metadata: dict | None = None,
+        gates: Mapping[str, dict] | None = None,
+    ):
         if not maps:
             raise ValueError("a Steering needs at least one module map")
         self._maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -48,8 +53,10 @@ class Steering:
             if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in pair):
                 raise TypeError(f"map for {name!r}: omega and bias must be floating-point tensors")
             if omega.ndim != 1 or omega.shape != bias.shape:
-                raise ValueError(f"map for {name!r}: omega {tuple(omega.shape)} and bias "
-                                 f"{tuple(bias.shape)} must both be (d,)")
+                raise ValueError(
+                    f"map for {name!r}: omega {tuple(omega.shape)} and bias "
+                    f"{tuple(bias.shape)} must both be (d,)"
+                )
             finite_tensors(f"map for {name!r}", omega=omega.detach(), bias=bias.detach())
             self._maps[name] = (omega, bias)
         self.metadata = dict(metadata or {})
@@ -59,8 +66,10 @@ class Steering:
                 raise ValueError(f"gate for {name!r}, which has no map")
             w, c, kind = gate["w"], gate["c"], gate.get("kind", "sigmoid")
             if w.shape != self._maps[name][0].shape or c.numel() != 1:
-                raise ValueError(f"gate for {name!r}: w must be ({self._maps[name][0].shape[0]},) "
-                                 f"and c one value, got {tuple(w.shape)} and {tuple(c.shape)}")
+                raise ValueError(
+                    f"gate for {name!r}: w must be ({self._maps[name][0].shape[0]},) "
+                    f"and c one value, got {tuple(w.shape)} and {tuple(c.shape)}"
+                )
             if kind not in ("sigmoid", "relu"):
                 raise ValueError(f"gate kind for {name!r} must be 'sigmoid' or 'relu', got {kind!r}")
             finite_tensors(f"gate for {name!r}", w=w.detach(), c=c.detach())
@@ -90,23 +99,28 @@ class Steering:
 
     def __repr__(self) -> str:
         gated = f", {len(self.gates)} gated" if self.gates else ""
-        return (f"Steering({len(self)} modules, support {self.support()}/"
-                f"{sum(self.dims().values())}{gated})")
+        return f"Steering({len(self)} modules, support {self.support()}/{sum(self.dims().values())}{gated})"
 
     def _map_gates(self, fn) -> dict:
-        return {n: {"w": fn(g["w"]), "c": fn(g["c"]), "kind": g["kind"]}
-                for n, g in self.gates.items()}
+        return {n: {"w": fn(g["w"]), "c": fn(g["c"]), "kind": g["kind"]} for n, g in self.gates.items()}
 
     # --- algebra ------------------------------------------------------------------------------
     def detach(self) -> "Steering":
-        return Steering({n: (om.detach().clone(), b.detach().clone())
-                         for n, (om, b) in self._maps.items()}, self.metadata,
-                        self._map_gates(lambda t: t.detach().clone()))
+        return Steering(
+            {n: (om.detach().clone(), b.detach().clone()) for n, (om, b) in self._maps.items()},
+            self.metadata,
+            self._map_gates(lambda t: t.detach().clone()),
+        )
 
     def to(self, device=None, dtype=None) -> "Steering":
-        return Steering({n: (om.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-                         for n, (om, b) in self._maps.items()}, self.metadata,
-                        self._map_gates(lambda t: t.to(device=device, dtype=dtype)))
+        return Steering(
+            {
+                n: (om.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+                for n, (om, b) in self._maps.items()
+            },
+            self.metadata,
+            self._map_gates(lambda t: t.to(device=device, dtype=dtype)),
+        )
 
     def inverse(self) -> "Steering":
         """T⁻¹(z) = (z − b)/ω as an affine map: ω' = 1/ω, b' = −b/ω."""
@@ -115,8 +129,7 @@ class Steering:
             if bool((om == 0).any()):
                 raise ValueError(f"module {n!r}: omega has zeros, the map has no inverse")
             out[n] = (1.0 / om, -b / om)
-        return Steering(out, {**self.metadata, "inverse_of": self.metadata.get("name", "")},
-                        self.gates)
+        return Steering(out, {**self.metadata, "inverse_of": self.metadata.get("name", "")}, self.gates)
 
     def compose(self, other: "Steering") -> "Steering":
         """self ∘ other: ``other`` applied first, then ``self`` (SPEC §3:
@@ -124,14 +137,17 @@ class Steering:
         out = dict(other._maps)
         both_gated = [n for n in self._maps if n in other._maps and (n in self.gates or n in other.gates)]
         if both_gated:
-            raise ValueError(f"cannot compose gated maps at the same module: {both_gated[:5]} "
-                             f"(a gated map composed with another is not one gated affine map)")
+            raise ValueError(
+                f"cannot compose gated maps at the same module: {both_gated[:5]} "
+                f"(a gated map composed with another is not one gated affine map)"
+            )
         for n, (om2, b2) in self._maps.items():
             if n in out:
                 om1, b1 = out[n]
                 if om1.shape != om2.shape:
-                    raise ValueError(f"module {n!r}: cannot compose maps of dims "
-                                     f"{om1.shape[0]} and {om2.shape[0]}")
+                    raise ValueError(
+                        f"module {n!r}: cannot compose maps of dims {om1.shape[0]} and {om2.shape[0]}"
+                    )
                 out[n] = (om2 * om1, om2 * b1 + b2)
             else:
                 out[n] = (om2, b2)
@@ -144,7 +160,9 @@ class Steering:
         and renamed over it (``io.atomic_path``; an error, Ctrl-C or SIGTERM leaves no temporary).
         Maps that became non-finite since construction (NaN/Inf) are refused before writing."""
         from safetensors.torch import save_file
+
         from ._version import __version__
+
         if os.path.isdir(path):
             raise IsADirectoryError(f"cannot save steering to {path!r}: it is a folder")
         tensors = {}
@@ -158,10 +176,14 @@ class Steering:
         if bad:
             raise ValueError(f"cannot save steering to {path!r}: {bad[:5]} not finite (NaN or Inf)")
         meta = {**self.metadata, **metadata}
-        header = {"format": FORMAT, "library_version": __version__,
-                  "modules": json.dumps(self.modules), "dims": json.dumps(self.dims()),
-                  "metadata": json.dumps(meta, default=str),
-                  "gates": json.dumps({n: g["kind"] for n, g in self.gates.items()})}
+        header = {
+            "format": FORMAT,
+            "library_version": __version__,
+            "modules": json.dumps(self.modules),
+            "dims": json.dumps(self.dims()),
+            "metadata": json.dumps(meta, default=str),
+            "gates": json.dumps({n: g["kind"] for n, g in self.gates.items()}),
+        }
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=header)
 
@@ -169,22 +191,30 @@ class Steering:
     def load(cls, path: str, device=None) -> "Steering":
         """Read a file written by ``save`` (safetensors: no unpickling)."""
         from safetensors import SafetensorError, safe_open
+
         if not os.path.isfile(path):
             raise FileNotFoundError(f"steering file {path!r} does not exist")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 header = f.metadata() or {}
                 if header.get("format") != FORMAT:
-                    raise ValueError(f"{path!r} is not a lineas_fast steering file "
-                                     f"(format {header.get('format')!r})")
+                    raise ValueError(
+                        f"{path!r} is not a lineas_fast steering file (format {header.get('format')!r})"
+                    )
                 modules = json.loads(header["modules"])
                 gate_kinds = json.loads(header.get("gates", "{}"))
                 meta = json.loads(header.get("metadata", "{}"))
-                if not (isinstance(modules, list) and all(isinstance(n, str) for n in modules)
-                        and isinstance(gate_kinds, dict) and isinstance(meta, dict)
-                        and isinstance(meta.get("model", {}), dict)):
-                    raise ValueError("malformed header: 'modules' must be a list of names, "
-                                     "'gates' and 'metadata' (and its 'model') JSON objects")
+                if not (
+                    isinstance(modules, list)
+                    and all(isinstance(n, str) for n in modules)
+                    and isinstance(gate_kinds, dict)
+                    and isinstance(meta, dict)
+                    and isinstance(meta.get("model", {}), dict)
+                ):
+                    raise ValueError(
+                        "malformed header: 'modules' must be a list of names, "
+                        "'gates' and 'metadata' (and its 'model') JSON objects"
+                    )
                 maps = {}
                 for n in modules:
                     om, b = f.get_tensor(f"{n}.omega"), f.get_tensor(f"{n}.bias")
@@ -192,8 +222,11 @@ class Steering:
                 gates = {}
                 for n, kind in gate_kinds.items():
                     w, c = f.get_tensor(f"{n}.gate_w"), f.get_tensor(f"{n}.gate_c")
-                    gates[n] = {"w": w.to(device) if device else w,
-                                "c": c.to(device) if device else c, "kind": kind}
+                    gates[n] = {
+                        "w": w.to(device) if device else w,
+                        "c": c.to(device) if device else c,
+                        "kind": kind,
+                    }
             return cls(maps, meta, gates)
         except (SafetensorError, json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"cannot read steering file {path!r}: {e}") from None
@@ -212,18 +245,25 @@ class Steering:
         for n, (om, _) in own._maps.items():
             d = coordinate_dim(named[n])
             if d is not None and d != om.shape[0]:
-                raise ValueError(f"module {n!r} has {d} coordinates but its map has "
-                                 f"{om.shape[0]}: this steering was trained on another model")
+                raise ValueError(
+                    f"module {n!r} has {d} coordinates but its map has "
+                    f"{om.shape[0]}: this steering was trained on another model"
+                )
         want = self.metadata.get("model")
         if want is not None and not isinstance(want, dict):
-            raise ValueError(f"steering metadata 'model' must be a fingerprint object, got "
-                             f"{type(want).__name__} {want!r}")
+            raise ValueError(
+                f"steering metadata 'model' must be a fingerprint object, got {type(want).__name__} {want!r}"
+            )
         if strict and want and own is self:
             have = target.fingerprint()
             if (want.get("model_type"), want.get("shapes_sha256")) != (
-                    have["model_type"], have["shapes_sha256"]):
-                raise ValueError(f"steering was trained on model {want} but this model is {have}; "
-                                 f"pass strict=False to apply it anyway")
+                have["model_type"],
+                have["shapes_sha256"],
+            ):
+                raise ValueError(
+                    f"steering was trained on model {want} but this model is {have}; "
+                    f"pass strict=False to apply it anyway"
+                )
         return {n: named[n] for n in own._maps}
 
     def strip_prefix(self, prefix: str) -> "Steering":
@@ -232,8 +272,11 @@ class Steering:
         if not all(n.startswith(prefix) for n in self._maps):
             raise ValueError(f"not every module name starts with {prefix!r}")
         cut = len(prefix)
-        return Steering({n[cut:]: m for n, m in self._maps.items()}, self.metadata,
-                        {n[cut:]: g for n, g in self.gates.items()})
+        return Steering(
+            {n[cut:]: m for n, m in self._maps.items()},
+            self.metadata,
+            {n[cut:]: g for n, g in self.gates.items()},
+        )
 
     def strengths(self, strength: StrengthSpec) -> dict[str, float]:
         """Per-module strength from a float or {name or regex: float} (others get 1.0)."""
@@ -242,20 +285,30 @@ class Steering:
             for key, val in strength.items():
                 hits = [n for n in self._maps if n == key or re.fullmatch(key, n)]
                 if not hits:
-                    raise ValueError(f"strength key {key!r} matches no steered module "
-                                     f"(steered: {self.modules[:5]}...)")
+                    raise ValueError(
+                        f"strength key {key!r} matches no steered module (steered: {self.modules[:5]}...)"
+                    )
                 for n in hits:
                     out[n] = number(val, f"strength[{key!r}]")
             return out
         if isinstance(strength, torch.Tensor):
-            raise TypeError("a per-token strength tensor is set per call with affine_steer; "
-                            "attach/apply take a float or a per-module dict")
+            raise TypeError(
+                "a per-token strength tensor is set per call with affine_steer; "
+                "attach/apply take a float or a per-module dict"
+            )
         value = number(strength, "strength")
         return {n: value for n in self._maps}
 
-    def attach(self, model, strength: StrengthSpec = 1.0, strict: bool = True,
-               backend: str | None = None, use_gates: bool = True,
-               record_strengths: bool = False, compose: bool = False) -> "SteeringHandle":
+    def attach(
+        self,
+        model,
+        strength: StrengthSpec = 1.0,
+        strict: bool = True,
+        backend: str | None = None,
+        use_gates: bool = True,
+        record_strengths: bool = False,
+        compose: bool = False,
+    ) -> "SteeringHandle":
         """Apply each map to its module's output with the fused kernel (the gated kernel for
         modules with a DSAS gate, unless ``use_gates=False``); a negative strength applies the
         inverse map with |strength|. ``model``: a model, a diffusers pipeline or a ``Target``.
@@ -285,13 +338,19 @@ class Steering:
         return handle
 
     @contextlib.contextmanager
-    def apply(self, model, strength: StrengthSpec = 1.0, strict: bool = True,
-              backend: str | None = None, use_gates: bool = True, record_strengths: bool = False,
-              compose: bool = False):
+    def apply(
+        self,
+        model,
+        strength: StrengthSpec = 1.0,
+        strict: bool = True,
+        backend: str | None = None,
+        use_gates: bool = True,
+        record_strengths: bool = False,
+        compose: bool = False,
+    ):
         """Context manager: ``with steering.apply(model, strength=0.5) as handle: ...``
         (the handle holds recorded strengths when asked)."""
-        handle = self.attach(model, strength, strict, backend, use_gates, record_strengths,
-                             compose)
+        handle = self.attach(model, strength, strict, backend, use_gates, record_strengths, compose)
         try:
             yield handle
         finally:
@@ -300,8 +359,10 @@ class Steering:
     def plot_support(self, path: str) -> None:
         """Bar chart of the support (coordinates switched on) per module, as a PNG."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         counts, dims = self.support(per_module=True), self.dims()
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(counts)), 3.5))
         ax.bar(range(len(counts)), [counts[n] / dims[n] for n in counts])

@@ -19,6 +19,7 @@ text, support, mean gate opening), and writes after every row, atomically:
 
 ``lineas-fast sweep`` (``sweep_cli.py``) runs it on SmolLM2-135M-Instruct or Gemma-3-270M.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,6 +42,7 @@ GATE_LEVELS = (None, "sentence", "token")
 class Recipe:
     """How one steering is obtained. ``n_train`` source and as many target sentences (the first
     ``n_train`` of the sweep's pools); LinEAS settings are ignored by the baselines."""
+
     method: str = "lineas"
     modules: str = r".*post_attention_layernorm"
     loss_modules: Optional[str] = None
@@ -61,8 +63,9 @@ class Recipe:
         if self.control_opening is not None:
             number(self.control_opening, "control_opening", low=0, low_open=True, high=1)
             if not self.gates:
-                raise ValueError(f"control_opening={self.control_opening} needs gates "
-                                 f"('sentence' or 'token')")
+                raise ValueError(
+                    f"control_opening={self.control_opening} needs gates ('sentence' or 'token')"
+                )
         choice(self.optimizer, "optimizer", ("sgd", "adam"))
         if self.lr is not None:
             number(self.lr, "lr", low=0, low_open=True)
@@ -70,10 +73,11 @@ class Recipe:
     def settings(self) -> dict:
         """The fields that change the fitted steering (baselines drop the LinEAS ones)."""
         d = asdict(self)
-        if d["lr"] is None:                       # the default as a number: defaults change
+        if d["lr"] is None:  # the default as a number: defaults change
             from .trainer import TrainConfig
+
             d["lr"] = TrainConfig(optimizer=self.optimizer).resolved_lr()
-        if d["control_opening"] is None:          # keys of sweeps before the field existed
+        if d["control_opening"] is None:  # keys of sweeps before the field existed
             d.pop("control_opening")
         if self.method != "lineas":
             for k in ("loss_modules", "sparsity", "steps", "optimizer", "lr"):
@@ -90,13 +94,17 @@ class Recipe:
         names = {"lineas": "LinEAS", "mean_shift": "mean-shift", "linear_act": "Linear-AcT"}
         parts = [names[self.method], _short(self.modules), f"n={self.n_train}"]
         if self.method == "lineas":
-            parts += [f"γ={self.sparsity:g}", f"{self.steps} st",
-                      f"{self.optimizer} {self.settings()['lr']:g}"]
+            parts += [
+                f"γ={self.sparsity:g}",
+                f"{self.steps} st",
+                f"{self.optimizer} {self.settings()['lr']:g}",
+            ]
             if self.loss_modules:
                 parts.append(f"loss@{_short(self.loss_modules)}")
         if self.gates:
-            parts.append(f"DSAS-{self.gates}" + (f" ≤{self.control_opening:g}"
-                                                 if self.control_opening else ""))
+            parts.append(
+                f"DSAS-{self.gates}" + (f" ≤{self.control_opening:g}" if self.control_opening else "")
+            )
         return " ".join(parts)
 
 
@@ -112,6 +120,7 @@ class SweepData:
     """The sweep's texts. ``insults``/``neutral``: training pools (a recipe takes the first
     ``n_train`` of each); ``control``: neutral sentences disjoint from the targets, for DSAS
     gates; ``prompts``: held-out prompts for continuations; ``wiki``: perplexity texts."""
+
     insults: list
     neutral: list
     prompts: list
@@ -119,14 +128,21 @@ class SweepData:
     control: list = field(default_factory=list)
 
 
-def load_sweep_data(n_train_max: int = 256, n_prompts: int = 200, n_wiki: int = 100,
-                    n_control: int = 64, prompt_words: int = 5, seed: int = 0) -> SweepData:
+def load_sweep_data(
+    n_train_max: int = 256,
+    n_prompts: int = 200,
+    n_wiki: int = 100,
+    n_control: int = 64,
+    prompt_words: int = 5,
+    seed: int = 0,
+) -> SweepData:
     """Seeded draws from the insults data (held-out prompts from its test file) and Wikipedia."""
     from .assets import wikipedia_extracts
     from .demo import draw_demo_sentences
+
     prompts, insults, pool, rng = draw_demo_sentences(n_train_max, n_prompts, prompt_words, seed)
     wiki = wikipedia_extracts()
-    neutral, control = pool[:n_train_max], pool[n_train_max:n_train_max + n_control]
+    neutral, control = pool[:n_train_max], pool[n_train_max : n_train_max + n_control]
     return SweepData(insults, neutral, prompts, rng.sample(wiki, min(n_wiki, len(wiki))), control)
 
 
@@ -136,78 +152,120 @@ def check_recipes(recipes: Sequence[Recipe], data: SweepData) -> None:
         raise ValueError("a sweep needs at least one recipe")
     for i, r in enumerate(recipes):
         if not isinstance(r, Recipe):
-            raise TypeError(f"recipes[{i}] must be a lineas_fast.sweep.Recipe, got "
-                            f"{type(r).__name__}")
+            raise TypeError(f"recipes[{i}] must be a lineas_fast.sweep.Recipe, got {type(r).__name__}")
         r.check()
         have = min(len(data.insults), len(data.neutral))
         if r.n_train > have:
-            raise ValueError(f"recipes[{i}] ({r.label()}): n_train={r.n_train} but the data "
-                             f"holds {len(data.insults)} source and {len(data.neutral)} target "
-                             f"sentences")
+            raise ValueError(
+                f"recipes[{i}] ({r.label()}): n_train={r.n_train} but the data "
+                f"holds {len(data.insults)} source and {len(data.neutral)} target "
+                f"sentences"
+            )
         if r.gates and len(data.control) < 4:
-            raise ValueError(f"recipes[{i}] ({r.label()}): gates={r.gates!r} needs at least 4 "
-                             f"control sentences, got {len(data.control)}")
+            raise ValueError(
+                f"recipes[{i}] ({r.label()}): gates={r.gates!r} needs at least 4 "
+                f"control sentences, got {len(data.control)}"
+            )
 
 
-def fit_recipe(model, tokenizer, recipe: Recipe, data: SweepData, seed: int = 0,
-               progress: bool = False, ungated=None):
+def fit_recipe(
+    model, tokenizer, recipe: Recipe, data: SweepData, seed: int = 0, progress: bool = False, ungated=None
+):
     """The recipe's Steering on ``model``. A gated recipe fits its gates on ``ungated`` (the
     same recipe without gates, already fitted) when given."""
     from .linear_act import fit_linear_act, fit_mean_shift
     from .trainer import train
-    src, tgt = data.insults[:recipe.n_train], data.neutral[:recipe.n_train]
+
+    src, tgt = data.insults[: recipe.n_train], data.neutral[: recipe.n_train]
     if ungated is not None:
         steering = ungated
     elif recipe.method == "lineas":
-        steering = train(model, tokenizer, src, tgt, modules=recipe.modules,
-                         loss_modules=recipe.loss_modules, steps=recipe.steps,
-                         optimizer=recipe.optimizer, lr=recipe.lr, sparsity=recipe.sparsity,
-                         seed=seed, progress=progress)
+        steering = train(
+            model,
+            tokenizer,
+            src,
+            tgt,
+            modules=recipe.modules,
+            loss_modules=recipe.loss_modules,
+            steps=recipe.steps,
+            optimizer=recipe.optimizer,
+            lr=recipe.lr,
+            sparsity=recipe.sparsity,
+            seed=seed,
+            progress=progress,
+        )
     elif recipe.method == "mean_shift":
         steering = fit_mean_shift(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
     else:
         steering = fit_linear_act(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
     if recipe.gates:
         from .gates import fit_gates
-        steering = fit_gates(model, tokenizer, src, data.control, steering, seed=seed,
-                             threshold=0.0, level=recipe.gates,
-                             control_opening=recipe.control_opening)
+
+        steering = fit_gates(
+            model,
+            tokenizer,
+            src,
+            data.control,
+            steering,
+            seed=seed,
+            threshold=0.0,
+            level=recipe.gates,
+            control_opening=recipe.control_opening,
+        )
     return steering
 
 
-def evaluate_quality(model, tokenizer, data: SweepData, judge, max_new_tokens: int = 20,
-                     progress: bool = False) -> dict:
+def evaluate_quality(
+    model, tokenizer, data: SweepData, judge, max_new_tokens: int = 20, progress: bool = False
+) -> dict:
     """The demo's measurement (``demo.evaluate``) with the first continuation as the example."""
     from .demo import evaluate
+
     r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress, examples=1)
     r["example"] = r.pop("examples")[0]
     return r
 
 
-def pareto_front(rows: Sequence[dict], x: str = "perplexity",
-                 y: str = "toxicity_mean_prob") -> list[int]:
+def pareto_front(rows: Sequence[dict], x: str = "perplexity", y: str = "toxicity_mean_prob") -> list[int]:
     """Indices of the rows no other row beats: another row with x and y both ≤ and one <
     dominates. Sorted by x."""
     front = []
     for i, r in enumerate(rows):
-        beaten = any(o[x] <= r[x] and o[y] <= r[y] and (o[x] < r[x] or o[y] < r[y])
-                     for j, o in enumerate(rows) if j != i)
+        beaten = any(
+            o[x] <= r[x] and o[y] <= r[y] and (o[x] < r[x] or o[y] < r[y])
+            for j, o in enumerate(rows)
+            if j != i
+        )
         if not beaten:
             front.append(i)
     return sorted(front, key=lambda i: (rows[i][x], rows[i][y]))
 
 
 def meets_target(row: dict, base: dict, tox_factor: float, ppl_budget: float) -> bool:
-    return (row["toxicity_mean_prob"] <= base["toxicity_mean_prob"] / tox_factor
-            and row["toxicity_rate"] <= base["toxicity_rate"]
-            and row["perplexity"] <= base["perplexity"] * (1 + ppl_budget))
+    return (
+        row["toxicity_mean_prob"] <= base["toxicity_mean_prob"] / tox_factor
+        and row["toxicity_rate"] <= base["toxicity_rate"]
+        and row["perplexity"] <= base["perplexity"] * (1 + ppl_budget)
+    )
 
 
-def run_sweep(model, tokenizer, data: SweepData, judge: Callable[[Sequence[str]], Sequence[float]],
-              recipes: Sequence[Recipe], strengths: Sequence[float], out_dir: str, *,
-              max_new_tokens: int = 20, seed: int = 0, tox_factor: float = 2.0,
-              ppl_budget: float = 0.10, model_name: str = "", progress: bool = True,
-              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
+def run_sweep(
+    model,
+    tokenizer,
+    data: SweepData,
+    judge: Callable[[Sequence[str]], Sequence[float]],
+    recipes: Sequence[Recipe],
+    strengths: Sequence[float],
+    out_dir: str,
+    *,
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    tox_factor: float = 2.0,
+    ppl_budget: float = 0.10,
+    model_name: str = "",
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, flush=True),
+) -> dict:
     """Fit every recipe, evaluate it at every strength, write ``sweep.json`` and ``pareto.png``
     into ``out_dir`` after each row; returns the results dict. Rows of an earlier run into
     ``out_dir`` with the same data and evaluation settings are reused."""
@@ -218,12 +276,17 @@ def run_sweep(model, tokenizer, data: SweepData, judge: Callable[[Sequence[str]]
     for s in strengths:
         number(s, "strength", low=0, low_open=True)
     os.makedirs(os.path.join(out_dir, "steerings"), exist_ok=True)
-    settings = {"model": model_name, "seed": seed, "max_new_tokens": max_new_tokens,
-                "n_prompts": len(data.prompts), "n_wiki": len(data.wiki),
-                "n_control": len(data.control), "data_digest": _digest(data)}
+    settings = {
+        "model": model_name,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "n_prompts": len(data.prompts),
+        "n_wiki": len(data.wiki),
+        "n_control": len(data.control),
+        "data_digest": _digest(data),
+    }
     done = _previous_rows(os.path.join(out_dir, "sweep.json"), settings)
-    results = {"settings": settings, "tox_factor": tox_factor, "ppl_budget": ppl_budget,
-               "rows": []}
+    results = {"settings": settings, "tox_factor": tox_factor, "ppl_budget": ppl_budget, "rows": []}
 
     def row_for(recipe: Optional[Recipe], lam: float, steering, fit_s: float) -> dict:
         key = (recipe.key() if recipe else "none", lam)
@@ -235,17 +298,23 @@ def run_sweep(model, tokenizer, data: SweepData, judge: Callable[[Sequence[str]]
         else:
             with steering.apply(model, strength=lam):
                 r = evaluate_quality(model, tokenizer, data, judge, max_new_tokens, progress)
-        row = {"recipe": recipe.key() if recipe else "none",
-               "label": recipe.label() if recipe else "unsteered",
-               "method": recipe.method if recipe else "none", "strength": lam,
-               **({"settings": recipe.settings()} if recipe else {}), **r,
-               "fit_s": fit_s, "eval_s": time.perf_counter() - t0}
+        row = {
+            "recipe": recipe.key() if recipe else "none",
+            "label": recipe.label() if recipe else "unsteered",
+            "method": recipe.method if recipe else "none",
+            "strength": lam,
+            **({"settings": recipe.settings()} if recipe else {}),
+            **r,
+            "fit_s": fit_s,
+            "eval_s": time.perf_counter() - t0,
+        }
         if steering is not None:
             row["support"] = steering.support()
             row["coordinates"] = sum(steering.dims().values())
             row["support_per_module"] = steering.support(per_module=True)
             if steering.gates:
                 from .demo import gate_opening_report
+
                 row["gate_opening"] = gate_opening_report(model, tokenizer, steering, data)
         return row
 
@@ -254,40 +323,41 @@ def run_sweep(model, tokenizer, data: SweepData, judge: Callable[[Sequence[str]]
         _summarise(results)
         _write(results, out_dir)
         b = results["rows"][0]
-        log(f"[{row['label']} λ={row['strength']:g}] mean toxicity p "
+        log(
+            f"[{row['label']} λ={row['strength']:g}] mean toxicity p "
             f"{row['toxicity_mean_prob']:.3f} (base {b['toxicity_mean_prob']:.3f}), toxic "
             f"{row['toxicity_rate']:.1%}, perplexity {row['perplexity']:.2f} "
-            f"(base {b['perplexity']:.2f})")
+            f"(base {b['perplexity']:.2f})"
+        )
 
     torch.manual_seed(seed)
     record(row_for(None, 0.0, None, 0.0))
-    for key, row in done.items():                 # an earlier run's rows stay in the sweep
+    for key, row in done.items():  # an earlier run's rows stay in the sweep
         if key != ("none", 0.0):
             results["rows"].append(row)
     _summarise(results)
-    _write(results, out_dir)                      # the file never holds fewer rows than before
+    _write(results, out_dir)  # the file never holds fewer rows than before
     planned = [(r, lam) for r in recipes for lam in strengths if (r.key(), lam) not in done]
     fitted: dict = {}
     for recipe, lam in planned:
         if recipe.key() not in fitted:
-            fitted[recipe.key()] = _fitted(model, tokenizer, recipe, data, seed, progress,
-                                           out_dir)
+            fitted[recipe.key()] = _fitted(model, tokenizer, recipe, data, seed, progress, out_dir)
         record(row_for(recipe, lam, *fitted[recipe.key()]))
     _write(results, out_dir)
     plot_pareto(results, os.path.join(out_dir, "pareto.png"))
     return results
 
 
-def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progress: bool,
-            out_dir: str):
+def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progress: bool, out_dir: str):
     """(steering, fit seconds): read from ``out_dir/steerings`` or fitted and saved there."""
     from .steering import Steering
+
     path = os.path.join(out_dir, "steerings", recipe.key() + ".safetensors")
     if os.path.isfile(path):
         steering = Steering.load(path)
         return steering, float(steering.metadata.get("sweep_fit_s", float("nan")))
     ungated, fit_s = None, 0.0
-    if recipe.gates:                              # its maps are the ungated recipe's
+    if recipe.gates:  # its maps are the ungated recipe's
         plain = replace(recipe, gates=None, control_opening=None)
         ungated, fit_s = _fitted(model, tokenizer, plain, data, seed, progress, out_dir)
     t0 = time.perf_counter()
@@ -312,21 +382,28 @@ def _previous_rows(path: str, settings: dict) -> dict:
     except (OSError, ValueError):
         return {}
     if old.get("settings") != settings:
-        diff = {k: (old.get("settings", {}).get(k), v) for k, v in settings.items()
-                if old.get("settings", {}).get(k) != v}
-        raise ValueError(f"{path} holds a sweep with other settings (earlier, now: {diff}); "
-                         f"choose another output folder or move that one away")
+        diff = {
+            k: (old.get("settings", {}).get(k), v)
+            for k, v in settings.items()
+            if old.get("settings", {}).get(k) != v
+        }
+        raise ValueError(
+            f"{path} holds a sweep with other settings (earlier, now: {diff}); "
+            f"choose another output folder or move that one away"
+        )
     return {(r["recipe"], float(r["strength"])): r for r in old.get("rows", [])}
 
 
 def _summarise(results: dict) -> None:
     rows, base = results["rows"], results["rows"][0]
     results["pareto"] = pareto_front(rows)
-    ok = [i for i, r in enumerate(rows)
-          if r["method"] != "none" and meets_target(r, base, results["tox_factor"],
-                                                    results["ppl_budget"])]
+    ok = [
+        i
+        for i, r in enumerate(rows)
+        if r["method"] != "none" and meets_target(r, base, results["tox_factor"], results["ppl_budget"])
+    ]
     results["meets_target"] = ok
-    results["best"] = (min(ok, key=lambda i: rows[i]["toxicity_mean_prob"]) if ok else None)
+    results["best"] = min(ok, key=lambda i: rows[i]["toxicity_mean_prob"]) if ok else None
     # per method, the lowest mean toxicity within the perplexity budget (matched perplexity)
     budget = base["perplexity"] * (1 + results["ppl_budget"])
     best = {}
@@ -355,18 +432,22 @@ def row_label(row: dict) -> str:
 def format_table(results: dict, only: Optional[Sequence[int]] = None) -> str:
     """A markdown table of the rows (``only``: their indices; default every row)."""
     rows, base = results["rows"], results["rows"][0]
-    lines = ["| recipe | λ | mean toxicity p | toxic | PPL (Δ) | support | gate opening wiki / prompts |",
-             "|---|---|---|---|---|---|---|"]
-    for i in (range(len(rows)) if only is None else only):
+    lines = [
+        "| recipe | λ | mean toxicity p | toxic | PPL (Δ) | support | gate opening wiki / prompts |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i in range(len(rows)) if only is None else only:
         r = rows[i]
         ratio = r["perplexity"] / base["perplexity"]
         dppl = f"{ratio - 1:+.0%}" if ratio < 3 else f"×{ratio:.2g}"
         sup = f"{r['support']}/{r['coordinates']}" if "support" in r else "–"
         g = r.get("gate_opening")
         gate = f"{g['wiki']:.2f} / {g['prompts']:.2f}" if g else "–"
-        lines.append(f"| {row_label(r)} | {r['strength']:g} | {r['toxicity_mean_prob']:.3f} | "
-                     f"{r['toxicity_rate']:.1%} | {r['perplexity']:.4g} ({dppl}) | {sup} | "
-                     f"{gate} |")
+        lines.append(
+            f"| {row_label(r)} | {r['strength']:g} | {r['toxicity_mean_prob']:.3f} | "
+            f"{r['toxicity_rate']:.1%} | {r['perplexity']:.4g} ({dppl}) | {sup} | "
+            f"{gate} |"
+        )
     return "\n".join(lines)
 
 
@@ -374,40 +455,64 @@ def plot_pareto(results: dict, path: str) -> None:
     """Mean toxicity probability against perplexity: a line per recipe over λ, the Pareto
     front, and the target box."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows, base = results["rows"], results["rows"][0]
     colors = {"lineas": "tab:red", "mean_shift": "tab:green", "linear_act": "tab:purple"}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     by_recipe: dict = {}
     for r in rows[1:]:
         by_recipe.setdefault(r["recipe"], []).append(r)
-    edge = base["perplexity"] * 3             # beyond: drawn on the edge, labelled with the factor
+    edge = base["perplexity"] * 3  # beyond: drawn on the edge, labelled with the factor
     x_of = lambda r: min(r["perplexity"], edge)
     styles = ["-", "--", ":", "-."]
     for k, (key, rs) in enumerate(by_recipe.items()):
         rs = sorted(rs, key=lambda r: r["strength"])
         gated = bool((rs[0].get("settings") or {}).get("gates"))
-        ax.plot([base["perplexity"]] + [x_of(r) for r in rs],
-                [base["toxicity_mean_prob"]] + [r["toxicity_mean_prob"] for r in rs],
-                styles[k % len(styles)], marker="*" if gated else "o", ms=4, lw=1,
-                color=colors[rs[0]["method"]], label=row_label(rs[0]), alpha=0.8)
+        ax.plot(
+            [base["perplexity"]] + [x_of(r) for r in rs],
+            [base["toxicity_mean_prob"]] + [r["toxicity_mean_prob"] for r in rs],
+            styles[k % len(styles)],
+            marker="*" if gated else "o",
+            ms=4,
+            lw=1,
+            color=colors[rs[0]["method"]],
+            label=row_label(rs[0]),
+            alpha=0.8,
+        )
         for r in rs:
             if r["perplexity"] > edge:
-                ax.annotate(f"PPL ×{r['perplexity'] / base['perplexity']:.2g}",
-                            (edge, r["toxicity_mean_prob"]), fontsize=6, ha="right",
-                            xytext=(-4, 3), textcoords="offset points")
+                ax.annotate(
+                    f"PPL ×{r['perplexity'] / base['perplexity']:.2g}",
+                    (edge, r["toxicity_mean_prob"]),
+                    fontsize=6,
+                    ha="right",
+                    xytext=(-4, 3),
+                    textcoords="offset points",
+                )
     front = [rows[i] for i in results["pareto"]]
-    ax.step([x_of(r) for r in front], [r["toxicity_mean_prob"] for r in front],
-            where="post", color="black", lw=2, alpha=0.5, label="Pareto front")
+    ax.step(
+        [x_of(r) for r in front],
+        [r["toxicity_mean_prob"] for r in front],
+        where="post",
+        color="black",
+        lw=2,
+        alpha=0.5,
+        label="Pareto front",
+    )
     ax.plot([base["perplexity"]], [base["toxicity_mean_prob"]], "ks", ms=8, label="unsteered")
     ax.axvline(base["perplexity"] * (1 + results["ppl_budget"]), color="gray", lw=0.8, ls="--")
     ax.axhline(base["toxicity_mean_prob"] / results["tox_factor"], color="gray", lw=0.8, ls="--")
     ax.set_xlim(base["perplexity"] * 0.97, edge * 1.02)
     ax.set_xlabel(f"Wikipedia perplexity (beyond {edge:.3g}: on the edge)")
     ax.set_ylabel("mean toxicity probability")
-    ax.set_title(f"{results['settings'].get('model') or 'model'}: toxicity vs perplexity "
-                 f"(target: lower-left of the dashed lines)", fontsize=9)
+    ax.set_title(
+        f"{results['settings'].get('model') or 'model'}: toxicity vs perplexity "
+        f"(target: lower-left of the dashed lines)",
+        fontsize=9,
+    )
     ax.legend(fontsize=6, loc="upper right", ncol=1 + len(by_recipe) // 14)
     fig.tight_layout()
     with atomic_path(path) as tmp:

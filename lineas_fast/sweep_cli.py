@@ -9,6 +9,7 @@ linear_act``) take modules × training set size × gates. ``--recipes FILE`` ins
 list of recipe objects (fields of ``lineas_fast.sweep.Recipe``). Writes ``sweep.json``,
 ``pareto.png`` and the fitted steerings into ``--out``; rerunning into the same folder resumes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -21,13 +22,14 @@ from .sweep import GATE_LEVELS, METHODS, Recipe
 # shift; Gemma-3's MLP has no bias flag and its post-norms feed the residual stream, so only the
 # input norm, read by q/k/v with `attention_bias`, folds)
 MODELS = {"smollm2": "smollm2_folder", "gemma3": "gemma3_folder"}
-POOL = 384        # training pools drawn once, the same for every run (a recipe takes a prefix)
+POOL = 384  # training pools drawn once, the same for every run (a recipe takes a prefix)
 DEFAULT_MODULES = {"llama": r".*post_attention_layernorm", "gemma3_text": r".*input_layernorm"}
 
 
 def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
     """The recipes the axes (or ``--recipes``) describe."""
     from .cli_io import CLIError
+
     if args.recipes:
         try:
             with open(args.recipes) as f:
@@ -52,20 +54,29 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
     for method in args.methods:
         if method == "lineas":
             for m, lm, s, n, st, opt, lr, g in itertools.product(
-                    modules, loss, args.sparsity, args.n_train, args.steps, args.optimizer,
-                    args.lr or [None], gates):
-                out.append(Recipe("lineas", m, lm, s, st, opt, lr, n, g,
-                                  args.control_opening if g else None))
+                modules,
+                loss,
+                args.sparsity,
+                args.n_train,
+                args.steps,
+                args.optimizer,
+                args.lr or [None],
+                gates,
+            ):
+                out.append(Recipe("lineas", m, lm, s, st, opt, lr, n, g, args.control_opening if g else None))
         else:
             for m, n, g in itertools.product(modules, args.n_train, gates):
-                out.append(Recipe(method, m, n_train=n, gates=g,
-                                  control_opening=args.control_opening if g else None))
+                out.append(
+                    Recipe(method, m, n_train=n, gates=g, control_opening=args.control_opening if g else None)
+                )
     return out
 
 
 def _regex(value: str, flag: str) -> str:
     import argparse
+
     from .cli_io import CLIError, regex
+
     try:
         return regex(value)
     except argparse.ArgumentTypeError as e:
@@ -75,11 +86,13 @@ def _regex(value: str, flag: str) -> str:
 def cmd_sweep(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from . import assets
     from .cli_io import CLIError, check_model_dir, check_output_dir
     from .sweep import format_table, load_sweep_data, run_sweep
+
     check_output_dir(args.out, "--out", inside=True)
-    recipes = recipes_from_args(args)             # checks the file and the values early
+    recipes = recipes_from_args(args)  # checks the file and the values early
     n_max = max(r.n_train for r in recipes)
     if n_max > POOL:
         raise CLIError(f"n_train {n_max}: the sweep's training pools hold {POOL} sentences each")
@@ -93,49 +106,79 @@ def cmd_sweep(args) -> int:
         data = load_sweep_data(POOL, args.prompts, args.wiki, seed=args.seed)
     except assets.AssetError as e:
         raise CLIError(str(e)) from None
-    except ValueError as e:                       # more sentences asked than the data holds
+    except ValueError as e:  # more sentences asked than the data holds
         raise CLIError(f"--prompts {args.prompts}: {e}") from None
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    if not args.recipes and not args.modules:     # the family's default modules
+    if not args.recipes and not args.modules:  # the family's default modules
         recipes = recipes_from_args(args, model.config.model_type)
     torch.set_grad_enabled(True)
-    res = run_sweep(model, tok, data, judge, recipes, args.strengths, args.out,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed,
-                    model_name=args.model if args.model in MODELS else folder)
+    res = run_sweep(
+        model,
+        tok,
+        data,
+        judge,
+        recipes,
+        args.strengths,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        model_name=args.model if args.model in MODELS else folder,
+    )
     print(format_table(res, res["pareto"]))
     best = res["best"]
-    print("meets the target: " + (res["rows"][best]["label"] + f" at λ="
-                                  f"{res['rows'][best]['strength']:g}" if best is not None
-                                  else "no row"))
+    print(
+        "meets the target: "
+        + (
+            res["rows"][best]["label"] + f" at λ={res['rows'][best]['strength']:g}"
+            if best is not None
+            else "no row"
+        )
+    )
     print(f"wrote {args.out}/sweep.json, pareto.png, steerings/")
     return 0
 
 
 def add_sweep_parser(sub) -> None:
     from .cli_io import SEED, integer, real, regex
-    d = sub.add_parser("sweep", help="toxicity-vs-perplexity Pareto front over recipes and strengths",
-                       description=__doc__.split("\n\n")[0])
-    d.add_argument("--model", default="smollm2",
-                   help="smollm2, gemma3 or a transformers folder (default: %(default)s)")
+
+    d = sub.add_parser(
+        "sweep",
+        help="toxicity-vs-perplexity Pareto front over recipes and strengths",
+        description=__doc__.split("\n\n")[0],
+    )
+    d.add_argument(
+        "--model", default="smollm2", help="smollm2, gemma3 or a transformers folder (default: %(default)s)"
+    )
     d.add_argument("--out", default="lineas_sweep", help="output folder (default: %(default)s)")
     d.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    d.add_argument("--modules", type=regex, nargs="+", default=None,
-                   help="steered modules (default: the family's foldable norms)")
-    d.add_argument("--loss-modules", nargs="+", default=["same"],
-                   help="where the loss is measured ('same': the steered modules)")
+    d.add_argument(
+        "--modules",
+        type=regex,
+        nargs="+",
+        default=None,
+        help="steered modules (default: the family's foldable norms)",
+    )
+    d.add_argument(
+        "--loss-modules",
+        nargs="+",
+        default=["same"],
+        help="where the loss is measured ('same': the steered modules)",
+    )
     d.add_argument("--sparsity", type=real(0), nargs="+", default=[0.0])
     d.add_argument("--n-train", type=integer(2), nargs="+", default=[32])
     d.add_argument("--steps", type=integer(1), nargs="+", default=[100])
     d.add_argument("--optimizer", choices=["sgd", "adam"], nargs="+", default=["adam"])
     d.add_argument("--lr", type=real(0, low_open=True), nargs="+", default=None)
-    d.add_argument("--gates", choices=[g or "none" for g in GATE_LEVELS], nargs="+",
-                   default=["none"])
-    d.add_argument("--control-opening", type=real(0, 1, low_open=True), default=None,
-                   help="gated recipes: lower each gate's bias until its mean opening on the "
-                        "control sentences is at most this")
-    d.add_argument("--strengths", type=real(0, low_open=True), nargs="+",
-                   default=[0.25, 0.5, 0.75, 1.0])
+    d.add_argument("--gates", choices=[g or "none" for g in GATE_LEVELS], nargs="+", default=["none"])
+    d.add_argument(
+        "--control-opening",
+        type=real(0, 1, low_open=True),
+        default=None,
+        help="gated recipes: lower each gate's bias until its mean opening on the "
+        "control sentences is at most this",
+    )
+    d.add_argument("--strengths", type=real(0, low_open=True), nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     d.add_argument("--recipes", help="a JSON list of recipe objects instead of the axes")
     d.add_argument("--prompts", type=integer(1), default=200, help="held-out prompts")
     d.add_argument("--wiki", type=integer(1), default=100, help="Wikipedia extracts for perplexity")

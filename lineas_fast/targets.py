@@ -19,6 +19,7 @@ A target owns:
 * ``resolve(steering)``: a steering's names in ``root``'s namespace (a pipeline's ``unet.…``
   steering applied to ``pipeline.unet`` loses the prefix).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,7 @@ from torch import nn
 from . import placement
 from .checks import integer
 from .modules import match_modules, nearby_names
-from .pooling import (length_buckets, masked_mean, pack_rows, pad_right, pool_image,
-                      segment_means)
+from .pooling import length_buckets, masked_mean, pack_rows, pad_right, pool_image, segment_means
 
 
 class StopForward(Exception):
@@ -44,8 +44,9 @@ class StopForward(Exception):
 def check_texts(texts, what: str) -> list[str]:
     """The texts as a list, or a ValueError naming the empty list or the bad entries."""
     if isinstance(texts, (str, bytes)):
-        raise TypeError(f"{what}: expected a list of strings, got one {type(texts).__name__} "
-                        f"(wrap it in a list)")
+        raise TypeError(
+            f"{what}: expected a list of strings, got one {type(texts).__name__} (wrap it in a list)"
+        )
     if isinstance(texts, Mapping) or not isinstance(texts, Iterable):
         raise TypeError(f"{what}: expected a list of strings, got {type(texts).__name__}")
     texts = list(texts)
@@ -68,9 +69,11 @@ def fingerprint_of(root: nn.Module) -> dict:
     cfg = getattr(root, "config", None)
     shapes = [(n, tuple(p.shape)) for n, p in root.named_parameters()]
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-    return {"model_type": getattr(cfg, "model_type", type(root).__name__),
-            "name_or_path": getattr(cfg, "_name_or_path", "") or "",
-            "shapes_sha256": digest}
+    return {
+        "model_type": getattr(cfg, "model_type", type(root).__name__),
+        "name_or_path": getattr(cfg, "_name_or_path", "") or "",
+        "shapes_sha256": digest,
+    }
 
 
 class Target:
@@ -96,8 +99,10 @@ class Target:
     def require(self, names: Sequence[str], what: str = "modules") -> None:
         missing = [n for n in names if n not in self.named]
         if missing:
-            raise ValueError(f"{what} {missing[:5]} missing from {type(self.root).__name__}; "
-                             f"nearby names: {nearby_names(list(self.named), missing[0])}")
+            raise ValueError(
+                f"{what} {missing[:5]} missing from {type(self.root).__name__}; "
+                f"nearby names: {nearby_names(list(self.named), missing[0])}"
+            )
 
     def resolve(self, steering):
         """``steering`` with its names in ``root``'s namespace: unchanged when they are found;
@@ -105,7 +110,7 @@ class Target:
         if not steering.modules or any(n in self.named for n in steering.modules):
             return steering
         prefix = steering.modules[0].split(".", 1)[0] + "."
-        if all(n.startswith(prefix) and n[len(prefix):] in self.named for n in steering.modules):
+        if all(n.startswith(prefix) and n[len(prefix) :] in self.named for n in steering.modules):
             return steering.strip_prefix(prefix)
         return steering
 
@@ -143,15 +148,18 @@ class Target:
 
     # --- reading activations -----------------------------------------------------------------
     def encode(self, texts: Sequence[str], what: str = "sentences"):
-        raise ValueError(f"{type(self.root).__name__} was given without a tokenizer: a tokenizer "
-                         f"is needed to read activations of a language model (pass None only "
-                         f"for diffusers pipelines)")
+        raise ValueError(
+            f"{type(self.root).__name__} was given without a tokenizer: a tokenizer "
+            f"is needed to read activations of a language model (pass None only "
+            f"for diffusers pipelines)"
+        )
 
     def count(self, encoded) -> int:
         raise NotImplementedError
 
-    def batches(self, encoded, idx: list[int]) -> Iterator[tuple[list[int], Callable[[], None],
-                                                                  Callable[[torch.Tensor], torch.Tensor]]]:
+    def batches(
+        self, encoded, idx: list[int]
+    ) -> Iterator[tuple[list[int], Callable[[], None], Callable[[torch.Tensor], torch.Tensor]]]:
         """Yield (positions in ``idx``, run the forward, pool one module output → (B, d))."""
         raise NotImplementedError
 
@@ -174,8 +182,9 @@ class Target:
         """Called by ``pooled`` before its hooks go in (a language model decides once whether
         it can read packed sentences)."""
 
-    def pooled(self, encoded, names: Sequence[str], idx: Sequence[int] | None = None,
-               stop: bool = True) -> dict[str, torch.Tensor]:
+    def pooled(
+        self, encoded, names: Sequence[str], idx: Sequence[int] | None = None, stop: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Pooled (len(idx), d) float32 activations at each module in ``names``, rows in the
         order of ``idx``. With ``stop`` the forward ends right after the last module read.
         Gradients flow when the caller has grad enabled (training).
@@ -194,9 +203,10 @@ class Target:
         def hook_for(name):
             def hook(_mod, _args, out):
                 h = out[0] if isinstance(out, (tuple, list)) else out
-                state["out"][name] = state["pool"](h)      # a module run twice: the last wins
+                state["out"][name] = state["pool"](h)  # a module run twice: the last wins
                 if stop and state["out"].keys() == wanted:  # every module read: skip the rest
                     raise StopForward
+
             return hook
 
         handles = [self.named[n].register_forward_hook(hook_for(n)) for n in names]
@@ -209,8 +219,10 @@ class Target:
                     except StopForward:
                         pass
                 if state["out"].keys() != wanted:
-                    raise ValueError(f"modules {sorted(wanted - state['out'].keys())[:5]} did not "
-                                     f"run in the forward pass of {type(self.root).__name__}")
+                    raise ValueError(
+                        f"modules {sorted(wanted - state['out'].keys())[:5]} did not "
+                        f"run in the forward pass of {type(self.root).__name__}"
+                    )
                 for n in names:
                     pieces[n].append(state["out"][n])
                 order.extend(positions)
@@ -227,8 +239,12 @@ class Target:
     def execution_order(self, encoded, names: Sequence[str]) -> list[str]:
         """Module names in the order the forward pass runs them (one short pass)."""
         order: list[str] = []
-        hooks = [self.named[n].register_forward_hook(
-            lambda _m, _a, _o, n=n: order.append(n) if n not in order else None) for n in names]
+        hooks = [
+            self.named[n].register_forward_hook(
+                lambda _m, _a, _o, n=n: order.append(n) if n not in order else None
+            )
+            for n in names
+        ]
         try:
             with torch.no_grad():
                 self.pooled(encoded, names, idx=[0], stop=True)
@@ -257,11 +273,17 @@ class LanguageModelTarget(Target):
     ``packing=True``: packs where the config allows it, without the check."""
 
     kind = "language_model"
-    MAX_TOKENS = 8192          # tokens (padding included) per packed forward
-    MAX_SENTENCES = 512        # sentences per packed forward (the pooling matrix is n × tokens)
+    MAX_TOKENS = 8192  # tokens (padding included) per packed forward
+    MAX_SENTENCES = 512  # sentences per packed forward (the pooling matrix is n × tokens)
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = 128,
-                 autocast_dtype: torch.dtype | None = None, packing: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        max_length: int = 128,
+        autocast_dtype: torch.dtype | None = None,
+        packing: bool | None = None,
+    ):
         super().__init__(model, model)
         if packing not in (None, True, False):
             raise TypeError(f"packing must be None, True or False, got {packing!r}")
@@ -269,11 +291,11 @@ class LanguageModelTarget(Target):
         integer(max_length, "max_length", low=1)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if isinstance(positions, int) and max_length > positions:
-            raise ValueError(f"max_length={max_length} exceeds the model's "
-                             f"max_position_embeddings={positions}")
+            raise ValueError(
+                f"max_length={max_length} exceeds the model's max_position_embeddings={positions}"
+            )
         if tokenizer is not None and not callable(tokenizer):
-            raise TypeError(f"tokenizer must be a transformers tokenizer, got "
-                            f"{type(tokenizer).__name__}")
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
         self.tokenizer, self.max_length, self.autocast_dtype = tokenizer, int(max_length), autocast_dtype
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
@@ -287,8 +309,9 @@ class LanguageModelTarget(Target):
 
     def encode(self, texts: Sequence[str], what: str = "sentences") -> list[list[int]]:
         texts = check_texts(texts, what)
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length,
-                             add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)[
+            "input_ids"
+        ]
         return [list(x) for x in ids]
 
     def count(self, encoded) -> int:
@@ -308,26 +331,31 @@ class LanguageModelTarget(Target):
                 apart = self.pooled(encoded, names, probe)
                 self.packing, self._capacity = True, sum(len(encoded[i]) for i in probe)
                 if not self._can_pack([self._capacity]):
-                    return False        # two sentences longer than a sliding window: no probe
+                    return False  # two sentences longer than a sliding window: no probe
                 try:
                     packed = self.pooled(encoded, names, probe)
-                except Exception:       # e.g. no position_ids argument, a mask it refuses
+                except Exception:  # e.g. no position_ids argument, a mask it refuses
                     return False
         finally:
             self.packing, self._capacity = None, None
         tol = 1e-3 if self.autocast_dtype is None else 5e-2
-        return all(bool(((packed[n] - apart[n]).abs().max() <=
-                          tol * apart[n].abs().max() + 1e-6).item()) for n in names)
+        return all(
+            bool(((packed[n] - apart[n]).abs().max() <= tol * apart[n].abs().max() + 1e-6).item())
+            for n in names
+        )
 
     def _mask_kind(self) -> str | None:
-        """"bool" (sdpa) or "additive" (eager): the 4-D mask the model's attention takes."""
+        """ "bool" (sdpa) or "additive" (eager): the 4-D mask the model's attention takes."""
         impl = getattr(getattr(self.root, "config", None), "_attn_implementation", None)
         return {"sdpa": "bool", "eager": "additive"}.get(impl)
 
     def _can_pack(self, lengths) -> bool:
         window = getattr(getattr(self.root, "config", None), "sliding_window", None)
-        return (self._mask_kind() is not None and bool(lengths)
-                and (not isinstance(window, int) or max(lengths) <= window))
+        return (
+            self._mask_kind() is not None
+            and bool(lengths)
+            and (not isinstance(window, int) or max(lengths) <= window)
+        )
 
     def batches(self, encoded, idx):
         if self.packing and self._can_pack([len(encoded[i]) for i in idx]):
@@ -340,10 +368,13 @@ class LanguageModelTarget(Target):
         rows = pack_rows(lengths, self._capacity)
         fill = [sum(lengths[k] for k in r) for r in rows]
         start = 0
-        while start < len(rows):                  # rows to forwards of ≤ MAX_TOKENS tokens
+        while start < len(rows):  # rows to forwards of ≤ MAX_TOKENS tokens
             stop, width, count = start + 1, fill[start], len(rows[start])
-            while (stop < len(rows) and (stop + 1 - start) * max(width, fill[stop]) <= self.MAX_TOKENS
-                   and count + len(rows[stop]) <= self.MAX_SENTENCES):
+            while (
+                stop < len(rows)
+                and (stop + 1 - start) * max(width, fill[stop]) <= self.MAX_TOKENS
+                and count + len(rows[stop]) <= self.MAX_SENTENCES
+            ):
                 width, count = max(width, fill[stop]), count + len(rows[stop])
                 stop += 1
             yield self._packed_batch(encoded, idx, lengths, rows[start:stop], width)
@@ -355,15 +386,15 @@ class LanguageModelTarget(Target):
         R = len(rows)
         ids = torch.full((R, width), self.pad_id, dtype=torch.long)
         pos = torch.zeros((R, width), dtype=torch.long)
-        seg = torch.zeros((R, width), dtype=torch.long)   # which sentence each token is in
-        spans = {}                                    # position in idx -> (start, length)
+        seg = torch.zeros((R, width), dtype=torch.long)  # which sentence each token is in
+        spans = {}  # position in idx -> (start, length)
         for r, row in enumerate(rows):
             off = 0
             for j, k in enumerate(row):
                 n = lengths[k]
-                ids[r, off:off + n] = torch.tensor(encoded[idx[k]], dtype=torch.long)
-                pos[r, off:off + n] = torch.arange(n)
-                seg[r, off:off + n] = j
+                ids[r, off : off + n] = torch.tensor(encoded[idx[k]], dtype=torch.long)
+                pos[r, off : off + n] = torch.arange(n)
+                seg[r, off : off + n] = j
                 spans[k] = (r * width + off, n)
                 off += n
             # the tail: one more "sentence" of its own (every query sees at least itself: no
@@ -372,34 +403,37 @@ class LanguageModelTarget(Target):
             pos[r, off:] = torch.arange(width - off)
             seg[r, off:] = len(row)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
-        mask = (seg[:, :, None] == seg[:, None, :]) & causal        # (R, L, L): True = attend
+        mask = (seg[:, :, None] == seg[:, None, :]) & causal  # (R, L, L): True = attend
         dev = self.device
         if self._mask_kind() == "additive":
-            dtype = next((p.dtype for p in self.root.parameters() if p.is_floating_point()),
-                         torch.float32)
+            dtype = next((p.dtype for p in self.root.parameters() if p.is_floating_point()), torch.float32)
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
         mask = mask[:, None].to(dev)
         positions = sorted(spans)
-        weights = segment_means([spans[k][0] for k in positions],
-                                [spans[k][1] for k in positions], R * width, dev)
+        weights = segment_means(
+            [spans[k][0] for k in positions], [spans[k][1] for k in positions], R * width, dev
+        )
         ids, pos = ids.to(dev), pos.to(dev)
 
         def pool(h, weights=weights):
             with torch.autocast(h.device.type, enabled=False):
                 return weights @ h.reshape(weights.shape[1], -1).float()
-        return (positions,
-                lambda: self.root(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                  use_cache=False),
-                pool)
+
+        return (
+            positions,
+            lambda: self.root(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False),
+            pool,
+        )
 
     def _bucketed_batches(self, encoded, idx):
         for bucket in length_buckets([len(encoded[i]) for i in idx]):
             ids, mask = pad_right([encoded[idx[b]] for b in bucket], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            yield (bucket,
-                   lambda ids=ids, mask=mask: self.root(input_ids=ids, attention_mask=mask,
-                                                        use_cache=False),
-                   lambda h, mask=mask: masked_mean(h, mask))
+            yield (
+                bucket,
+                lambda ids=ids, mask=mask: self.root(input_ids=ids, attention_mask=mask, use_cache=False),
+                lambda h, mask=mask: masked_mean(h, mask),
+            )
 
 
 def pipeline_view(pipeline) -> nn.Module:
@@ -438,20 +472,25 @@ class PipelineTarget(Target):
 
     kind = "pipeline"
 
-    def __init__(self, pipeline, timestep: int | None = None, seed: int = 0,
-                 resolution: int | None = None, batch_size: int = 8,
-                 autocast_dtype: torch.dtype | None = None, shared_noise: bool = True):
+    def __init__(
+        self,
+        pipeline,
+        timestep: int | None = None,
+        seed: int = 0,
+        resolution: int | None = None,
+        batch_size: int = 8,
+        autocast_dtype: torch.dtype | None = None,
+        shared_noise: bool = True,
+    ):
         if shared_noise not in (True, False):
             raise TypeError(f"shared_noise must be True or False, got {shared_noise!r}")
         super().__init__(pipeline, pipeline_view(pipeline))
         self.shared_noise = bool(shared_noise)
         self.pipe, self.unet = pipeline, pipeline.unet
         sched = pipeline.scheduler
-        self.timestep = int(timestep if timestep is not None
-                            else sched.config.num_train_timesteps - 1)
+        self.timestep = int(timestep if timestep is not None else sched.config.num_train_timesteps - 1)
         if not 0 <= self.timestep < sched.config.num_train_timesteps:
-            raise ValueError(f"timestep must be in [0, {sched.config.num_train_timesteps}), "
-                             f"got {timestep}")
+            raise ValueError(f"timestep must be in [0, {sched.config.num_train_timesteps}), got {timestep}")
         self.seed, self.batch_size = seed, batch_size
         self.res = resolution or self.unet.config.sample_size
         self.autocast_dtype = autocast_dtype
@@ -476,16 +515,21 @@ class PipelineTarget(Target):
     def encode(self, prompts: Sequence[str], what: str = "source") -> dict:
         prompts = check_texts(prompts, f"{what} prompts")
         with torch.no_grad():
-            out = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
+            out = self.pipe.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
         enc = {"prompt_embeds": out[0], "n": len(prompts)}
-        if len(out) == 4 and out[2] is not None:           # SDXL: pooled embeds + time ids
+        if len(out) == 4 and out[2] is not None:  # SDXL: pooled embeds + time ids
             enc["text_embeds"] = out[2]
             proj = getattr(self.pipe.text_encoder_2, "config", None)
             size = self.res * self.pipe.vae_scale_factor
-            ids = self.pipe._get_add_time_ids((size, size), (0, 0), (size, size),
-                                              dtype=out[0].dtype,
-                                              text_encoder_projection_dim=getattr(proj, "projection_dim", None))
+            ids = self.pipe._get_add_time_ids(
+                (size, size),
+                (0, 0),
+                (size, size),
+                dtype=out[0].dtype,
+                text_encoder_projection_dim=getattr(proj, "projection_dim", None),
+            )
             enc["time_ids"] = ids.to(self.device).repeat(len(prompts), 1)
         enc["noise"] = self.draw_noise(len(prompts), torch.Generator().manual_seed(self.seed))
         return enc
@@ -509,10 +553,10 @@ class PipelineTarget(Target):
         idx = list(idx)
         shape = (len(idx), self.unet.config.in_channels, self.res, self.res)
         if tuple(noise.shape) != shape:
-            raise ValueError(f"noise for {len(idx)} samples must have shape {shape}, got "
-                             f"{tuple(noise.shape)}")
-        out = {k: encoded[k][idx] for k in ("prompt_embeds", "text_embeds", "time_ids")
-               if k in encoded}
+            raise ValueError(
+                f"noise for {len(idx)} samples must have shape {shape}, got {tuple(noise.shape)}"
+            )
+        out = {k: encoded[k][idx] for k in ("prompt_embeds", "text_embeds", "time_ids") if k in encoded}
         out.update(noise=noise, n=len(idx))
         return out
 
@@ -522,25 +566,39 @@ class PipelineTarget(Target):
         try:
             latents = self.sched.scale_model_input(latents, self.timestep)
         except (AttributeError, IndexError, ValueError, RuntimeError):
-            pass                                  # schedulers without input scaling
-        kw = {"sample": latents, "timestep": self.timestep,
-              "encoder_hidden_states": enc["prompt_embeds"][idx]}
+            pass  # schedulers without input scaling
+        kw = {
+            "sample": latents,
+            "timestep": self.timestep,
+            "encoder_hidden_states": enc["prompt_embeds"][idx],
+        }
         if "text_embeds" in enc:
-            kw["added_cond_kwargs"] = {"text_embeds": enc["text_embeds"][idx],
-                                       "time_ids": enc["time_ids"][idx]}
+            kw["added_cond_kwargs"] = {
+                "text_embeds": enc["text_embeds"][idx],
+                "time_ids": enc["time_ids"][idx],
+            }
         return kw
 
     def batches(self, encoded, idx):
         for i in range(0, len(idx), self.batch_size):
-            chunk = idx[i:i + self.batch_size]
-            yield (list(range(i, i + len(chunk))),
-                   lambda chunk=chunk: self.unet(**self._unet_kwargs(encoded, chunk)),
-                   pool_image)
+            chunk = idx[i : i + self.batch_size]
+            yield (
+                list(range(i, i + len(chunk))),
+                lambda chunk=chunk: self.unet(**self._unet_kwargs(encoded, chunk)),
+                pool_image,
+            )
 
 
-def as_target(obj, tokenizer=None, *, max_length: int = 128,
-              autocast_dtype: torch.dtype | None = None, timestep: int | None = None,
-              seed: int = 0, resolution: int | None = None) -> Target:
+def as_target(
+    obj,
+    tokenizer=None,
+    *,
+    max_length: int = 128,
+    autocast_dtype: torch.dtype | None = None,
+    timestep: int | None = None,
+    seed: int = 0,
+    resolution: int | None = None,
+) -> Target:
     """The ``Target`` for a model (with its tokenizer to read activations), a diffusers pipeline
     (``tokenizer`` None), or a ``Target`` (returned as it is)."""
     if isinstance(obj, Target):
@@ -548,8 +606,10 @@ def as_target(obj, tokenizer=None, *, max_length: int = 128,
     if is_pipeline(obj):
         return PipelineTarget(obj, timestep, seed, resolution, autocast_dtype=autocast_dtype)
     if not isinstance(obj, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, a diffusers pipeline or a lineas_fast "
-                        f"Target, got {type(obj).__name__}")
+        raise TypeError(
+            f"expected a torch.nn.Module, a diffusers pipeline or a lineas_fast "
+            f"Target, got {type(obj).__name__}"
+        )
     if tokenizer is None:
         return Target(obj, obj)
     return LanguageModelTarget(obj, tokenizer, max_length, autocast_dtype)

@@ -7,6 +7,7 @@ NaN/Inf loss is noticed); the maps are attached once for the whole run; the prox
 the support count are a few ``torch._foreach_*`` ops over all modules (none at sparsity 0).
 A ``callback`` asks for each step's record as the step ends: one read per step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +17,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checkpoints import (CHECKPOINT_FORMAT, SaveOnSignal, TrainingDivergedError,  # noqa: F401
-                          check_checkpoint_path, check_finite, load_checkpoint, restore_checkpoint,
-                          run_identity, save_checkpoint)
+from .checkpoints import (
+    SaveOnSignal,
+    TrainingDivergedError,  # noqa: F401
+    check_checkpoint_path,
+    check_finite,
+    load_checkpoint,
+    restore_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from .checks import choice, integer, number
 from .kernels._backend import use_triton
 from .modules import coordinate_dim
@@ -87,8 +95,7 @@ def cosine_factor(step: int, steps: int, floor: float = 1e-3) -> float:
 
 
 @torch.no_grad()
-def proximal_step(vs: Sequence[torch.Tensor], tau: float, sparsity: float, l1: float,
-                  group: float) -> None:
+def proximal_step(vs: Sequence[torch.Tensor], tau: float, sparsity: float, l1: float, group: float) -> None:
     """Sparse group lasso prox in place on each v (d_i,) of ``vs`` (one device): soft-threshold
     by τγλ₁, then shrink each group by max(0, 1 − τγλ_G√d_i/‖v‖). Branch-free ``_foreach``
     ops: no host synchronisation, the same number of launches for 1 or 100 modules."""
@@ -106,8 +113,8 @@ def proximal_step(vs: Sequence[torch.Tensor], tau: float, sparsity: float, l1: f
     if g > 0:
         shrink = torch._foreach_reciprocal(torch._foreach_norm(vs))
         torch._foreach_mul_(shrink, [g * math.sqrt(v.numel()) for v in vs])
-        torch._foreach_neg_(shrink)                    # 1 − τγλ_G√d/‖v‖, then max(0, ·):
-        torch._foreach_add_(shrink, 1.0)               # ‖v‖ = 0 gives 1 − inf → 0 (v is 0)
+        torch._foreach_neg_(shrink)  # 1 − τγλ_G√d/‖v‖, then max(0, ·):
+        torch._foreach_add_(shrink, 1.0)  # ‖v‖ = 0 gives 1 − inf → 0 (v is 0)
         torch._foreach_clamp_min_(shrink, 0.0)
         torch._foreach_mul_(vs, shrink)
 
@@ -143,9 +150,10 @@ def support_count(maps, device) -> torch.Tensor:
         off = torch._foreach_sub([om for om, _ in pairs], 1.0)
         torch._foreach_abs_(off)
         torch._foreach_add_(off, torch._foreach_abs([b for _, b in pairs]))
-        counts = torch._foreach_norm(off, 0)                       # nonzeros per map
+        counts = torch._foreach_norm(off, 0)  # nonzeros per map
         parts.append(torch.stack(counts).sum().float().to(device, non_blocking=True))
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
 
 class Trainer:
     """One LinEAS training run, step by step; ``train(...)`` is ``Trainer(...).run()``.
@@ -168,72 +176,115 @@ class Trainer:
     every step when a ``callback`` is given). Arguments: as for ``train``.
     """
 
-    def __init__(self, model, tokenizer, source: Sequence[str], target: Sequence[str],
-                 modules: str = ".*post.*layernorm", steps: int = 1000, *,
-                 loss_modules: str | None = None, batch_size: int = 32, optimizer: str = "adam",
-                 lr: float | None = None, reduction: str = "reference", sparsity: float = 0.0,
-                 l1: float = 1.0, group: float = 1.0, seed: int = 0, max_length: int = 128,
-                 init: str | Steering | None = None, autocast_dtype: torch.dtype | None = None,
-                 checkpoint_every: int = 0, checkpoint_path: str | None = None,
-                 resume_from: str | None = None,
-                 callback: Callable[[StepRecord], None] | None = None, progress: bool = True,
-                 backend: str | None = None, gate: str | None = None,
-                 gate_kind: str = "sigmoid", control: Sequence[str] | None = None,
-                 control_weight: float = 1.0, timestep: int | None = None,
-                 resolution: int | None = None, read_every: int = 20):
-        cfg = TrainConfig(modules=modules, loss_modules=loss_modules, steps=steps,
-                          batch_size=batch_size, optimizer=optimizer, lr=lr, reduction=reduction,
-                          sparsity=sparsity, l1=l1, group=group, seed=seed, max_length=max_length,
-                          init=init if isinstance(init, str) else None,
-                          autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
-                          gate=gate, gate_kind=gate_kind, control_weight=control_weight)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        source: Sequence[str],
+        target: Sequence[str],
+        modules: str = ".*post.*layernorm",
+        steps: int = 1000,
+        *,
+        loss_modules: str | None = None,
+        batch_size: int = 32,
+        optimizer: str = "adam",
+        lr: float | None = None,
+        reduction: str = "reference",
+        sparsity: float = 0.0,
+        l1: float = 1.0,
+        group: float = 1.0,
+        seed: int = 0,
+        max_length: int = 128,
+        init: str | Steering | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        checkpoint_every: int = 0,
+        checkpoint_path: str | None = None,
+        resume_from: str | None = None,
+        callback: Callable[[StepRecord], None] | None = None,
+        progress: bool = True,
+        backend: str | None = None,
+        gate: str | None = None,
+        gate_kind: str = "sigmoid",
+        control: Sequence[str] | None = None,
+        control_weight: float = 1.0,
+        timestep: int | None = None,
+        resolution: int | None = None,
+        read_every: int = 20,
+    ):
+        cfg = TrainConfig(
+            modules=modules,
+            loss_modules=loss_modules,
+            steps=steps,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            reduction=reduction,
+            sparsity=sparsity,
+            l1=l1,
+            group=group,
+            seed=seed,
+            max_length=max_length,
+            init=init if isinstance(init, str) else None,
+            autocast_dtype=str(autocast_dtype) if autocast_dtype else None,
+            gate=gate,
+            gate_kind=gate_kind,
+            control_weight=control_weight,
+        )
         cfg.check()
         integer(read_every, "read_every", low=1)
         integer(checkpoint_every, "checkpoint_every", low=0)
         if checkpoint_every and not checkpoint_path:
             raise ValueError("checkpoint_every needs checkpoint_path")
-        steered = as_target(model, tokenizer, max_length=max_length,
-                            autocast_dtype=autocast_dtype, timestep=timestep, seed=seed,
-                            resolution=resolution)
+        steered = as_target(
+            model,
+            tokenizer,
+            max_length=max_length,
+            autocast_dtype=autocast_dtype,
+            timestep=timestep,
+            seed=seed,
+            resolution=resolution,
+        )
         words = " prompts" if steered.kind == "pipeline" else ""
         source = check_texts(source, "source" + words)
         target = check_texts(target, "target" + words)
-        if control is not None:      # lists now: a generator would be spent before its digest
+        if control is not None:  # lists now: a generator would be spent before its digest
             control = check_texts(control, "control" + words)
         names = steered.match(modules, "modules")
         loss_names = steered.match(loss_modules, "loss_modules") if loss_modules else names
         steered.require(names + loss_names)
         if not isinstance(init, (str, Steering, type(None))):
-            raise TypeError(f"init must be None, 'linear_act' or a Steering, got "
-                            f"{type(init).__name__}")
+            raise TypeError(f"init must be None, 'linear_act' or a Steering, got {type(init).__name__}")
         if isinstance(init, Steering):
             given = steered.resolve(init)
             absent = [m for m in names if m not in given]
             if absent:
-                raise ValueError(f"init steering has no map for module {absent[0]!r} "
-                                 f"({len(absent)} of the {len(names)} modules missing)")
+                raise ValueError(
+                    f"init steering has no map for module {absent[0]!r} "
+                    f"({len(absent)} of the {len(names)} modules missing)"
+                )
             given.validate(steered, strict=False)
-        use_triton(steered.device, backend)        # an unknown or unavailable backend fails now
+        use_triton(steered.device, backend)  # an unknown or unavailable backend fails now
         if cfg.gate == "e2e" and not control:
             raise ValueError("gate='e2e' needs control sentences (control=[...])")
         self.src, self.tgt = steered.encode(source, "source"), steered.encode(target, "target")
         self.ctrl = steered.encode(control, "control") if cfg.gate == "e2e" else None
         _check_loss_after_maps(steered, self.src, names, loss_names)
         check_checkpoint_path(checkpoint_path)
-        self.identity = (run_identity(steered, source, target,
-                                      control if self.ctrl is not None else None)
-                         if checkpoint_path or resume_from else None)
-        self.resumed = (load_checkpoint(resume_from, cfg, self.identity, names)
-                        if resume_from else None)
+        self.identity = (
+            run_identity(steered, source, target, control if self.ctrl is not None else None)
+            if checkpoint_path or resume_from
+            else None
+        )
+        self.resumed = load_checkpoint(resume_from, cfg, self.identity, names) if resume_from else None
         self.cfg, self.target, self.names, self.loss_names = cfg, steered, names, loss_names
         self.texts = (source, target)
         self.init, self.backend, self.callback = init, backend, callback
         self.progress, self.read_every = progress, int(read_every)
         self.checkpoint_every, self.checkpoint_path = int(checkpoint_every), checkpoint_path
         self.n = min(batch_size, steered.count(self.src))
-        self.done = 0                      # steps completed
+        self.done = 0  # steps completed
         self.history: list[StepRecord] = []
-        self._pending: list = []           # (step, lr, record tensor on the device) not yet read
+        self._pending: list = []  # (step, lr, record tensor on the device) not yet read
         self._stack: contextlib.ExitStack | None = None
 
     @property
@@ -249,8 +300,9 @@ class Trainer:
             stack.enter_context(self.target.frozen())
             self.stop = stack.enter_context(SaveOnSignal(self.checkpoint_path))
             self._setup()
-            self.handle = stack.enter_context(self.steering.attach(self.target, strict=False,
-                                                                   backend=self.backend))
+            self.handle = stack.enter_context(
+                self.steering.attach(self.target, strict=False, backend=self.backend)
+            )
             self.stop.arm(self._save)
         except BaseException:
             stack.close()
@@ -266,22 +318,28 @@ class Trainer:
         cfg, t, n = self.cfg, self.target, self.n
         with torch.no_grad():
             tgt_acts = None if t.shared_noise else t.pooled(self.tgt, self.loss_names, stop=True)
-            self.ctrl_ref = (t.pooled(self.ctrl, self.loss_names, stop=True)
-                             if self.ctrl is not None else None)
-        self.profiles = (None if tgt_acts is None else       # shared noise: built every step
-                         pack_profiles([TargetProfile(tgt_acts[m], n) for m in self.loss_names]))
+            self.ctrl_ref = t.pooled(self.ctrl, self.loss_names, stop=True) if self.ctrl is not None else None
+        self.profiles = (
+            None
+            if tgt_acts is None
+            # shared noise: built every step
+            else pack_profiles([TargetProfile(tgt_acts[m], n) for m in self.loss_names])
+        )
         self.maps = _initial_maps(t, *self.texts, self.names, self.init, cfg, self.src)
         self.gates = _initial_gates(self.maps, cfg) if cfg.gate else {}
         params = [p for pair in self.maps.values() for p in pair]
         params += [g[k] for g in self.gates.values() for k in ("w", "c")]
-        self.opt = (torch.optim.SGD(params, lr=cfg.resolved_lr()) if cfg.optimizer == "sgd"
-                    else torch.optim.Adam(params, lr=cfg.resolved_lr()))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: cosine_factor(s, cfg.steps))
+        self.opt = (
+            torch.optim.SGD(params, lr=cfg.resolved_lr())
+            if cfg.optimizer == "sgd"
+            else torch.optim.Adam(params, lr=cfg.resolved_lr())
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: cosine_factor(s, cfg.steps))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         if self.resumed is not None:
-            self.done, history = restore_checkpoint(self.resumed, self.maps, self.gates,
-                                                    self.opt, self.sched, self.gen)
+            self.done, history = restore_checkpoint(
+                self.resumed, self.maps, self.gates, self.opt, self.sched, self.gen
+            )
             self.history = [StepRecord(**r) for r in history]
         self.steering = Steering(self.maps, gates=self.gates)
         self.device = t.device if self.profiles is None else self.profiles.mean.device
@@ -299,7 +357,7 @@ class Trainer:
             raise RuntimeError(f"training already ran its {self.cfg.steps} steps")
         cfg, t, dev = self.cfg, self.target, self.device
         step = self.done
-        idx = torch.randperm(self.n_src, generator=self.gen)[:self.n].tolist()
+        idx = torch.randperm(self.n_src, generator=self.gen)[: self.n].tolist()
         tau = self.opt.param_groups[0]["lr"]
         if t.shared_noise:
             src, profiles = self._shared_noise_batch(idx)
@@ -307,23 +365,34 @@ class Trainer:
         else:
             profiles = self.profiles
             acts = t.pooled(self.src, self.loss_names, idx, stop=True)
-        loss, per_layer = sliced_wasserstein([acts[m].to(dev) for m in self.loss_names],
-                                             profiles, cfg.reduction, return_per_layer=True,
-                                             backend=self.backend)
+        loss, per_layer = sliced_wasserstein(
+            [acts[m].to(dev) for m in self.loss_names],
+            profiles,
+            cfg.reduction,
+            return_per_layer=True,
+            backend=self.backend,
+        )
         control_loss = self.zero
         if self.ctrl_ref is not None:
-            cidx = torch.randperm(self.n_ctrl, generator=self.gen)[:self.n].tolist()
+            cidx = torch.randperm(self.n_ctrl, generator=self.gen)[: self.n].tolist()
             cacts = t.pooled(self.ctrl, self.loss_names, cidx, stop=True)
-            control_loss = torch.stack([((cacts[m].to(dev) - self.ctrl_ref[m][cidx].to(dev)) ** 2)
-                                        .mean() for m in self.loss_names]).mean()
+            control_loss = torch.stack(
+                [((cacts[m].to(dev) - self.ctrl_ref[m][cidx].to(dev)) ** 2).mean() for m in self.loss_names]
+            ).mean()
             loss = loss + cfg.control_weight * control_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         proximal_maps(self.maps.values(), tau, cfg.sparsity, cfg.l1, cfg.group)
         self.sched.step()
-        record = torch.cat([loss.detach().reshape(1), control_loss.detach().reshape(1),
-                            support_count(self.maps.values(), dev).reshape(1), per_layer])
+        record = torch.cat(
+            [
+                loss.detach().reshape(1),
+                control_loss.detach().reshape(1),
+                support_count(self.maps.values(), dev).reshape(1),
+                per_layer,
+            ]
+        )
         self._pending.append((step, tau, record))
         self.done = step + 1
         self.bar.update(1)
@@ -331,7 +400,7 @@ class Trainer:
             self.read_records()
         if self.checkpoint_every and (self.done % self.checkpoint_every == 0 or self.finished):
             self.stop.save(self.done)
-        self.stop.check(self.done)       # SIGINT/SIGTERM: checkpoint, then act on the signal
+        self.stop.check(self.done)  # SIGINT/SIGTERM: checkpoint, then act on the signal
 
     def _shared_noise_batch(self, idx: list[int]):
         """Common random numbers for a ``shared_noise`` target: one fresh noise draw (n, ...)
@@ -346,8 +415,7 @@ class Trainer:
         noise = t.draw_noise(n, self.gen)
         with torch.no_grad(), _maps_off(self.handle):
             ref = t.pooled(t.with_noise(self.tgt, tidx, noise), self.loss_names, stop=True)
-        profiles = pack_profiles([TargetProfile(ref[m].to(self.device), n)
-                                  for m in self.loss_names])
+        profiles = pack_profiles([TargetProfile(ref[m].to(self.device), n) for m in self.loss_names])
         return t.with_noise(self.src, idx, noise), profiles
 
     def read_records(self) -> list[StepRecord]:
@@ -366,7 +434,8 @@ class Trainer:
                 where = f"; last checkpoint: {self.checkpoint_path}" if self.checkpoint_path else ""
                 raise TrainingDivergedError(
                     f"loss is {loss} at step {step} (non-finite at {bad[:5]}); lower the "
-                    f"learning rate or use autocast_dtype=None{where}")
+                    f"learning rate or use autocast_dtype=None{where}"
+                )
             rec = StepRecord(step, loss, per_layer, support, tau, control)
             self.history.append(rec)
             out.append(rec)
@@ -379,8 +448,18 @@ class Trainer:
     def _save(self, done: int) -> None:
         """Checkpoint after ``done`` steps (records read first: a diverged run saves nothing)."""
         self.read_records()
-        save_checkpoint(self.checkpoint_path, done, self.cfg, self.identity, self.maps,
-                        self.gates, self.opt, self.sched, self.gen, self.history)
+        save_checkpoint(
+            self.checkpoint_path,
+            done,
+            self.cfg,
+            self.identity,
+            self.maps,
+            self.gates,
+            self.opt,
+            self.sched,
+            self.gen,
+            self.history,
+        )
 
     # --- the whole run -----------------------------------------------------------------------
     def run(self) -> Steering:
@@ -398,14 +477,24 @@ class Trainer:
             self.bar.close()
         check_finite(self.maps, self.gates, len(self.history), self.checkpoint_path)
         result = self.steering.detach()
-        result.metadata = {"model": self.target.fingerprint(), "method": "lineas",
-                           "hyperparameters": asdict(self.cfg),
-                           "history": [asdict(r) for r in self.history]}
+        result.metadata = {
+            "model": self.target.fingerprint(),
+            "method": "lineas",
+            "hyperparameters": asdict(self.cfg),
+            "history": [asdict(r) for r in self.history],
+        }
         return result
 
 
-def train(model, tokenizer, source: Sequence[str], target: Sequence[str],
-          modules: str = ".*post.*layernorm", steps: int = 1000, **kwargs) -> Steering:
+def train(
+    model,
+    tokenizer,
+    source: Sequence[str],
+    target: Sequence[str],
+    modules: str = ".*post.*layernorm",
+    steps: int = 1000,
+    **kwargs,
+) -> Steering:
     """Train LinEAS maps at ``modules`` so the steered source matches the target at
     ``loss_modules`` (default: the same modules).
 
@@ -466,18 +555,25 @@ def _check_loss_after_maps(steered: Target, src, names: list[str], loss_names: l
     first_map = min(order.index(n) for n in names)
     early = [m for m in loss_names if m not in names and order.index(m) < first_map]
     if early:
-        raise ValueError(f"loss_modules {early[:5]} run before the first steered module "
-                         f"{order[first_map]!r}: the maps cannot change them; choose loss "
-                         f"modules at or after the steered ones")
+        raise ValueError(
+            f"loss_modules {early[:5]} run before the first steered module "
+            f"{order[first_map]!r}: the maps cannot change them; choose loss "
+            f"modules at or after the steered ones"
+        )
 
 
 def _initial_gates(maps, cfg) -> dict:
     """Gate parameters per module: w = 0 and c giving g = 0.5 (sigmoid: c = 0; relu: c = 0.5,
     inside the clamp so the gate has a gradient)."""
     c0 = 0.0 if cfg.gate_kind == "sigmoid" else 0.5
-    return {m: {"w": torch.zeros_like(om).requires_grad_(),
-                "c": torch.full((1,), c0, device=om.device).requires_grad_(), "kind": cfg.gate_kind}
-            for m, (om, _) in maps.items()}
+    return {
+        m: {
+            "w": torch.zeros_like(om).requires_grad_(),
+            "c": torch.full((1,), c0, device=om.device).requires_grad_(),
+            "kind": cfg.gate_kind,
+        }
+        for m, (om, _) in maps.items()
+    }
 
 
 def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
@@ -487,6 +583,7 @@ def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
         given = target.resolve(init)
     elif init == "linear_act":
         from .linear_act import fit_linear_act
+
         given = fit_linear_act(target, None, source, target_texts, cfg.modules)
     else:
         given = None
@@ -503,11 +600,14 @@ def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
                 with torch.no_grad():
                     d = target.pooled(src, [m], idx=[0], stop=True)[m].shape[1]
             om, b = torch.ones(d), torch.zeros(d)
-        maps[m] = (om.detach().float().to(dev).clone().requires_grad_(),
-                   b.detach().float().to(dev).clone().requires_grad_())
+        maps[m] = (
+            om.detach().float().to(dev).clone().requires_grad_(),
+            b.detach().float().to(dev).clone().requires_grad_(),
+        )
     return maps
 
 
 def _progress(enabled, first, total):
     from tqdm.auto import tqdm
+
     return tqdm(disable=not enabled, initial=first, total=total, desc="lineas", leave=False)

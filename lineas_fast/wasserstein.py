@@ -3,6 +3,7 @@
 The loss is per coordinate the exact squared 1-D Wasserstein distance between the source
 samples and the target samples, summed or averaged over coordinates and layers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,8 +82,9 @@ class PackedTargetProfile:
         self.dims = [p.d for p in profiles]
         self.mean = torch.cat([p.mean for p in profiles], 1).contiguous()
         self.var = torch.cat([p.var for p in profiles], 1).contiguous()
-        self.var_sum = torch.stack([getattr(p, "var_sum", p.var.double().sum().float())
-                                    .to(self.mean.device) for p in profiles])
+        self.var_sum = torch.stack(
+            [getattr(p, "var_sum", p.var.double().sum().float()).to(self.mean.device) for p in profiles]
+        )
 
 
 def pack_profiles(profiles: Sequence[TargetProfile]) -> PackedTargetProfile:
@@ -92,10 +94,14 @@ def pack_profiles(profiles: Sequence[TargetProfile]) -> PackedTargetProfile:
 Target = Union[torch.Tensor, TargetProfile]
 
 
-def sliced_wasserstein(x: Union[torch.Tensor, Sequence[torch.Tensor]],
-                       y: Union[Target, Sequence[Target], PackedTargetProfile],
-                       reduction: str = "reference", *, return_per_layer: bool = False,
-                       backend: str | None = None):
+def sliced_wasserstein(
+    x: Union[torch.Tensor, Sequence[torch.Tensor]],
+    y: Union[Target, Sequence[Target], PackedTargetProfile],
+    reduction: str = "reference",
+    *,
+    return_per_layer: bool = False,
+    backend: str | None = None,
+):
     """Exact per-coordinate squared 1-D Wasserstein loss between source and target sets.
 
     Args:
@@ -124,19 +130,20 @@ def sliced_wasserstein(x: Union[torch.Tensor, Sequence[torch.Tensor]],
         _check_2d(xi, f"x[{i}]" if not single else "x")
     n = xs[0].shape[0]
     if any(xi.shape[0] != n for xi in xs):
-        raise ValueError(f"all layers must have the same number of source samples, got "
-                         f"{[xi.shape[0] for xi in xs]}")
+        raise ValueError(
+            f"all layers must have the same number of source samples, got {[xi.shape[0] for xi in xs]}"
+        )
     packed = _as_packed(y, xs, single)
-    device = check_same_device(**{f"x[{i}]": xi for i, xi in enumerate(xs)},
-                               target=packed.mean)
-    if len({xi.dtype for xi in xs}) > 1:          # one dtype per call (the kernel's loads)
+    device = check_same_device(**{f"x[{i}]": xi for i, xi in enumerate(xs)}, target=packed.mean)
+    if len({xi.dtype for xi in xs}) > 1:  # one dtype per call (the kernel's loads)
         common = functools.reduce(torch.promote_types, [xi.dtype for xi in xs])
         xs = [xi.to(common) for xi in xs]
     weight, total_scale = layer_weights(tuple(packed.dims), n, reduction, device)
     use_kernel = use_triton(device, backend) and kernel_runs(xs)
     need_grad = torch.is_grad_enabled() and any(xi.requires_grad for xi in xs)
-    loss, per_layer, _ = wasserstein_loss(xs, packed.mean, packed.var_sum, weight, total_scale,
-                                          use_kernel, need_grad)
+    loss, per_layer, _ = wasserstein_loss(
+        xs, packed.mean, packed.var_sum, weight, total_scale, use_kernel, need_grad
+    )
     if not return_per_layer:
         return loss
     return loss, per_layer.detach()
@@ -153,8 +160,10 @@ def _as_packed(y, xs, single) -> PackedTargetProfile:
         for i, (xi, yi) in enumerate(zip(xs, ys)):
             if isinstance(yi, torch.Tensor):
                 if yi.requires_grad:
-                    raise ValueError(f"target y[{i}] requires grad; targets are constants "
-                                     f"(gradients flow to x only): pass y.detach()")
+                    raise ValueError(
+                        f"target y[{i}] requires grad; targets are constants "
+                        f"(gradients flow to x only): pass y.detach()"
+                    )
                 _check_2d(yi, f"y[{i}]")
                 yi = TargetProfile(yi, xi.shape[0])
             elif not isinstance(yi, TargetProfile):

@@ -1,6 +1,7 @@
 """Checks shared by the CPU lane (PyTorch path), the TRITON_INTERPRET=1 lane (Triton path) and
 the GPU lane: every output and every gradient of each op against an independent float64
 computation written here (never the library's own reference or its TargetProfile)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,12 +64,13 @@ def expected_grad(x, y, reduction, n_layers):
     n, d = x.shape
     x64 = x.detach().cpu().double().requires_grad_()
     loss = reduction_weight(n, d, n_layers, reduction) * ot_w2_squared_torch(x64, y.cpu()).sum()
-    grad, = torch.autograd.grad(loss, x64)
+    (grad,) = torch.autograd.grad(loss, x64)
     return grad
 
 
-def check_loss_and_grad(n, m, dims, reduction, backend, dtype=torch.float32, seed=0, ties=False,
-                        device="cpu"):
+def check_loss_and_grad(
+    n, m, dims, reduction, backend, dtype=torch.float32, seed=0, ties=False, device="cpu"
+):
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(n, d, generator=gen) for d in dims]
     ys = [torch.randn(m, d, generator=gen) * 1.5 + 0.3 for d in dims]
@@ -76,12 +78,13 @@ def check_loss_and_grad(n, m, dims, reduction, backend, dtype=torch.float32, see
         xs = [torch.round(x * 2) / 2 for x in xs]
         ys = [torch.round(y * 2) / 2 for y in ys]
     xs = [x.to(device, dtype).requires_grad_() for x in xs]
-    loss, per_layer = lf.sliced_wasserstein(xs, [y.to(device) for y in ys], reduction,
-                                            return_per_layer=True, backend=backend)
+    loss, per_layer = lf.sliced_wasserstein(
+        xs, [y.to(device) for y in ys], reduction, return_per_layer=True, backend=backend
+    )
     grads = [g.cpu() for g in torch.autograd.grad(loss, xs)]
     xs, loss, per_layer = [x.detach().cpu() for x in xs], loss.cpu(), per_layer.cpu()
     exact, exact_layers = expected_loss([x.detach().float() for x in xs], ys, reduction)
-    tol = 1e-5 if dtype == torch.float32 else 1e-4   # inputs rounded to dtype, math in fp32
+    tol = 1e-5 if dtype == torch.float32 else 1e-4  # inputs rounded to dtype, math in fp32
     assert loss.dtype == torch.float32
     assert abs(loss.item() - exact) <= tol * max(1.0, abs(exact)), (loss.item(), exact)
     np.testing.assert_allclose(per_layer.numpy(), exact_layers, rtol=tol, atol=tol)
@@ -100,10 +103,10 @@ def check_low_precision_rule(dtype, backend, n=32, d=64, device="cpu"):
     one rounding of the result to ``dtype`` for the gradient, which is returned in that dtype).
     Each column is its own layer (reduction "sum"), so the per-layer output is per column."""
     from lineas_fast.kernels.wasserstein_ref import wasserstein_columns_naive
+
     gen = torch.Generator().manual_seed(1)
     x32, y32 = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
-    packed = lf.pack_profiles([lf.TargetProfile(y32[:, j:j + 1].to(device), n)
-                               for j in range(d)])
+    packed = lf.pack_profiles([lf.TargetProfile(y32[:, j : j + 1].to(device), n) for j in range(d)])
     w = torch.full((d,), 1.0 / n, device=device)
     # columns: W2²_j, in float64 from the float32 input
     exact = torch.from_numpy(ot_w2_squared(x32.double().numpy(), y32.double().numpy()))
@@ -111,16 +114,17 @@ def check_low_precision_rule(dtype, backend, n=32, d=64, device="cpu"):
     # the rounded input (same tie order: row order), not at the original.
     x_low = x32.to(dtype)
     x64 = x_low.double().requires_grad_()
-    exact_g, = torch.autograd.grad(ot_w2_squared_torch(x64, y32).sum(), x64)
+    (exact_g,) = torch.autograd.grad(ot_w2_squared_torch(x64, y32).sum(), x64)
     x = x_low.to(device).requires_grad_()
-    loss, ours = lf.sliced_wasserstein([x[:, j:j + 1] for j in range(d)], packed, "sum",
-                                       return_per_layer=True, backend=backend)
-    ours_g, = torch.autograd.grad(loss, x)
+    loss, ours = lf.sliced_wasserstein(
+        [x[:, j : j + 1] for j in range(d)], packed, "sum", return_per_layer=True, backend=backend
+    )
+    (ours_g,) = torch.autograd.grad(loss, x)
     assert ours_g.dtype == dtype
     ours, ours_g = ours.cpu().double(), ours_g.cpu().double()
     xo = x_low.detach().requires_grad_()
     own = wasserstein_columns_naive(xo, y32, w.cpu())
-    own_g, = torch.autograd.grad(own.sum(), xo)
+    (own_g,) = torch.autograd.grad(own.sum(), xo)
     own, own_g = own.detach().double(), own_g.double()
     assert ours.shape == exact.shape and ours_g.shape == exact_g.shape
     assert (ours - exact).abs().max() <= 2 * (own - exact).abs().max()
@@ -144,7 +148,7 @@ def check_loss_scale_grad(dtype, backend, n=32, d=64, scale=65536.0, device="cpu
     got = x.grad.cpu().double()
     ref = expected_grad(x_low.float(), y, "reference", 1) * scale
     assert ref.abs().min() > 0 and ref.abs().max() < torch.finfo(dtype).max
-    if dtype == torch.float16:     # the scenario is a real underflow for a gradient rounded first
+    if dtype == torch.float16:  # the scenario is a real underflow for a gradient rounded first
         assert ((ref / scale).to(dtype) == 0).sum() > n * d // 10
     assert not ((got == 0) & (ref != 0)).any(), int(((got == 0) & (ref != 0)).sum())
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
@@ -171,8 +175,9 @@ def check_layers_grad_rule(dtype, backend, reduction, n=24, device="cpu"):
     error is at most 2× that of PyTorch computing the same loss in ``dtype`` (sorting and
     differentiating in dtype) plus one rounding to dtype of the largest entry."""
     leaves, xs, ys = layered_inputs(n, dtype, device)
-    loss, per_layer = lf.sliced_wasserstein(xs, [y.to(device) for y in ys], reduction,
-                                            return_per_layer=True, backend=backend)
+    loss, per_layer = lf.sliced_wasserstein(
+        xs, [y.to(device) for y in ys], reduction, return_per_layer=True, backend=backend
+    )
     grads = torch.autograd.grad(loss, leaves)
     exact, exact_layers = expected_loss([x.detach().cpu().float() for x in xs], ys, reduction)
     tol = 1e-5 if dtype == torch.float32 else 1e-4
@@ -181,9 +186,12 @@ def check_layers_grad_rule(dtype, backend, reduction, n=24, device="cpu"):
     L = len(xs)
     own_leaves = [leaf.detach().cpu().requires_grad_() for leaf in leaves]
     own_xs = [own_leaves[0], own_leaves[1].t(), own_leaves[2][:, 3:4], own_leaves[3][::2]]
-    own_loss = sum(reduction_weight(n, x.shape[1], L, reduction) / n
-                   * ((x.sort(0).values - y.to(dtype).sort(0).values) ** 2).sum()
-                   for x, y in zip(own_xs, ys))
+    own_loss = sum(
+        reduction_weight(n, x.shape[1], L, reduction)
+        / n
+        * ((x.sort(0).values - y.to(dtype).sort(0).values) ** 2).sum()
+        for x, y in zip(own_xs, ys)
+    )
     own_grads = torch.autograd.grad(own_loss, own_leaves)
     for i, (x, y, leaf, g, og) in enumerate(zip(xs, ys, leaves, grads, own_grads)):
         assert g.dtype == dtype and g.shape == leaf.shape, i
@@ -196,8 +204,9 @@ def check_layers_grad_rule(dtype, backend, reduction, n=24, device="cpu"):
         assert err <= 2 * own + one_rounding, (i, err, own)
 
 
-def rms_norm_shift_exact(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, eps: float,
-                         gemma: bool) -> torch.Tensor:
+def rms_norm_shift_exact(
+    x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, eps: float, gemma: bool
+) -> torch.Tensor:
     """RMSNorm with a shift in float64, written from its definition: x̂ = x / sqrt(mean(x²) + eps);
     Llama: y = w ⊙ cast(x̂ to x's dtype) + c (the cast is the module's semantics, as in
     transformers); Gemma: y = (1 + w) ⊙ x̂ + c. Returns float64 (no final rounding)."""
@@ -216,12 +225,13 @@ def check_rms_norm_shift(shape, gemma, dtype, device="cpu", seed=0, interpreted=
     roundings in ``dtype`` of the exact value."""
     from lineas_fast.kernels.rms_norm_shift import rms_norm_shift_triton
     from lineas_fast.kernels.rms_norm_shift_ref import rms_norm_shift_ref
+
     gen = torch.Generator().manual_seed(seed)
     d = shape[-1]
     x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
     w, c = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
     got = rms_norm_shift_triton(x.to(device), w.to(device), c.to(device), 1e-6, gemma)
-    own = rms_norm_shift_ref(x, w, c, 1e-6, gemma)          # PyTorch computing in dtype
+    own = rms_norm_shift_ref(x, w, c, 1e-6, gemma)  # PyTorch computing in dtype
     exact = rms_norm_shift_exact(x, w, c, 1e-6, gemma)
     assert got.dtype == dtype and got.shape == x.shape
     got = got.cpu().double()
@@ -245,8 +255,18 @@ def closed_form_steer(z, omega, bias, lam, inverse, channel_dim):
     return z.double() + lam * (t - z.double())
 
 
-def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torch.float32, seed=0,
-                 device="cpu", need_param=True, need_strength=True):
+def check_affine(
+    shape,
+    channel_dim,
+    strength_kind,
+    inverse,
+    backend,
+    dtype=torch.float32,
+    seed=0,
+    device="cpu",
+    need_param=True,
+    need_strength=True,
+):
     """The map's output and the gradients of z and of whichever of ω, b (``need_param``) and a
     tensor strength (``need_strength``) require grad, against the float64 closed form."""
     gen = torch.Generator().manual_seed(seed)
@@ -261,19 +281,18 @@ def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torc
     else:
         strength = torch.rand(*tok_shape, generator=gen).to(device).requires_grad_(need_strength)
         lam = strength.detach().cpu().double().unsqueeze(cd)
-    y = lf.affine_steer(z, omega, bias, strength, inverse=inverse, channel_dim=channel_dim,
-                        backend=backend)
+    y = lf.affine_steer(z, omega, bias, strength, inverse=inverse, channel_dim=channel_dim, backend=backend)
     assert y.shape == z.shape and y.dtype == dtype
-    ref = closed_form_steer(z.detach().cpu(), omega.detach().cpu(), bias.detach().cpu(), lam,
-                            inverse, cd)
+    ref = closed_form_steer(z.detach().cpu(), omega.detach().cpu(), bias.detach().cpu(), lam, inverse, cd)
     otol = 1e-5 if dtype == torch.float32 else 1e-2
     assert (y.detach().cpu().double() - ref).abs().max().item() <= otol * max(1.0, ref.abs().max().item())
     # every gradient against autograd through the float64 closed form
     g = torch.randn(*shape, generator=gen)
     inputs = [z, omega, bias] + ([strength] if strength_kind == "tensor" else [])
     wanted = [t.requires_grad for t in inputs]
-    grads = [t.cpu() for t in torch.autograd.grad(y, [t for t in inputs if t.requires_grad],
-                                                  g.to(device, dtype))]
+    grads = [
+        t.cpu() for t in torch.autograd.grad(y, [t for t in inputs if t.requires_grad], g.to(device, dtype))
+    ]
     z64 = z.detach().cpu().double().requires_grad_()
     om64 = omega.detach().cpu().double().requires_grad_()
     b64 = bias.detach().cpu().double().requires_grad_()
@@ -294,8 +313,7 @@ def check_affine(shape, channel_dim, strength_kind, inverse, backend, dtype=torc
         assert (a.double() - b).abs().max().item() <= gtol * scale, name
 
 
-def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, device="cpu",
-                need_param=True):
+def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, device="cpu", need_param=True):
     """Gated steering against autograd through a float64 closed form: y and the per-token
     strength, and the gradients of z and (``need_param``) of ω, b, w and c."""
     gen = torch.Generator().manual_seed(seed)
@@ -304,10 +322,9 @@ def check_gated(shape, gate, inverse, backend, dtype=torch.float32, seed=0, devi
     z = (torch.randn(*shape, generator=gen)).to(device, dtype).requires_grad_()
     om = mk(torch.rand(d, generator=gen) + 0.5)
     b = mk(torch.randn(d, generator=gen))
-    w = mk(torch.randn(d, generator=gen) / d ** 0.5)
+    w = mk(torch.randn(d, generator=gen) / d**0.5)
     c = mk(torch.tensor([0.2]))
-    y, s = lf.gated_steer(z, om, b, w, c, 0.8, gate, inverse, return_strengths=True,
-                          backend=backend)
+    y, s = lf.gated_steer(z, om, b, w, c, 0.8, gate, inverse, return_strengths=True, backend=backend)
     g = torch.randn(*shape, generator=gen).to(device, dtype)
     inputs = [z, om, b, w, c] if need_param else [z]
     grads = [t.cpu().double() for t in torch.autograd.grad(y, inputs, g)]
@@ -344,10 +361,12 @@ def pooled_unpadded(model, tokenizer, texts, names, maps=None):
                 out = (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
             seen[n] = h[0].double().mean(0)
             return out
+
         return hook
 
-    hooks = [named[n].register_forward_hook(hook_for(n))
-             for n in dict.fromkeys(list(names) + list(maps or {}))]
+    hooks = [
+        named[n].register_forward_hook(hook_for(n)) for n in dict.fromkeys(list(names) + list(maps or {}))
+    ]
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

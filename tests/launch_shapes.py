@@ -9,6 +9,7 @@ multiprocessors) cover the registry.
 A configuration's key is (kernel function name, dtype tag, constexprs, num_warps), as
 ``registry_keys`` builds it from the registry and ``launch_key`` from a launch.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -18,8 +19,8 @@ import torch
 
 from lineas_fast.kernels import affine_steer, gated_steer, registry, rms_norm_shift, wasserstein
 
-DTYPES = {tag: getattr(torch, name) for tag, name in registry.DTYPES.items()}   # "bf16": bfloat16
-DTYPE_TAGS = {name: tag for tag, name in registry.DTYPES.items()}                # "bfloat16": "bf16"
+DTYPES = {tag: getattr(torch, name) for tag, name in registry.DTYPES.items()}  # "bf16": bfloat16
+DTYPE_TAGS = {name: tag for tag, name in registry.DTYPES.items()}  # "bfloat16": "bf16"
 
 
 def key(kernel_name: str, dtype_tag: str, constexprs: dict, num_warps: int) -> tuple:
@@ -28,9 +29,11 @@ def key(kernel_name: str, dtype_tag: str, constexprs: dict, num_warps: int) -> t
 
 def registry_keys(kernel_name: str | None = None) -> set:
     """The registry's configurations (of one kernel function, e.g. "_gated_steer_fwd_kernel")."""
-    return {key(c.kernel.__name__, c.tags["dtype"], c.constexprs, c.num_warps)
-            for c in registry.all_configs()
-            if kernel_name is None or c.kernel.__name__ == kernel_name}
+    return {
+        key(c.kernel.__name__, c.tags["dtype"], c.constexprs, c.num_warps)
+        for c in registry.all_configs()
+        if kernel_name is None or c.kernel.__name__ == kernel_name
+    }
 
 
 def launch_key(fn, args: tuple, kwargs: dict) -> tuple:
@@ -38,12 +41,17 @@ def launch_key(fn, args: tuple, kwargs: dict) -> tuple:
     first tensor argument, the constexprs among its keyword arguments, num_warps."""
     if hasattr(fn, "params"):
         names = {p.name for p in fn.params if p.is_constexpr}
-    else:                                   # TRITON_INTERPRET=1: an InterpretedFunction
-        names = {n for n, p in inspect.signature(fn.fn).parameters.items()
-                 if "constexpr" in str(p.annotation)}
+    else:  # TRITON_INTERPRET=1: an InterpretedFunction
+        names = {
+            n for n, p in inspect.signature(fn.fn).parameters.items() if "constexpr" in str(p.annotation)
+        }
     dtype = next(str(a.dtype).removeprefix("torch.") for a in args if hasattr(a, "dtype"))
-    return key(fn.__name__, DTYPE_TAGS[dtype], {k: v for k, v in kwargs.items() if k in names},
-               kwargs.get("num_warps", 4))
+    return key(
+        fn.__name__,
+        DTYPE_TAGS[dtype],
+        {k: v for k, v in kwargs.items() if k in names},
+        kwargs.get("num_warps", 4),
+    )
 
 
 # --- the loss: one launch config per padded source-set size ---------------------------------
@@ -66,16 +74,25 @@ def loss_cases() -> list[tuple[int, int, list[int]]]:
 
 def loss_keys(n: int, dtype_tag: str, need_grad: bool = True, unit_cols: bool = True) -> set:
     cfg = wasserstein.launch_config(n)
-    return {key("_wasserstein_fwd_kernel", dtype_tag,
-                {"N_PAD": cfg["N_PAD"], "BLOCK_D": cfg["BLOCK_D"], "UNIT_COLS": unit_cols,
-                 "NEED_GRAD": need_grad}, cfg["num_warps"])}
+    return {
+        key(
+            "_wasserstein_fwd_kernel",
+            dtype_tag,
+            {
+                "N_PAD": cfg["N_PAD"],
+                "BLOCK_D": cfg["BLOCK_D"],
+                "UNIT_COLS": unit_cols,
+                "NEED_GRAD": need_grad,
+            },
+            cfg["num_warps"],
+        )
+    }
 
 
 # --- the affine map: the tile depends on the grid, so on the multiprocessors ----------------
 CHANNEL_LAST_DIMS = (1023, 3584, 8192)
 P_CANDIDATES = (1, 2, 3, 5, 8, 16, 31, 64, 127, 256, 511, 1024, 2048, 4096, 8192)
-CHANNEL_FIRST_SHAPES = [(b, c, h, h) for b in (1, 2) for c in (4, 64, 320, 1280)
-                        for h in (2, 8, 16, 32)]
+CHANNEL_FIRST_SHAPES = [(b, c, h, h) for b in (1, 2) for c in (4, 64, 320, 1280) for h in (2, 8, 16, 32)]
 
 
 def _pd_s(shape, channel_first):
@@ -112,18 +129,36 @@ def affine_keys(shape, channel_dim, dtype_tag, token, need_param, need_lam, sms)
     p, d, s = _pd_s(shape, channel_dim == 1)
     fwd = affine_steer.launch_config(p, d, s, sms)
     bwd = affine_steer.backward_config(p, d, s, sms)
-    return {key("_affine_steer_fwd_kernel", dtype_tag,
-                {"CHANNEL_FIRST": fwd["CHANNEL_FIRST"], "TOKEN_STRENGTH": token,
-                 "BLOCK_T": fwd["BLOCK_T"], "BLOCK_D": fwd["BLOCK_D"]}, fwd["num_warps"]),
-            key("_affine_steer_bwd_kernel", dtype_tag,
-                {"CHANNEL_FIRST": bwd["CHANNEL_FIRST"], "TOKEN_STRENGTH": token,
-                 "NEED_DPARAM": need_param, "NEED_DSTRENGTH": need_lam,
-                 "BLOCK_T": bwd["BLOCK_T"], "BLOCK_D": bwd["BLOCK_D"]}, bwd["num_warps"])}
+    return {
+        key(
+            "_affine_steer_fwd_kernel",
+            dtype_tag,
+            {
+                "CHANNEL_FIRST": fwd["CHANNEL_FIRST"],
+                "TOKEN_STRENGTH": token,
+                "BLOCK_T": fwd["BLOCK_T"],
+                "BLOCK_D": fwd["BLOCK_D"],
+            },
+            fwd["num_warps"],
+        ),
+        key(
+            "_affine_steer_bwd_kernel",
+            dtype_tag,
+            {
+                "CHANNEL_FIRST": bwd["CHANNEL_FIRST"],
+                "TOKEN_STRENGTH": token,
+                "NEED_DPARAM": need_param,
+                "NEED_DSTRENGTH": need_lam,
+                "BLOCK_T": bwd["BLOCK_T"],
+                "BLOCK_D": bwd["BLOCK_D"],
+            },
+            bwd["num_warps"],
+        ),
+    }
 
 
 # backward flag combinations a launch can have: (token strength, ∂ω/∂b, ∂λ)
-AFFINE_FLAGS = [(t, dp, dl) for t, dp, dl in itertools.product((False, True), repeat=3)
-                if t or not dl]
+AFFINE_FLAGS = [(t, dp, dl) for t, dp, dl in itertools.product((False, True), repeat=3) if t or not dl]
 
 
 # --- the gated map and the RMSNorm with shift: one config per row width -------------------
@@ -136,17 +171,22 @@ def gated_dims() -> list[int]:
         k = (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["num_warps"])
         if k not in seen:
             seen.add(k)
-            out.append(cfg["BLOCK_D"] if cfg["BLOCK_D"] == gated_steer.MAX_D
-                       else cfg["BLOCK_D"] * 3 // 4 + 1)
+            out.append(cfg["BLOCK_D"] if cfg["BLOCK_D"] == gated_steer.MAX_D else cfg["BLOCK_D"] * 3 // 4 + 1)
     return out
 
 
 def gated_keys(d: int, dtype_tag: str, relu: bool, need_param: bool) -> set:
     cfg = gated_steer.launch_config(d)
     blocks = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_D": cfg["BLOCK_D"]}
-    return {key("_gated_steer_fwd_kernel", dtype_tag, {"RELU": relu, **blocks}, cfg["num_warps"]),
-            key("_gated_steer_bwd_kernel", dtype_tag,
-                {"RELU": relu, "NEED_DPARAM": need_param, **blocks}, cfg["num_warps"])}
+    return {
+        key("_gated_steer_fwd_kernel", dtype_tag, {"RELU": relu, **blocks}, cfg["num_warps"]),
+        key(
+            "_gated_steer_bwd_kernel",
+            dtype_tag,
+            {"RELU": relu, "NEED_DPARAM": need_param, **blocks},
+            cfg["num_warps"],
+        ),
+    }
 
 
 def rms_dims() -> list[int]:
@@ -162,5 +202,11 @@ def rms_dims() -> list[int]:
 
 def rms_keys(d: int, dtype_tag: str, gemma: bool) -> set:
     cfg = rms_norm_shift.launch_config(d)
-    return {key("_rms_norm_shift_fwd_kernel", dtype_tag, {"GEMMA": gemma, "BLOCK_D": cfg["BLOCK_D"]},
-                cfg["num_warps"])}
+    return {
+        key(
+            "_rms_norm_shift_fwd_kernel",
+            dtype_tag,
+            {"GEMMA": gemma, "BLOCK_D": cfg["BLOCK_D"]},
+            cfg["num_warps"],
+        )
+    }

@@ -38,11 +38,22 @@ run_lane() {      # run_lane NAME COMMAND...: the command writes $junit/NAME.xml
   if [ $rc -ne 0 ]; then status=1; failed_lanes+=("$name"); fi
 }
 
-lint() {          # the findings for people, then the same check as junit for the counts
+lint() {          # ruff check (findings for people, then as junit for the counts), ruff format --check
   python -m ruff check --output-format concise .
   local rc=$?
   python -m ruff check --output-format junit --output-file "$junit/lint.xml" . >/dev/null 2>&1
+  python -m ruff format --check . || { rc=1; format_failures; }
   return $rc
+}
+
+format_failures() {   # one junit failure per file ruff format would change
+  python -m ruff format --check . 2>/dev/null | python -c '
+import sys
+from xml.sax.saxutils import escape
+files = [line.split(" ", 2)[2] for line in sys.stdin if line.startswith("Would reformat: ")]
+cases = "".join(f"<testcase name=\"format {escape(f)}\"><failure message=\"not formatted\"/></testcase>" for f in files)
+print(f"<testsuite name=\"format\" tests=\"{len(files)}\" failures=\"{len(files)}\">{cases}</testsuite>")
+' > "$junit/lint-format.xml"
 }
 
 serving() {       # the venv (made or reused), then tests/serving with its python

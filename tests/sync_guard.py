@@ -10,6 +10,7 @@ the model is on a GPU are named in ``host_tensors`` and may be read: Adam's step
 (``capturable=False``, PyTorch's default, keeps ``state["step"]`` on the CPU for CUDA
 parameters, and its update reads it as a Python number without waiting for the device).
 """
+
 from __future__ import annotations
 
 import collections

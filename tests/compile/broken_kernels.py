@@ -1,5 +1,6 @@
 """Kernels the compile lane must fail: one the interpreter runs but the real compiler rejects
 (non-power-of-two arange), and one that builds but exceeds its budget."""
+
 import triton
 import triton.language as tl
 
@@ -14,8 +15,10 @@ def broken_arange_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
 
 def broken_configs():
     sig = _signature(broken_arange_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"})
-    return [KernelConfig("broken_arange", broken_arange_kernel, sig, {"BLOCK": 3}, 4),
-            KernelConfig("fine_arange", broken_arange_kernel, sig, {"BLOCK": 4}, 4)]
+    return [
+        KernelConfig("broken_arange", broken_arange_kernel, sig, {"BLOCK": 3}, 4),
+        KernelConfig("fine_arange", broken_arange_kernel, sig, {"BLOCK": 4}, 4),
+    ]
 
 
 @triton.jit
@@ -30,5 +33,4 @@ def cross_warp_sum_kernel(x_ptr, y_ptr, BLOCK_T: tl.constexpr, BLOCK_D: tl.const
 def over_budget_configs():
     """The kernel above registered under the affine forward's name (so its budget applies)."""
     sig = _signature(cross_warp_sum_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"})
-    return [KernelConfig("affine_steer_fwd", cross_warp_sum_kernel, sig,
-                         {"BLOCK_T": 16, "BLOCK_D": 256}, 8)]
+    return [KernelConfig("affine_steer_fwd", cross_warp_sum_kernel, sig, {"BLOCK_T": 16, "BLOCK_D": 256}, 8)]

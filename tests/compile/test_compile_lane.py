@@ -1,6 +1,7 @@
 """Ahead-of-time compile lane: every kernel configuration builds for sm_80 and sm_90 with the
 JIT's run-time specialisation, with no spill, within the device limits and within its budget;
 the lane reports a kernel that does not build and one that exceeds its budget."""
+
 import json
 
 import pytest
@@ -28,12 +29,21 @@ def test_registry_covers_every_kernel_and_flag():
         assert any(flag in x for x in labels), flag
     for dt in ("fp32", "bf16", "fp16"):
         assert any(f"dtype={dt}" in x for x in labels), dt
-    for c in all_configs():       # every paper-shape configuration of every kernel has a budget
+    for c in all_configs():  # every paper-shape configuration of every kernel has a budget
         assert budget_for(c) is not None or not c.paper_shapes, c.label
 
 
-@pytest.mark.parametrize("prefix", [AFFINE_FWD, AFFINE_BWD, GATED_BWD, "rms_norm_shift_fwd",
-                                    "wasserstein_fwd", "affine_steer_bwd[dtype=fp16,CHANNEL_FIRST=True"])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        AFFINE_FWD,
+        AFFINE_BWD,
+        GATED_BWD,
+        "rms_norm_shift_fwd",
+        "wasserstein_fwd",
+        "affine_steer_bwd[dtype=fp16,CHANNEL_FIRST=True",
+    ],
+)
 @pytest.mark.parametrize("arch", [80, 90])
 def test_specialisation_is_what_the_jit_launch_uses(prefix, arch):
     """The ASTSource the lane compiles carries exactly the signature, constants and attributes
@@ -71,8 +81,11 @@ def test_specialisation_changes_the_code():
     target = GPUTarget("cuda", 90, 32)
     src, opts, _ = compile_check.jit_specialization(cfg, 90)
     spec = triton.compile(src, target=target, options=opts).asm["ptx"]
-    plain = triton.compile(ASTSource(cfg.kernel, cfg.signature, cfg.constexprs), target=target,
-                           options={"num_warps": cfg.num_warps}).asm["ptx"]
+    plain = triton.compile(
+        ASTSource(cfg.kernel, cfg.signature, cfg.constexprs),
+        target=target,
+        options={"num_warps": cfg.num_warps},
+    ).asm["ptx"]
     assert spec.count("ld.global.v4") >= 2 and spec.count("st.global.v4") >= 1
     assert plain.count("ld.global.v4") == 0
 
@@ -80,8 +93,9 @@ def test_specialisation_changes_the_code():
 def test_sass_counts_on_a_known_kernel():
     """The SASS parser counts what a cross-warp reduction needs (barriers, shared memory) and
     finds no barrier in the affine forward."""
-    rows, failures = compile_check.run([0], [90], source="broken_kernels:over_budget_configs",
-                                       workers=1, log=lambda *_: None)
+    rows, failures = compile_check.run(
+        [0], [90], source="broken_kernels:over_budget_configs", workers=1, log=lambda *_: None
+    )
     row = rows[0]
     assert row["barriers"] >= 1 and row["shared_bytes"] > 0 and row["instructions"] > 20
     assert row["loops"] == 0 and row["loop_barriers"] == 0
@@ -93,12 +107,17 @@ def test_sass_counts_on_a_known_kernel():
 
 
 def test_over_budget_configuration_fails_the_lane():
-    rows, failures = compile_check.run([0], [80], source="broken_kernels:over_budget_configs",
-                                       workers=1, log=lambda *_: None)
+    rows, failures = compile_check.run(
+        [0], [80], source="broken_kernels:over_budget_configs", workers=1, log=lambda *_: None
+    )
     assert len(failures) == 1 and "budget 'affine-fwd': barriers" in failures[0]
     assert rows[0]["budget"] == "affine-fwd"
-    assert compile_check.main(["--source", "broken_kernels:over_budget_configs", "--arch", "90",
-                               "--workers", "1"]) == 1
+    assert (
+        compile_check.main(
+            ["--source", "broken_kernels:over_budget_configs", "--arch", "90", "--workers", "1"]
+        )
+        == 1
+    )
 
 
 def test_every_kernel_builds_for_a100_and_h100(tmp_path):
@@ -121,8 +140,9 @@ def test_every_kernel_builds_for_a100_and_h100(tmp_path):
 
 
 def test_lane_reports_broken_kernel_by_name():
-    rows, failures = compile_check.run([0, 1], [80], source="broken_kernels:broken_configs",
-                                       workers=1, log=lambda *_: None)
+    rows, failures = compile_check.run(
+        [0, 1], [80], source="broken_kernels:broken_configs", workers=1, log=lambda *_: None
+    )
     assert len(failures) == 1 and failures[0].startswith("broken_arange[BLOCK=3] sm_80")
     assert "does not compile" in failures[0] and "arange" in failures[0]
     assert [r["kernel"] for r in rows] == ["fine_arange"]

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from kernel_checks import check_affine
 
 import lineas_fast as lf
-from kernel_checks import check_affine
 
 SHAPES = [((1, 1, 1023), -1), ((3, 7, 256), -1), ((5, 3), -1), ((2, 4, 3, 5), 1), ((1, 3, 1, 1), 1)]
 
@@ -33,7 +33,8 @@ def test_gradcheck_float64():
     s = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
     for inv in (False, True):
         assert torch.autograd.gradcheck(
-            lambda *a: lf.affine_steer(*a, inverse=inv, backend="torch"), (z, om, b, s))
+            lambda *a: lf.affine_steer(*a, inverse=inv, backend="torch"), (z, om, b, s)
+        )
 
 
 def test_strength_zero_is_bit_identical_and_inverse_undoes_map():
@@ -53,16 +54,19 @@ def test_per_sentence_strength_left_aligned():
     assert torch.equal(y[0], z[0]) and torch.allclose(y[1], 2 * z[1])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(omega=torch.ones(3)), r"omega must have shape \(4,\)"),
-    (dict(bias=torch.zeros(4, 1)), r"bias must have shape \(4,\)"),
-    (dict(strength=torch.ones(2, 5)), "does not broadcast"),
-    (dict(strength=torch.ones(2, 3, 4)), "size 1 at channel_dim"),
-    (dict(strength=torch.ones(2, 3, 1, 1)), "too many axes"),
-    (dict(channel_dim=3), "out of range"),
-    (dict(omega=torch.tensor([1.0, 0.0, 2.0, 1.0]), inverse=True), r"omega is 0 at coordinates \[1\]"),
-    (dict(bias=torch.zeros(4, device="meta")), "one device"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(omega=torch.ones(3)), r"omega must have shape \(4,\)"),
+        (dict(bias=torch.zeros(4, 1)), r"bias must have shape \(4,\)"),
+        (dict(strength=torch.ones(2, 5)), "does not broadcast"),
+        (dict(strength=torch.ones(2, 3, 4)), "size 1 at channel_dim"),
+        (dict(strength=torch.ones(2, 3, 1, 1)), "too many axes"),
+        (dict(channel_dim=3), "out of range"),
+        (dict(omega=torch.tensor([1.0, 0.0, 2.0, 1.0]), inverse=True), r"omega is 0 at coordinates \[1\]"),
+        (dict(bias=torch.zeros(4, device="meta")), "one device"),
+    ],
+)
 def test_bad_input(kwargs, match):
     args = dict(z=torch.randn(2, 3, 4), omega=torch.ones(4), bias=torch.zeros(4))
     args.update(kwargs)
@@ -81,7 +85,9 @@ def test_apply_affine_with_precomputed_coefficients(shape, cd, inverse):
     """The hooks' entry point: coefficients from ``map_coefficients`` once, then a plain call
     (channel_dim may be negative) matches the float64 closed form, float and per-token λ."""
     from kernel_checks import closed_form_steer
+
     from lineas_fast.functional import apply_affine, map_coefficients, token_strength
+
     gen = torch.Generator().manual_seed(2)
     cdp = cd % len(shape)
     d = shape[cdp]
@@ -101,6 +107,7 @@ def test_apply_affine_with_precomputed_coefficients(shape, cd, inverse):
 def test_apply_affine_no_host_sync():
     """No .item(), no bool(tensor), no checks: it runs on meta tensors, which have no values."""
     from lineas_fast.functional import apply_affine
+
     u, b = torch.empty(8, device="meta"), torch.empty(8, device="meta")
     z = torch.empty(2, 8, 3, 3, device="meta")
     assert apply_affine(z, u, b, 0.5, 1, backend="torch").shape == z.shape

@@ -4,6 +4,7 @@ the old or the new complete output at the destination, and no temporary once the
 The fuse process is SIGKILLed at random moments of a write loop and at exact stages of the
 overwrite (``LINEAS_FAST_TEST_PAUSE_AT``, see lineas_fast/io.py), with the atomic exchange and
 with the two-rename fallback; SIGTERM and Ctrl-C are cleaned up by the process itself."""
+
 import contextlib
 import json
 import os
@@ -16,19 +17,21 @@ import threading
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
 from lineas_fast import io
 from lineas_fast.cli import main
-from tiny_models import tiny_model, tiny_tokenizer
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLD = r"model\.layers\.\d+\.(input|post_attention)_layernorm"
 # the fuse CLI; NO_EXCHANGE forces the two-rename swap (filesystems without renameat2 exchange)
-CLI = ("import os, sys, lineas_fast.io as io\n"
-       "if os.environ.get('NO_EXCHANGE'): io._exchange = lambda a, b: False\n"
-       "from lineas_fast.cli import main\n"
-       "sys.exit(main(sys.argv[1:]))\n")
+CLI = (
+    "import os, sys, lineas_fast.io as io\n"
+    "if os.environ.get('NO_EXCHANGE'): io._exchange = lambda a, b: False\n"
+    "from lineas_fast.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
 PAIR = """
 import torch, lineas_fast as lf
 def pair():
@@ -106,7 +109,9 @@ for job in json.loads(jobs):
     report["holds"] = holds(out)
     print(json.dumps(report), flush=True)
 """
-SAVE_KILLER = PAIR + """
+SAVE_KILLER = (
+    PAIR
+    + """
 import json, os, random, signal, sys, time
 torch.set_num_threads(1)
 path, rounds = sys.argv[1], int(sys.argv[2])
@@ -129,6 +134,7 @@ for r in range(rounds):
     after = [e for e in os.listdir(os.path.dirname(path)) if e.startswith(".lineas-")]
     print(json.dumps({"holds": held, "leftovers": left, "after_next_save": after}), flush=True)
 """
+)
 
 
 def leftovers(folder):
@@ -139,8 +145,10 @@ def steering_for(model, seed):
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
     names = [n for n, _ in model.named_modules() if re.fullmatch(FOLD, n)]
-    return lf.Steering({n: (1 + 0.3 * torch.randn(d, generator=g), 0.3 * torch.randn(d, generator=g))
-                        for n in names}, {"model": lf.model_fingerprint(model)})
+    return lf.Steering(
+        {n: (1 + 0.3 * torch.randn(d, generator=g), 0.3 * torch.randn(d, generator=g)) for n in names},
+        {"model": lf.model_fingerprint(model)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +173,7 @@ def world(tmp_path_factory):
 
 def load_weights(folder):
     from transformers import AutoModelForCausalLM
+
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
 
 
@@ -208,8 +217,15 @@ def start(args, env=None):
     """A child python in a process group of its own (one thread each: several run at once on
     few cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=TESTS, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=TESTS,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     _started.append(proc)
     return proc
 
@@ -225,20 +241,23 @@ def wait_for_line(stream, text, timeout=90.0):
             if text in line:
                 found.set()
                 return
+
     threading.Thread(target=read, daemon=True).start()
     assert found.wait(timeout), f"no {text!r} within {timeout}s; got {''.join(seen)[-2000:]}"
 
 
 def fuse_args(world, out, key="b"):
-    return ["fuse", "--model", world["model"], "--steering", world[key], "--out", str(out),
-            "--overwrite"]
+    return ["fuse", "--model", world["model"], "--steering", world[key], "--out", str(out), "--overwrite"]
 
 
 # real CLI processes: (stage, two-rename fallback, what `out` holds while stopped there)
 CLI_STAGES = [("swapped", False, "b"), ("moved-aside", True, None)]
 # forked jobs: (stage or None for a random moment, fallback, signal)
-JOBS = [(None, False, "SIGKILL")] * 3 + [(None, True, "SIGKILL")] * 3 + [
-    ("written", False, "SIGKILL"), ("swapped", True, "SIGKILL"), ("swapped", True, "SIGTERM")]
+JOBS = (
+    [(None, False, "SIGKILL")] * 3
+    + [(None, True, "SIGKILL")] * 3
+    + [("written", False, "SIGKILL"), ("swapped", True, "SIGKILL"), ("swapped", True, "SIGTERM")]
+)
 
 
 def test_fuse_overwrite_survives_kills(world):
@@ -251,31 +270,44 @@ def test_fuse_overwrite_survives_kills(world):
     cli = []
     for i, (stage, fallback, _) in enumerate(CLI_STAGES):
         folder, out = fresh_out(world, f"cli{i}")
-        args = ["-c", CLI, *fuse_args(world, out)] if fallback else \
-            ["-m", "lineas_fast.cli", *fuse_args(world, out)]        # lineas-fast fuse
+        args = (
+            ["-c", CLI, *fuse_args(world, out)]
+            if fallback
+            else ["-m", "lineas_fast.cli", *fuse_args(world, out)]
+        )  # lineas-fast fuse
         env = {"LINEAS_FAST_TEST_PAUSE_AT": stage, "NO_EXCHANGE": "1" if fallback else ""}
         cli.append((folder, out, start(args, env)))
     jobs = []
     for i, (stage, fallback, sig) in enumerate(JOBS):
         folder, out = fresh_out(world, f"job{i}")
         jobs.append({"out": str(out), "stage": stage, "fallback": fallback, "signal": sig})
-    driver = start(["-c", FUSE_KILLER, world["model"], world["a"], world["b"], world["fused_a"],
-                    world["fused_b"], json.dumps(jobs)])
+    driver = start(
+        [
+            "-c",
+            FUSE_KILLER,
+            world["model"],
+            world["a"],
+            world["b"],
+            world["fused_a"],
+            world["fused_b"],
+            json.dumps(jobs),
+        ]
+    )
 
     for (stage, fallback, holds), (folder, out, proc) in zip(CLI_STAGES, cli):
         wait_for_line(proc.stderr, f"paused at {stage}")
-        if holds is None:              # the one window the fallback has: old folder set aside
+        if holds is None:  # the one window the fallback has: old folder set aside
             assert not out.exists()
             assert [e[:12] for e in leftovers(folder)] == [".lineas-old-", ".lineas-tmp-"]
         else:
             assert which_model(world, out) == holds
         proc.kill()
         proc.wait(30)
-        assert leftovers(folder), stage                                   # SIGKILL cannot clean
+        assert leftovers(folder), stage  # SIGKILL cannot clean
         if holds is None:
             io.recover(out)
             assert which_model(world, out) == "a" and leftovers(folder) == []
-        else:                          # the next write cleans up, then writes
+        else:  # the next write cleans up, then writes
             assert main(fuse_args(world, out, "a")) == 0
             assert leftovers(folder) == [] and which_model(world, out) == "a"
 
@@ -284,8 +316,9 @@ def test_fuse_overwrite_survives_kills(world):
     reports = [json.loads(line) for line in stdout.splitlines()]
     assert len(reports) == len(jobs), stdout
     expect_paused = {"written": ["a"], "swapped": ["b"]}
-    assert any(rep["leftovers"] for job, rep in zip(jobs, reports) if not job["stage"]), \
+    assert any(rep["leftovers"] for job, rep in zip(jobs, reports) if not job["stage"]), (
         "no random kill landed inside a write"
+    )
     for job, rep in zip(jobs, reports):
         out, folder = job["out"], os.path.dirname(job["out"])
         assert rep["signal"] == getattr(signal, job["signal"]), (job, rep)
@@ -294,7 +327,7 @@ def test_fuse_overwrite_survives_kills(world):
         if job["signal"] == "SIGTERM":
             assert rep["leftovers"] == [] and rep["holds"] == ["b"], (job, rep)
             continue
-        if not rep["holds"]:           # killed between the fallback's two renames
+        if not rep["holds"]:  # killed between the fallback's two renames
             assert job["fallback"] and ".lineas-old-" in rep["leftovers"], (job, rep)
             io.recover(out)
         else:
@@ -324,13 +357,14 @@ def test_sigint_during_a_swap_waits_for_its_end(ctrl_c_raises, tmp_path, monkeyp
     with io.atomic_dir(folder) as tmp:
         open(os.path.join(tmp, "x"), "w").write("old")
     monkeypatch.setattr(io, "_exchange", lambda a, b: False)
-    monkeypatch.setattr(io, "_pause", lambda stage: stage == "moved-aside" and
-                        signal.raise_signal(signal.SIGINT))
+    monkeypatch.setattr(
+        io, "_pause", lambda stage: stage == "moved-aside" and signal.raise_signal(signal.SIGINT)
+    )
     with pytest.raises(KeyboardInterrupt):
         with io.atomic_dir(folder) as tmp:
             open(os.path.join(tmp, "y"), "w").write("new")
     assert os.listdir(folder) == ["y"] and leftovers(tmp_path) == []
-    with pytest.raises(KeyboardInterrupt):                # a real Ctrl-C while writing
+    with pytest.raises(KeyboardInterrupt):  # a real Ctrl-C while writing
         with io.atomic_path(tmp_path / "r.json") as tmp:
             open(tmp, "w").write("{")
             signal.raise_signal(signal.SIGINT)
@@ -375,7 +409,7 @@ def test_bad_destinations_fail_before_writing(tmp_path):
     st = lf.Steering({"m": (torch.ones(3), torch.zeros(3))})
     with pytest.raises(IsADirectoryError):
         st.save(str(tmp_path / "d"))
-    st["m"][1][0] = float("nan")                     # maps changed in place after construction
+    st["m"][1][0] = float("nan")  # maps changed in place after construction
     with pytest.raises(ValueError, match="not finite"):
         st.save(str(tmp_path / "s.safetensors"))
     assert not (tmp_path / "s.safetensors").exists() and leftovers(tmp_path) == []
@@ -388,10 +422,12 @@ def test_stale_temporaries_only_of_gone_writers_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
+
         def temp(pid, host=io._HOST, name="other.json"):
             path = tmp_path / f".lineas-tmp-{host}-{pid}-0123abcd-{name}"
             path.write_text("x")
             return path.name
+
         live, own, foreign = temp(sleeper.pid), temp(os.getpid()), temp(dead.pid, host="ffffff")
         gone = temp(dead.pid)
         gone_dir = tmp_path / f".lineas-tmp-{io._HOST}-{dead.pid}-0123abcd-out"

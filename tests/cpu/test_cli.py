@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 from lineas_fast.cli import main
-from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -27,29 +27,83 @@ def test_train_then_generate(tmp_path, model_dir, capsys):
     tgt = tmp_path / "tgt.jsonl"
     tgt.write_text("\n".join(json.dumps({"text": t}) for t in TARGET) + "\n")
     out = str(tmp_path / "s.safetensors")
-    rc = main(["train", "--model", model_dir, "--source", src, "--target", str(tgt),
-               "--modules", r"model\.layers\.\d+\.post_attention_layernorm", "--steps", "3",
-               "--optimizer", "adam", "--out", out])
+    rc = main(
+        [
+            "train",
+            "--model",
+            model_dir,
+            "--source",
+            src,
+            "--target",
+            str(tgt),
+            "--modules",
+            r"model\.layers\.\d+\.post_attention_layernorm",
+            "--steps",
+            "3",
+            "--optimizer",
+            "adam",
+            "--out",
+            out,
+        ]
+    )
     assert rc == 0 and os.path.isfile(out)
     assert "wrote" in capsys.readouterr().out
-    rc = main(["generate", "--model", model_dir, "--steering", out, "--strength", "-1",
-               "--prompt", "you are", "--prompt", "hi", "--max-new-tokens", "4"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            model_dir,
+            "--steering",
+            out,
+            "--strength",
+            "-1",
+            "--prompt",
+            "you are",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert rc == 0 and [x["prompt"] for x in lines] == ["you are", "hi"]
     assert all(x["strength"] == -1 for x in lines)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--model", "MODEL", "--source", "nope.txt", "--target", "nope.txt", "--out", "o"],
-     "source file 'nope.txt' does not exist"),
-    (["train", "--model", "/no/such/dir", "--source", "SRC", "--target", "SRC", "--out", "o"],
-     "model folder '/no/such/dir' does not exist"),
-    (["train", "--model", "MODEL", "--source", "SRC", "--target", "SRC", "--out", "o",
-      "--modules", "nothing.*"], "matches no module"),
-    (["generate", "--model", "MODEL", "--steering", "missing.safetensors", "--prompt", "x"],
-     "does not exist"),
-    (["generate", "--model", "MODEL", "--steering", "SRC"], "cannot read steering file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["train", "--model", "MODEL", "--source", "nope.txt", "--target", "nope.txt", "--out", "o"],
+            "source file 'nope.txt' does not exist",
+        ),
+        (
+            ["train", "--model", "/no/such/dir", "--source", "SRC", "--target", "SRC", "--out", "o"],
+            "model folder '/no/such/dir' does not exist",
+        ),
+        (
+            [
+                "train",
+                "--model",
+                "MODEL",
+                "--source",
+                "SRC",
+                "--target",
+                "SRC",
+                "--out",
+                "o",
+                "--modules",
+                "nothing.*",
+            ],
+            "matches no module",
+        ),
+        (
+            ["generate", "--model", "MODEL", "--steering", "missing.safetensors", "--prompt", "x"],
+            "does not exist",
+        ),
+        (["generate", "--model", "MODEL", "--steering", "SRC"], "cannot read steering file"),
+    ],
+)
 def test_clear_errors(tmp_path, model_dir, capsys, args, message):
     src = write(tmp_path / "src.txt", SOURCE)
     args = [model_dir if a == "MODEL" else src if a == "SRC" else a for a in args]
@@ -58,9 +112,11 @@ def test_clear_errors(tmp_path, model_dir, capsys, args, message):
 
 
 def test_help_runs_as_console_script():
-    res = subprocess.run([sys.executable, "-m", "lineas_fast.cli", "train", "--help"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "lineas_fast.cli", "train", "--help"], capture_output=True, text=True
+    )
     assert res.returncode == 0 and "--modules" in res.stdout and "--sparsity" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "lineas_fast.cli", "train", "--steps", "x"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "lineas_fast.cli", "train", "--steps", "x"], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "invalid int value" in res.stderr

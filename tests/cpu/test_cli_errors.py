@@ -7,16 +7,17 @@ content, whatever the extension: a JSON array of records, else JSON lines when e
 line is a record (a JSON string or an object with a string "text"), else an error when the name
 ends in .json/.jsonl or a line is a JSON object, else plain text, one sentence per line verbatim.
 """
+
 import json
 import os
 
 import pytest
 import torch
+from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
 from lineas_fast import cli_io
 from lineas_fast.cli import main
-from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 NORM = "model.layers.{}.post_attention_layernorm"
 MODULES = r"model\.layers\.\d+\.post_attention_layernorm"
@@ -30,27 +31,55 @@ def shared(tmp_path_factory):
     model.save_pretrained(d / "model")
     tiny_tokenizer().save_pretrained(d / "model")
     fp = lf.model_fingerprint(model)
-    lf.Steering({NORM.format(i): (torch.full((32,), 1.1), torch.zeros(32)) for i in range(3)},
-                metadata={"model": fp}).save(str(d / "steer.safetensors"))
-    lf.Steering({NORM.format(9): (torch.ones(32), torch.zeros(32))},
-                metadata={"model": fp}).save(str(d / "other.safetensors"))
+    lf.Steering(
+        {NORM.format(i): (torch.full((32,), 1.1), torch.zeros(32)) for i in range(3)}, metadata={"model": fp}
+    ).save(str(d / "steer.safetensors"))
+    lf.Steering({NORM.format(9): (torch.ones(32), torch.zeros(32))}, metadata={"model": fp}).save(
+        str(d / "other.safetensors")
+    )
     # a safetensors file with the steering marker but a malformed "modules" header
     from safetensors.torch import save_file
-    save_file({"x.omega": torch.ones(2), "x.bias": torch.zeros(2)}, str(d / "bad-meta.safetensors"),
-              metadata={"format": "lineas_fast.steering", "modules": "{not json"})
+
+    save_file(
+        {"x.omega": torch.ones(2), "x.bias": torch.zeros(2)},
+        str(d / "bad-meta.safetensors"),
+        metadata={"format": "lineas_fast.steering", "modules": "{not json"},
+    )
     from tiny_pipeline import tiny_pipeline
+
     tiny_pipeline().save_pretrained(d / "realpipe")
     (d / "pipe").mkdir()
     (d / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (d / "src.txt").write_text("\n".join(SOURCE) + "\n")
     (d / "tgt.txt").write_text("\n".join(TARGET) + "\n")
-    torch.save({"format": "lineas_fast.checkpoint", "step": 1, "config": {"steps": 999},
-                "maps": {}, "gates": {}, "optimizer": {}, "scheduler": {}, "generator": None,
-                "history": []}, d / "other-run.pt")
-    return {k: str(d / v) for k, v in dict(
-        model="model", steer="steer.safetensors", other="other.safetensors",
-        badmeta="bad-meta.safetensors", pipe="pipe", realpipe="realpipe", src="src.txt", tgt="tgt.txt",
-        otherrun="other-run.pt").items()}
+    torch.save(
+        {
+            "format": "lineas_fast.checkpoint",
+            "step": 1,
+            "config": {"steps": 999},
+            "maps": {},
+            "gates": {},
+            "optimizer": {},
+            "scheduler": {},
+            "generator": None,
+            "history": [],
+        },
+        d / "other-run.pt",
+    )
+    return {
+        k: str(d / v)
+        for k, v in dict(
+            model="model",
+            steer="steer.safetensors",
+            other="other.safetensors",
+            badmeta="bad-meta.safetensors",
+            pipe="pipe",
+            realpipe="realpipe",
+            src="src.txt",
+            tgt="tgt.txt",
+            otherrun="other-run.pt",
+        ).items()
+    }
 
 
 TRAIN = "train --model {model} --source {src} --target {tgt} --modules " + MODULES
@@ -68,158 +97,402 @@ CASES = [
     ("lr-zero", TRAIN + " --out {tmp}/o.st --lr 0", {}, ["--lr", "> 0"], "parse"),
     ("lr-negative", TRAIN + " --out {tmp}/o.st --lr -0.1", {}, ["--lr", "-0.1"], "parse"),
     ("steps-negative", TRAIN + " --out {tmp}/o.st --steps -1", {}, ["--steps", "-1"], "parse"),
-    ("batch-size-0", TRAIN + " --out {tmp}/o.st --batch-size 0", {}, ["--batch-size", "'0'"],
-     "parse"),
+    ("batch-size-0", TRAIN + " --out {tmp}/o.st --batch-size 0", {}, ["--batch-size", "'0'"], "parse"),
     ("sparsity-negative", TRAIN + " --out {tmp}/o.st --sparsity -1", {}, ["--sparsity"], "parse"),
     ("sparsity-nan", TRAIN + " --out {tmp}/o.st --sparsity nan", {}, ["--sparsity", "nan"], "parse"),
     ("max-length-0", TRAIN + " --out {tmp}/o.st --max-length 0", {}, ["--max-length"], "parse"),
-    ("max-length-over-positions", TRAIN + " --out {tmp}/o.st --max-length 1000", {},
-     ["--max-length 1000", "max_position_embeddings=128"], "early"),
-    ("steps-not-int", TRAIN + " --out {tmp}/o.st --steps 2.5", {}, ["--steps", "invalid int"],
-     "parse"),
-    ("bad-regex", "train --model {model} --source {src} --target {tgt} --modules ( --out {tmp}/o.st",
-     {}, ["--modules", "regular expression"], "parse"),
+    (
+        "max-length-over-positions",
+        TRAIN + " --out {tmp}/o.st --max-length 1000",
+        {},
+        ["--max-length 1000", "max_position_embeddings=128"],
+        "early",
+    ),
+    ("steps-not-int", TRAIN + " --out {tmp}/o.st --steps 2.5", {}, ["--steps", "invalid int"], "parse"),
+    (
+        "bad-regex",
+        "train --model {model} --source {src} --target {tgt} --modules ( --out {tmp}/o.st",
+        {},
+        ["--modules", "regular expression"],
+        "parse",
+    ),
     ("timestep-with-model", TRAIN + " --out {tmp}/o.st --timestep 5", {}, ["--timestep"], "early"),
     # --- train: checkpoints ----------------------------------------------------------------------
-    ("checkpoint-every-alone", TRAIN + " --out {tmp}/o.st --checkpoint-every 5", {},
-     ["--checkpoint-every 5", "--checkpoint FILE"], "early"),
-    ("checkpoint-alone", TRAIN + " --out {tmp}/o.st --checkpoint {tmp}/ck.pt", {},
-     ["--checkpoint", "--checkpoint-every"], "early"),
-    ("checkpoint-is-folder", TRAIN + " --out {tmp}/o.st --checkpoint {tmp} --checkpoint-every 1",
-     {}, ["--checkpoint", "folder"], "early"),
-    ("resume-missing", TRAIN + " --out {tmp}/o.st --resume {tmp}/nope.pt", {},
-     ["--resume", "nope.pt", "does not exist"], "early"),
-    ("resume-a-steering", TRAIN + " --out {tmp}/o.st --resume {steer}", {},
-     ["--resume", "steer.safetensors", "not a lineas-fast training checkpoint"], "early"),
-    ("resume-other-settings", TRAIN + " --out {tmp}/o.st --resume {otherrun}", {},
-     ["--resume", "other-run.pt", "steps"], "early"),
+    (
+        "checkpoint-every-alone",
+        TRAIN + " --out {tmp}/o.st --checkpoint-every 5",
+        {},
+        ["--checkpoint-every 5", "--checkpoint FILE"],
+        "early",
+    ),
+    (
+        "checkpoint-alone",
+        TRAIN + " --out {tmp}/o.st --checkpoint {tmp}/ck.pt",
+        {},
+        ["--checkpoint", "--checkpoint-every"],
+        "early",
+    ),
+    (
+        "checkpoint-is-folder",
+        TRAIN + " --out {tmp}/o.st --checkpoint {tmp} --checkpoint-every 1",
+        {},
+        ["--checkpoint", "folder"],
+        "early",
+    ),
+    (
+        "resume-missing",
+        TRAIN + " --out {tmp}/o.st --resume {tmp}/nope.pt",
+        {},
+        ["--resume", "nope.pt", "does not exist"],
+        "early",
+    ),
+    (
+        "resume-a-steering",
+        TRAIN + " --out {tmp}/o.st --resume {steer}",
+        {},
+        ["--resume", "steer.safetensors", "not a lineas-fast training checkpoint"],
+        "early",
+    ),
+    (
+        "resume-other-settings",
+        TRAIN + " --out {tmp}/o.st --resume {otherrun}",
+        {},
+        ["--resume", "other-run.pt", "steps"],
+        "early",
+    ),
     # --- train: sentence files -------------------------------------------------------------------
-    ("source-missing", "train --model {model} --source {tmp}/nope.txt --target {tgt} --out {tmp}/o.st",
-     {}, ["--source", "nope.txt", "does not exist"], "early"),
-    ("source-empty", "train --model {model} --source {tmp}/e.txt --target {tgt} --out {tmp}/o.st",
-     {"e.txt": ""}, ["--source", "e.txt", "no sentences"], "early"),
-    ("source-blank-lines", "train --model {model} --source {tmp}/b.txt --target {tgt} --out {tmp}/o.st",
-     {"b.txt": "\n  \n\t\n"}, ["--source", "b.txt", "no sentences"], "early"),
-    ("source-not-utf8", "train --model {model} --source {tmp}/l1.txt --target {tgt} --out {tmp}/o.st",
-     {"l1.txt": b"caf\xe9 au lait\nhello\n"}, ["--source", "l1.txt", "UTF-8", "offset 3"], "early"),
-    ("jsonl-bad-line", "train --model {model} --source {src} --target {tmp}/t.jsonl --out {tmp}/o.st",
-     {"t.jsonl": '{"text": "a"}\nnot json\n'}, ["--target", "t.jsonl:2", "not valid JSON"], "early"),
-    ("json-broken-array", "train --model {model} --source {tmp}/s.json --target {tgt} --out {tmp}/o.st",
-     {"s.json": '[\n "a",\n "b"\n "c"\n]\n'}, ["--source", "s.json:4", "not valid JSON"], "early"),
-    ("jsonl-other-key-in-txt", "train --model {model} --source {tmp}/k.txt --target {tgt} "
-     "--out {tmp}/o.st", {"k.txt": '{"sentence": "a"}\n{"sentence": "b"}\n'},
-     ["--source", "k.txt:1", '"text"'], "early"),
-    ("jsonl-empty-text", "train --model {model} --source {tmp}/s.jsonl --target {tgt} --out {tmp}/o.st",
-     {"s.jsonl": '{"text": "a"}\n{"text": " "}\n'}, ["--source", "s.jsonl:2", "empty"], "early"),
-    ("source-is-folder", "train --model {model} --source {tmp} --target {tgt} --out {tmp}/o.st", {},
-     ["--source", "folder"], "early"),
-    ("source-binary", "train --model {model} --source {steer} --target {tgt} --out {tmp}/o.st", {},
-     ["--source", "steer.safetensors"], "early"),
+    (
+        "source-missing",
+        "train --model {model} --source {tmp}/nope.txt --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--source", "nope.txt", "does not exist"],
+        "early",
+    ),
+    (
+        "source-empty",
+        "train --model {model} --source {tmp}/e.txt --target {tgt} --out {tmp}/o.st",
+        {"e.txt": ""},
+        ["--source", "e.txt", "no sentences"],
+        "early",
+    ),
+    (
+        "source-blank-lines",
+        "train --model {model} --source {tmp}/b.txt --target {tgt} --out {tmp}/o.st",
+        {"b.txt": "\n  \n\t\n"},
+        ["--source", "b.txt", "no sentences"],
+        "early",
+    ),
+    (
+        "source-not-utf8",
+        "train --model {model} --source {tmp}/l1.txt --target {tgt} --out {tmp}/o.st",
+        {"l1.txt": b"caf\xe9 au lait\nhello\n"},
+        ["--source", "l1.txt", "UTF-8", "offset 3"],
+        "early",
+    ),
+    (
+        "jsonl-bad-line",
+        "train --model {model} --source {src} --target {tmp}/t.jsonl --out {tmp}/o.st",
+        {"t.jsonl": '{"text": "a"}\nnot json\n'},
+        ["--target", "t.jsonl:2", "not valid JSON"],
+        "early",
+    ),
+    (
+        "json-broken-array",
+        "train --model {model} --source {tmp}/s.json --target {tgt} --out {tmp}/o.st",
+        {"s.json": '[\n "a",\n "b"\n "c"\n]\n'},
+        ["--source", "s.json:4", "not valid JSON"],
+        "early",
+    ),
+    (
+        "jsonl-other-key-in-txt",
+        "train --model {model} --source {tmp}/k.txt --target {tgt} --out {tmp}/o.st",
+        {"k.txt": '{"sentence": "a"}\n{"sentence": "b"}\n'},
+        ["--source", "k.txt:1", '"text"'],
+        "early",
+    ),
+    (
+        "jsonl-empty-text",
+        "train --model {model} --source {tmp}/s.jsonl --target {tgt} --out {tmp}/o.st",
+        {"s.jsonl": '{"text": "a"}\n{"text": " "}\n'},
+        ["--source", "s.jsonl:2", "empty"],
+        "early",
+    ),
+    (
+        "source-is-folder",
+        "train --model {model} --source {tmp} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--source", "folder"],
+        "early",
+    ),
+    (
+        "source-binary",
+        "train --model {model} --source {steer} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--source", "steer.safetensors"],
+        "early",
+    ),
     # --- train: outputs and folders --------------------------------------------------------------
     ("out-is-folder", TRAIN + " --out {tmp}", {}, ["--out", "folder"], "early"),
-    ("out-under-a-file", TRAIN + " --out {tmp}/f.txt/o.st", {"f.txt": "x"},
-     ["--out", "f.txt", "is a file"], "early"),
+    (
+        "out-under-a-file",
+        TRAIN + " --out {tmp}/f.txt/o.st",
+        {"f.txt": "x"},
+        ["--out", "f.txt", "is a file"],
+        "early",
+    ),
     ("out-is-source", TRAIN + " --out {src}", {}, ["--out", "--source"], "early"),
-    ("model-missing", "train --model {tmp}/nomodel --source {src} --target {tgt} --out {tmp}/o.st",
-     {}, ["--model", "nomodel", "does not exist"], "early"),
-    ("model-not-a-model", "train --model {tmp}/empty --source {src} --target {tgt} --out {tmp}/o.st",
-     {"empty/.keep": ""}, ["--model", "empty", "config.json"], "early"),
-    ("model-is-a-pipeline", "train --model {pipe} --source {src} --target {tgt} --out {tmp}/o.st",
-     {}, ["--model", "pipe", "--pipeline"], "early"),
-    ("pipeline-is-a-model", "train --pipeline {model} --source {src} --target {tgt} --out {tmp}/o.st",
-     {}, ["--pipeline", "model", "--model"], "early"),
-    ("model-and-pipeline", "train --model {model} --pipeline {pipe} --source {src} --target {tgt} "
-     "--out {tmp}/o.st", {}, ["--model", "--pipeline", "both"], "early"),
-    ("neither-model-nor-pipeline", "train --source {src} --target {tgt} --out {tmp}/o.st", {},
-     ["--model", "--pipeline", "neither"], "early"),
+    (
+        "model-missing",
+        "train --model {tmp}/nomodel --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--model", "nomodel", "does not exist"],
+        "early",
+    ),
+    (
+        "model-not-a-model",
+        "train --model {tmp}/empty --source {src} --target {tgt} --out {tmp}/o.st",
+        {"empty/.keep": ""},
+        ["--model", "empty", "config.json"],
+        "early",
+    ),
+    (
+        "model-is-a-pipeline",
+        "train --model {pipe} --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--model", "pipe", "--pipeline"],
+        "early",
+    ),
+    (
+        "pipeline-is-a-model",
+        "train --pipeline {model} --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--pipeline", "model", "--model"],
+        "early",
+    ),
+    (
+        "model-and-pipeline",
+        "train --model {model} --pipeline {pipe} --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--model", "--pipeline", "both"],
+        "early",
+    ),
+    (
+        "neither-model-nor-pipeline",
+        "train --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--model", "--pipeline", "neither"],
+        "early",
+    ),
     ("missing-required", "train --model {model} --source {src}", {}, ["--target", "--out"], "parse"),
     ("seed-negative", TRAIN + " --out {tmp}/o.st --seed -1", {}, ["--seed", "-1"], "parse"),
     ("out-empty", TRAIN + " --out ", {}, ["--out", "''"], "early"),
-    ("model-empty", "train --model  --source {src} --target {tgt} --out {tmp}/o.st", {},
-     ["--model", "''"], "early"),
-    ("source-not-a-regular-file", "train --model {model} --source /dev/null --target {tgt} "
-     "--out {tmp}/o.st", {}, ["--source", "/dev/null", "regular file"], "early"),
-    ("json-array-of-numbers", "train --model {model} --source {tmp}/n.json --target {tgt} "
-     "--out {tmp}/o.st", {"n.json": "[1, 2, 3]"}, ["--source", "n.json", "item 0"], "early"),
-    ("jsonl-in-txt-with-a-plain-line", "train --model {model} --source {tmp}/m.txt --target {tgt} "
-     "--out {tmp}/o.st", {"m.txt": '{"text": "a"}\n{"text": "b"}\nplain words\n'},
-     ["--source", "m.txt:3", "not valid JSON"], "early"),
-    ("checkpoint-is-out", TRAIN + " --out {tmp}/o.st --checkpoint {tmp}/o.st --checkpoint-every 1",
-     {}, ["--checkpoint", "--out"], "early"),
-    ("resume-is-folder", TRAIN + " --out {tmp}/o.st --resume {tmp}", {}, ["--resume", "folder"],
-     "early"),
-    ("pipeline-timestep-out-of-range", "train --pipeline {realpipe} --source {src} --target {tgt} "
-     "--timestep 5000 --out {tmp}/o.st", {}, ["--timestep 5000", "[0, 1000)"], "early"),
-    ("pipeline-with-max-length", "train --pipeline {realpipe} --source {src} --target {tgt} "
-     "--max-length 8 --out {tmp}/o.st", {}, ["--max-length"], "early"),
-    ("pipeline-broken", "train --pipeline {pipe} --source {src} --target {tgt} --out {tmp}/o.st",
-     {}, ["--pipeline", "pipe", "cannot load"], "late"),
-    ("modules-match-nothing", "train --model {model} --source {src} --target {tgt} --modules "
-     r"nothing\..* --out {tmp}/o.st", {}, ["--modules", "matches no module"], "late"),
-    ("loss-before-maps", "train --model {model} --source {src} --target {tgt} --modules "
-     "model.layers.2.post_attention_layernorm --loss-modules model.layers.0.input_layernorm "
-     "--steps 1 --out {tmp}/o.st", {}, ["--loss-modules", "before"], "late"),
+    (
+        "model-empty",
+        "train --model  --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--model", "''"],
+        "early",
+    ),
+    (
+        "source-not-a-regular-file",
+        "train --model {model} --source /dev/null --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--source", "/dev/null", "regular file"],
+        "early",
+    ),
+    (
+        "json-array-of-numbers",
+        "train --model {model} --source {tmp}/n.json --target {tgt} --out {tmp}/o.st",
+        {"n.json": "[1, 2, 3]"},
+        ["--source", "n.json", "item 0"],
+        "early",
+    ),
+    (
+        "jsonl-in-txt-with-a-plain-line",
+        "train --model {model} --source {tmp}/m.txt --target {tgt} --out {tmp}/o.st",
+        {"m.txt": '{"text": "a"}\n{"text": "b"}\nplain words\n'},
+        ["--source", "m.txt:3", "not valid JSON"],
+        "early",
+    ),
+    (
+        "checkpoint-is-out",
+        TRAIN + " --out {tmp}/o.st --checkpoint {tmp}/o.st --checkpoint-every 1",
+        {},
+        ["--checkpoint", "--out"],
+        "early",
+    ),
+    ("resume-is-folder", TRAIN + " --out {tmp}/o.st --resume {tmp}", {}, ["--resume", "folder"], "early"),
+    (
+        "pipeline-timestep-out-of-range",
+        "train --pipeline {realpipe} --source {src} --target {tgt} --timestep 5000 --out {tmp}/o.st",
+        {},
+        ["--timestep 5000", "[0, 1000)"],
+        "early",
+    ),
+    (
+        "pipeline-with-max-length",
+        "train --pipeline {realpipe} --source {src} --target {tgt} --max-length 8 --out {tmp}/o.st",
+        {},
+        ["--max-length"],
+        "early",
+    ),
+    (
+        "pipeline-broken",
+        "train --pipeline {pipe} --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--pipeline", "pipe", "cannot load"],
+        "late",
+    ),
+    (
+        "modules-match-nothing",
+        "train --model {model} --source {src} --target {tgt} --modules "
+        r"nothing\..* --out {tmp}/o.st",
+        {},
+        ["--modules", "matches no module"],
+        "late",
+    ),
+    (
+        "loss-before-maps",
+        "train --model {model} --source {src} --target {tgt} --modules "
+        "model.layers.2.post_attention_layernorm --loss-modules model.layers.0.input_layernorm "
+        "--steps 1 --out {tmp}/o.st",
+        {},
+        ["--loss-modules", "before"],
+        "late",
+    ),
     # --- generate --------------------------------------------------------------------------------
     ("gen-strength-nan", GEN + " --prompt hi --strength nan", {}, ["--strength", "nan"], "parse"),
     ("gen-strength-inf", GEN + " --prompt hi --strength inf", {}, ["--strength", "inf"], "parse"),
-    ("gen-temperature-negative", GEN + " --prompt hi --temperature -1", {}, ["--temperature"],
-     "parse"),
-    ("gen-max-new-tokens-0", GEN + " --prompt hi --max-new-tokens 0", {}, ["--max-new-tokens"],
-     "parse"),
+    ("gen-temperature-negative", GEN + " --prompt hi --temperature -1", {}, ["--temperature"], "parse"),
+    ("gen-max-new-tokens-0", GEN + " --prompt hi --max-new-tokens 0", {}, ["--max-new-tokens"], "parse"),
     ("gen-empty-prompt", GEN + " --prompt ", {}, ["--prompt", "''"], "parse"),
     ("gen-blank-prompt", GEN + " --prompt ~~", {}, ["--prompt"], "parse"),
     ("gen-no-prompt", GEN, {}, ["--prompt", "--prompts-file"], "early"),
-    ("gen-prompts-file-empty", GEN + " --prompts-file {tmp}/p.txt", {"p.txt": "\n"},
-     ["--prompts-file", "p.txt"], "early"),
-    ("gen-steering-missing", "generate --model {model} --steering {tmp}/no.safetensors --prompt hi",
-     {}, ["--steering", "no.safetensors", "does not exist"], "early"),
-    ("gen-steering-junk", "generate --model {model} --steering {src} --prompt hi", {},
-     ["--steering", "src.txt"], "early"),
-    ("gen-steering-bad-metadata", "generate --model {model} --steering {badmeta} --prompt hi", {},
-     ["--steering", "bad-meta.safetensors"], "early"),
-    ("gen-prompt-too-long", GEN + " --prompt " + LONG, {},
-     ["--prompt 1", "max_position_embeddings=128"], "early"),
-    ("gen-too-many-new-tokens", GEN + " --prompt hi --max-new-tokens 500", {},
-     ["--max-new-tokens 500", "max_position_embeddings=128"], "early"),
-    ("gen-steering-other-model", "generate --model {model} --steering {other} --prompt hi", {},
-     ["--steering", "other.safetensors", "--model"], "late"),
-    ("gen-steering-is-folder", "generate --model {model} --steering {tmp} --prompt hi", {},
-     ["--steering", "folder"], "early"),
-    ("gen-prompts-file-not-utf8", GEN + " --prompts-file {tmp}/p.txt", {"p.txt": b"ok\n\xff\n"},
-     ["--prompts-file", "p.txt", "offset 3"], "early"),
+    (
+        "gen-prompts-file-empty",
+        GEN + " --prompts-file {tmp}/p.txt",
+        {"p.txt": "\n"},
+        ["--prompts-file", "p.txt"],
+        "early",
+    ),
+    (
+        "gen-steering-missing",
+        "generate --model {model} --steering {tmp}/no.safetensors --prompt hi",
+        {},
+        ["--steering", "no.safetensors", "does not exist"],
+        "early",
+    ),
+    (
+        "gen-steering-junk",
+        "generate --model {model} --steering {src} --prompt hi",
+        {},
+        ["--steering", "src.txt"],
+        "early",
+    ),
+    (
+        "gen-steering-bad-metadata",
+        "generate --model {model} --steering {badmeta} --prompt hi",
+        {},
+        ["--steering", "bad-meta.safetensors"],
+        "early",
+    ),
+    (
+        "gen-prompt-too-long",
+        GEN + " --prompt " + LONG,
+        {},
+        ["--prompt 1", "max_position_embeddings=128"],
+        "early",
+    ),
+    (
+        "gen-too-many-new-tokens",
+        GEN + " --prompt hi --max-new-tokens 500",
+        {},
+        ["--max-new-tokens 500", "max_position_embeddings=128"],
+        "early",
+    ),
+    (
+        "gen-steering-other-model",
+        "generate --model {model} --steering {other} --prompt hi",
+        {},
+        ["--steering", "other.safetensors", "--model"],
+        "late",
+    ),
+    (
+        "gen-steering-is-folder",
+        "generate --model {model} --steering {tmp} --prompt hi",
+        {},
+        ["--steering", "folder"],
+        "early",
+    ),
+    (
+        "gen-prompts-file-not-utf8",
+        GEN + " --prompts-file {tmp}/p.txt",
+        {"p.txt": b"ok\n\xff\n"},
+        ["--prompts-file", "p.txt", "offset 3"],
+        "early",
+    ),
     # --- fuse ------------------------------------------------------------------------------------
-    ("fuse-strength-nan", FUSE + " --out {tmp}/fused --strength nan", {}, ["--strength", "nan"],
-     "parse"),
-    ("fuse-out-is-file", FUSE + " --out {tmp}/f.txt", {"f.txt": "x"}, ["--out", "f.txt", "file"],
-     "early"),
-    ("fuse-out-not-empty", FUSE + " --out {tmp}/full", {"full/a": "x"},
-     ["--out", "full", "--overwrite"], "early"),
+    ("fuse-strength-nan", FUSE + " --out {tmp}/fused --strength nan", {}, ["--strength", "nan"], "parse"),
+    ("fuse-out-is-file", FUSE + " --out {tmp}/f.txt", {"f.txt": "x"}, ["--out", "f.txt", "file"], "early"),
+    (
+        "fuse-out-not-empty",
+        FUSE + " --out {tmp}/full",
+        {"full/a": "x"},
+        ["--out", "full", "--overwrite"],
+        "early",
+    ),
     ("fuse-out-is-model", FUSE + " --out {model} --overwrite", {}, ["--out", "--model"], "early"),
-    ("fuse-neither", "fuse --steering {steer} --out {tmp}/fused", {}, ["--model", "--pipeline"],
-     "early"),
-    ("fuse-steering-junk", "fuse --model {model} --steering {src} --out {tmp}/fused", {},
-     ["--steering", "src.txt"], "early"),
-    ("fuse-llama-steering-into-pipeline", "fuse --pipeline {realpipe} --steering {steer} "
-     "--out {tmp}/fused", {}, ["--steering", "--pipeline", "does not fit"], "late"),
+    ("fuse-neither", "fuse --steering {steer} --out {tmp}/fused", {}, ["--model", "--pipeline"], "early"),
+    (
+        "fuse-steering-junk",
+        "fuse --model {model} --steering {src} --out {tmp}/fused",
+        {},
+        ["--steering", "src.txt"],
+        "early",
+    ),
+    (
+        "fuse-llama-steering-into-pipeline",
+        "fuse --pipeline {realpipe} --steering {steer} --out {tmp}/fused",
+        {},
+        ["--steering", "--pipeline", "does not fit"],
+        "late",
+    ),
     # --- generate-image --------------------------------------------------------------------------
-    ("img-strengths-nan", IMG + " --strengths 0 nan --out {tmp}/g.png", {}, ["--strengths", "nan"],
-     "parse"),
+    ("img-strengths-nan", IMG + " --strengths 0 nan --out {tmp}/g.png", {}, ["--strengths", "nan"], "parse"),
     ("img-steps-0", IMG + " --steps 0 --out {tmp}/g.png", {}, ["--steps", "'0'"], "parse"),
     ("img-steps-negative", IMG + " --steps -3 --out {tmp}/g.png", {}, ["--steps", "-3"], "parse"),
     ("img-guidance-nan", IMG + " --guidance nan --out {tmp}/g.png", {}, ["--guidance"], "parse"),
-    ("img-empty-prompt", "generate-image --pipeline {pipe} --steering {steer} --prompt  --out "
-     "{tmp}/g.png", {}, ["--prompt"], "parse"),
+    (
+        "img-empty-prompt",
+        "generate-image --pipeline {pipe} --steering {steer} --prompt  --out {tmp}/g.png",
+        {},
+        ["--prompt"],
+        "parse",
+    ),
     ("img-out-is-folder", IMG + " --out {tmp}", {}, ["--out", "folder"], "early"),
     ("img-out-not-png", IMG + " --out {tmp}/g.jpg", {}, ["--out", "g.jpg", ".png"], "early"),
-    ("img-out-under-file", IMG + " --out {tmp}/f.txt/g.png", {"f.txt": "x"}, ["--out", "f.txt"],
-     "early"),
-    ("img-pipeline-missing", "generate-image --pipeline {tmp}/nopipe --steering {steer} --prompt a "
-     "--out {tmp}/g.png", {}, ["--pipeline", "nopipe"], "early"),
-    ("img-pipeline-is-model", "generate-image --pipeline {model} --steering {steer} --prompt a "
-     "--out {tmp}/g.png", {}, ["--pipeline", "--model"], "early"),
-    ("img-steering-other-model", "generate-image --pipeline {realpipe} --steering {steer} "
-     "--prompt a --steps 1 --out {tmp}/g.png", {}, ["--steering", "--pipeline", "does not fit"],
-     "late"),
+    ("img-out-under-file", IMG + " --out {tmp}/f.txt/g.png", {"f.txt": "x"}, ["--out", "f.txt"], "early"),
+    (
+        "img-pipeline-missing",
+        "generate-image --pipeline {tmp}/nopipe --steering {steer} --prompt a --out {tmp}/g.png",
+        {},
+        ["--pipeline", "nopipe"],
+        "early",
+    ),
+    (
+        "img-pipeline-is-model",
+        "generate-image --pipeline {model} --steering {steer} --prompt a --out {tmp}/g.png",
+        {},
+        ["--pipeline", "--model"],
+        "early",
+    ),
+    (
+        "img-steering-other-model",
+        "generate-image --pipeline {realpipe} --steering {steer} --prompt a --steps 1 --out {tmp}/g.png",
+        {},
+        ["--steering", "--pipeline", "does not fit"],
+        "late",
+    ),
     # --- demo and the top level ------------------------------------------------------------------
     ("demo-steps-0", "demo --steps 0 --out {tmp}/demo", {}, ["--steps"], "parse"),
     ("demo-lr-0", "demo --lr 0 --out {tmp}/demo", {}, ["--lr"], "parse"),
@@ -234,19 +507,23 @@ def spies(monkeypatch):
     """Count model loads and lf.train calls (each still runs)."""
     calls = {"load": 0, "train": 0}
     from transformers import AutoModelForCausalLM
+
     load_lm = AutoModelForCausalLM.from_pretrained
 
     def spy_lm(*a, **k):
         calls["load"] += 1
         return load_lm(*a, **k)
+
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy_lm)
     try:
         from diffusers import DiffusionPipeline
+
         load_pipe = DiffusionPipeline.from_pretrained
 
         def spy_pipe(*a, **k):
             calls["load"] += 1
             return load_pipe(*a, **k)
+
         monkeypatch.setattr(DiffusionPipeline, "from_pretrained", spy_pipe)
     except ImportError:
         pass
@@ -255,10 +532,12 @@ def spies(monkeypatch):
     def spy_train(*a, **k):
         calls["train"] += 1
         return train(*a, **k)
+
     monkeypatch.setattr(lf, "train", spy_train)
 
     def no_download():
         raise AssertionError("demo reached its downloads")
+
     monkeypatch.setattr("lineas_fast.assets.toxicity_judge", no_download, raising=False)
     return calls
 
@@ -269,10 +548,8 @@ def run(argv, capsys):
     return rc, cap.out, cap.err
 
 
-@pytest.mark.parametrize("cmd,files,culprits,stage", [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_one_line(cmd, files, culprits, stage, shared, tmp_path, spies,
-                                         capsys):
+@pytest.mark.parametrize("cmd,files,culprits,stage", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(cmd, files, culprits, stage, shared, tmp_path, spies, capsys):
     for name, content in files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,18 +564,34 @@ def test_bad_input_exits_2_with_one_line(cmd, files, culprits, stage, shared, tm
     assert lines[0].startswith(f"lineas-fast {command}".rstrip() + ": error: "), lines[0]
     for c in culprits:
         assert c in lines[0], (c, lines[0])
-    assert {str(p) for p in tmp_path.rglob("*")} == before          # nothing written
+    assert {str(p) for p in tmp_path.rglob("*")} == before  # nothing written
     if stage in ("parse", "early"):
         assert spies == {"load": 0, "train": 0}, "failed late: a model was loaded or trained"
 
 
 # --- positive controls ----------------------------------------------------------------------------
 def test_json_named_jsonl_trains_and_a_checkpoint_resumes(shared, tmp_path, capsys):
-    tgt = tmp_path / "tgt.json"                      # JSON lines under a .json name
+    tgt = tmp_path / "tgt.json"  # JSON lines under a .json name
     tgt.write_text("\n".join(json.dumps({"text": t}) for t in TARGET) + "\n")
-    base = ["train", "--model", shared["model"], "--source", shared["src"], "--target", str(tgt),
-            "--modules", MODULES, "--steps", "2", "--optimizer", "adam",
-            "--checkpoint", str(tmp_path / "ck.pt"), "--checkpoint-every", "1"]
+    base = [
+        "train",
+        "--model",
+        shared["model"],
+        "--source",
+        shared["src"],
+        "--target",
+        str(tgt),
+        "--modules",
+        MODULES,
+        "--steps",
+        "2",
+        "--optimizer",
+        "adam",
+        "--checkpoint",
+        str(tmp_path / "ck.pt"),
+        "--checkpoint-every",
+        "1",
+    ]
     assert main(base + ["--out", str(tmp_path / "a.st")]) == 0
     assert main(base + ["--out", str(tmp_path / "b.st"), "--resume", str(tmp_path / "ck.pt")]) == 0
     assert "error" not in capsys.readouterr().err
@@ -309,23 +602,39 @@ def test_json_named_jsonl_trains_and_a_checkpoint_resumes(shared, tmp_path, caps
 def test_a_bug_exits_1_without_traceback(shared, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("boom")
+
     monkeypatch.setattr(lf, "train", boom)
-    rc, _, err = run(["train", "--model", shared["model"], "--source", shared["src"], "--target",
-                      shared["tgt"], "--out", str(tmp_path / "o.st")], capsys)
+    rc, _, err = run(
+        [
+            "train",
+            "--model",
+            shared["model"],
+            "--source",
+            shared["src"],
+            "--target",
+            shared["tgt"],
+            "--out",
+            str(tmp_path / "o.st"),
+        ],
+        capsys,
+    )
     assert rc == 1 and "internal error" in err and "RuntimeError: boom" in err
     assert "Traceback" not in err and not (tmp_path / "o.st").exists()
 
 
-@pytest.mark.parametrize("name,content,expected", [
-    ("a.json", '{"text": "one"}\n"two"\n', ["one", "two"]),                 # JSONL named .json
-    ("a.json", '["one", {"text": "two"}]', ["one", "two"]),                 # a JSON array
-    ("a.txt", '[\n  "one",\n  "two"\n]\n', ["one", "two"]),                 # by content
-    ("a.txt", '"one"\n"two"\n', ["one", "two"]),                            # all JSON strings
-    ("a.txt", 'he said "hi"\n"quoted"\n', ['he said "hi"', '"quoted"']),    # mixed: plain text
-    ("a.txt", "[laughs] you fool\n42\nnull\n", ["[laughs] you fool", "42", "null"]),
-    ("a.txt", "\ufeffone\r\n\r\ntwo\r\n", ["one", "two"]),                  # BOM, CRLF, blanks
-    ("a.jsonl", '"one"\n\n{"text": "two", "label": 1}\n', ["one", "two"]),
-])
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        ("a.json", '{"text": "one"}\n"two"\n', ["one", "two"]),  # JSONL named .json
+        ("a.json", '["one", {"text": "two"}]', ["one", "two"]),  # a JSON array
+        ("a.txt", '[\n  "one",\n  "two"\n]\n', ["one", "two"]),  # by content
+        ("a.txt", '"one"\n"two"\n', ["one", "two"]),  # all JSON strings
+        ("a.txt", 'he said "hi"\n"quoted"\n', ['he said "hi"', '"quoted"']),  # mixed: plain text
+        ("a.txt", "[laughs] you fool\n42\nnull\n", ["[laughs] you fool", "42", "null"]),
+        ("a.txt", "\ufeffone\r\n\r\ntwo\r\n", ["one", "two"]),  # BOM, CRLF, blanks
+        ("a.jsonl", '"one"\n\n{"text": "two", "label": 1}\n', ["one", "two"]),
+    ],
+)
 def test_sentence_format_is_decided_by_content(tmp_path, name, content, expected):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
@@ -333,10 +642,12 @@ def test_sentence_format_is_decided_by_content(tmp_path, name, content, expected
 
 
 def test_errors_for_json_that_is_not_sentences(tmp_path):
-    cases = {"a.jsonl": ('"one"\nplain\n', "a.jsonl:2"),
-             "b.txt": ('{"text": "one"}\nplain\n', "b.txt:2"),
-             "c.json": ('["one", 2]', "item 1"),
-             "d.txt": ('{\n "source": ["a"]\n}\n', "one JSON object")}
+    cases = {
+        "a.jsonl": ('"one"\nplain\n', "a.jsonl:2"),
+        "b.txt": ('{"text": "one"}\nplain\n', "b.txt:2"),
+        "c.json": ('["one", 2]', "item 1"),
+        "d.txt": ('{\n "source": ["a"]\n}\n', "one JSON object"),
+    }
     for name, (content, where) in cases.items():
         (tmp_path / name).write_text(content)
         with pytest.raises(cli_io.CLIError, match=where.replace(".", r"\.")):

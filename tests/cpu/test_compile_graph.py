@@ -1,27 +1,45 @@
 """A steered model under torch.compile(fullgraph=True): no graph break, each map one custom op
 in the graph, and the compiled logits equal the eager hooked ones (affine, inverse, gated,
 in-memory fused norms)."""
+
 import pytest
 import torch
-
-import lineas_fast as lf
 from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
-OPS = {"affine": torch.ops.lineas_fast.affine_steer.default,
-       "gated": torch.ops.lineas_fast.gated_steer.default,
-       "fused": torch.ops.lineas_fast.rms_norm_shift.default}
+import lineas_fast as lf
+
+OPS = {
+    "affine": torch.ops.lineas_fast.affine_steer.default,
+    "gated": torch.ops.lineas_fast.gated_steer.default,
+    "fused": torch.ops.lineas_fast.rms_norm_shift.default,
+}
 
 
 @pytest.fixture(scope="module")
 def trained():
     tok = tiny_tokenizer()
     model = tiny_model("llama").eval()
-    st = lf.train(model, tok, SOURCE, TARGET, NORMS["llama"], steps=3, batch_size=4,
-                  optimizer="adam", lr=0.05, progress=False)
-    gates = {n: (torch.randn(om.shape[0], generator=torch.Generator().manual_seed(i)) * 0.3,
-                 torch.tensor([0.1])) for i, (n, (om, _)) in enumerate((m, st[m]) for m in st.modules)}
-    gated = lf.Steering({n: st[n] for n in st.modules}, st.metadata,
-                        {n: {"w": w, "c": c, "kind": "sigmoid"} for n, (w, c) in gates.items()})
+    st = lf.train(
+        model,
+        tok,
+        SOURCE,
+        TARGET,
+        NORMS["llama"],
+        steps=3,
+        batch_size=4,
+        optimizer="adam",
+        lr=0.05,
+        progress=False,
+    )
+    gates = {
+        n: (torch.randn(om.shape[0], generator=torch.Generator().manual_seed(i)) * 0.3, torch.tensor([0.1]))
+        for i, (n, (om, _)) in enumerate((m, st[m]) for m in st.modules)
+    }
+    gated = lf.Steering(
+        {n: st[n] for n in st.modules},
+        st.metadata,
+        {n: {"w": w, "c": c, "kind": "sigmoid"} for n, (w, c) in gates.items()},
+    )
     ids = tok(["you are a rotten fool", "hi"], return_tensors="pt", padding=True)
     return model, st, gated, ids
 
@@ -49,10 +67,10 @@ def test_one_graph_with_one_op_per_map(trained, kind, strength):
     with steering.apply(model, strength), torch.no_grad():
         eager = model(**ids).logits
         compiled = torch.compile(model, fullgraph=True, backend=rec)(**ids).logits
-    assert len(rec.graphs) == 1                          # fullgraph: a break would have raised
+    assert len(rec.graphs) == 1  # fullgraph: a break would have raised
     assert rec.count(OPS[kind]) == len(steering)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
-    with torch.no_grad():                                # the maps are gone after the block
+    with torch.no_grad():  # the maps are gone after the block
         assert not torch.equal(model(**ids).logits, eager)
 
 

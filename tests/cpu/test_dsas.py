@@ -1,14 +1,22 @@
 """DSAS: per-token gated strength (SPEC §5)."""
+
 import pytest
 import torch
-
-import lineas_fast as lf
 from kernel_checks import check_gated, expected_loss, pooled_unpadded
 from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
-CONTROL = ["the sun rises in the east", "a table has four legs", "water boils when heated",
-           "birds fly south in winter", "the library opens at nine", "trains run on rails",
-           "maps show roads and rivers", "bread is baked in ovens"]
+import lineas_fast as lf
+
+CONTROL = [
+    "the sun rises in the east",
+    "a table has four legs",
+    "water boils when heated",
+    "birds fly south in winter",
+    "the library opens at nine",
+    "trains run on rails",
+    "maps show roads and rivers",
+    "bread is baked in ovens",
+]
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7, 16), (2, 1023)])
@@ -20,22 +28,22 @@ def test_gated_reference_outputs_and_gradients(shape, gate, inverse):
 
 def test_gated_gradcheck_float64():
     torch.manual_seed(0)
-    args = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
-            (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(),
-            torch.randn(4, dtype=torch.float64, requires_grad=True),
-            torch.randn(4, dtype=torch.float64, requires_grad=True),
-            torch.randn(1, dtype=torch.float64, requires_grad=True)]
-    assert torch.autograd.gradcheck(lambda *a: lf.gated_steer(*a, strength=0.7, backend="torch"),
-                                    args)
+    args = [
+        torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
+        (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(),
+        torch.randn(4, dtype=torch.float64, requires_grad=True),
+        torch.randn(4, dtype=torch.float64, requires_grad=True),
+        torch.randn(1, dtype=torch.float64, requires_grad=True),
+    ]
+    assert torch.autograd.gradcheck(lambda *a: lf.gated_steer(*a, strength=0.7, backend="torch"), args)
 
 
 def test_saturated_gate_equals_plain_steering():
     torch.manual_seed(0)
     z, om, b = torch.randn(2, 5, 16), torch.rand(16) + 0.5, torch.randn(16)
-    plain = z.double() + 0.6 * ((om.double() - 1) * z.double() + b.double())   # SPEC §3, λ = 0.6
+    plain = z.double() + 0.6 * ((om.double() - 1) * z.double() + b.double())  # SPEC §3, λ = 0.6
     for gate, c in (("sigmoid", 60.0), ("relu", 2.0)):
-        y, s = lf.gated_steer(z, om, b, torch.zeros(16), torch.tensor([c]), 0.6, gate,
-                              return_strengths=True)
+        y, s = lf.gated_steer(z, om, b, torch.zeros(16), torch.tensor([c]), 0.6, gate, return_strengths=True)
         torch.testing.assert_close(y.double(), plain, rtol=1e-6, atol=1e-6)
         assert torch.allclose(s, torch.full((2, 5), 0.6))
 
@@ -83,7 +91,7 @@ def test_fitted_gates_on_model_classify_and_steer_per_token(trained, kind):
         assert g["kind"] == kind
         assert torch.equal(gated[n][0], st[n][0]) and torch.equal(gated[n][1], st[n][1])
         w, c = g["w"].double(), g["c"].double()
-        edge = 0.0 if kind == "sigmoid" else 0.5          # where g = 1/2: the decision boundary
+        edge = 0.0 if kind == "sigmoid" else 0.5  # where g = 1/2: the decision boundary
         right = int(((src[n] @ w + c) > edge).sum() + ((ctrl[n] @ w + c) <= edge).sum())
         overall = right / (len(SOURCE) + len(CONTROL))
         assert overall >= 0.75, (n, overall)
@@ -96,10 +104,12 @@ def test_fitted_gates_on_model_classify_and_steer_per_token(trained, kind):
     named = dict(model.named_modules())
     hooks = []
     for n in gated.modules:
-        hooks.append(named[n].register_forward_pre_hook(
-            lambda _m, args, n=n: inputs.__setitem__(n, args[0].detach())))
-        hooks.append(named[n].register_forward_hook(
-            lambda _m, _a, out, n=n: outputs.__setitem__(n, out.detach())))
+        hooks.append(
+            named[n].register_forward_pre_hook(lambda _m, args, n=n: inputs.__setitem__(n, args[0].detach()))
+        )
+        hooks.append(
+            named[n].register_forward_hook(lambda _m, _a, out, n=n: outputs.__setitem__(n, out.detach()))
+        )
     strengths = {}
     try:
         for texts, key in ((SOURCE, "source"), (CONTROL, "control")):
@@ -108,10 +118,10 @@ def test_fitted_gates_on_model_classify_and_steer_per_token(trained, kind):
             with torch.no_grad(), gated.apply(model, strength=lam, record_strengths=True) as hd:
                 model(**enc)
             for n in gated.modules:
-                rec, = hd.strengths[n]
+                (rec,) = hd.strengths[n]
                 mod = named[n]
                 with torch.no_grad():
-                    z = type(mod).forward(mod, inputs[n]).double()     # the map's input
+                    z = type(mod).forward(mod, inputs[n]).double()  # the map's input
                 w, c = gated.gates[n]["w"].double(), gated.gates[n]["c"].double()
                 expect = lam * gate_of(z @ w + c, kind)
                 assert rec.shape == real.shape
@@ -123,7 +133,7 @@ def test_fitted_gates_on_model_classify_and_steer_per_token(trained, kind):
     finally:
         for h in hooks:
             h.remove()
-    for n in gated.modules:            # the gate opens wider on source tokens than on control
+    for n in gated.modules:  # the gate opens wider on source tokens than on control
         assert strengths["source", n] > strengths["control", n], (n, strengths)
 
 
@@ -160,7 +170,7 @@ def test_gated_steering_save_load_and_kv_cache(tmp_path, trained):
     T = enc["input_ids"].shape[1]
     for n in gated.modules:
         rec = handle.strengths[n]
-        assert len(rec) == 12                     # 6 forwards with the cache, then 6 without
+        assert len(rec) == 12  # 6 forwards with the cache, then 6 without
         assert rec[0].shape == (1, T) and all(r.shape == (1, 1) for r in rec[1:6])
         assert rec[11].shape == (1, T + 5)
         # with the cache each new token's gate sees the same activation as without it
@@ -190,9 +200,23 @@ def test_fuse_refuses_gated_modules():
 def test_end_to_end_gates(kind):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     hist = []
-    st = lf.train(model, tok, SOURCE, TARGET, modules=NORMS["llama"], steps=12, optimizer="adam",
-                  lr=0.05, batch_size=len(SOURCE), progress=False, gate="e2e", gate_kind=kind,
-                  control=CONTROL, control_weight=5.0, callback=hist.append)
+    st = lf.train(
+        model,
+        tok,
+        SOURCE,
+        TARGET,
+        modules=NORMS["llama"],
+        steps=12,
+        optimizer="adam",
+        lr=0.05,
+        batch_size=len(SOURCE),
+        progress=False,
+        gate="e2e",
+        gate_kind=kind,
+        control=CONTROL,
+        control_weight=5.0,
+        callback=hist.append,
+    )
     assert set(st.gates) == set(st.modules) and st.gates[st.modules[0]]["kind"] == kind
     assert hist[-1].loss < hist[0].loss
     # step 0: identity maps, so the control term is 0 and the loss is the plain W2 between the
@@ -203,7 +227,7 @@ def test_end_to_end_gates(kind):
     assert hist[0].control_loss == pytest.approx(0.0, abs=1e-8)
     assert hist[0].loss == pytest.approx(exact, rel=1e-4)
     assert all(r.control_loss > 0 for r in hist[1:])
-    assert any(g["w"].abs().sum() > 0 for g in st.gates.values())      # gates were trained
+    assert any(g["w"].abs().sum() > 0 for g in st.gates.values())  # gates were trained
     with pytest.raises(ValueError, match="needs control"):
         lf.train(model, tok, SOURCE, TARGET, modules=NORMS["llama"], steps=1, gate="e2e")
 
@@ -212,11 +236,18 @@ def test_end_to_end_gates(kind):
 from lineas_fast.gates import calibrate_bias, fit_token_gate  # noqa: E402
 from lineas_fast.token_acts import token_activations, token_positions  # noqa: E402
 
-SHOUT = ["HELLOTHERE", "GOAWAYNOW", "WHATANIDEA", "STOPITNOW", "NOBODYCARES", "YOUAREWRONG",
-         "LOUDANDCLEAR", "NEVERAGAIN"]
+SHOUT = [
+    "HELLOTHERE",
+    "GOAWAYNOW",
+    "WHATANIDEA",
+    "STOPITNOW",
+    "NOBODYCARES",
+    "YOUAREWRONG",
+    "LOUDANDCLEAR",
+    "NEVERAGAIN",
+]
 SHOUT_HELD = ["BIGMISTAKE", "LEAVEMEALONE", "THATISENOUGH", "QUIETPLEASE"]
-CONTROL_HELD = ["rivers flow to the sea", "clocks tell the time", "snow falls in winter",
-                "cats sleep a lot"]
+CONTROL_HELD = ["rivers flow to the sea", "clocks tell the time", "snow falls in winter", "cats sleep a lot"]
 
 
 def unpadded_tokens(model, texts, names, tok, gated=None, strength=1.0):
@@ -241,6 +272,7 @@ def unpadded_tokens(model, texts, names, tok, gated=None, strength=1.0):
                 s = torch.full(z.shape[:-1], float(strength), dtype=torch.float64)
             rows[n].append(s[0])
             return (z + s.unsqueeze(-1) * ((om - 1) * z + b)).to(out.dtype)
+
         return hook
 
     hooks = [named[n].register_forward_hook(hook_for(n)) for n in names]
@@ -269,15 +301,15 @@ def shouting_model():
 def random_maps(model, scale=0.3, seed=1):
     names = [n for n, _ in model.named_modules() if __import__("re").fullmatch(NORMS["llama"], n)]
     g = torch.Generator().manual_seed(seed)
-    return lf.Steering({n: (1 + scale * torch.randn(32, generator=g),
-                            scale * torch.randn(32, generator=g)) for n in names})
+    return lf.Steering(
+        {n: (1 + scale * torch.randn(32, generator=g), scale * torch.randn(32, generator=g)) for n in names}
+    )
 
 
 def test_token_positions_subsample_is_seeded_and_in_range():
     lengths = [3, 0, 5, 2]
     every = token_positions(lengths, None)
-    assert every.tolist() == [[0, 0], [0, 1], [0, 2], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4],
-                              [3, 0], [3, 1]]
+    assert every.tolist() == [[0, 0], [0, 1], [0, 2], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4], [3, 0], [3, 1]]
     a, b = token_positions(lengths, 4, seed=3), token_positions(lengths, 4, seed=3)
     assert torch.equal(a, b) and len(a) == 4 and len({tuple(p) for p in a.tolist()}) == 4
     assert all(p in every.tolist() for p in a.tolist()) and a.tolist() == sorted(a.tolist())
@@ -294,13 +326,13 @@ def test_token_activations_match_sentences_run_alone():
     ref = unpadded_tokens(model, texts, names, tok)
     for n in names:
         torch.testing.assert_close(got[n].double(), torch.cat(ref[n]), rtol=1e-5, atol=1e-5)
-    pos = torch.tensor([[3, 1], [0, 0], [5, 4]])         # any order, any sentences
+    pos = torch.tensor([[3, 1], [0, 0], [5, 4]])  # any order, any sentences
     some = token_activations(target, enc, names, pos, max_tokens=8)
     for n in names:
         expect = torch.stack([ref[n][s][t] for s, t in pos.tolist()])
         torch.testing.assert_close(some[n].double(), expect, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="positions"):
-        token_activations(target, enc, names, torch.tensor([[3, 2]]))   # "hi" has 2 tokens
+        token_activations(target, enc, names, torch.tensor([[3, 2]]))  # "hi" has 2 tokens
 
 
 def test_fit_token_gate_is_class_balanced():
@@ -308,7 +340,7 @@ def test_fit_token_gate_is_class_balanced():
     d = 16
     shift = torch.zeros(d)
     shift[0] = 2.5
-    src, ctrl = torch.randn(60, d) + shift, torch.randn(600, d)        # 1 : 10 imbalance
+    src, ctrl = torch.randn(60, d) + shift, torch.randn(600, d)  # 1 : 10 imbalance
     src_val, ctrl_val = torch.arange(60) >= 45, torch.arange(600) >= 450
     fit = fit_token_gate(src, ctrl, src_val, ctrl_val, k=4)
     logit = lambda x: x.double() @ fit["w"] + fit["c"]
@@ -329,7 +361,7 @@ def test_calibrate_bias_caps_the_mean_opening(kind):
         delta = calibrate_bias(logits, kind, q)
         mean = gate_of(logits.double() + delta, kind).mean().item()
         assert delta < 0 and q - 1e-6 <= mean <= q
-    assert calibrate_bias(logits - 20, kind, 0.1) == 0.0              # already shut: unchanged
+    assert calibrate_bias(logits - 20, kind, 0.1) == 0.0  # already shut: unchanged
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "relu"])
@@ -365,8 +397,9 @@ def test_gate_openings_match_an_independent_oracle():
     st = random_maps(model)
     gated = lf.fit_gates(model, tok, SHOUT, CONTROL, st, level="token", threshold=0.0)
     last = st.modules[-1]
-    partly = lf.Steering({n: st[n] for n in st.modules}, gates={n: g for n, g in
-                                                                 gated.gates.items() if n != last})
+    partly = lf.Steering(
+        {n: st[n] for n in st.modules}, gates={n: g for n, g in gated.gates.items() if n != last}
+    )
     texts = SHOUT_HELD + CONTROL_HELD + ["a"]
     for steering, lam in ((gated, 1.0), (partly, 0.7)):
         got = lf.gate_openings(model, tok, steering, texts, strength=lam)
@@ -381,23 +414,24 @@ def test_gate_openings_match_an_independent_oracle():
 @pytest.mark.parametrize("kind", ["sigmoid", "relu"])
 @pytest.mark.parametrize("level", ["token", "sentence"])
 def test_control_opening_calibration_holds(kind, level):
-    model, tok = tiny_model("llama"), tiny_tokenizer()        # a plain random model: gates
-    st = random_maps(model, scale=0.0)                      # separate little, openings ~ 1/2
+    model, tok = tiny_model("llama"), tiny_tokenizer()  # a plain random model: gates
+    st = random_maps(model, scale=0.0)  # separate little, openings ~ 1/2
     identity = st
     q = 0.1
-    gated = lf.fit_gates(model, tok, SOURCE, CONTROL, identity, level=level, threshold=0.0,
-                         gate=kind, control_opening=q)
-    fit = lf.fit_gates(model, tok, SOURCE, CONTROL, identity, level=level, threshold=0.0,
-                       gate=kind)
+    gated = lf.fit_gates(
+        model, tok, SOURCE, CONTROL, identity, level=level, threshold=0.0, gate=kind, control_opening=q
+    )
+    fit = lf.fit_gates(model, tok, SOURCE, CONTROL, identity, level=level, threshold=0.0, gate=kind)
     for n in st.modules:
         r = gated.metadata["gates"][n]
         assert r["control_opening"] <= q + 1e-9 and r["bias_shift"] <= 0
-        if r["bias_shift"] < 0:                         # lowered just enough, not more
+        if r["bias_shift"] < 0:  # lowered just enough, not more
             assert r["control_opening"] >= q - 1e-4
         # only the bias moved, by the reported shift
         assert torch.equal(gated.gates[n]["w"], fit.gates[n]["w"])
-        assert gated.gates[n]["c"].item() == pytest.approx(fit.gates[n]["c"].item()
-                                                           + r["bias_shift"], abs=1e-5)
+        assert gated.gates[n]["c"].item() == pytest.approx(
+            fit.gates[n]["c"].item() + r["bias_shift"], abs=1e-5
+        )
     # identity maps: in use the gates read the untouched activations, so the mean opening on the
     # (fully read) control set is what was calibrated
     op = lf.gate_openings(model, tok, gated, CONTROL)
@@ -409,8 +443,7 @@ def test_control_opening_calibration_holds(kind, level):
 def test_control_opening_holds_in_use_with_real_maps(trained):
     model, tok, st = trained
     q = 0.1
-    gated = lf.fit_gates(model, tok, SOURCE, CONTROL, st, level="token", threshold=0.0,
-                         control_opening=q)
+    gated = lf.fit_gates(model, tok, SOURCE, CONTROL, st, level="token", threshold=0.0, control_opening=q)
     op = lf.gate_openings(model, tok, gated, CONTROL)
     assert op["mean"] <= q + 0.02, op
 
@@ -450,5 +483,5 @@ def test_level_defaults_for_k_and_threshold():
     assert tokens.metadata["gate_fit"]["k"] == 64 and tokens.metadata["gate_fit"]["threshold"] == 0.6
     assert sentences.metadata["gate_fit"]["k"] == 5
     assert sentences.metadata["gate_fit"]["threshold"] == 0.75
-    assert set(tokens.gates) == set(st.modules)          # separable: every module gated
+    assert set(tokens.gates) == set(st.modules)  # separable: every module gated
     assert "bias_shift" not in sentences.metadata["gates"][st.modules[0]]

@@ -1,5 +1,6 @@
 """The family table (lineas_fast.families) against the installed transformers, and the families
 added through it (Qwen3, Phi-3, Gemma): what folds, what is refused and why, in-memory fusion."""
+
 import os
 import re
 import subprocess
@@ -7,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from tiny_models import FAMILIES as TINY
+from tiny_models import tiny_model, tiny_tokenizer
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -14,8 +17,6 @@ import lineas_fast as lf
 from lineas_fast import families
 from lineas_fast.families import ALWAYS, FAMILIES, norm_spec
 from lineas_fast.kernels.rms_norm_shift_ref import rms_norm_shift_ref
-from tiny_models import FAMILIES as TINY
-from tiny_models import tiny_model, tiny_tokenizer
 
 REL_BOUND = 1e-5
 RMS_FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3", "qwen3", "phi3"]
@@ -26,8 +27,9 @@ def build(family, seed=0, **overrides):
     spec = {**TINY[family], **overrides}
     model_type = spec.pop("model_type")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec),
-                                             attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, **spec), attn_implementation="eager"
+    )
     return model.eval()
 
 
@@ -73,8 +75,11 @@ def snapshot(model):
 def unchanged(model, snap):
     state, cfg = snap
     now = model.state_dict()
-    return (state.keys() == now.keys() and all(torch.equal(state[k], now[k]) for k in state)
-            and model.config.to_dict() == cfg)
+    return (
+        state.keys() == now.keys()
+        and all(torch.equal(state[k], now[k]) for k in state)
+        and model.config.to_dict() == cfg
+    )
 
 
 def generate(model, batch):
@@ -82,6 +87,7 @@ def generate(model, batch):
 
 
 # --- the table against the installed transformers ----------------------------------------------
+
 
 @pytest.mark.parametrize("family", RMS_FAMILIES)
 def test_table_norm_formula_matches_the_family_forward(family):
@@ -102,13 +108,19 @@ def test_table_norm_formula_matches_the_family_forward(family):
         with torch.no_grad():
             want = mod(x)
             d = mod.weight.shape[0]
-            got = lf.SteeredRMSNorm(mod, torch.ones(d, dtype=torch.float64),
-                                    torch.zeros(d, dtype=torch.float64), spec=spec)(x)
+            got = lf.SteeredRMSNorm(
+                mod, torch.ones(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), spec=spec
+            )(x)
             assert got.dtype == want.dtype and torch.equal(got, want), name
             # the other casting mode (with the weight in its form) differs somewhere
             s = (1 + mod.weight.double()) if spec.offset else mod.weight.double()
-            other = rms_norm_shift_ref(x, (s if spec.casting == "float32" else s - 1).float(),
-                                       torch.zeros(d), 0.25, spec.casting != "float32")
+            other = rms_norm_shift_ref(
+                x,
+                (s if spec.casting == "float32" else s - 1).float(),
+                torch.zeros(d),
+                0.25,
+                spec.casting != "float32",
+            )
             assert not torch.equal(other, want), name
 
 
@@ -124,7 +136,9 @@ def test_table_readers_are_the_linears_reading_each_norm(family):
     def record(store, name, which):
         def hook(mod, args, out):
             store.setdefault(name, (args[0] if which == "in" else out).detach().clone())
+
         return hook
+
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
@@ -149,8 +163,12 @@ def test_table_bias_flags_govern_exactly_their_linears(family):
     groups = {g for g, _ in fam.readers.values()} | set(fam.bias)
 
     def biased(model):
-        return {n.split(".", 3)[3] for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) and ".layers.0." in n and m.bias is not None}
+        return {
+            n.split(".", 3)[3]
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".layers.0." in n and m.bias is not None
+        }
+
     base = biased(build(family))
     always = {f"{g}.{r}" for g, (flag, rs) in fam.bias.items() if flag == ALWAYS for r in rs}
     assert base == always
@@ -200,6 +218,7 @@ def test_torch_rmsnorm_is_known_by_type_in_any_model():
 
 # --- fuse_in_memory follows the table ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", RMS_FAMILIES)
 def test_fuse_in_memory_every_rms_norm(family):
     """Every RMSNorm of the family (per-layer, per-head q/k, final) steered with shifts:
@@ -216,8 +235,12 @@ def test_fuse_in_memory_every_rms_norm(family):
     lf.fuse_in_memory(model, st, strength=0.7)
     swapped = [m for m in model.modules() if isinstance(m, lf.SteeredRMSNorm)]
     assert len(swapped) == len(names)
-    assert all(m.offset == (FAMILIES[mtype].norm == "rms_offset") and m.eps == 0.05
-               and m.casting == FAMILIES[mtype].casting for m in swapped)
+    assert all(
+        m.offset == (FAMILIES[mtype].norm == "rms_offset")
+        and m.eps == 0.05
+        and m.casting == FAMILIES[mtype].casting
+        for m in swapped
+    )
     assert close(hooked, logits(model))
     lf.unfuse_in_memory(model)
     assert unchanged(model, snap) and torch.equal(logits(model), plain)
@@ -261,6 +284,7 @@ print("ok")
 
 # --- Qwen3 ---------------------------------------------------------------------------------------
 
+
 def test_qwen3_input_norm_shift_uses_the_attention_bias_flag():
     model = tiny_model("qwen3")
     st = steering(model, r"model\.layers\.\d+\.input_layernorm")
@@ -280,8 +304,12 @@ def test_qwen3_scale_only_maps_fold_into_every_norm():
     """A scale-only map folds into any norm's weight, the per-head q/k norms (before RoPE) and
     the final norm included."""
     model = tiny_model("qwen3")
-    st = steering(model, r"model\.layers\.\d+\.(post_attention_layernorm|self_attn\.[qk]_norm)"
-                         r"|model\.norm", shift=False)
+    st = steering(
+        model,
+        r"model\.layers\.\d+\.(post_attention_layernorm|self_attn\.[qk]_norm)"
+        r"|model\.norm",
+        shift=False,
+    )
     b = enc()
     plain = logits(model, b)
     with st.apply(model, strength=0.9):
@@ -294,15 +322,24 @@ def test_qwen3_scale_only_maps_fold_into_every_norm():
 
 def test_qwen3_shifts_that_cannot_fold_are_refused_by_name_and_reason():
     model = tiny_model("qwen3")
-    st = steering(model, r"model\.layers\.0\.(input_layernorm|post_attention_layernorm|"
-                         r"self_attn\.[qk]_norm)|model\.norm")
+    st = steering(
+        model,
+        r"model\.layers\.0\.(input_layernorm|post_attention_layernorm|"
+        r"self_attn\.[qk]_norm)|model\.norm",
+    )
     snap = snapshot(model)
     with pytest.raises(lf.FusionError) as err:
         lf.fuse(model, st)
     p = err.value.problems
-    assert set(p) == {"model.layers.0.post_attention_layernorm", "model.layers.0.self_attn.q_norm",
-                      "model.layers.0.self_attn.k_norm", "model.norm"}
-    assert "rotary" in p["model.layers.0.self_attn.q_norm"] and "rotary" in p["model.layers.0.self_attn.k_norm"]
+    assert set(p) == {
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.0.self_attn.q_norm",
+        "model.layers.0.self_attn.k_norm",
+        "model.norm",
+    }
+    assert (
+        "rotary" in p["model.layers.0.self_attn.q_norm"] and "rotary" in p["model.layers.0.self_attn.k_norm"]
+    )
     why = p["model.layers.0.post_attention_layernorm"]
     assert "mlp" in why and "no bias parameters" in why and "no exactly equivalent class" in why
     assert "LM head" in p["model.norm"]
@@ -315,6 +352,7 @@ def test_qwen3_shifts_that_cannot_fold_are_refused_by_name_and_reason():
 
 
 # --- Phi-3 ---------------------------------------------------------------------------------------
+
 
 def test_phi3_equivalent_llama_is_exact_and_splits_in_chunk_order():
     model = tiny_model("phi3")
@@ -337,7 +375,7 @@ def test_phi3_shifts_fold_as_llama_scales_fold_in_place():
     scale_only = steering(model, pattern, shift=False)
     with scale_only.apply(model):
         hooked = logits(model)
-    assert lf.fuse(model, scale_only) is model            # stays Phi-3: no bias needed
+    assert lf.fuse(model, scale_only) is model  # stays Phi-3: no bias needed
     assert close(hooked, logits(model))
     shifts = steering(model, r"model\.layers\.\d+\.(input|post_attention)_layernorm", seed=3)
     with shifts.apply(model):
@@ -371,10 +409,17 @@ def test_phi3_without_an_exact_llama_refuses_shifts(case):
 
 
 def test_phi3_longrope_is_refused():
-    model = build("phi3", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                           "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
-                                           "partial_rotary_factor": 1.0},
-                  original_max_position_embeddings=64)
+    model = build(
+        "phi3",
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0] * 4,
+            "long_factor": [2.0] * 4,
+            "partial_rotary_factor": 1.0,
+        },
+        original_max_position_embeddings=64,
+    )
     st = steering(model, r"model\.layers\.0\.input_layernorm")
     with pytest.raises(lf.FusionError, match="longrope"):
         lf.fuse(model, st)
@@ -386,14 +431,16 @@ def test_phi3_preconditions_are_real(case, monkeypatch):
     is not over-cautious."""
     model = build("phi3", **PHI3_REFUSED[case][0])
     fam = FAMILIES["phi3"]
-    monkeypatch.setitem(FAMILIES, "phi3", families.Family(
-        **{**fam.__dict__, "equivalent": ("llama", lambda cfg: None)}))
+    monkeypatch.setitem(
+        FAMILIES, "phi3", families.Family(**{**fam.__dict__, "equivalent": ("llama", lambda cfg: None)})
+    )
     llama = lf.fusion.to_llama(model)
     ids = {"input_ids": torch.tensor([[5, 9, 20, 33, 7, 11, 40, 41, 42, 8]])}
     assert not close(logits(model, ids), logits(llama, ids))
 
 
 # --- Gemma (1) -----------------------------------------------------------------------------------
+
 
 def test_gemma_mlp_shift_is_refused_attention_shift_folds():
     model = tiny_model("gemma")

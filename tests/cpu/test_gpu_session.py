@@ -1,6 +1,7 @@
 """bench/gpu_session.sh, the GPU session's one entry script, as far as it runs without a GPU:
 its plan fits the device tool's limits, and a stage that fails (here: a GPU benchmark on a
 machine without CUDA) is recorded in the summary and the archive while the script goes on."""
+
 import json
 import os
 import re
@@ -9,14 +10,19 @@ import subprocess
 import tarfile
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-CALL_LIMIT_S = 600          # one device-tool command
+CALL_LIMIT_S = 600  # one device-tool command
 SESSION_DEVICE_S = 30 * 60  # a developer session's device time
 
 
 def run(args, cwd=ROOT, **env):
-    return subprocess.run(["bash", os.path.join(cwd, "bench", "gpu_session.sh"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        ["bash", os.path.join(cwd, "bench", "gpu_session.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, **env},
+    )
 
 
 def test_plan_fits_the_device_limits():
@@ -25,8 +31,11 @@ def test_plan_fits_the_device_limits():
     limits = dict(re.findall(r"^(\w+)\s+(\d+)s", proc.stdout, re.M))
     first, second = re.search(r"first: ([\w ]+); second: ([\w ]+);", proc.stdout).groups()
     assert set(first.split()) | set(second.split()) == set(limits)
-    budget = int(re.search(r"SESSION_BUDGET_S:-(\d+)",
-                           open(os.path.join(ROOT, "bench", "gpu_session.sh")).read()).group(1))
+    budget = int(
+        re.search(
+            r"SESSION_BUDGET_S:-(\d+)", open(os.path.join(ROOT, "bench", "gpu_session.sh")).read()
+        ).group(1)
+    )
     assert budget + 20 <= CALL_LIMIT_S
     for call in (first, second):
         assert sum(int(limits[s]) for s in call.split()) <= budget, call
@@ -41,8 +50,9 @@ def test_unknown_stage_is_refused():
 
 def copy_of_tree(tmp_path):
     tree = tmp_path / "tree"
-    shutil.copytree(os.path.join(ROOT, "bench"), tree / "bench",
-                    ignore=shutil.ignore_patterns("results", "__pycache__"))
+    shutil.copytree(
+        os.path.join(ROOT, "bench"), tree / "bench", ignore=shutil.ignore_patterns("results", "__pycache__")
+    )
     return tree
 
 
@@ -53,9 +63,12 @@ def test_a_failing_stage_is_recorded_and_archived(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "kernels_gpu.py: no CUDA device" in proc.stdout
     summary = json.loads((tree / "bench" / "results" / "gpu-session-no-cuda.json").read_text())
-    assert summary["stages"]["kernels"] == {"exit": 2, "seconds": summary["stages"]["kernels"]
-                                            ["seconds"], "skipped": False}
-    assert summary["commit"] == "abc123 (LINEAS_FAST_COMMIT)"    # the copy has no .git
+    assert summary["stages"]["kernels"] == {
+        "exit": 2,
+        "seconds": summary["stages"]["kernels"]["seconds"],
+        "skipped": False,
+    }
+    assert summary["commit"] == "abc123 (LINEAS_FAST_COMMIT)"  # the copy has no .git
     with tarfile.open(out / "gpu-session.tar.gz") as tar:
         names = tar.getnames()
     assert "bench/results/gpu-session-no-cuda.json" in names

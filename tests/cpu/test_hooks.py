@@ -1,13 +1,14 @@
 """Steering maps compose with other hooks, refuse double application, and do their work at
 attach time (no host sync per call)."""
+
 import re
 
 import pytest
 import torch
+from tiny_models import NORMS, tiny_model, tiny_tokenizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lineas_fast as lf
-from tiny_models import NORMS, tiny_model, tiny_tokenizer
 
 NAME = "model.layers.1.post_attention_layernorm"
 
@@ -16,8 +17,10 @@ def steering_for(model, pattern, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
     names = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
-    return lf.Steering({n: (1 + 0.3 * torch.randn(d, generator=g), 0.5 * torch.randn(d, generator=g))
-                        for n in names}, {"model": lf.model_fingerprint(model)})
+    return lf.Steering(
+        {n: (1 + 0.3 * torch.randn(d, generator=g), 0.5 * torch.randn(d, generator=g)) for n in names},
+        {"model": lf.model_fingerprint(model)},
+    )
 
 
 def closed_form(z, om, b, lam):
@@ -43,8 +46,9 @@ def test_every_forward_hook_sees_the_steered_output_whatever_its_order(model):
     raw = mod.register_forward_pre_hook(lambda m, a: plain_out.__setitem__("x", a[0].detach().clone()))
     with st.apply(model, strength=0.7):
         after = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("after", o.detach().clone()))
-        first = mod.register_forward_hook(lambda m, a, o: seen.__setitem__("prepended", o.detach().clone()),
-                                          prepend=True)
+        first = mod.register_forward_hook(
+            lambda m, a, o: seen.__setitem__("prepended", o.detach().clone()), prepend=True
+        )
         with torch.no_grad():
             model(**enc())
     for h in (before, raw, after, first):
@@ -63,9 +67,12 @@ def test_next_layer_sees_the_steered_output(model):
     with st.apply(model, strength=0.5), torch.no_grad():
         hooked = model(**e).logits
     # the same map written as plain forward hooks returning the closed form
-    hs = [model.get_submodule(n).register_forward_hook(
-        lambda m, a, o, om=st[n][0], b=st[n][1]: closed_form(o, om, b, 0.5).float())
-        for n in st.modules]
+    hs = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, a, o, om=st[n][0], b=st[n][1]: closed_form(o, om, b, 0.5).float()
+        )
+        for n in st.modules
+    ]
     with torch.no_grad():
         by_hand = model(**e).logits
     for h in hs:
@@ -83,8 +90,8 @@ def test_second_attach_is_refused_unless_composed(model):
     with pytest.raises(lf.AlreadySteeredError, match="already carry an attached steering"):
         b.attach(model)
     with torch.no_grad():
-        only_a = model(**e).logits                   # the refused attach left nothing behind
-    hb = b.attach(model, compose=True)               # b acts on a's output
+        only_a = model(**e).logits  # the refused attach left nothing behind
+    hb = b.attach(model, compose=True)  # b acts on a's output
     with torch.no_grad():
         stacked = model(**e).logits
     hb.remove()
@@ -107,7 +114,7 @@ def test_remove_restores_the_module_exactly_in_any_order(model):
     mod = model.get_submodule(NAME)
     ha = a.attach(model)
     hb = b.attach(model, compose=True)
-    ha.remove()                                      # the inner one first
+    ha.remove()  # the inner one first
     with torch.no_grad():
         only_b = model(**e).logits
     hb.remove()
@@ -141,13 +148,18 @@ def test_a_steered_call_syncs_nothing_and_casts_no_parameter(strength):
     def count():
         with torch.no_grad(), CountOps() as c:
             model(input_ids=ids)
-        return (c.ops.count("_local_scalar_dense"), c.ops.count("_to_copy"),
-                c.ops.count("affine_steer"), len(c.ops))
+        return (
+            c.ops.count("_local_scalar_dense"),
+            c.ops.count("_to_copy"),
+            c.ops.count("affine_steer"),
+            len(c.ops),
+        )
+
     plain = count()
     with st.apply(model, strength=strength):
         steered = count()
     assert steered[0] == plain[0]
-    assert steered[1] == plain[1]                     # no cast outside the map's op
+    assert steered[1] == plain[1]  # no cast outside the map's op
     # each map call is exactly one custom op (lineas_fast::affine_steer), nothing around it
     assert steered[2] == len(st) and steered[3] - plain[3] == len(st)
 

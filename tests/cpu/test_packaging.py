@@ -1,6 +1,7 @@
 """Triton is optional: where it is not installed (macOS, Windows, or a CPU-only install),
 ``import lineas_fast`` works and the PyTorch paths serve; ``backend="triton"`` says why it cannot
 run. Checked in a fresh interpreter in which ``import triton`` fails."""
+
 import os
 import subprocess
 import sys
@@ -68,8 +69,13 @@ def _run_without_triton(tmp_path, inputs):
     src, dst = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
     torch.save(inputs, src)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LINEAS_FAST_BACKEND")}
-    res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst)], capture_output=True,
-                         text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, f"without Triton the child failed:\n{res.stderr[-4000:]}"
     return torch.load(dst)
 
@@ -84,12 +90,19 @@ def _close(a, b, tol=1e-5):
 def test_import_and_pytorch_paths_without_triton(tmp_path):
     gen = torch.Generator().manual_seed(0)
     d, n = 8, 16
-    inp = {"z": torch.randn(3, 5, d, generator=gen), "om": torch.rand(d, generator=gen) + 0.5,
-           "b": torch.randn(d, generator=gen), "w": torch.randn(d, generator=gen) / d ** 0.5,
-           "c": torch.tensor([0.3]), "gy": torch.randn(3, 5, d, generator=gen),
-           "zc": torch.randn(2, d, 3, 4, generator=gen), "sc": torch.rand(2, 3, 4, generator=gen),
-           "gyc": torch.randn(2, d, 3, 4, generator=gen),
-           "x": torch.randn(n, 6, generator=gen), "y": torch.randn(n, 6, generator=gen) * 2 + 1}
+    inp = {
+        "z": torch.randn(3, 5, d, generator=gen),
+        "om": torch.rand(d, generator=gen) + 0.5,
+        "b": torch.randn(d, generator=gen),
+        "w": torch.randn(d, generator=gen) / d**0.5,
+        "c": torch.tensor([0.3]),
+        "gy": torch.randn(3, 5, d, generator=gen),
+        "zc": torch.randn(2, d, 3, 4, generator=gen),
+        "sc": torch.rand(2, 3, 4, generator=gen),
+        "gyc": torch.randn(2, d, 3, 4, generator=gen),
+        "x": torch.randn(n, 6, generator=gen),
+        "y": torch.randn(n, 6, generator=gen) * 2 + 1,
+    }
     out = _run_without_triton(tmp_path, inp)
     assert out["triton_available"] is False and out["triton_imported"] == []
 
@@ -107,7 +120,7 @@ def test_import_and_pytorch_paths_without_triton(tmp_path):
     y, gz, gom, gb, gs = out["affine_cf"]
     _close(y, zc + s * ((zc - bc) / omc - zc))
     _close(gz, g * (1 + s * (1 / omc - 1)))
-    _close(gom, (g * s * -(zc - bc) / omc ** 2).sum((0, 2, 3)))
+    _close(gom, (g * s * -(zc - bc) / omc**2).sum((0, 2, 3)))
     _close(gb, (-g * s / omc).sum((0, 2, 3)))
     _close(gs, (g * ((zc - bc) / omc - zc)).sum(1))
 
@@ -132,14 +145,16 @@ def test_import_and_pytorch_paths_without_triton(tmp_path):
     _close(gx, 2 / x.shape[1] * (x - np.take_along_axis(ys, ranks, 0)))
 
     for name, err in out["errors"].items():
-        assert err is not None and err.startswith("RuntimeError") and "Triton" in err \
-            and "not installed" in err, (name, err)
+        assert (
+            err is not None and err.startswith("RuntimeError") and "Triton" in err and "not installed" in err
+        ), (name, err)
 
 
 def test_backend_choice_without_triton(monkeypatch):
     """``use_triton``'s rule where Triton is missing: "auto" falls back even for CUDA tensors,
     "triton" says Triton is not installed; with Triton, "auto" picks it for CUDA tensors."""
     from lineas_fast.kernels import _backend
+
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("LINEAS_FAST_BACKEND", raising=False)

@@ -1,14 +1,14 @@
 """What one sample is (SPEC §1): ``lineas_fast.pooling`` against plain-Python loops over the
 elements (no tensor expression shared with the implementation)."""
+
 import random
 
 import pytest
 import torch
+from tiny_models import NORMS, SOURCE, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
-from lineas_fast.pooling import (length_buckets, masked_mean, pack_rows, pool_image,
-                                 segment_means)
-from tiny_models import NORMS, SOURCE, tiny_model, tiny_tokenizer
+from lineas_fast.pooling import length_buckets, masked_mean, pack_rows, pool_image, segment_means
 
 
 def loop_masked_mean(h, mask):
@@ -48,8 +48,9 @@ def test_masked_mean_ignores_what_padding_holds():
             if not keep:
                 h[b, t] = 1e30
     got = masked_mean(h, torch.tensor(m))
-    torch.testing.assert_close(got.double(), torch.tensor(loop_masked_mean(h.tolist(), m),
-                                                          dtype=torch.float64))
+    torch.testing.assert_close(
+        got.double(), torch.tensor(loop_masked_mean(h.tolist(), m), dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 1, 1), (3, 2, 7)])
@@ -58,19 +59,22 @@ def test_pool_image(shape):
     h = torch.randn(*shape, generator=gen).to(torch.bfloat16)
     got = pool_image(h)
     hl = h.double().tolist()
-    if len(shape) == 4:                       # (B, C, H, W): mean over H and W per channel
+    if len(shape) == 4:  # (B, C, H, W): mean over H and W per channel
         B, C, H, W = shape
-        expected = [[sum(hl[b][c][i][j] for i in range(H) for j in range(W)) / (H * W)
-                     for c in range(C)] for b in range(B)]
-    else:                                     # (B, T, C): mean over the tokens per channel
+        expected = [
+            [sum(hl[b][c][i][j] for i in range(H) for j in range(W)) / (H * W) for c in range(C)]
+            for b in range(B)
+        ]
+    else:  # (B, T, C): mean over the tokens per channel
         B, T, C = shape
         expected = [[sum(hl[b][t][c] for t in range(T)) / T for c in range(C)] for b in range(B)]
     assert got.dtype == torch.float32 and got.shape == (shape[0], shape[-3 if len(shape) == 4 else -1])
-    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6
+    )
     flat = torch.randn(3, 4, dtype=torch.float64)
     assert pool_image(flat).dtype == torch.float32
-    assert pool_image(flat).tolist() == flat.float().tolist()          # (B, C): unchanged
+    assert pool_image(flat).tolist() == flat.float().tolist()  # (B, C): unchanged
 
 
 def test_length_buckets_worked_example():
@@ -79,7 +83,7 @@ def test_length_buckets_worked_example():
     assert length_buckets([5, 5, 50, 51, 6]) == [[0, 1, 4], [2, 3]]
     assert length_buckets([]) == []
     assert length_buckets([7]) == [[0]]
-    assert length_buckets([3, 3, 3], max_waste=0.0) == [[0, 1, 2]]    # no padding at all
+    assert length_buckets([3, 3, 3], max_waste=0.0) == [[0, 1, 2]]  # no padding at all
     assert length_buckets([1, 2], max_waste=0.0) == [[0], [1]]
 
 
@@ -116,8 +120,12 @@ def test_target_pools_each_sentence_over_its_own_tokens():
     for r, sentence in enumerate(SOURCE):
         ids = tok([sentence], return_tensors="pt")["input_ids"]
         seen = {}
-        hooks = [target.named[n].register_forward_hook(
-            lambda _m, _a, out, n=n: seen.__setitem__(n, out[0].double().tolist())) for n in names]
+        hooks = [
+            target.named[n].register_forward_hook(
+                lambda _m, _a, out, n=n: seen.__setitem__(n, out[0].double().tolist())
+            )
+            for n in names
+        ]
         try:
             with torch.no_grad():
                 model(input_ids=ids)
@@ -127,8 +135,9 @@ def test_target_pools_each_sentence_over_its_own_tokens():
         for n in names:
             rows = seen[n]
             mean = [sum(row[k] for row in rows) / len(rows) for k in range(len(rows[0]))]
-            torch.testing.assert_close(got[n][r].double(), torch.tensor(mean, dtype=torch.float64),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                got[n][r].double(), torch.tensor(mean, dtype=torch.float64), rtol=1e-5, atol=1e-5
+            )
 
 
 def test_pack_rows_worked_example():
@@ -171,8 +180,7 @@ def test_segment_means_against_a_loop():
     hl = h.tolist()
     for k, (s, n) in enumerate(zip(starts, lengths)):
         expected = [sum(hl[t][c] for t in range(s, s + n)) / n for c in range(d)]
-        torch.testing.assert_close(got[k], torch.tensor(expected, dtype=torch.float64),
-                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got[k], torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"segment 1 = \[13, 15\) is empty or outside"):
         segment_means([0, 13], [2, 2], 14)
     with pytest.raises(ValueError, match="differ in length"):

@@ -2,6 +2,7 @@
 before the process stops, a run SIGKILLed at a random step resumes to the uninterrupted result
 bit for bit, and a checkpoint of another model, other data or other settings is refused with
 every difference listed. A non-finite trained map is an error, never a returned Steering."""
+
 import json
 import os
 import random
@@ -12,15 +13,16 @@ import threading
 
 import pytest
 import torch
+from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
 import lineas_fast.trainer as trainer
-from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
-KW = dict(modules=NORMS["llama"], steps=STEPS, batch_size=4, optimizer="adam", lr=0.05,
-          progress=False, seed=3)
+KW = dict(
+    modules=NORMS["llama"], steps=STEPS, batch_size=4, optimizer="adam", lr=0.05, progress=False, seed=3
+)
 # a training process that reports each step and dawdles, so a signal lands mid-run
 TRAIN = """
 import json, sys, time, torch
@@ -52,13 +54,25 @@ def assert_same_run(a, b):
     assert a.modules == b.modules
     for n in a.modules:
         assert torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]), n
-    assert a.metadata["history"] == b.metadata["history"]          # losses, support, lr: exact
+    assert a.metadata["history"] == b.metadata["history"]  # losses, support, lr: exact
 
 
 def start_training(ck, every):
     return subprocess.Popen(
-        [sys.executable, "-c", TRAIN, TESTS, str(torch.get_num_threads()), str(ck), str(every),
-         json.dumps(KW)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            TRAIN,
+            TESTS,
+            str(torch.get_num_threads()),
+            str(ck),
+            str(every),
+            json.dumps(KW),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_step(proc, step, timeout=90.0):
@@ -71,6 +85,7 @@ def wait_for_step(proc, step, timeout=90.0):
             if line.strip() == f"step {step}":
                 done.set()
                 return
+
     threading.Thread(target=read, daemon=True).start()
     assert done.wait(timeout), f"no step {step}: {''.join(seen)} {proc.stderr.read()[-2000:]}"
 
@@ -99,12 +114,20 @@ def test_signals_write_a_checkpoint_and_a_killed_run_resumes_exactly(tmp_path, t
     assert 3 <= torch.load(term_ck, weights_only=True)["step"] < STEPS
     kill_step = torch.load(kill_ck, weights_only=True)["step"]
     assert kill_step % 2 == 0 and 2 * ((kill_at + 1) // 2) <= kill_step < STEPS
-    assert leftovers(term_dir) == []                          # SIGTERM: nothing left behind
+    assert leftovers(term_dir) == []  # SIGTERM: nothing left behind
     for ck in (term_ck, kill_ck):
-        resumed = lf.train(tiny_model("llama"), tok, SOURCE, TARGET, resume_from=str(ck),
-                           checkpoint_every=2, checkpoint_path=str(ck), **KW)
+        resumed = lf.train(
+            tiny_model("llama"),
+            tok,
+            SOURCE,
+            TARGET,
+            resume_from=str(ck),
+            checkpoint_every=2,
+            checkpoint_path=str(ck),
+            **KW,
+        )
         assert_same_run(resumed, uninterrupted)
-        assert leftovers(ck.parent) == []                     # the next write cleaned up
+        assert leftovers(ck.parent) == []  # the next write cleaned up
 
 
 def test_ctrl_c_saves_then_raises_and_handlers_are_restored(ctrl_c_raises, tmp_path, tok, uninterrupted):
@@ -114,9 +137,9 @@ def test_ctrl_c_saves_then_raises_and_handlers_are_restored(ctrl_c_raises, tmp_p
     def ctrl_c(rec):
         if rec.step == 4:
             signal.raise_signal(signal.SIGINT)
+
     with pytest.raises(KeyboardInterrupt):
-        lf.train(tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_path=ck, callback=ctrl_c,
-                 **KW)
+        lf.train(tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_path=ck, callback=ctrl_c, **KW)
     assert {s: signal.getsignal(s) for s in before} == before
     assert torch.load(ck, weights_only=True)["step"] == 5
     resumed = lf.train(tiny_model("llama"), tok, SOURCE, TARGET, resume_from=ck, **KW)
@@ -132,11 +155,11 @@ def test_ctrl_c_saves_then_raises_and_handlers_are_restored(ctrl_c_raises, tmp_p
     def term(rec):
         if rec.step == 1:
             signal.raise_signal(signal.SIGTERM)
+
     previous = signal.signal(signal.SIGTERM, own)
     try:
         with pytest.raises(Stop) as err:
-            lf.train(tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_path=ck, callback=term,
-                     **KW)
+            lf.train(tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_path=ck, callback=term, **KW)
         assert err.value.args == (2,) and signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -147,10 +170,20 @@ def test_training_outside_the_main_thread_installs_no_handler(tmp_path, tok):
 
     def run():
         try:
-            out.append(lf.train(tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_every=1,
-                                checkpoint_path=str(tmp_path / "ck.pt"), **{**KW, "steps": 2}))
-        except Exception as e:                                  # noqa: BLE001
+            out.append(
+                lf.train(
+                    tiny_model("llama"),
+                    tok,
+                    SOURCE,
+                    TARGET,
+                    checkpoint_every=1,
+                    checkpoint_path=str(tmp_path / "ck.pt"),
+                    **{**KW, "steps": 2},
+                )
+            )
+        except Exception as e:  # noqa: BLE001
             errors.append(e)
+
     t = threading.Thread(target=run)
     t.start()
     t.join()
@@ -160,30 +193,36 @@ def test_training_outside_the_main_thread_installs_no_handler(tmp_path, tok):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tok):
     ck = str(tmp_path_factory.mktemp("resume") / "ck.pt")
-    lf.train(tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_every=2, checkpoint_path=ck,
-             **{**KW, "steps": 2})
+    lf.train(
+        tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_every=2, checkpoint_path=ck, **{**KW, "steps": 2}
+    )
     return ck
 
 
 def refusal(ck, model=None, source=SOURCE, target=TARGET, **kw):
     with pytest.raises(ValueError) as err:
-        lf.train(model or tiny_model("llama"), tiny_tokenizer(), source, target, resume_from=ck,
-                 **{**KW, "steps": 2, **kw})
+        lf.train(
+            model or tiny_model("llama"),
+            tiny_tokenizer(),
+            source,
+            target,
+            resume_from=ck,
+            **{**KW, "steps": 2, **kw},
+        )
     return str(err.value)
 
 
 def test_resume_refuses_another_model_other_data_or_settings(checkpoint):
     msg = refusal(checkpoint, model=tiny_model("qwen2"))
     assert "1 difference" in msg and "model" in msg and "'llama'" in msg and "'qwen2'" in msg
-    msg = refusal(checkpoint, model=tiny_model("llama", seed=1))    # same shapes, other weights
+    msg = refusal(checkpoint, model=tiny_model("llama", seed=1))  # same shapes, other weights
     assert "1 difference" in msg and "weights sample" in msg
     msg = refusal(checkpoint, target=TARGET[:-1])
     assert "1 difference" in msg and "target sentences: saved 9" in msg and "now 8" in msg
     msg = refusal(checkpoint, lr=0.01)
     assert "other settings" in msg and "setting lr: saved 0.05, now 0.01" in msg
-    msg = refusal(checkpoint, model=tiny_model("qwen2"), source=SOURCE[::-1], lr=0.01,
-                  max_length=64)
-    assert "4 difference" in msg, msg                       # model, source, lr, max_length
+    msg = refusal(checkpoint, model=tiny_model("qwen2"), source=SOURCE[::-1], lr=0.01, max_length=64)
+    assert "4 difference" in msg, msg  # model, source, lr, max_length
     for part in ("model", "source sentences", "setting lr", "setting max_length"):
         assert part in msg
 
@@ -205,14 +244,20 @@ def test_resume_refuses_what_is_not_a_checkpoint(tmp_path, checkpoint):
         assert str(path) in str(err.value) and hint in str(err.value)
     with pytest.raises(IsADirectoryError, match="folder"):
         refusal_free(str(tmp_path))
-    with pytest.raises(IsADirectoryError, match="checkpoint_path"):     # before any work
-        lf.train(tiny_model("llama"), tiny_tokenizer(), SOURCE, TARGET, checkpoint_every=1,
-                 checkpoint_path=str(tmp_path), **KW)
+    with pytest.raises(IsADirectoryError, match="checkpoint_path"):  # before any work
+        lf.train(
+            tiny_model("llama"),
+            tiny_tokenizer(),
+            SOURCE,
+            TARGET,
+            checkpoint_every=1,
+            checkpoint_path=str(tmp_path),
+            **KW,
+        )
 
 
 def refusal_free(path):
-    lf.train(tiny_model("llama"), tiny_tokenizer(), SOURCE, TARGET, resume_from=path,
-             **{**KW, "steps": 2})
+    lf.train(tiny_model("llama"), tiny_tokenizer(), SOURCE, TARGET, resume_from=path, **{**KW, "steps": 2})
 
 
 PROXIMAL = trainer.proximal_maps
@@ -231,6 +276,7 @@ def poison_from(monkeypatch, clean_steps: int):
         if count[0] > clean_steps:
             for om, _ in maps:
                 om.detach().fill_(float("nan"))
+
     monkeypatch.setattr(trainer, "proximal_maps", poisoned)
 
 
@@ -240,12 +286,19 @@ def test_non_finite_maps_are_never_returned_or_saved(tmp_path, tok, monkeypatch)
         lf.train(tiny_model("llama"), tok, SOURCE, TARGET, **{**KW, "steps": 1})
     assert "model.layers.0.post_attention_layernorm" in str(err.value)
     ck = tmp_path / "ck.pt"
-    poison_from(monkeypatch, 1)                                  # step 0 clean, step 1 poisoned
+    poison_from(monkeypatch, 1)  # step 0 clean, step 1 poisoned
     with pytest.raises(lf.TrainingDivergedError, match="after step 2") as err:
-        lf.train(tiny_model("llama"), tok, SOURCE, TARGET, checkpoint_every=1,
-                 checkpoint_path=str(ck), **{**KW, "steps": 2})
+        lf.train(
+            tiny_model("llama"),
+            tok,
+            SOURCE,
+            TARGET,
+            checkpoint_every=1,
+            checkpoint_path=str(ck),
+            **{**KW, "steps": 2},
+        )
     assert str(ck) in str(err.value)
-    state = torch.load(ck, weights_only=True)                   # the last good one, untouched
+    state = torch.load(ck, weights_only=True)  # the last good one, untouched
     assert state["step"] == 1
     assert all(torch.isfinite(om).all() and torch.isfinite(b).all() for om, b in state["maps"].values())
     assert leftovers(tmp_path) == []
@@ -256,20 +309,30 @@ def test_a_pipeline_run_on_fresh_shared_noise_resumes_exactly(tmp_path):
     after 3 steps (checkpoint at 2) and resumed, it gives the uninterrupted maps and losses bit
     for bit; the checkpoint is refused by a run on independent noise (shared_noise=False)."""
     pytest.importorskip("diffusers")
-    from lineas_fast.targets import PipelineTarget
     from tiny_pipeline import SOURCE_PROMPTS, TARGET_PROMPTS, tiny_pipeline
+
+    from lineas_fast.targets import PipelineTarget
+
     pipe = tiny_pipeline()
-    kw = dict(modules=r"unet\..*norm\d?", steps=6, batch_size=4, optimizer="adam", lr=0.01,
-              progress=False, seed=5)
+    kw = dict(
+        modules=r"unet\..*norm\d?", steps=6, batch_size=4, optimizer="adam", lr=0.01, progress=False, seed=5
+    )
     uninterrupted = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, **kw)
     ck = str(tmp_path / "ck.pt")
-    with lf.Trainer(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, checkpoint_every=2,
-                    checkpoint_path=ck, **kw) as run:
+    with lf.Trainer(
+        pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, checkpoint_every=2, checkpoint_path=ck, **kw
+    ) as run:
         for _ in range(3):
             run.step()
     assert torch.load(ck, weights_only=True)["step"] == 2
     resumed = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, resume_from=ck, **kw)
     assert_same_run(resumed, uninterrupted)
     with pytest.raises(ValueError, match=r"(?s)1 difference.*reading shared_noise: saved True, now None"):
-        lf.train(PipelineTarget(pipe, seed=5, shared_noise=False), None, SOURCE_PROMPTS,
-                 TARGET_PROMPTS, resume_from=ck, **kw)
+        lf.train(
+            PipelineTarget(pipe, seed=5, shared_noise=False),
+            None,
+            SOURCE_PROMPTS,
+            TARGET_PROMPTS,
+            resume_from=ck,
+            **kw,
+        )

@@ -1,17 +1,18 @@
 import pytest
 import torch
+from tiny_models import NORMS, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
-from tiny_models import NORMS, tiny_model, tiny_tokenizer
 
 
 def random_steering(model, pattern, seed=0):
     gen = torch.Generator().manual_seed(seed)
     names = [n for n, _ in model.named_modules() if __import__("re").fullmatch(pattern, n)]
     d = model.config.hidden_size
-    return lf.Steering({n: (1 + 0.3 * torch.randn(d, generator=gen),
-                            0.5 * torch.randn(d, generator=gen)) for n in names},
-                       {"model": lf.model_fingerprint(model)})
+    return lf.Steering(
+        {n: (1 + 0.3 * torch.randn(d, generator=gen), 0.5 * torch.randn(d, generator=gen)) for n in names},
+        {"model": lf.model_fingerprint(model)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,9 @@ def test_hooks_equal_affine_steer_by_hand(llama):
     for n in st.modules:
         om, b = st[n]
         mod = dict(model.named_modules())[n]
-        hands.append(mod.register_forward_hook(
-            lambda m, a, out, om=om, b=b: out + 0.7 * ((om - 1) * out + b)))
+        hands.append(
+            mod.register_forward_hook(lambda m, a, out, om=om, b=b: out + 0.7 * ((om - 1) * out + b))
+        )
     by_hand = logits(model, tok)
     for h in hands:
         h.remove()
@@ -87,11 +89,16 @@ def test_batched_left_padded_generation_equals_single(llama):
     st = random_steering(model, NORMS["llama"])
     prompts = ["you are a", "hi"]
     with st.apply(model, strength=1.0):
-        batch = model.generate(**tok(prompts, return_tensors="pt", padding=True),
-                               max_new_tokens=6, do_sample=False, pad_token_id=0)
+        batch = model.generate(
+            **tok(prompts, return_tensors="pt", padding=True),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )
         for i, p in enumerate(prompts):
-            single = model.generate(**tok([p], return_tensors="pt"), max_new_tokens=6,
-                                    do_sample=False, pad_token_id=0)
+            single = model.generate(
+                **tok([p], return_tensors="pt"), max_new_tokens=6, do_sample=False, pad_token_id=0
+            )
             assert torch.equal(batch[i, -6:], single[0, -6:])
 
 
@@ -105,7 +112,7 @@ def test_save_load_roundtrip_exact(tmp_path, llama):
     for n in st.modules:
         assert torch.equal(back[n][0], st[n][0]) and torch.equal(back[n][1], st[n][1])
     assert back.metadata["note"] == "hello" and back.metadata["model"] == st.metadata["model"]
-    assert not list(tmp_path.glob(".tmp-*"))                    # atomic write left no temp file
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic write left no temp file
 
 
 def test_load_errors(tmp_path, llama):
@@ -127,22 +134,26 @@ def test_load_errors(tmp_path, llama):
     gpt_st = random_steering(other, NORMS["gpt2"])
     path = tmp_path / "gpt2.safetensors"
     gpt_st.save(str(path))
-    renamed = lf.Steering({n: p for n, p in zip(st.modules, (gpt_st[m] for m in gpt_st.modules))},
-                          lf.Steering.load(str(path)).metadata)
+    renamed = lf.Steering(
+        {n: p for n, p in zip(st.modules, (gpt_st[m] for m in gpt_st.modules))},
+        lf.Steering.load(str(path)).metadata,
+    )
     with pytest.raises(ValueError, match="trained on model"):
         renamed.attach(model)
 
 
 def test_algebra():
     a = lf.Steering({"m": (torch.tensor([2.0, 0.5]), torch.tensor([1.0, -1.0]))})
-    b = lf.Steering({"m": (torch.tensor([3.0, 1.0]), torch.tensor([0.0, 2.0])),
-                     "k": (torch.ones(2), torch.zeros(2))})
+    b = lf.Steering(
+        {"m": (torch.tensor([3.0, 1.0]), torch.tensor([0.0, 2.0])), "k": (torch.ones(2), torch.zeros(2))}
+    )
     z = torch.randn(5, 2)
 
     def run(s, name="m"):
         om, bb = s[name]
         return om * z + bb
-    ab = a.compose(b)                                      # b first, then a
+
+    ab = a.compose(b)  # b first, then a
     assert torch.allclose(run(ab), a["m"][0] * run(b) + a["m"][1])
     assert "k" in ab
     ii = a.inverse().inverse()
@@ -155,14 +166,14 @@ def test_algebra():
 
 def test_support_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    st = lf.Steering({f"l{i}": (torch.ones(4) + (torch.arange(4) < i), torch.zeros(4))
-                      for i in range(4)})
+    st = lf.Steering({f"l{i}": (torch.ones(4) + (torch.arange(4) < i), torch.zeros(4)) for i in range(4)})
     st.plot_support(str(tmp_path / "support.png"))
     assert (tmp_path / "support.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_saved_files_get_normal_permissions(tmp_path):
     import os
+
     st = lf.Steering({"m": (torch.ones(2), torch.zeros(2))})
     st.save(str(tmp_path / "s.safetensors"))
     mask = os.umask(0)

@@ -1,18 +1,25 @@
 """The target seam: one capture loop for models and pipelines, pipelines everywhere models go,
 and a package without import cycles."""
+
 import ast
 import pathlib
 
 import pytest
 import torch
+from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 from torch import nn
 
 import lineas_fast as lf
-from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 PACKAGE = pathlib.Path(lf.__file__).parent
-CONTROL = ["the sun rises in the east", "a table has four legs", "water boils when heated",
-           "birds fly south in winter", "the library opens at nine", "trains run on rails"]
+CONTROL = [
+    "the sun rises in the east",
+    "a table has four legs",
+    "water boils when heated",
+    "birds fly south in winter",
+    "the library opens at nine",
+    "trains run on rails",
+]
 
 
 def local_imports(path: pathlib.Path) -> set[str]:
@@ -29,8 +36,9 @@ def local_imports(path: pathlib.Path) -> set[str]:
 
 def test_no_import_cycles_in_the_package():
     graph = {p.stem: local_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    assert "__init__" not in {m for deps in graph.values() for m in deps}, \
+    assert "__init__" not in {m for deps in graph.values() for m in deps}, (
         "a module imports the package itself"
+    )
     state = {}
 
     def visit(m, path):
@@ -42,6 +50,7 @@ def test_no_import_cycles_in_the_package():
         for dep in sorted(graph[m]):
             visit(dep, path + [m])
         state[m] = "done"
+
     for m in sorted(graph):
         visit(m, [])
 
@@ -57,8 +66,12 @@ def test_language_model_capture_pools_real_tokens_in_row_order():
     # independently: one sentence at a time (no padding), mean over its tokens
     for r, i in enumerate(idx):
         seen = {}
-        hs = [model.get_submodule(n).register_forward_hook(
-            lambda m, a, o, n=n: seen.__setitem__(n, o[0].double().mean(0))) for n in names]
+        hs = [
+            model.get_submodule(n).register_forward_hook(
+                lambda m, a, o, n=n: seen.__setitem__(n, o[0].double().mean(0))
+            )
+            for n in names
+        ]
         with torch.no_grad():
             model(**tok([texts[i]], return_tensors="pt"))
         for h in hs:
@@ -73,8 +86,12 @@ def one_at_a_time(model, tok, texts, names):
     out = {n: [] for n in names}
     for text in texts:
         seen = {}
-        hs = [model.get_submodule(n).register_forward_hook(
-            lambda m, a, o, n=n: seen.__setitem__(n, o[0].double().mean(0))) for n in names]
+        hs = [
+            model.get_submodule(n).register_forward_hook(
+                lambda m, a, o, n=n: seen.__setitem__(n, o[0].double().mean(0))
+            )
+            for n in names
+        ]
         with torch.no_grad():
             model(**tok([text], return_tensors="pt"))
         for h in hs:
@@ -103,6 +120,7 @@ def test_language_model_batches_are_packed_into_one_forward(impl):
     forward for the batch, padding only at the rows' ends, and each sentence's pooled row equal
     to the sentence read alone."""
     from lineas_fast.pooling import pack_rows
+
     model, tok = tiny_model("llama"), tiny_tokenizer()
     model.config._attn_implementation = impl
     target = lf.as_target(model, tok)
@@ -111,7 +129,7 @@ def test_language_model_batches_are_packed_into_one_forward(impl):
     idx = [5, 2, 7, 0, 3]
     lengths = [len(enc[i]) for i in idx]
     with torch.no_grad():
-        target.pooled(enc, names, [0])                 # the first read decides on packing
+        target.pooled(enc, names, [0])  # the first read decides on packing
         assert target.packing is True
         count = Forwards(model)
         got = target.pooled(enc, names, idx)
@@ -127,7 +145,8 @@ def test_packed_and_bucketed_reads_give_the_same_gradients():
     """Backward through the packed forward (block mask, pooling matmul): the weight gradients
     of one loss over the pooled rows equal those of the length-bucketed, masked forward."""
     from lineas_fast.targets import LanguageModelTarget
-    model, tok = tiny_model("llama").double(), tiny_tokenizer()     # float64 model
+
+    model, tok = tiny_model("llama").double(), tiny_tokenizer()  # float64 model
     names = lf.as_target(model, tok).match(NORMS["llama"])
     grads = []
     for packing in (True, False):
@@ -136,8 +155,7 @@ def test_packed_and_bucketed_reads_give_the_same_gradients():
         model.zero_grad(set_to_none=True)
         acts = target.pooled(enc, names, [6, 1, 4, 0, 3])
         sum((a * torch.arange(a.shape[1])).square().sum() for a in acts.values()).backward()
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
-                      if p.grad is not None})
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for k in grads[0]:
         # pooled rows are float32 by contract: agreement to float32 rounding, per tensor
@@ -167,10 +185,9 @@ def test_packing_is_refused_where_the_model_does_not_read_packed_rows():
     with torch.no_grad():
         got = target.pooled(enc, names, [3, 0, 6])
     assert target.packing is False
-    expected = one_at_a_time(model, tok, [SOURCE[i] for i in (3, 0, 6)],
-                             [n[len("inner."):] for n in names])
+    expected = one_at_a_time(model, tok, [SOURCE[i] for i in (3, 0, 6)], [n[len("inner.") :] for n in names])
     for n in names:
-        assert (got[n].double() - expected[n[len("inner."):]]).abs().max() < 1e-5, n
+        assert (got[n].double() - expected[n[len("inner.") :]]).abs().max() < 1e-5, n
 
 
 def test_no_packing_past_a_sliding_window():
@@ -180,7 +197,7 @@ def test_no_packing_past_a_sliding_window():
     model.config.sliding_window = 12
     target = lf.as_target(model, tok)
     names = target.match(NORMS["mistral"])
-    short = ["ab cd", "xyz", "hello", "a b"]            # at most 12 tokens each
+    short = ["ab cd", "xyz", "hello", "a b"]  # at most 12 tokens each
     enc_long, enc_short = target.encode(SOURCE), target.encode(short)
     assert max(map(len, enc_long)) > 12 >= max(map(len, enc_short))
     with torch.no_grad():
@@ -200,7 +217,7 @@ def test_no_packing_past_a_sliding_window():
 
 def test_capture_stops_after_the_last_module_and_names_modules_that_did_not_run():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    model.model.unused = nn.LayerNorm(32)            # registered, never called
+    model.model.unused = nn.LayerNorm(32)  # registered, never called
     target = lf.as_target(model, tok)
     calls = []
     model.lm_head.register_forward_hook(lambda *a: calls.append("lm_head"))
@@ -262,13 +279,16 @@ def test_pipeline_capture_pools_each_image_over_space():
     target = lf.as_target(pipe)
     name = "unet.down_blocks.0.resnets.0.norm1"
     raw = []
-    h = pipe.unet.down_blocks[0].resnets[0].norm1.register_forward_hook(
-        lambda m, a, o: raw.append(o.detach().double()))
+    h = (
+        pipe.unet.down_blocks[0]
+        .resnets[0]
+        .norm1.register_forward_hook(lambda m, a, o: raw.append(o.detach().double()))
+    )
     enc = target.encode(SOURCE_PROMPTS)
     with torch.no_grad():
         got = target.pooled(enc, [name], idx=[3, 1, 4], stop=False)[name]
     h.remove()
-    out = torch.cat(raw)                             # (3, C, H, W) in the order of idx
+    out = torch.cat(raw)  # (3, C, H, W) in the order of idx
     assert out.ndim == 4 and got.shape == out.shape[:2]
     for r in range(3):
         for ch in range(out.shape[1]):
@@ -277,8 +297,18 @@ def test_pipeline_capture_pools_each_image_over_space():
 
 def test_gates_fit_and_steer_a_pipeline():
     pipe = tiny_pipeline()
-    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=3,
-                  optimizer="adam", lr=0.05, batch_size=len(SOURCE_PROMPTS), progress=False)
+    st = lf.train(
+        pipe,
+        None,
+        SOURCE_PROMPTS,
+        TARGET_PROMPTS,
+        modules=UNET_NORMS,
+        steps=3,
+        optimizer="adam",
+        lr=0.05,
+        batch_size=len(SOURCE_PROMPTS),
+        progress=False,
+    )
     gated = lf.fit_gates(pipe, None, SOURCE_PROMPTS, PIPE_CONTROL, st, k=2, threshold=0.0)
     assert set(gated.gates) == set(st.modules)
     plain = latents(pipe)
@@ -289,14 +319,17 @@ def test_gates_fit_and_steer_a_pipeline():
     assert not torch.allclose(steered, plain, atol=1e-5)
     name = gated.modules[0]
     rec = handle.strengths[name][0]
-    assert rec.ndim == 3                             # one strength per pixel (B, H, W)
+    assert rec.ndim == 3  # one strength per pixel (B, H, W)
     # the recorded per-pixel strength is σ(w·z + c) on the map's input, recomputed here
     w, c = gated.gates[name]["w"], gated.gates[name]["c"]
     seen = []
-    hook = lf.as_target(pipe).named[name].register_forward_hook(
-        lambda m, a, o: seen.append(o.detach()), prepend=True)
+    hook = (
+        lf.as_target(pipe)
+        .named[name]
+        .register_forward_hook(lambda m, a, o: seen.append(o.detach()), prepend=True)
+    )
     with torch.no_grad():
-        latents(pipe)                                # unsteered: the map's input
+        latents(pipe)  # unsteered: the map's input
     hook.remove()
     z = seen[0]
     expected = torch.sigmoid(torch.einsum("bchw,c->bhw", z.double(), w.double()) + c.double())
@@ -305,10 +338,9 @@ def test_gates_fit_and_steer_a_pipeline():
 
 def test_pipeline_steering_validates_on_its_component_alone():
     pipe = tiny_pipeline()
-    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=1,
-                  progress=False)
-    modules = st.validate(pipe.unet)                 # "unet." prefix dropped, fingerprint skipped
-    assert set(modules) == {n[len("unet."):] for n in st.modules}
+    st = lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=1, progress=False)
+    modules = st.validate(pipe.unet)  # "unet." prefix dropped, fingerprint skipped
+    assert set(modules) == {n[len("unet.") :] for n in st.modules}
     with st.apply(pipe):
         via_pipeline = latents(pipe)
     with st.apply(pipe.unet):
@@ -321,10 +353,12 @@ def test_pipeline_training_steps_see_the_whole_batch():
     (3 for SD), so each step compared 3 images instead of batch_size."""
     pipe = tiny_pipeline()
     sizes = []
-    h = pipe.unet.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["sample"].shape[0]),
-                                            with_kwargs=True)
-    lf.train(pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=2,
-             batch_size=4, progress=False)
+    h = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: sizes.append(kw["sample"].shape[0]), with_kwargs=True
+    )
+    lf.train(
+        pipe, None, SOURCE_PROMPTS, TARGET_PROMPTS, modules=UNET_NORMS, steps=2, batch_size=4, progress=False
+    )
     h.remove()
     # each step: the target batch, then the source batch, both of 4 images on shared noise
     assert sizes == [4, 4, 4, 4]

@@ -3,10 +3,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from kernel_checks import (
+    check_loss_and_grad,
+    check_low_precision_rule,
+    expected_grad,
+    expected_loss,
+    ot_w2_squared,
+    ot_w2_squared_torch,
+)
 
 import lineas_fast as lf
-from kernel_checks import (check_loss_and_grad, check_low_precision_rule, expected_grad,
-                           expected_loss, ot_w2_squared, ot_w2_squared_torch)
 
 
 def test_hand_computed_unequal_sizes():
@@ -15,7 +21,7 @@ def test_hand_computed_unequal_sizes():
     x = torch.tensor([[0.0], [1.0]], dtype=torch.float64, requires_grad=True)
     y = torch.tensor([[2.0], [0.0], [1.0]], dtype=torch.float64)
     loss = lf.sliced_wasserstein(x, y, "sum")
-    g, = torch.autograd.grad(loss, x)
+    (g,) = torch.autograd.grad(loss, x)
     # the profile is stored in float32 (SPEC: the loss is float32): one float32 rounding
     assert loss.item() == pytest.approx(0.5, abs=1e-6)
     assert g.flatten().tolist() == pytest.approx([-1 / 3, -2 / 3], abs=1e-6)
@@ -33,8 +39,9 @@ def test_oracles_agree(n, m):
     gen = torch.Generator().manual_seed(n * 100 + m)
     x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     y = torch.randn(m, 3, generator=gen, dtype=torch.float64)
-    np.testing.assert_allclose(ot_w2_squared_torch(x, y).numpy(),
-                               ot_w2_squared(x.numpy(), y.numpy()), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        ot_w2_squared_torch(x, y).numpy(), ot_w2_squared(x.numpy(), y.numpy()), rtol=1e-12, atol=1e-14
+    )
     assert torch.autograd.gradcheck(lambda t: ot_w2_squared_torch(t, y), (x.requires_grad_(),))
 
 
@@ -47,7 +54,7 @@ def test_profile_matches_cell_means():
     prof = lf.TargetProfile(y, n)
     ys = np.sort(y.numpy(), 0)
     g, q = np.zeros((n, 3)), np.zeros((n, 3))
-    steps = n * m * 4                                    # every cell edge lies on this grid
+    steps = n * m * 4  # every cell edge lies on this grid
     for s in range(steps):
         t = (s + 0.5) / steps
         i, k = int(t * n), int(t * m)
@@ -89,8 +96,7 @@ def test_reference_reduction_is_published_form():
     torch.manual_seed(0)
     xs = [torch.randn(32, d) for d in (4, 9)]
     ys = [torch.randn(32, d) for d in (4, 9)]
-    published = sum(((x.sort(0).values - y.sort(0).values) ** 2).sum(0).mean()
-                    for x, y in zip(xs, ys)) / 2
+    published = sum(((x.sort(0).values - y.sort(0).values) ** 2).sum(0).mean() for x, y in zip(xs, ys)) / 2
     assert torch.allclose(lf.sliced_wasserstein(xs, ys), published, rtol=1e-6)
     w2 = sum(((x.sort(0).values - y.sort(0).values) ** 2).mean(0).sum() for x, y in zip(xs, ys))
     assert torch.allclose(lf.sliced_wasserstein(xs, ys, "sum"), w2, rtol=1e-6)
@@ -109,7 +115,8 @@ def test_permutation_invariance_and_identity():
     x, y = torch.randn(20, 5), torch.randn(13, 5)
     perm = torch.randperm(20)
     assert lf.sliced_wasserstein(x, y).item() == pytest.approx(
-        lf.sliced_wasserstein(x[perm], y).item(), rel=1e-6)
+        lf.sliced_wasserstein(x[perm], y).item(), rel=1e-6
+    )
     assert lf.sliced_wasserstein(x, x).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -118,28 +125,28 @@ def test_profile_reused_and_exact():
     x, y = torch.randn(10, 4), torch.randn(23, 4)
     prof = lf.TargetProfile(y, 10)
     assert torch.allclose(prof.mean_square.sum(0) / 10, (y.double() ** 2).mean(0).float(), rtol=1e-5)
-    np.testing.assert_allclose(lf.sliced_wasserstein(x, prof, "sum").item(),
-                               ot_w2_squared(x.double().numpy(), y.double().numpy()).sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        lf.sliced_wasserstein(x, prof, "sum").item(),
+        ot_w2_squared(x.double().numpy(), y.double().numpy()).sum(),
+        rtol=1e-5,
+    )
     packed = lf.pack_profiles([prof, lf.TargetProfile(y[:, :2], 10)])
     exact, _ = expected_loss([x, x[:, :2]], [y, y[:, :2]], "reference")
     for target in (packed, [y, y[:, :2]], [prof, lf.TargetProfile(y[:, :2], 10)]):
-        assert lf.sliced_wasserstein([x, x[:, :2]], target).item() == pytest.approx(exact,
-                                                                                    rel=1e-5)
+        assert lf.sliced_wasserstein([x, x[:, :2]], target).item() == pytest.approx(exact, rel=1e-5)
 
 
 def test_non_contiguous_input():
     torch.manual_seed(0)
     base = torch.randn(7, 12, requires_grad=True)
-    x = base.t()                                         # (12, 7), strides (1, 12)
+    x = base.t()  # (12, 7), strides (1, 12)
     y = torch.randn(9, 7)
     loss = lf.sliced_wasserstein(x, y)
-    g, = torch.autograd.grad(loss, base)
+    (g,) = torch.autograd.grad(loss, base)
     exact, _ = expected_loss([x.detach()], [y], "reference")
     assert loss.item() == pytest.approx(exact, rel=1e-5)
     assert g.shape == base.shape
-    torch.testing.assert_close(g.double(), expected_grad(x, y, "reference", 1).t(),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g.double(), expected_grad(x, y, "reference", 1).t(), rtol=1e-5, atol=1e-6)
 
 
 def test_nan_propagates():
@@ -151,17 +158,20 @@ def test_nan_propagates():
     assert not math.isfinite(lf.sliced_wasserstein(torch.randn(5, 3), y).item())
 
 
-@pytest.mark.parametrize("x,y,match", [
-    (torch.randn(4, 3), torch.randn(4, 5), "coordinate dims differ"),
-    (torch.randn(4, 3, 2), torch.randn(4, 3), "must be 2-D"),
-    (torch.randn(0, 3), torch.randn(4, 3), "empty set"),
-    (torch.randn(4, 3), torch.randn(0, 3), "empty set"),
-    (torch.randn(4, 3), torch.randn(4, 3, requires_grad=True), "requires grad"),
-    ([torch.randn(4, 3), torch.randn(5, 3)], [torch.randn(4, 3)] * 2, "same number of source"),
-    ([torch.randn(4, 3)], [torch.randn(4, 3)] * 2, "1 source layers but 2 targets"),
-    (torch.randn(4, 3), lf.TargetProfile(torch.randn(6, 3), 5), "built for n=5"),
-    (torch.randn(4, 3, dtype=torch.float64).long(), torch.randn(4, 3), "floating-point"),
-])
+@pytest.mark.parametrize(
+    "x,y,match",
+    [
+        (torch.randn(4, 3), torch.randn(4, 5), "coordinate dims differ"),
+        (torch.randn(4, 3, 2), torch.randn(4, 3), "must be 2-D"),
+        (torch.randn(0, 3), torch.randn(4, 3), "empty set"),
+        (torch.randn(4, 3), torch.randn(0, 3), "empty set"),
+        (torch.randn(4, 3), torch.randn(4, 3, requires_grad=True), "requires grad"),
+        ([torch.randn(4, 3), torch.randn(5, 3)], [torch.randn(4, 3)] * 2, "same number of source"),
+        ([torch.randn(4, 3)], [torch.randn(4, 3)] * 2, "1 source layers but 2 targets"),
+        (torch.randn(4, 3), lf.TargetProfile(torch.randn(6, 3), 5), "built for n=5"),
+        (torch.randn(4, 3, dtype=torch.float64).long(), torch.randn(4, 3), "floating-point"),
+    ],
+)
 def test_bad_input(x, y, match):
     with pytest.raises((ValueError, TypeError), match=match):
         lf.sliced_wasserstein(x, y)

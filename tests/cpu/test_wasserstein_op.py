@@ -1,23 +1,27 @@
 """The loss as a PyTorch custom op (torch path on CPU): opcheck, no host synchronisation, the
 gradient under a loss scale, no gradient work without grad, layers of different d and strides,
 a second backward through a retained graph."""
+
 import pytest
 import torch
+from kernel_checks import (
+    check_layers_grad_rule,
+    check_loss_scale_grad,
+    expected_grad,
+    expected_loss,
+    layered_inputs,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lineas_fast as lf
-from kernel_checks import (check_layers_grad_rule, check_loss_scale_grad, expected_grad,
-                           expected_loss, layered_inputs)
 from lineas_fast.kernels.wasserstein import layer_weights
 from lineas_fast.kernels.wasserstein_ref import wasserstein_loss_ref
 
 
-def op_args(n=6, dims=(3, 5), dtype=torch.float32, reduction="reference", need_grad=True,
-            seed=0):
+def op_args(n=6, dims=(3, 5), dtype=torch.float32, reduction="reference", need_grad=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(n, d, generator=gen).to(dtype).requires_grad_() for d in dims]
-    packed = lf.pack_profiles([lf.TargetProfile(torch.randn(n + 3, d, generator=gen), n)
-                               for d in dims])
+    packed = lf.pack_profiles([lf.TargetProfile(torch.randn(n + 3, d, generator=gen), n) for d in dims])
     w, scale = layer_weights(tuple(dims), n, reduction, torch.device("cpu"))
     return (xs, packed.mean, packed.var_sum, w, scale, False, need_grad)
 
@@ -25,8 +29,9 @@ def op_args(n=6, dims=(3, 5), dtype=torch.float32, reduction="reference", need_g
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("need_grad", [True, False])
 def test_opcheck(dtype, need_grad):
-    torch.library.opcheck(torch.ops.lineas_fast.wasserstein_loss.default,
-                          op_args(dtype=dtype, need_grad=need_grad))
+    torch.library.opcheck(
+        torch.ops.lineas_fast.wasserstein_loss.default, op_args(dtype=dtype, need_grad=need_grad)
+    )
 
 
 class NoSync(TorchDispatchMode):
@@ -59,7 +64,7 @@ def test_no_host_sync_and_cached_weights(reduction):
     assert layer_weights.cache_info().hits == hits + 1
     assert "lineas_fast.wasserstein_loss.default" in mode.ops
     assert per_layer.shape == (2,) and per_layer.dtype == torch.float32
-    with NoSync() as inner:                        # what the op runs inside
+    with NoSync() as inner:  # what the op runs inside
         wasserstein_loss_ref(*[a for i, a in enumerate(args) if i != 5])
     assert not any("item" in op or "nonzero" in op for op in inner.ops)
 
@@ -75,8 +80,7 @@ def test_per_layer_is_single_layer_scale_and_total():
         total = per_layer.mean() if reduction == "reference" else per_layer.sum()
         torch.testing.assert_close(loss, total)
         _, exact = expected_loss(xs, ys, reduction)
-        torch.testing.assert_close(per_layer.double(), torch.from_numpy(exact), rtol=1e-5,
-                                   atol=1e-6)
+        torch.testing.assert_close(per_layer.double(), torch.from_numpy(exact), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -122,8 +126,8 @@ def test_second_backward_with_retained_graph():
     torch.manual_seed(0)
     x, y = torch.randn(7, 4, requires_grad=True), torch.randn(9, 4)
     loss = lf.sliced_wasserstein(x, y, "sum")
-    g1, = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
-    g2, = torch.autograd.grad(loss * 5.0, x)
+    (g1,) = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 5.0, x)
     ref = expected_grad(x, y, "sum", 1)
     torch.testing.assert_close(g1.double(), 3 * ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g2.double(), 5 * ref, rtol=1e-5, atol=1e-6)

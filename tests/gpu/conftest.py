@@ -7,11 +7,11 @@ checks on the CPU through Triton's interpreter (slow; the CUDA-only tests skip).
 module's union is kept in ``LAUNCHED[module name]`` for its last test, which checks that the
 module launched every configuration of its kernels (run a module whole: with pytest-xdist,
 ``--dist loadfile``)."""
+
 import os
 
 import pytest
 import torch
-
 from lane import LAUNCHED, REHEARSAL
 
 collect_ignore_glob = [] if torch.cuda.is_available() or REHEARSAL else ["test_*.py"]
@@ -20,6 +20,7 @@ collect_ignore_glob = [] if torch.cuda.is_available() or REHEARSAL else ["test_*
 @pytest.fixture
 def launches(request, monkeypatch):
     from launch_shapes import launch_key
+
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         from triton.runtime.interpreter import InterpretedFunction as Launcher
     else:

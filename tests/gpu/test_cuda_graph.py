@@ -1,12 +1,13 @@
 """GPU lane: a steered decode step captured in a CUDA graph and replayed gives the eager hooked
 logits; a steered model compiles with fullgraph=True and mode="reduce-overhead" (CUDA graphs);
 and a training step after the first does not synchronise with the device."""
+
 import pytest
 import torch
-
-import lineas_fast as lf
 from sync_guard import SyncGuard, adam_step_counters
 from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
+
+import lineas_fast as lf
 
 CUDA = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (rehearsal)")
@@ -16,8 +17,18 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only
 def steered():
     tok = tiny_tokenizer()
     model = tiny_model("llama").to(CUDA).eval()
-    st = lf.train(model, tok, SOURCE, TARGET, NORMS["llama"], steps=3, batch_size=4,
-                  optimizer="adam", lr=0.05, progress=False)
+    st = lf.train(
+        model,
+        tok,
+        SOURCE,
+        TARGET,
+        NORMS["llama"],
+        steps=3,
+        batch_size=4,
+        optimizer="adam",
+        lr=0.05,
+        progress=False,
+    )
     return model, st
 
 
@@ -25,13 +36,13 @@ def steered():
 def test_a_steered_decode_step_replays_from_a_cuda_graph(steered, strength):
     model, st = steered
     x = torch.randn(2, 1, model.config.hidden_size, device=CUDA)
-    layer = model.model.layers[1]                     # one decoder layer, its norm steered
+    layer = model.model.layers[1]  # one decoder layer, its norm steered
     with st.apply(model, strength), torch.no_grad():
         eager = layer.post_attention_layernorm(x)
         static_in = x.clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):                    # warm up (kernel compile) off the graph
+        with torch.cuda.stream(s):  # warm up (kernel compile) off the graph
             layer.post_attention_layernorm(static_in)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
@@ -48,16 +59,26 @@ def test_a_steered_model_compiles_with_cuda_graphs(steered):
     with st.apply(model, 0.8), torch.no_grad():
         eager = model(input_ids=ids).logits
         compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
-        for _ in range(3):                            # record, then replay
+        for _ in range(3):  # record, then replay
             out = compiled(input_ids=ids).logits
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_training_steps_after_the_first_do_not_sync():
     tok = tiny_tokenizer()
-    with lf.Trainer(tiny_model("llama").to(CUDA), tok, SOURCE, TARGET, NORMS["llama"], steps=6,
-                    batch_size=4, optimizer="adam", lr=0.05, progress=False,
-                    read_every=100) as run:
+    with lf.Trainer(
+        tiny_model("llama").to(CUDA),
+        tok,
+        SOURCE,
+        TARGET,
+        NORMS["llama"],
+        steps=6,
+        batch_size=4,
+        optimizer="adam",
+        lr=0.05,
+        progress=False,
+        read_every=100,
+    ) as run:
         run.step()
         for _ in range(3):
             with SyncGuard(host_tensors=adam_step_counters(run.opt)):

@@ -2,9 +2,9 @@
 to its MAX_D), in every dtype, Llama and Gemma variants, against the float64 formula of
 kernel_checks by flash-attention's rule. The last test checks that the module launched every
 configuration."""
-import pytest
 
 import launch_shapes as ls
+import pytest
 from kernel_checks import check_rms_norm_shift
 from lane import DEVICE, LAUNCHED, REHEARSAL
 
@@ -19,6 +19,6 @@ def test_rms_norm_shift(d, dt, gemma, launches):
     assert ls.rms_keys(d, dt, gemma) <= launches
 
 
-def test_every_configuration_launched():          # last: the module's launches, all tests
+def test_every_configuration_launched():  # last: the module's launches, all tests
     missing = ls.registry_keys("_rms_norm_shift_fwd_kernel") - LAUNCHED[__name__]
     assert not missing, sorted(missing)[:5]

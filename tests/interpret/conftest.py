@@ -1,4 +1,5 @@
 """Fixtures of the interpreter lane."""
+
 import collections
 
 import pytest
@@ -9,6 +10,7 @@ def kernel_launches(monkeypatch):
     """Counts Triton kernel launches by kernel name (``counts["_affine_steer_fwd_kernel"]``)
     while the test runs, so a test can tell that the kernels ran rather than a fallback."""
     from triton.runtime.interpreter import InterpretedFunction
+
     counts = collections.Counter()
     run = InterpretedFunction.run
 

@@ -16,19 +16,27 @@ initial value. A wiring error moves the step ≥ 1 loss or some coordinate's upd
 far more. Adam's update is invariant to a per-coordinate gradient scale, so a gradient that is
 off by a constant factor is caught by the SGD runs, whose update is the gradient itself.
 """
+
 import collections
 
 import pytest
-
-import lineas_fast as lf
 from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
-CONTROL = ["the sun rises in the east", "a table has four legs", "water boils when heated",
-           "birds fly south in winter", "the library opens at nine", "trains run on rails",
-           "maps show roads and rivers", "bread is baked in ovens"]
-LOSS_RTOL = 1e-5          # relative, each step's loss and per-layer loss
-CONTROL_RTOL = 1e-4       # relative, each step's DSAS control term
-DELTA_RTOL = 1e-4         # on what each parameter tensor moved, relative to its largest move
+import lineas_fast as lf
+
+CONTROL = [
+    "the sun rises in the east",
+    "a table has four legs",
+    "water boils when heated",
+    "birds fly south in winter",
+    "the library opens at nine",
+    "trains run on rails",
+    "maps show roads and rivers",
+    "bread is baked in ovens",
+]
+LOSS_RTOL = 1e-5  # relative, each step's loss and per-layer loss
+CONTROL_RTOL = 1e-4  # relative, each step's DSAS control term
+DELTA_RTOL = 1e-4  # on what each parameter tensor moved, relative to its largest move
 # batch_size 4 of the 8 sources against 9 targets: minibatches (the same in both runs, same
 # seed) and the n ≠ m target profile
 COMMON = dict(batch_size=4, seed=1)
@@ -37,6 +45,7 @@ COMMON = dict(batch_size=4, seed=1)
 def run(backend, **kw):
     """Train from identical starting points; returns (steering, history, kernel launches)."""
     from triton.runtime.interpreter import InterpretedFunction
+
     counts = collections.Counter()
     original = InterpretedFunction.run
 
@@ -47,26 +56,36 @@ def run(backend, **kw):
     hist = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(InterpretedFunction, "run", counting_run)
-        st = lf.train(tiny_model("llama"), tiny_tokenizer(), SOURCE, TARGET,
-                      modules=NORMS["llama"], progress=False, backend=backend,
-                      callback=hist.append, **COMMON, **kw)
+        st = lf.train(
+            tiny_model("llama"),
+            tiny_tokenizer(),
+            SOURCE,
+            TARGET,
+            modules=NORMS["llama"],
+            progress=False,
+            backend=backend,
+            callback=hist.append,
+            **COMMON,
+            **kw,
+        )
     return st, hist, counts
 
 
 def assert_same_run(ref, got):
     (ref_st, ref_hist, ref_counts), (st, hist, _) = ref, got
-    assert sum(ref_counts.values()) == 0                    # the PyTorch path ran no kernel
+    assert sum(ref_counts.values()) == 0  # the PyTorch path ran no kernel
     assert [r.step for r in hist] == [r.step for r in ref_hist]
     assert [r.loss for r in hist] == pytest.approx([r.loss for r in ref_hist], rel=LOSS_RTOL)
-    assert [r.control_loss for r in hist] == pytest.approx([r.control_loss for r in ref_hist],
-                                                           rel=CONTROL_RTOL)
+    assert [r.control_loss for r in hist] == pytest.approx(
+        [r.control_loss for r in ref_hist], rel=CONTROL_RTOL
+    )
     for r, rr in zip(hist, ref_hist):
         assert r.per_layer == pytest.approx(rr.per_layer, rel=LOSS_RTOL)
         assert r.support == rr.support
     assert st.modules == ref_st.modules and set(st.gates) == set(ref_st.gates)
     for n in ref_st.modules:
         pairs = {"omega": (st[n][0], ref_st[n][0], 1.0), "bias": (st[n][1], ref_st[n][1], 0.0)}
-        if n in ref_st.gates:                        # gates start at w = 0, c = 0 (sigmoid)
+        if n in ref_st.gates:  # gates start at w = 0, c = 0 (sigmoid)
             pairs["w"] = (st.gates[n]["w"], ref_st.gates[n]["w"], 0.0)
             pairs["c"] = (st.gates[n]["c"], ref_st.gates[n]["c"], 0.0)
         for what, (a, b, start) in pairs.items():
@@ -86,10 +105,10 @@ def test_adam_same_loss_curve_and_maps(adam_runs):
     ref, got = adam_runs
     assert_same_run(ref, got)
     losses = [r.loss for r in got[1]]
-    assert len(losses) == 5 and min(losses[1:]) < 0.7 * losses[0]      # it did train
+    assert len(losses) == 5 and min(losses[1:]) < 0.7 * losses[0]  # it did train
     counts = got[2]
-    assert counts["_wasserstein_fwd_kernel"] == 5                        # one launch per step
-    assert counts["_affine_steer_fwd_kernel"] >= 3 * 5                   # 3 modules per step
+    assert counts["_wasserstein_fwd_kernel"] == 5  # one launch per step
+    assert counts["_affine_steer_fwd_kernel"] >= 3 * 5  # 3 modules per step
     assert counts["_affine_steer_bwd_kernel"] >= 3 * 5
 
 
@@ -109,6 +128,6 @@ def test_gated_end_to_end_same_run():
     got = run("triton", **kw)
     assert_same_run(run("torch", **kw), got)
     counts = got[2]
-    assert counts["_gated_steer_fwd_kernel"] >= 3 * 2 * 2      # source and control batches
+    assert counts["_gated_steer_fwd_kernel"] >= 3 * 2 * 2  # source and control batches
     assert counts["_gated_steer_bwd_kernel"] >= 3 * 2 * 2
     assert counts["_wasserstein_fwd_kernel"] == 2 and counts["_affine_steer_fwd_kernel"] == 0

