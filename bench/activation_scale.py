@@ -19,11 +19,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json  # noqa: E402
 
-from lineas_fast import assets  # noqa: E402
-from lineas_fast.demo import draw_demo_sentences  # noqa: E402
-from lineas_fast.sweep_cli import DEFAULT_MODULES  # noqa: E402
+from lineas_fast.apps import assets  # noqa: E402
+from lineas_fast.apps.demo import draw_demo_sentences  # noqa: E402
+from lineas_fast.cli.sweep import DEFAULT_MODULES  # noqa: E402
 from lineas_fast.targets import as_target  # noqa: E402
-from lineas_fast.token_acts import token_activations  # noqa: E402
+from lineas_fast.training.token_acts import token_activations  # noqa: E402
 
 
 def scale(folder: str, n: int = 32) -> dict:

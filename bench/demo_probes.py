@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lineas_fast as lf
-    from lineas_fast.assets import smollm2_folder, toxicity_judge
-    from lineas_fast.demo import load_demo_data
-    from lineas_fast.eval import continuations, perplexity, toxicity
+    from lineas_fast.apps.assets import smollm2_folder, toxicity_judge
+    from lineas_fast.apps.demo import load_demo_data
+    from lineas_fast.apps.eval import continuations, perplexity, toxicity
 
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)

@@ -1,6 +1,6 @@
 """Generation throughput per steering provider (unsteered, reference hooks, lineas_fast hooks,
 DSAS-gated hooks, in-memory fused norms, folded); writes bench/results/generation-<device>.json.
-A thin caller of ``lineas_fast.bench.measure`` (what ``lineas-fast bench`` runs on a user's own
+A thin caller of ``lineas_fast.serve.bench.measure`` (what ``lineas-fast bench`` runs on a user's own
 model and steering) on a SmolLM2-sized model with a random steering, plus two providers of this
 repo's own (reference hooks, DSAS gates) and the ATen operator count per forward.
 
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json  # noqa: E402
 from generation_setup import QWEN25, extra_providers, ops_per_forward, random_steering  # noqa: E402
 
-from lineas_fast.bench import measure, table  # noqa: E402
+from lineas_fast.serve.bench import measure, table  # noqa: E402
 
 
 def models(args):

@@ -7,7 +7,7 @@
 * ``fused_norms``: ``lf.fuse_in_memory`` (map inside the norm; no extra op);
 * ``folded``: ``lf.fuse`` (weights and biases changed; the plain graph).
 Prefill tokens/s is B·T / time of one forward over the prompt; decode tokens/s is B·N / (time of
-``generate`` with N new tokens − prefill time): ``lineas_fast.bench.throughput``, the measurement
+``generate`` with N new tokens − prefill time): ``lineas_fast.serve.bench.throughput``, the measurement
 of ``lineas-fast bench``, which times unsteered / hooks / fused_norms / folded itself;
 ``extra_providers`` adds the two this repo's benchmark also compares (reference hooks, DSAS gates).
 """
@@ -20,7 +20,7 @@ import re
 import torch
 
 import lineas_fast as lf
-from lineas_fast.bench import throughput  # noqa: F401 -- the measurement, re-exported
+from lineas_fast.serve.bench import throughput  # noqa: F401 -- the measurement, re-exported
 
 PROVIDERS = ["unsteered", "reference_hooks", "lineas_hooks", "lineas_gated", "fused_norms", "folded"]
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
@@ -102,7 +102,7 @@ class _Handles:
 
 
 def extra_providers(model, steering, strength=1.0) -> dict:
-    """{name: prepare() -> (model to run, cleanup)} for ``lineas_fast.bench.measure``: the
+    """{name: prepare() -> (model to run, cleanup)} for ``lineas_fast.serve.bench.measure``: the
     research-code-style hooks and the DSAS-gated lineas_fast hooks."""
 
     def make(provider):

@@ -111,7 +111,7 @@ def generation_rows(data, where: str) -> list[dict]:
     rows = (data or {}).get("results", [])
     out = []
     models = sorted({r["model"] for r in rows})
-    # plain steered decode: lineas_fast.bench's "hooks" ("lineas_hooks" in older files)
+    # plain steered decode: lineas_fast.serve.bench's "hooks" ("lineas_hooks" in older files)
     checks = [
         (
             "DSAS-gated decode vs plain steered decode",

@@ -17,8 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment  # noqa: E402
 
-from lineas_fast.io import atomic_path  # noqa: E402
-from lineas_fast.sweep import format_table, plot_pareto  # noqa: E402
+from lineas_fast.apps.sweep import format_table, plot_pareto  # noqa: E402
+from lineas_fast.atomic import atomic_path  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NOTE = (

@@ -5,7 +5,7 @@ tokens/s at batch 1 and 32 → bench/results/serving-<device>.json.
     <serving venv>/bin/python bench/serving.py [--compile] [--out FILE]
 
 Runs where vLLM is importable: the serving lane's venv (tests/serving/venv.sh prints its python).
-Each model is served in its own subprocess (``lineas_fast.bench_vllm``, as ``lineas-fast
+Each model is served in its own subprocess (``lineas_fast.serve.vllm_bench``, as ``lineas-fast
 bench`` does). The GPU machines lent to this project have no vLLM and reach no registry, so
 this has only run on CPU; the result file says so.
 """
@@ -20,9 +20,9 @@ import tempfile
 import torch
 
 import lineas_fast as lf
-from lineas_fast.assets import smollm2_folder
-from lineas_fast.bench import add_overheads, environment, run_vllm, table, vllm_available
-from lineas_fast.io import atomic_path
+from lineas_fast.apps.assets import smollm2_folder
+from lineas_fast.atomic import atomic_path
+from lineas_fast.serve.bench import add_overheads, environment, run_vllm, table, vllm_available
 
 NOT_RUN = (
     "Not run on a GPU: the GPU machines lent to this project have no vLLM installed and "

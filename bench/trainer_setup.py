@@ -1,7 +1,7 @@
 """The two trainer workloads and the two trainers timed on them.
 
-* Real: SmolLM2-135M-Instruct (the demo's model, ``lineas_fast.assets``) and the demo's own
-  32 insults → 32 non-insults (``demo_sentences``: the draw of ``lineas_fast.demo.load_demo_data``
+* Real: SmolLM2-135M-Instruct (the demo's model, ``lineas_fast.apps.assets``) and the demo's own
+  32 insults → 32 non-insults (``demo_sentences``: the draw of ``lineas_fast.apps.demo.load_demo_data``
   at seed 0, without fetching the Wikipedia file that draw does not use).
 * Synthetic: a SmolLM2-135M-sized Llama with random weights, a word-level tokenizer over its
   vocabulary and sentences of realistic, varied lengths.
@@ -38,7 +38,7 @@ def demo_sentences(
 ) -> tuple[list[str], list[str]]:
     """(source insults, target non-insults) exactly as ``load_demo_data(n_train, n_prompts,
     prompt_words=prompt_words, seed=seed)`` draws them, without reading the Wikipedia texts."""
-    from lineas_fast.demo import draw_demo_sentences
+    from lineas_fast.apps.demo import draw_demo_sentences
 
     _, source, pool, _ = draw_demo_sentences(n_train, n_prompts, prompt_words, seed)
     return source, pool[:n_train]
@@ -48,7 +48,7 @@ def smollm2_real():
     """(model, tokenizer): SmolLM2-135M-Instruct in float32, eval mode, as the demo loads it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lineas_fast.assets import smollm2_folder
+    from lineas_fast.apps.assets import smollm2_folder
 
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)

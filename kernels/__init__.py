@@ -1,14 +1,15 @@
-"""Triton kernels of lineas_fast, each beside its plain-PyTorch reference.
+"""Triton kernels of lineas_fast, named one way: ``NAME.py`` holds the Triton kernel and its host
+launcher (and imports Triton), ``NAME_ref.py`` its plain-PyTorch reference together with the
+launch facts the library reads without Triton, and ``ops.py`` registers every kernel as a
+PyTorch custom op (one op each, the reference on one branch and the launcher on the other).
 
-* ``wasserstein_triton.py`` / ``wasserstein_ref.py``: the per-coordinate 1-D W2² loss over all
-  layers in one launch (layers read in place through a table); ``wasserstein.py`` is its host
-  launcher (limits, launch sizes, cached layer tables and weights; no Triton import). The
-  custom op with autograd is ``lineas_fast/wasserstein_op.py``.
+* ``wasserstein.py`` / ``wasserstein_ref.py``: the per-coordinate 1-D W2² loss over all
+  layers in one launch (layers read in place through a table, cached).
 * ``affine_steer.py`` / ``affine_steer_ref.py``: z + λ((ω−1)⊙z + b), forward and backward.
 * ``gated_steer.py`` / ``gated_steer_ref.py``: DSAS, the gate's dot product and the map fused.
 * ``rms_norm_shift.py`` / ``rms_norm_shift_ref.py``: RMSNorm with the steering shift (inference);
   the kernel's ``MAX_D`` lives in the reference module, readable without Triton.
-* ``ops.py``: the steering kernels as PyTorch custom ops (autograd, fake tensors), so a steered
+* ``ops.py``: the four kernels as PyTorch custom ops (autograd, fake tensors), so a steered
   model runs under ``torch.compile(fullgraph=True)`` and in CUDA graphs.
 * ``_backend.py``: which path runs (``use_triton``); Triton is optional (``triton_available``):
   only the kernel modules import it, and the library imports them only on the Triton branch.

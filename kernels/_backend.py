@@ -10,7 +10,7 @@ Rule (``backend="auto"``, the default):
 
 Triton is optional (it is installed only on Linux): without it "auto" always runs the PyTorch
 references and ``"triton"`` raises. The modules that define Triton kernels
-(``affine_steer``, ``gated_steer``, ``rms_norm_shift``, ``wasserstein_triton``) import it at
+(``affine_steer``, ``gated_steer``, ``rms_norm_shift``, ``wasserstein``) import it at
 the top, so the library imports them only on the Triton branch, after ``use_triton``.
 """
 

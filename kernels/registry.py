@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from . import affine_steer, gated_steer, rms_norm_shift, wasserstein, wasserstein_triton
+from . import affine_steer, gated_steer, rms_norm_shift, wasserstein
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -64,7 +64,7 @@ def wasserstein_configs() -> list[KernelConfig]:
     n and D = 17280 are multiples of 16 (the JIT marks them divisible), NB = cdiv(576,
     BLOCK_D) is 9, 18, 36, ... (divisible by 16 from BLOCK_D ≤ 4 on)."""
     out = []
-    k = wasserstein_triton._wasserstein_fwd_kernel
+    k = wasserstein._wasserstein_fwd_kernel
     n_values = [1 << p for p in range(0, 12) if (1 << p) <= wasserstein.MAX_N]
     seen = set()
     for n in n_values:

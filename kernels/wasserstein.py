@@ -1,6 +1,7 @@
-"""Host side of the packed Wasserstein loss kernel: launch sizes, the cached per-layer tables and
-the launcher that turns the kernel's partial sums into the loss. Importing this module does not
-import Triton: ``wasserstein_loss_triton`` imports the kernel module on its first call.
+"""The packed Wasserstein loss kernel and its host launcher (the cached per-layer tables, and
+the launcher that turns the kernel's partial sums into the loss). This module imports Triton; the
+launch facts the library reads without Triton (``MAX_N``, ``launch_config``, ``layer_weights``,
+``kernel_runs``) live in ``wasserstein_ref.py`` and are re-exported here.
 
 Inputs of ``wasserstein_loss_triton`` (the same as ``wasserstein_ref.wasserstein_loss_ref``):
     xs        L tensors (n, d_l), one dtype (float32 / bfloat16 / float16), any strides
@@ -12,45 +13,49 @@ Inputs of ``wasserstein_loss_triton`` (the same as ``wasserstein_ref.wasserstein
 Outputs: loss () float32, per_layer (L,) float32 = w_l (Σ_ij (sort x − ḡ)² + var_sum_l), and
 grad (n·Σd_l,) float32: layer l's ∂loss/∂x_l, (n, d_l) contiguous at offset n·Σ_{k<l} d_k (empty
 when not need_grad). Nothing here reads a device tensor back to the host.
+
+The kernel: one launch sorts every coordinate of every layer, compares it
+with the target profile and emits per-block loss partials and (when asked) the gradient.
+
+Program (b, l) of the 2-D grid (cdiv(max d_l, BLOCK_D), L) takes columns [b·BLOCK_D, (b+1)·BLOCK_D)
+of layer l and reads the layer's tensor in place: no concatenation pass. Arguments:
+    x_ptr     the first layer's tensor: its dtype (float32 / bfloat16 / float16) types the loads,
+              every layer is addressed as x_ptr + offset (all layers share the dtype)
+    tab_ptr   (L, 6) int64 layer table (``layer_table``): x element offset from
+              x_ptr, row stride, column stride, d_l, first column of the layer in the packed
+              profile, element offset of the layer's gradient in grad_ptr
+    g_ptr     (n, D) float32 contiguous: ḡ, the packed target profile mean per rank
+    w_ptr     (L,) float32: per-layer weight (1/d_l or 1/n, the reduction)
+    part_ptr  (L, NB) float32 out: Σ over the program's columns and ranks of (sort x − ḡ)²
+    grad_ptr  (n·Σd_l,) float32 out (NEED_GRAD): layer l's gradient, (n, d_l) contiguous at
+              grad_off_l, equal to gscale·w_l·(x − ḡ[rank]) (gscale = 2·total scale)
+v̄ (the target's variance per cell) only adds a per-layer constant, added on the host; the
+gradient is float32 for every input dtype so a loss scale never meets a low-precision rounding.
+
+Sorting carries the original row with each value: the value is mapped to an order-preserving
+integer and packed with its row into one key (int64 for float32 input; int32 for 16-bit input,
+half the sort's registers and shuffles), so one ``tl.sort`` gives both the sorted values and the
+permutation. Padding rows get the largest key and sort last. −0.0 is read as +0.0 (ties).
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 
 import torch
+import triton
+import triton.language as tl
 
-from ._backend import next_pow2
+from .wasserstein_ref import (  # noqa: F401  (re-exported: the kernel's launch facts)
+    KERNEL_DTYPES,
+    MAX_N,
+    TABLE_COLS,
+    kernel_runs,
+    launch_config,
+    layer_weights,
+)
 
-MAX_N = 2048  # largest source set one program sorts; above it the PyTorch path runs
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TABLE_COLS = 6  # x offset, row stride, column stride, d, profile column, grad offset
 _TABLE_CACHE_SIZE = 32
-
-
-def launch_config(n: int) -> dict:
-    """Block sizes for n source samples (n ≤ MAX_N): one warp per program and about 32 keys
-    per thread, so each column's sort stays within one warp (in registers, or across lanes by
-    shuffles: no barrier); at the paper's n = 32, 32 columns of 32 ranks, one column per lane.
-    n > 1024 needs two warps (one warp would spill)."""
-    n_pad = max(16, next_pow2(n))
-    if n_pad <= 1024:
-        return {"N_PAD": n_pad, "BLOCK_D": min(64, 1024 // n_pad), "num_warps": 1}
-    return {"N_PAD": n_pad, "BLOCK_D": 1, "num_warps": 2 * n_pad // 2048}
-
-
-@functools.lru_cache(maxsize=64)
-def layer_weights(dims: tuple, n: int, reduction: str, device: torch.device) -> tuple:
-    """(weight (L,) float32 on device, total_scale): per_layer[l] = w_l · Σ_ij err_l is each
-    layer's loss in the scale of a single-layer call; the total is total_scale · Σ_l per_layer.
-    reference: w_l = 1/d_l (n·mean_j W2²_j), total = the mean over layers; sum: w_l = 1/n,
-    total = the sum. Built once per (dims, n, reduction, device)."""
-    if reduction == "reference":
-        w, scale = [1.0 / d for d in dims], 1.0 / len(dims)
-    else:
-        w, scale = [1.0 / n] * len(dims), 1.0
-    return torch.tensor(w, dtype=torch.float32).to(device), scale
 
 
 _tables: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -88,13 +93,6 @@ def layer_table(xs: list, n: int) -> tuple[torch.Tensor, bool]:
     return table, unit
 
 
-def kernel_runs(xs: list) -> bool:
-    """Whether the kernel can take these layers (else the PyTorch reference runs)."""
-    return (
-        xs[0].shape[0] <= MAX_N and xs[0].dtype in KERNEL_DTYPES and all(x.dtype == xs[0].dtype for x in xs)
-    )
-
-
 def _addressable(xs: list) -> list:
     """Layers whose byte distance from xs[0] is not a whole number of elements are copied
     (never happens for tensors torch allocated in the same dtype)."""
@@ -111,8 +109,6 @@ def wasserstein_loss_triton(
     need_grad: bool,
 ):
     """The loss through the kernel: returns (loss, per_layer, grad); see the module docstring."""
-    from .wasserstein_triton import wasserstein_partials_triton
-
     xs = _addressable(list(xs))
     n = xs[0].shape[0]
     table, unit = layer_table(xs, n)
@@ -131,3 +127,114 @@ def wasserstein_loss_triton(
     )
     per_layer = part.sum(1).add_(var_sum).mul_(weight)
     return per_layer.sum() * total_scale, per_layer, grad
+
+
+@triton.jit
+def _sort_with_rows(x, rows, mask, WIDE: tl.constexpr):
+    """Sort each row of the (BLOCK_D, N_PAD) tile x along dim 1; returns (sorted values as
+    float32, original row index of each sorted value)."""
+    if WIDE:  # float32 input: int64 keys
+        xf = tl.where(x == 0.0, 0.0, x.to(tl.float32))
+        bits = xf.to(tl.int32, bitcast=True)
+        okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving int32
+        key = (okey.to(tl.int64) << 32) | rows[None, :].to(tl.int64)
+        key = tl.where(mask, key, 0x7FFFFFFFFFFFFFFF)
+        key = tl.sort(key, dim=1)
+        skey = (key >> 32).to(tl.int32)
+        xs = (skey ^ ((skey >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        src = (key & 0xFFFFFFFF).to(tl.int32)
+    else:  # 16-bit input: int32 keys
+        x16 = tl.where(x == 0.0, 0.0, x).to(x.dtype)
+        bits = x16.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended
+        okey = bits ^ ((bits >> 15) & 0x7FFF)  # order-preserving
+        key = (okey << 16) | rows[None, :]
+        key = tl.where(mask, key, 0x7FFFFFFF)
+        key = tl.sort(key, dim=1)
+        skey = key >> 16
+        sbits = (skey ^ ((skey >> 15) & 0x7FFF)).to(tl.int16)
+        xs = sbits.to(x.dtype, bitcast=True).to(tl.float32)
+        src = key & 0xFFFF
+    return xs, src
+
+
+@triton.jit
+def _wasserstein_fwd_kernel(
+    x_ptr,
+    tab_ptr,
+    g_ptr,
+    w_ptr,
+    part_ptr,
+    grad_ptr,
+    gscale,
+    n,
+    D,
+    NB,
+    N_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UNIT_COLS: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    layer = tl.program_id(1)
+    t = tab_ptr + layer * 6
+    x_off = tl.load(t)
+    stride_n = tl.load(t + 1)
+    d = tl.load(t + 3)
+    col0 = tl.load(t + 4)
+    cols = blk * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    rows = tl.arange(0, N_PAD)  # (N_PAD,)
+    cmask = cols < d
+    mask = cmask[:, None] & (rows[None, :] < n)  # (BLOCK_D, N_PAD)
+    if UNIT_COLS:  # every layer has stride 1
+        col_off = cols[:, None]
+    else:
+        col_off = cols[:, None].to(tl.int64) * tl.load(t + 2)
+    x = tl.load(x_ptr + x_off + rows[None, :].to(tl.int64) * stride_n + col_off, mask=mask, other=0.0)
+    xs, src = _sort_with_rows(x, rows, mask, x_ptr.dtype.element_ty == tl.float32)
+    g = tl.load(g_ptr + rows[None, :].to(tl.int64) * D + (col0 + cols[:, None]), mask=mask, other=0.0)
+    diff = tl.where(mask, xs - g, 0.0)
+    tl.store(part_ptr + layer * NB + blk, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+    if NEED_GRAD:
+        grad_off = tl.load(t + 5)
+        w = tl.load(w_ptr + layer)
+        grad = (gscale * w) * diff
+        tl.store(grad_ptr + grad_off + src * d + cols[:, None], grad, mask=mask)
+
+
+def wasserstein_partials_triton(
+    x0: torch.Tensor,
+    table: torch.Tensor,
+    g: torch.Tensor,
+    w: torch.Tensor,
+    n: int,
+    max_d: int,
+    unit_cols: bool,
+    gscale: float,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Launch the kernel over L = table.shape[0] layers; returns the (L, NB) float32 partial
+    sums. ``grad`` (n·Σd_l,) float32 is filled when given (None: no gradient work)."""
+    assert table.shape[1] == TABLE_COLS, table.shape
+    L = table.shape[0]
+    cfg = launch_config(n)
+    nb = triton.cdiv(max_d, cfg["BLOCK_D"])
+    part = torch.empty((L, nb), device=x0.device, dtype=torch.float32)
+    need_grad = grad is not None
+    _wasserstein_fwd_kernel[(nb, L)](
+        x0,
+        table,
+        g,
+        w,
+        part,
+        grad if need_grad else part,
+        float(gscale),
+        n,
+        g.shape[1],
+        nb,
+        N_PAD=cfg["N_PAD"],
+        BLOCK_D=cfg["BLOCK_D"],
+        UNIT_COLS=unit_cols,
+        NEED_GRAD=need_grad,
+        num_warps=cfg["num_warps"],
+    )
+    return part

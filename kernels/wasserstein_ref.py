@@ -11,7 +11,48 @@ exactly, for any n and m; v̄ only adds a constant per layer (``var_sum``), neve
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from ._backend import next_pow2
+
+# Launch facts of the loss kernel (kernels/wasserstein.py), readable without Triton: the library
+# decides from them which path runs.
+MAX_N = 2048  # largest source set one program sorts; above it the PyTorch path runs
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TABLE_COLS = 6  # x offset, row stride, column stride, d, profile column, grad offset
+
+
+def launch_config(n: int) -> dict:
+    """Block sizes for n source samples (n ≤ MAX_N): one warp per program and about 32 keys
+    per thread, so each column's sort stays within one warp (in registers, or across lanes by
+    shuffles: no barrier); at the paper's n = 32, 32 columns of 32 ranks, one column per lane.
+    n > 1024 needs two warps (one warp would spill)."""
+    n_pad = max(16, next_pow2(n))
+    if n_pad <= 1024:
+        return {"N_PAD": n_pad, "BLOCK_D": min(64, 1024 // n_pad), "num_warps": 1}
+    return {"N_PAD": n_pad, "BLOCK_D": 1, "num_warps": 2 * n_pad // 2048}
+
+
+@functools.lru_cache(maxsize=64)
+def layer_weights(dims: tuple, n: int, reduction: str, device: torch.device) -> tuple:
+    """(weight (L,) float32 on device, total_scale): per_layer[l] = w_l · Σ_ij err_l is each
+    layer's loss in the scale of a single-layer call; the total is total_scale · Σ_l per_layer.
+    reference: w_l = 1/d_l (n·mean_j W2²_j), total = the mean over layers; sum: w_l = 1/n,
+    total = the sum. Built once per (dims, n, reduction, device)."""
+    if reduction == "reference":
+        w, scale = [1.0 / d for d in dims], 1.0 / len(dims)
+    else:
+        w, scale = [1.0 / n] * len(dims), 1.0
+    return torch.tensor(w, dtype=torch.float32).to(device), scale
+
+
+def kernel_runs(xs: list) -> bool:
+    """Whether the kernel can take these layers (else the PyTorch reference runs)."""
+    return (
+        xs[0].shape[0] <= MAX_N and xs[0].dtype in KERNEL_DTYPES and all(x.dtype == xs[0].dtype for x in xs)
+    )
 
 
 def target_profile(y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +90,7 @@ def wasserstein_loss_ref(
     total_scale: float,
     need_grad: bool,
 ):
-    """The PyTorch reference of the loss kernel, the same math (``kernels.wasserstein``):
+    """The PyTorch reference of the loss kernel, the same math (``kernels/wasserstein.py``):
     one stable ``torch.sort`` per layer, in float32 (float64 when a layer is float64).
 
     Args: xs L tensors (n, d_l) any strides; mean (n, Σd_l) ḡ packed; var_sum (L,) Σ of each

@@ -1,20 +1,20 @@
 """lineas_fast: fast LinEAS activation steering (see README.md)."""
 
-from ._version import __version__  # noqa: E402
-from .functional import affine_steer, gated_steer  # noqa: E402
-from .fused_norm import SteeredRMSNorm, fuse_in_memory, unfuse_in_memory  # noqa: E402
-from .fusion import FusionError, fuse  # noqa: E402
-from .gates import fit_gate, fit_gates, gate_openings  # noqa: E402
-from .gguf_fold import fuse_gguf  # noqa: E402
-from .hooks import AlreadySteeredError  # noqa: E402
-from .linear_act import fit_linear_act, fit_mean_shift, linear_act_map  # noqa: E402
-from .steering import Steering, SteeringHandle, model_fingerprint  # noqa: E402
-from .targets import LanguageModelTarget, PipelineTarget, Target, as_target  # noqa: E402
-from .trainer import Trainer, TrainingDivergedError, train  # noqa: E402
-from .wasserstein import (
+from lineas_fast._version import __version__
+from lineas_fast.fold.fused_norm import SteeredRMSNorm, fuse_in_memory, unfuse_in_memory
+from lineas_fast.fold.fusion import FusionError, fuse
+from lineas_fast.fold.gguf import fuse_gguf
+from lineas_fast.functional import affine_steer, gated_steer
+from lineas_fast.hooks import AlreadySteeredError
+from lineas_fast.steering import Steering, SteeringHandle, model_fingerprint
+from lineas_fast.targets import LanguageModelTarget, PipelineTarget, Target, as_target
+from lineas_fast.training.gates import fit_gate, fit_gates, gate_openings
+from lineas_fast.training.linear_act import fit_linear_act, fit_mean_shift, linear_act_map
+from lineas_fast.training.trainer import Trainer, TrainingDivergedError, train
+from lineas_fast.wasserstein import (
     PackedTargetProfile,
     TargetProfile,
-    pack_profiles,  # noqa: E402
+    pack_profiles,
     sliced_wasserstein,
 )
 

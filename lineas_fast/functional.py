@@ -14,10 +14,10 @@ from typing import Union
 
 import torch
 
-from .checks import number
-from .kernels._backend import check_same_device, use_triton
-from .kernels.gated_steer_ref import GATES
-from .kernels.ops import affine_steer_op, gated_steer_op
+from lineas_fast.checks import number
+from lineas_fast.kernels._backend import check_same_device, use_triton
+from lineas_fast.kernels.gated_steer_ref import GATES
+from lineas_fast.kernels.ops import affine_steer_op, gated_steer_op
 
 Strength = Union[float, int, torch.Tensor]
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -25,7 +25,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.lru_cache(maxsize=None)
 def _gated_max_d() -> int:
-    from .kernels.gated_steer import MAX_D  # imports Triton: only on the kernel path
+    from lineas_fast.kernels.gated_steer import MAX_D  # imports Triton: only on the kernel path
 
     return MAX_D
 

@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import placement
-from .functional import apply_affine, apply_gated, map_coefficients
-from .kernels._backend import use_triton
-from .modules import channel_dim_of
+from lineas_fast import placement
+from lineas_fast.functional import apply_affine, apply_gated, map_coefficients
+from lineas_fast.kernels._backend import use_triton
+from lineas_fast.modules import channel_dim_of
 
 MARK = "_lineas_fast_steered"  # module attribute: the installed maps, innermost first
 

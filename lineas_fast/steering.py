@@ -11,11 +11,11 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 
-from .checks import finite_tensors, number
-from .hooks import SteeredForward, check_free, make_steer
-from .io import atomic_path
-from .modules import coordinate_dim
-from .targets import as_target
+from lineas_fast.atomic import atomic_path
+from lineas_fast.checks import finite_tensors, number
+from lineas_fast.hooks import SteeredForward, check_free, make_steer
+from lineas_fast.modules import coordinate_dim
+from lineas_fast.targets import as_target
 
 FORMAT = "lineas_fast.steering"
 StrengthSpec = Union[float, Mapping[str, float]]
@@ -161,7 +161,7 @@ class Steering:
         Maps that became non-finite since construction (NaN/Inf) are refused before writing."""
         from safetensors.torch import save_file
 
-        from ._version import __version__
+        from lineas_fast._version import __version__
 
         if os.path.isdir(path):
             raise IsADirectoryError(f"cannot save steering to {path!r}: it is a folder")

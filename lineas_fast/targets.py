@@ -31,10 +31,10 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import placement
-from .checks import integer
-from .modules import match_modules, nearby_names
-from .pooling import length_buckets, masked_mean, pack_rows, pad_right, pool_image, segment_means
+from lineas_fast import placement
+from lineas_fast.checks import integer
+from lineas_fast.modules import match_modules, nearby_names
+from lineas_fast.pooling import length_buckets, masked_mean, pack_rows, pad_right, pool_image, segment_means
 
 
 class StopForward(Exception):

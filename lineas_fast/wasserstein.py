@@ -11,10 +11,9 @@ from typing import Sequence, Union
 
 import torch
 
-from .kernels._backend import check_same_device, use_triton
-from .kernels.wasserstein import kernel_runs, layer_weights
-from .kernels.wasserstein_ref import target_profile
-from .wasserstein_op import wasserstein_loss
+from lineas_fast.kernels._backend import check_same_device, use_triton
+from lineas_fast.kernels.ops import wasserstein_loss
+from lineas_fast.kernels.wasserstein_ref import kernel_runs, layer_weights, target_profile
 
 REDUCTIONS = ("reference", "sum")
 

@@ -2,7 +2,7 @@
 the old or the new complete output at the destination, and no temporary once the next write ran.
 
 The fuse process is SIGKILLed at random moments of a write loop and at exact stages of the
-overwrite (``LINEAS_FAST_TEST_PAUSE_AT``, see lineas_fast/io.py), with the atomic exchange and
+overwrite (``LINEAS_FAST_TEST_PAUSE_AT``, see lineas_fast/atomic.py), with the atomic exchange and
 with the two-rename fallback; SIGTERM and Ctrl-C are cleaned up by the process itself."""
 
 import contextlib
@@ -20,14 +20,14 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
-from lineas_fast import io
+from lineas_fast import atomic as io
 from lineas_fast.cli import main
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLD = r"model\.layers\.\d+\.(input|post_attention)_layernorm"
 # the fuse CLI; NO_EXCHANGE forces the two-rename swap (filesystems without renameat2 exchange)
 CLI = (
-    "import os, sys, lineas_fast.io as io\n"
+    "import os, sys, lineas_fast.atomic as io\n"
     "if os.environ.get('NO_EXCHANGE'): io._exchange = lambda a, b: False\n"
     "from lineas_fast.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
@@ -52,10 +52,10 @@ tqdm.tqdm.monitor_interval = 0          # no tqdm monitor thread: this process f
 # tqdm's default write lock includes a multiprocessing lock that forked children share: a child
 # SIGKILLed inside a progress bar would hold it forever and the next bar here would hang
 tqdm.std.TqdmDefaultWriteLock.mp_lock = None
-import lineas_fast as lf, lineas_fast.io as io
+import lineas_fast as lf, lineas_fast.atomic as io
 from lineas_fast.cli import main
-from lineas_fast.cli_io import load_model_or_pipeline
-from lineas_fast.fusion_cli import write_checkpoint
+from lineas_fast.cli.common import load_model_or_pipeline
+from lineas_fast.cli.fuse import write_checkpoint
 from transformers import AutoModelForCausalLM
 model, a, b, ref_a, ref_b, jobs = sys.argv[1:]
 exchange = io._exchange

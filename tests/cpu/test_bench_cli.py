@@ -11,8 +11,8 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
-from lineas_fast.bench import add_overheads, measure, table
 from lineas_fast.cli import main
+from lineas_fast.serve.bench import add_overheads, measure, table
 
 NORM = "model.layers.{}.post_attention_layernorm"
 FAST = "--batch 1 2 --prompt-len 8 --new-tokens 3 --repeats 1 --vllm off"

@@ -2,7 +2,7 @@
 (``lineas-fast <cmd>: error: ...``) naming the argument or file, no traceback, nothing written,
 and, when the problem is visible without a model, no model loaded and no training run.
 
-Sentence-file format rule (``lineas_fast.cli_io.read_sentences``), checked at the end: by
+Sentence-file format rule (``lineas_fast.cli.common.read_sentences``), checked at the end: by
 content, whatever the extension: a JSON array of records, else JSON lines when every non-blank
 line is a record (a JSON string or an object with a string "text"), else an error when the name
 ends in .json/.jsonl or a line is a JSON object, else plain text, one sentence per line verbatim.
@@ -16,7 +16,7 @@ import torch
 from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
-from lineas_fast import cli_io
+from lineas_fast.cli import common as cli_io
 from lineas_fast.cli import main
 
 NORM = "model.layers.{}.post_attention_layernorm"
@@ -538,7 +538,7 @@ def spies(monkeypatch):
     def no_download():
         raise AssertionError("demo reached its downloads")
 
-    monkeypatch.setattr("lineas_fast.assets.toxicity_judge", no_download, raising=False)
+    monkeypatch.setattr("lineas_fast.apps.assets.toxicity_judge", no_download, raising=False)
     return calls
 
 

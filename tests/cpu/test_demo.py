@@ -9,8 +9,8 @@ import torch
 from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
-from lineas_fast.demo import DemoData, run_demo
-from lineas_fast.eval import perplexity, toxicity
+from lineas_fast.apps.demo import DemoData, run_demo
+from lineas_fast.apps.eval import perplexity, toxicity
 
 RUDE = ("fool", "stupid", "clown", "dumb", "idiot", "garbage", "lazy")
 
@@ -81,7 +81,7 @@ def test_eval_helpers():
 
 def test_real_toxicity_judge_orders_texts():
     pytest.importorskip("profanity_check")
-    from lineas_fast.assets import toxicity_judge
+    from lineas_fast.apps.assets import toxicity_judge
 
     p = toxicity_judge()(["you are a stupid idiot", "the weather is lovely today"])
     assert p[0] > 0.5 > p[1]
@@ -94,7 +94,7 @@ def test_real_toxicity_judge_orders_texts():
 def test_real_smollm2_few_steps_move_toward_target():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lineas_fast.assets import smollm2_folder
+    from lineas_fast.apps.assets import smollm2_folder
 
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)

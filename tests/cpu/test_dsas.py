@@ -233,8 +233,8 @@ def test_end_to_end_gates(kind):
 
 
 # --- token-level gates (issue #13 item 2) -------------------------------------------------------
-from lineas_fast.gates import calibrate_bias, fit_token_gate  # noqa: E402
-from lineas_fast.token_acts import token_activations, token_positions  # noqa: E402
+from lineas_fast.training.gates import calibrate_bias, fit_token_gate  # noqa: E402
+from lineas_fast.training.token_acts import token_activations, token_positions  # noqa: E402
 
 SHOUT = [
     "HELLOTHERE",

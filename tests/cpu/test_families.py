@@ -1,4 +1,4 @@
-"""The family table (lineas_fast.families) against the installed transformers, and the families
+"""The family table (lineas_fast.fold.families) against the installed transformers, and the families
 added through it (Qwen3, Phi-3, Gemma): what folds, what is refused and why, in-memory fusion."""
 
 import os
@@ -14,8 +14,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import lineas_fast as lf
-from lineas_fast import families
-from lineas_fast.families import ALWAYS, FAMILIES, norm_spec
+from lineas_fast.fold import families
+from lineas_fast.fold.families import ALWAYS, FAMILIES, norm_spec
+from lineas_fast.fold.fusion import to_llama
 from lineas_fast.kernels.rms_norm_shift_ref import rms_norm_shift_ref
 
 REL_BOUND = 1e-5
@@ -191,7 +192,7 @@ def test_unknown_family_rmsnorm_is_refused_by_name():
             entry(model, st)
         assert set(err.value.problems) == set(st.modules)
         why = err.value.problems["model.layers.0.input_layernorm"]
-        assert "'mystery'" in why and "not in lineas_fast.families.FAMILIES" in why
+        assert "'mystery'" in why and "not in lineas_fast.fold.families.FAMILIES" in why
     assert unchanged(model, snap)
 
 
@@ -249,7 +250,7 @@ def test_fuse_in_memory_every_rms_norm(family):
 def test_steered_rms_norm_needs_the_table():
     model = tiny_model("qwen3")
     norm = model.model.layers[0].input_layernorm
-    with pytest.raises(lf.FusionError, match="not in lineas_fast.families.FAMILIES"):
+    with pytest.raises(lf.FusionError, match="not in lineas_fast.fold.families.FAMILIES"):
         lf.SteeredRMSNorm(norm, torch.ones(32), torch.zeros(32))
     st = lf.SteeredRMSNorm(norm, torch.ones(32), torch.zeros(32), model_type="qwen3")
     assert not st.offset and st.casting == "input"
@@ -356,7 +357,7 @@ def test_qwen3_shifts_that_cannot_fold_are_refused_by_name_and_reason():
 
 def test_phi3_equivalent_llama_is_exact_and_splits_in_chunk_order():
     model = tiny_model("phi3")
-    llama = lf.fusion.to_llama(model)
+    llama = to_llama(model)
     assert type(llama).__name__ == "LlamaForCausalLM"
     b = enc()
     assert close(logits(model, b), logits(llama, b))
@@ -434,7 +435,7 @@ def test_phi3_preconditions_are_real(case, monkeypatch):
     monkeypatch.setitem(
         FAMILIES, "phi3", families.Family(**{**fam.__dict__, "equivalent": ("llama", lambda cfg: None)})
     )
-    llama = lf.fusion.to_llama(model)
+    llama = to_llama(model)
     ids = {"input_ids": torch.tensor([[5, 9, 20, 33, 7, 11, 40, 41, 42, 8]])}
     assert not close(logits(model, ids), logits(llama, ids))
 

@@ -11,6 +11,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
 from lineas_fast.cli import main
+from lineas_fast.fold.fusion import to_llama
 from lineas_fast.modules import coordinate_dim
 
 FOLDABLE = {
@@ -310,7 +311,7 @@ def test_folded_model_runs_the_unsteered_graph(family):
     with st.apply(model):
         hooked = ops(model)
     # Qwen2 with MLP shifts is saved as the equivalent Llama class: compare like with like
-    plain = ops(lf.fusion.to_llama(model) if family == "qwen2" else model)
+    plain = ops(to_llama(model) if family == "qwen2" else model)
     assert hooked > ops(model)
     assert ops(lf.fuse(model, st)) == plain
 
@@ -371,7 +372,7 @@ def test_fusion_goes_through_the_target_seam():
     """No private pipeline handling is left in fusion.py: a Target is accepted as it is."""
     import inspect
 
-    from lineas_fast import fusion
+    from lineas_fast.fold import fusion
 
     src = inspect.getsource(fusion)
     assert "_for_component" not in src and "from .diffusion" not in src

@@ -66,6 +66,6 @@ def test_mean_shift_refuses_bad_input(setup):
     with pytest.raises(ValueError, match="matches no module"):
         lf.fit_mean_shift(model, tok, SOURCE, TARGET, modules="nothing")
     with pytest.raises(ValueError, match="same coordinates"):
-        from lineas_fast.linear_act import mean_shift_map
+        from lineas_fast.training.linear_act import mean_shift_map
 
         mean_shift_map(torch.zeros(3, 4), torch.zeros(3, 5))

@@ -16,7 +16,7 @@ import torch
 from tiny_models import NORMS, SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
-import lineas_fast.trainer as trainer
+import lineas_fast.training.trainer as trainer
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10

@@ -9,9 +9,9 @@ import torch
 from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
+from lineas_fast.apps.sweep import Recipe, SweepData, check_recipes, meets_target, pareto_front, run_sweep
 from lineas_fast.cli import main
-from lineas_fast.sweep import Recipe, SweepData, check_recipes, meets_target, pareto_front, run_sweep
-from lineas_fast.trainer import TrainConfig
+from lineas_fast.training.trainer import TrainConfig
 
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 
@@ -97,7 +97,7 @@ def test_sweep_rows_front_and_resume(tmp_path):
     assert fitted == sorted(r.key() + ".safetensors" for r in RECIPES)
     # mean-shift at λ = 1 is the library's fit_mean_shift on the first n_train sentences
     ms = lf.fit_mean_shift(model, tok, SOURCE[:8], TARGET[:8], modules=PATTERN)
-    from lineas_fast.eval import perplexity
+    from lineas_fast.apps.eval import perplexity
 
     with ms.apply(model):
         assert perplexity(model, tok, data().wiki) == pytest.approx(rows[8]["perplexity"], rel=1e-5)
@@ -217,7 +217,7 @@ def test_sweep_cli_refuses_bad_recipes_file(tmp_path, capsys):
 
 def test_sweep_cli_axes_make_the_product():
     from lineas_fast.cli import build_parser
-    from lineas_fast.sweep_cli import recipes_from_args
+    from lineas_fast.cli.sweep import recipes_from_args
 
     args = build_parser().parse_args(
         ["sweep", "--sparsity", "0", "0.1", "--n-train", "32", "64", "--methods", "lineas", "mean_shift"]

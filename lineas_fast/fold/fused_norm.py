@@ -4,7 +4,7 @@ one that applies the affine map inside the normalization (scale folded into its 
 the kernel's epilogue): no extra launch, no extra pass over the activations.
 
 What each RMSNorm computes (offset 1 + w or not, casting, ε attribute) comes from the family
-table (``lineas_fast.families``). The Triton kernel is imported only on its branch, so this
+table (``lineas_fast.fold.families``). The Triton kernel is imported only on its branch, so this
 module imports where Triton is not installed.
 """
 
@@ -13,16 +13,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import number
-from .families import NormSpec, norm_spec
-from .fusion import OFFLOADED, FusionError, _fold, _Plan, coefficients, refuse_attached, refuse_gates, spec_of
-from .kernels._backend import use_triton
-from .kernels.ops import rms_norm_shift_op
-from .kernels.rms_norm_shift_ref import MAX_D as RMS_MAX_D
-from .kernels.rms_norm_shift_ref import rms_norm_shift_ref
-from .placement import offloaded
-from .steering import Steering
-from .targets import as_target
+from lineas_fast.checks import number
+from lineas_fast.fold.families import NormSpec, norm_spec
+from lineas_fast.fold.fusion import (
+    OFFLOADED,
+    FusionError,
+    _fold,
+    _Plan,
+    coefficients,
+    refuse_attached,
+    refuse_gates,
+    spec_of,
+)
+from lineas_fast.kernels._backend import use_triton
+from lineas_fast.kernels.ops import rms_norm_shift_op
+from lineas_fast.kernels.rms_norm_shift_ref import MAX_D as RMS_MAX_D
+from lineas_fast.kernels.rms_norm_shift_ref import rms_norm_shift_ref
+from lineas_fast.placement import offloaded
+from lineas_fast.steering import Steering
+from lineas_fast.targets import as_target
 
 
 class SteeredRMSNorm(nn.Module):

@@ -32,7 +32,7 @@ import os
 import re
 import sys
 
-from .io import file_kind
+from lineas_fast.atomic import file_kind
 
 
 class CLIError(Exception):
@@ -534,7 +534,7 @@ def check_checkpoint(path: str, flag: str = "--resume", config: dict | None = No
             f"{expected})"
         ) from None
     try:
-        from .trainer import CHECKPOINT_FORMAT
+        from lineas_fast.training.trainer import CHECKPOINT_FORMAT
     except ImportError:
         CHECKPOINT_FORMAT = None
     if (

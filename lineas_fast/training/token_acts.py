@@ -12,8 +12,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .pooling import length_buckets, pad_right
-from .targets import LanguageModelTarget, StopForward
+from lineas_fast.pooling import length_buckets, pad_right
+from lineas_fast.targets import LanguageModelTarget, StopForward
 
 
 def language_model_target(target, what: str) -> LanguageModelTarget:

@@ -176,13 +176,13 @@ def norm_spec(mod: nn.Module, model_type: str) -> tuple[NormSpec | None, str | N
     if fam is None:
         return None, (
             f"{type(mod).__name__} looks like an RMSNorm, but model type "
-            f"{model_type or '(none)'!r} is not in lineas_fast.families.FAMILIES, so "
+            f"{model_type or '(none)'!r} is not in lineas_fast.fold.families.FAMILIES, so "
             f"its formula (offset, casting) is unknown; add the family to the table"
         )
     if not hasattr(mod, fam.eps):
         return None, (
             f"{type(mod).__name__} has no {fam.eps!r} attribute, so it is not "
-            f"{model_type}'s RMSNorm (lineas_fast.families.FAMILIES); its formula is "
+            f"{model_type}'s RMSNorm (lineas_fast.fold.families.FAMILIES); its formula is "
             f"unknown"
         )
     return NormSpec(fam.norm, fam.casting, fam.eps), None

@@ -16,8 +16,8 @@ import json
 import os
 import sys
 
-from .bench import add_bench_parser
-from .cli_io import (
+from lineas_fast.apps.demo import add_demo_parser
+from lineas_fast.cli.common import (
     SEED,
     ArgumentParser,
     CLIError,
@@ -43,10 +43,10 @@ from .cli_io import (
     regex,
     scheduler_timesteps,
 )
-from .demo import add_demo_parser
-from .fusion_cli import add_fuse_parser
-from .gguf_cli import add_gguf_to_fuse
-from .sweep_cli import add_sweep_parser
+from lineas_fast.cli.fuse import add_fuse_parser
+from lineas_fast.cli.gguf import add_gguf_to_fuse
+from lineas_fast.cli.sweep import add_sweep_parser
+from lineas_fast.serve.bench import add_bench_parser
 
 DEFAULT_MAX_LENGTH = 128
 # library argument names -> the train flags that set them (named in library error messages)
@@ -73,7 +73,7 @@ def _train_config(args, max_length: int) -> dict | None:
     from dataclasses import asdict
 
     try:
-        from .trainer import TrainConfig
+        from lineas_fast.training.trainer import TrainConfig
 
         return asdict(
             TrainConfig(
@@ -237,8 +237,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_generate_image(args) -> int:
-    from .diffusion import image_grid, strength_sweep
-    from .io import atomic_path
+    from lineas_fast.apps.diffusion import image_grid, strength_sweep
+    from lineas_fast.atomic import atomic_path
 
     check_pipeline_dir(args.pipeline)
     check_output_file(args.out, "--out", {"--steering": args.steering}, suffix=".png")

@@ -1,9 +1,9 @@
-"""vLLM throughput of one model folder, run as ``python -m lineas_fast.bench_vllm SPEC_JSON``
+"""vLLM throughput of one model folder, run as ``python -m lineas_fast.serve.vllm_bench SPEC_JSON``
 (vLLM spawns worker processes, so it runs in a process of its own behind a ``__main__`` guard).
 
 SPEC_JSON: {"folder", "batches", "prompt_len", "new_tokens", "repeats", "dtype", "vocab_size",
 "eager"}. Prints one JSON line {"rows": [{"batch", "prefill_tok_s", "decode_tok_s", "prefill_s",
-"generate_s"}]}, measured as ``lineas_fast.bench`` does for transformers: prefill = a
+"generate_s"}]}, measured as ``lineas_fast.serve.bench`` does for transformers: prefill = a
 generation of 1 token over a B×T prompt of random ids, decode = B·N / (a generation of exactly
 N tokens − prefill), medians of ``repeats`` after a warm-up; prefix caching off, so every
 prefill computes the whole prompt.
@@ -52,7 +52,7 @@ def greedy_ids(llm, prompt_ids: list[list[int]], new_tokens: int) -> list[list[i
 def vllm_throughput(
     llm, batches, prompt_len: int, new_tokens: int, repeats: int, vocab_size: int, seed: int = 0
 ) -> list[dict]:
-    from .bench import random_prompts, rates
+    from lineas_fast.serve.bench import random_prompts, rates
 
     rows = []
     for b in batches:

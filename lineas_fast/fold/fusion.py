@@ -10,7 +10,7 @@ a⊙norm(x) + c:
   * Anything else raises FusionError naming the module and the reason, before any weight changes.
 
 What each family's norms compute, which Linears read them and which config flag gives those
-Linears a bias all come from one table, ``lineas_fast.families.FAMILIES``. Models, diffusers
+Linears a bias all come from one table, ``lineas_fast.fold.families.FAMILIES``. Models, diffusers
 pipelines and targets all go through ``lineas_fast.targets.as_target``.
 """
 
@@ -22,13 +22,21 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from .checks import number
-from .families import ALWAYS, FAMILIES, NormSpec, equivalent_refusal, model_type_of, norm_spec, owner_of
-from .functional import map_coefficients
-from .hooks import AlreadySteeredError, installed
-from .placement import offloaded
-from .steering import Steering
-from .targets import Target, as_target
+from lineas_fast.checks import number
+from lineas_fast.fold.families import (
+    ALWAYS,
+    FAMILIES,
+    NormSpec,
+    equivalent_refusal,
+    model_type_of,
+    norm_spec,
+    owner_of,
+)
+from lineas_fast.functional import map_coefficients
+from lineas_fast.hooks import AlreadySteeredError, installed
+from lineas_fast.placement import offloaded
+from lineas_fast.steering import Steering
+from lineas_fast.targets import Target, as_target
 
 
 class FusionError(ValueError):
@@ -127,7 +135,7 @@ def _attach_readers(plan: _Plan, named: dict) -> str | None:
     if fam is None:
         return (
             f"norm without bias in a model of type {mtype or '(none)'!r}, which is not in "
-            f"lineas_fast.families.FAMILIES: no known Linear layers read only its output, so "
+            f"lineas_fast.fold.families.FAMILIES: no known Linear layers read only its output, so "
             f"the shift c = λb has no bias to go into"
         )
     if local in fam.residual:

@@ -34,10 +34,10 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .checks import number
-from .fusion import FusionError, effective_map, refuse_gates
-from .io import atomic_path
-from .steering import Steering
+from lineas_fast.atomic import atomic_path
+from lineas_fast.checks import number
+from lineas_fast.fold.fusion import FusionError, effective_map, refuse_gates
+from lineas_fast.steering import Steering
 
 _QKV = ("attn_q", "attn_k", "attn_v")
 
@@ -312,7 +312,7 @@ def fuse_gguf(
         raise FusionError(
             {
                 "<model>": f"GGUF architecture {arch!r} is not in "
-                f"lineas_fast.gguf_fold.GGUF_FAMILIES "
+                f"lineas_fast.fold.gguf.GGUF_FAMILIES "
                 f"({', '.join(GGUF_FAMILIES)}): which bias tensors its "
                 f"llama.cpp loader reads is unknown"
             }
@@ -360,7 +360,7 @@ def _write(
 ) -> None:
     import gguf
 
-    from ._version import __version__
+    from lineas_fast._version import __version__
 
     layout = _layout(reader, new)
     with atomic_path(out) as tmp:

@@ -9,7 +9,7 @@ Prefill and decode tokens/s of the same model run four ways with transformers:
   deploys;
 
 and, when vLLM is importable, ``vllm_unsteered`` / ``vllm_folded`` (the model folder and the
-folded folder served by ``vllm.LLM``, in a subprocess: ``lineas_fast.bench_vllm``). A provider
+folded folder served by ``vllm.LLM``, in a subprocess: ``lineas_fast.serve.vllm_bench``). A provider
 that cannot run (a DSAS-gated steering cannot fold) is listed under ``skipped`` with the reason.
 
 Prefill tokens/s is B·T / (time of one forward over a B×T prompt of random token ids); decode
@@ -57,7 +57,7 @@ def throughput(model, batch: int, prompt_len: int, new_tokens: int, repeats: int
     ``repeats`` timed runs after one warm-up forward and a short generate."""
     import torch
 
-    from .placement import input_device
+    from lineas_fast.placement import input_device
 
     dev = input_device(model) or torch.device("cpu")  # an offloaded model: its hooks' device
     ids = random_prompts(model.config.vocab_size, batch, prompt_len, seed).to(dev)
@@ -131,7 +131,7 @@ def folded_dir(workdir: str) -> str:
 @contextlib.contextmanager
 def _quiet():
     try:
-        from .cli_io import quiet_loading
+        from lineas_fast.cli.common import quiet_loading
     except ImportError:  # pragma: no cover
         yield
         return
@@ -290,7 +290,7 @@ def environment(device) -> dict:
     """Device, versions and commit to store beside the numbers."""
     import torch
 
-    from ._version import __version__
+    from lineas_fast._version import __version__
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -330,7 +330,7 @@ def run_vllm(
     timeout: float = 1800,
 ) -> list[dict]:
     """vLLM tokens/s for each {provider: model folder}, one subprocess per folder
-    (``python -m lineas_fast.bench_vllm``: vLLM spawns workers and keeps its own memory)."""
+    (``python -m lineas_fast.serve.vllm_bench``: vLLM spawns workers and keeps its own memory)."""
     rows = []
     for provider, folder in folders.items():
         spec = {
@@ -345,7 +345,7 @@ def run_vllm(
         }
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         res = subprocess.run(
-            [sys.executable, "-m", "lineas_fast.bench_vllm", json.dumps(spec)],
+            [sys.executable, "-m", "lineas_fast.serve.vllm_bench", json.dumps(spec)],
             capture_output=True,
             text=True,
             env=env,
@@ -372,7 +372,7 @@ def run_vllm(
 
 # --- command line ------------------------------------------------------------------------------
 def add_bench_parser(sub) -> None:
-    from .cli_io import integer, real
+    from lineas_fast.cli.common import integer, real
 
     b = sub.add_parser(
         "bench",
@@ -414,7 +414,7 @@ def check_bench_args(args):
     """Every check that needs no weights; returns (torch device, dtype name)."""
     import torch
 
-    from .cli_io import CLIError, check_model_dir, check_output_file, model_positions
+    from lineas_fast.cli.common import CLIError, check_model_dir, check_output_file, model_positions
 
     check_model_dir(args.model)
     check_output_file(args.out, "--out", {"--steering": args.steering}, suffix=".json")
@@ -442,8 +442,8 @@ def check_bench_args(args):
 def cmd_bench(args) -> int:
     import torch
 
-    from .cli_io import CLIError, fits, load_model, load_steering, one_line
-    from .io import atomic_path
+    from lineas_fast.atomic import atomic_path
+    from lineas_fast.cli.common import CLIError, fits, load_model, load_steering, one_line
 
     device, dtype = check_bench_args(args)
     steering = load_steering(args.steering)

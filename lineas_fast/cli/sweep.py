@@ -6,7 +6,7 @@
 LinEAS recipes are the product of the axes given (modules × loss modules × sparsity × training
 set size × steps × optimizer × learning rate × gates); the baselines (``--methods mean_shift
 linear_act``) take modules × training set size × gates. ``--recipes FILE`` instead reads a JSON
-list of recipe objects (fields of ``lineas_fast.sweep.Recipe``). Writes ``sweep.json``,
+list of recipe objects (fields of ``lineas_fast.apps.sweep.Recipe``). Writes ``sweep.json``,
 ``pareto.png`` and the fitted steerings into ``--out``; rerunning into the same folder resumes.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 
-from .sweep import GATE_LEVELS, METHODS, Recipe
+from lineas_fast.apps.sweep import GATE_LEVELS, METHODS, Recipe
 
 # the model shortcuts and, per family, the default steered modules: those whose maps fold into
 # an ordinary checkpoint (Llama's post-attention norm feeds the MLP, whose biases take the
@@ -28,7 +28,7 @@ DEFAULT_MODULES = {"llama": r".*post_attention_layernorm", "gemma3_text": r".*in
 
 def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
     """The recipes the axes (or ``--recipes``) describe."""
-    from .cli_io import CLIError
+    from lineas_fast.cli.common import CLIError
 
     if args.recipes:
         try:
@@ -75,7 +75,7 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
 def _regex(value: str, flag: str) -> str:
     import argparse
 
-    from .cli_io import CLIError, regex
+    from lineas_fast.cli.common import CLIError, regex
 
     try:
         return regex(value)
@@ -87,9 +87,9 @@ def cmd_sweep(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import assets
-    from .cli_io import CLIError, check_model_dir, check_output_dir
-    from .sweep import format_table, load_sweep_data, run_sweep
+    from lineas_fast.apps import assets
+    from lineas_fast.apps.sweep import format_table, load_sweep_data, run_sweep
+    from lineas_fast.cli.common import CLIError, check_model_dir, check_output_dir
 
     check_output_dir(args.out, "--out", inside=True)
     recipes = recipes_from_args(args)  # checks the file and the values early
@@ -140,7 +140,7 @@ def cmd_sweep(args) -> int:
 
 
 def add_sweep_parser(sub) -> None:
-    from .cli_io import SEED, integer, real, regex
+    from lineas_fast.cli.common import SEED, integer, real, regex
 
     d = sub.add_parser(
         "sweep",

@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import zipfile
 
-from .io import default_mode
+from lineas_fast.atomic import default_mode
 
 
 class AssetError(RuntimeError):

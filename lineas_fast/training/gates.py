@@ -23,10 +23,15 @@ from typing import Sequence
 
 import torch
 
-from .checks import choice, integer, number
-from .steering import Steering
-from .targets import as_target
-from .token_acts import language_model_target, padded_batches, token_activations, token_positions
+from lineas_fast.checks import choice, integer, number
+from lineas_fast.steering import Steering
+from lineas_fast.targets import as_target
+from lineas_fast.training.token_acts import (
+    language_model_target,
+    padded_batches,
+    token_activations,
+    token_positions,
+)
 
 
 def logistic_regression(

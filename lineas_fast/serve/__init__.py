@@ -1,0 +1,1 @@
+"""Serving measurements: what steering costs at generation (transformers and vLLM)."""
