@@ -16,6 +16,7 @@ from lineas_fast.checks import finite_tensors, number
 from lineas_fast.hooks import SteeredForward, check_free, make_steer
 from lineas_fast.modules import coordinate_dim
 from lineas_fast.targets import as_target
+from lineas_fast.untrusted import json_loads, object_depth, one_line, safetensors_header
 
 FORMAT = "lineas_fast.steering"
 StrengthSpec = Union[float, Mapping[str, float]]
@@ -25,6 +26,144 @@ def model_fingerprint(model) -> dict:
     """What identifies a model's (or a pipeline's) architecture and size, not its weights: its
     config's model_type and a hash of every parameter's name and shape."""
     return as_target(model).fingerprint()
+
+
+MAX_MAP_DIM = 1 << 24  # coordinates of one map: far above any model's width
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def check_metadata(meta: Mapping, where: str) -> dict:
+    """Steering metadata as ``load`` accepts it, before anything is written: a dict with string
+    keys whose values are JSON (str, bool, None, finite-or-not numbers, lists, dicts; numbers of
+    other types become int/float, paths strings), nested at most 64 deep, with ``model`` the
+    model fingerprint object (``model_fingerprint(model)``) or None. Returns a plain copy;
+    TypeError/ValueError naming ``where`` and the key otherwise."""
+    import numbers
+
+    def plain(value, key: str):
+        if value is None or isinstance(value, (str, bool)):
+            return value
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, numbers.Real):
+            return float(value)
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, Mapping):
+            bad = [k for k in value if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"{where}: metadata {key} has a non-string key {bad[0]!r}")
+            return {k: plain(v, f"{key}[{k!r}]") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        raise TypeError(
+            f"{where}: metadata {key} is {type(value).__name__}, not a JSON value "
+            f"(str, number, bool, None, list or dict)"
+        )
+
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"{where}: metadata must be a dict, got {type(meta).__name__}")
+    depth = object_depth(meta)
+    if depth > 64:
+        raise ValueError(f"{where}: metadata nested more than 64 deep")
+    out = plain(meta, "")
+    model = out.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise ValueError(
+            f"{where}: metadata 'model' must be the model fingerprint object (a dict, as "
+            f"lf.model_fingerprint(model) gives) or None, got {type(model).__name__} {model!r:.80}"
+        )
+    return out
+
+
+def _header_fields(header) -> tuple[list, dict, dict]:
+    """(modules, {gated module: kind}, metadata) of a checked safetensors header."""
+    h = header.metadata
+    if h.get("format") != FORMAT:
+        raise ValueError(f"not a lineas_fast steering file (format {h.get('format')!r:.80})")
+    if "modules" not in h:
+        raise ValueError("header has no 'modules' entry")
+    modules = json_loads(h["modules"], "header 'modules'")
+    gate_kinds = json_loads(h.get("gates", "{}"), "header 'gates'")
+    meta = json_loads(h.get("metadata", "{}"), "header 'metadata'")
+    dims = json_loads(h.get("dims", "null"), "header 'dims'")
+    if not (isinstance(modules, list) and modules and all(isinstance(n, str) for n in modules)):
+        raise ValueError("malformed header: 'modules' must be a non-empty list of module names")
+    if len(set(modules)) != len(modules):
+        raise ValueError("malformed header: 'modules' names a module twice")
+    if not (isinstance(gate_kinds, dict) and all(isinstance(k, str) for k in gate_kinds.values())):
+        raise ValueError("malformed header: 'gates' must be an object {module: kind}")
+    if not isinstance(meta, dict):
+        raise ValueError(f"malformed header: 'metadata' must be a JSON object, got {type(meta).__name__}")
+    if meta.get("model") is not None and not isinstance(meta["model"], dict):
+        raise ValueError(
+            f"malformed header: metadata 'model' must be the model fingerprint object, got "
+            f"{type(meta['model']).__name__}"
+        )
+    if dims is not None and not isinstance(dims, dict):
+        raise ValueError("malformed header: 'dims' must be an object {module: d}")
+    for n in modules:
+        entry = header.tensors.get(f"{n}.omega")
+        if dims is not None and entry is not None and dims.get(n) != (entry.shape or [None])[0]:
+            raise ValueError(
+                f"tensor {n + '.omega'!r} has shape {entry.shape} but the header's 'dims' records "
+                f"{dims.get(n)!r:.40} for {n!r}"
+            )
+    return modules, gate_kinds, meta
+
+
+def _checked_entries(header, modules: list, gate_kinds: dict) -> dict:
+    """{tensor name: safetensors dtype} of every tensor to read, each checked (present, a
+    float dtype, shape (d,) with d ≤ MAX_MAP_DIM, ω/b/gate w of one shape, gate c one value)
+    before any is read."""
+    wanted = {}
+
+    def entry(name: str):
+        e = header.tensors.get(name)
+        if e is None:
+            raise ValueError(f"tensor {name!r} is missing")
+        if e.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"tensor {name!r} is stored as {e.dtype}: steering maps must be float32, "
+                f"float16 or bfloat16 (float64 is cast to float32); float8, integer and bool "
+                f"maps are refused"
+            )
+        wanted[name] = e.dtype
+        return e
+
+    for n in modules:
+        om, b = entry(f"{n}.omega"), entry(f"{n}.bias")
+        if len(om.shape) != 1 or om.shape != b.shape:
+            raise ValueError(
+                f"map for {n!r}: omega {om.shape} and bias {b.shape} must both be (d,) with the same d"
+            )
+        if not 1 <= om.shape[0] <= MAX_MAP_DIM:
+            raise ValueError(
+                f"map for {n!r}: tensor {n + '.omega'!r} declares {om.shape[0]} coordinates "
+                f"(allowed: 1 to {MAX_MAP_DIM})"
+            )
+    for n in gate_kinds:
+        if n not in modules:
+            raise ValueError(f"gate for {n!r}, which has no map")
+        w, c = entry(f"{n}.gate_w"), entry(f"{n}.gate_c")
+        d = header.tensors[f"{n}.omega"].shape
+        if w.shape != d or c.numel != 1:
+            raise ValueError(f"gate for {n!r}: w must be {d} and c one value, got {w.shape} and {c.shape}")
+    return wanted
+
+
+def _as_map_tensor(t: torch.Tensor, name: str, dtype: str) -> torch.Tensor:
+    """A read map tensor as kept: float64 cast to float32, refused when a value does not fit."""
+    if dtype != "F64":
+        return t
+    finite = t[torch.isfinite(t)]
+    big = float(finite.abs().max()) if finite.numel() else 0.0
+    if big > torch.finfo(torch.float32).max:
+        raise ValueError(
+            f"tensor {name!r} is float64 with a value of magnitude {big:.3g}, beyond float32's "
+            f"range ({torch.finfo(torch.float32).max:.3g}): refused rather than cast to Inf"
+        )
+    return t.float()
 
 
 class Steering:
@@ -158,13 +297,20 @@ class Steering:
         """Write safetensors (tensors ``<module>.omega`` / ``<module>.bias``, float32) with JSON
         metadata, atomically: ``path`` holds the old complete file until the new one is complete
         and renamed over it (``io.atomic_path``; an error, Ctrl-C or SIGTERM leaves no temporary).
-        Maps that became non-finite since construction (NaN/Inf) are refused before writing."""
+        Maps that became non-finite since construction (NaN/Inf) are refused before writing.
+
+        The metadata (``self.metadata`` updated with ``metadata``) is checked before anything is
+        written (``check_metadata``: JSON values only, string keys, depth ≤ 64; ``model`` the
+        fingerprint object or None), and the temporary file is read back with ``load`` before it
+        replaces ``path``: a file ``load`` would refuse never replaces an existing one."""
         from safetensors.torch import save_file
 
         from lineas_fast._version import __version__
 
+        path = os.fspath(path)
         if os.path.isdir(path):
             raise IsADirectoryError(f"cannot save steering to {path!r}: it is a folder")
+        meta = check_metadata({**self.metadata, **metadata}, f"cannot save steering to {path!r}")
         tensors = {}
         for n, (om, b) in self._maps.items():
             tensors[f"{n}.omega"] = om.detach().float().cpu().contiguous()
@@ -175,61 +321,60 @@ class Steering:
         bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
         if bad:
             raise ValueError(f"cannot save steering to {path!r}: {bad[:5]} not finite (NaN or Inf)")
-        meta = {**self.metadata, **metadata}
         header = {
             "format": FORMAT,
             "library_version": __version__,
             "modules": json.dumps(self.modules),
             "dims": json.dumps(self.dims()),
-            "metadata": json.dumps(meta, default=str),
+            "metadata": json.dumps(meta, allow_nan=True),
             "gates": json.dumps({n: g["kind"] for n, g in self.gates.items()}),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=header)
+            try:
+                Steering.load(tmp)  # round trip: what load refuses never replaces `path`
+            except ValueError as e:
+                raise ValueError(
+                    f"cannot save steering to {path!r}: the written file does not read back "
+                    f"({str(e).replace(tmp, '<temporary>')}); {path!r} left as it was"
+                ) from None
 
     @classmethod
     def load(cls, path: str, device=None) -> "Steering":
-        """Read a file written by ``save`` (safetensors: no unpickling)."""
+        """Read a file written by ``save`` (safetensors: no unpickling), as untrusted input.
+
+        Before any tensor is read, the header is read and checked by hand
+        (``untrusted.safetensors_header``: size, JSON depth ≤ 64, every tensor's dtype, shape
+        and offsets against the file's size and each other), then every map: ``ω`` and ``b``
+        float32, float16 or bfloat16 of one shape (d,) with 1 ≤ d ≤ ``MAX_MAP_DIM``, equal to the
+        recorded ``dims``; a gate's ``w`` (d,) and ``c`` one value. float64 maps are cast to
+        float32, and refused when a value does not fit float32; float8, integer and bool
+        tensors are refused. Memory used by a refusal is bounded by the header, never by the
+        declared shapes. Any problem: ValueError naming the file (and the tensor or key)."""
         from safetensors import SafetensorError, safe_open
 
+        path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"steering file {path!r} does not exist")
         try:
+            header = safetensors_header(path, what=f"cannot read steering file {path!r}")
+            modules, gate_kinds, meta = _header_fields(header)
+            wanted = _checked_entries(header, modules, gate_kinds)
             with safe_open(path, framework="pt", device="cpu") as f:
-                header = f.metadata() or {}
-                if header.get("format") != FORMAT:
-                    raise ValueError(
-                        f"{path!r} is not a lineas_fast steering file (format {header.get('format')!r})"
-                    )
-                modules = json.loads(header["modules"])
-                gate_kinds = json.loads(header.get("gates", "{}"))
-                meta = json.loads(header.get("metadata", "{}"))
-                if not (
-                    isinstance(modules, list)
-                    and all(isinstance(n, str) for n in modules)
-                    and isinstance(gate_kinds, dict)
-                    and isinstance(meta, dict)
-                    and isinstance(meta.get("model", {}), dict)
-                ):
-                    raise ValueError(
-                        "malformed header: 'modules' must be a list of names, "
-                        "'gates' and 'metadata' (and its 'model') JSON objects"
-                    )
-                maps = {}
-                for n in modules:
-                    om, b = f.get_tensor(f"{n}.omega"), f.get_tensor(f"{n}.bias")
-                    maps[n] = (om.to(device) if device else om, b.to(device) if device else b)
-                gates = {}
-                for n, kind in gate_kinds.items():
-                    w, c = f.get_tensor(f"{n}.gate_w"), f.get_tensor(f"{n}.gate_c")
-                    gates[n] = {
-                        "w": w.to(device) if device else w,
-                        "c": c.to(device) if device else c,
-                        "kind": kind,
-                    }
+                loaded = {k: _as_map_tensor(f.get_tensor(k), k, dtype) for k, dtype in wanted.items()}
+            if device:
+                loaded = {k: t.to(device) for k, t in loaded.items()}
+            maps = {n: (loaded[f"{n}.omega"], loaded[f"{n}.bias"]) for n in modules}
+            gates = {
+                n: {"w": loaded[f"{n}.gate_w"], "c": loaded[f"{n}.gate_c"], "kind": kind}
+                for n, kind in gate_kinds.items()
+            }
             return cls(maps, meta, gates)
-        except (SafetensorError, json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"cannot read steering file {path!r}: {e}") from None
+        except (SafetensorError, KeyError, ValueError, TypeError) as e:
+            msg = one_line(e)
+            if path in msg:
+                raise ValueError(msg) from None
+            raise ValueError(f"cannot read steering file {path!r}: {msg}") from None
 
     # --- use on a model ------------------------------------------------------------------------
     def validate(self, model, strict: bool = True) -> dict[str, nn.Module]:
