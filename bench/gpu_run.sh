@@ -1,130 +1,165 @@
 #!/usr/bin/env bash
-# The GPU session in one script: every GPU lane and benchmark, each stage under its own time
-# limit, results in bench/results/*-<device>.json and a summary, bench/results/gpu-session-
-# <device>.json (device, torch/triton/transformers versions, commit, each stage's exit status
-# and seconds). Plan: ~22 minutes of device time in two calls of the device tool (each call's
-# command at most 10 minutes: the stages share SESSION_BUDGET_S, default 570 s), for a
-# session's 30.
+# GPU benchmark runner: the GPU test lane and every GPU benchmark as stages, each under its own
+# time limit, all of them under one time budget. Run it on a GPU machine from the repository root
+# (or anywhere: it changes to the root itself).
 #
-#   bash bench/gpu_session.sh --fetch-wheels     # HERE, before the session: wheels the device
-#                                                # lacks (diffusers, importlib_metadata) -> .whl/
-#   bash bench/gpu_session.sh --plan             # the stages and their time limits
-#   bash bench/gpu_session.sh first              # ON THE DEVICE, call 1 (~9 min): setup tests
-#                                                #   convergence kernels
-#   bash bench/gpu_session.sh second             # call 2 (~9 min): setup trainer generation
-#                                                #   device_map diffusion
-#   bash bench/gpu_session.sh STAGE [STAGE ...]  # any stages, in the order given
+#   bash bench/gpu_run.sh [OPTION ...] [STAGE | GROUP ...]     (default: every stage, in order)
 #
-# On the device: the tool copies the working tree (no .git), so pass the commit, and carry the
-# wheels; $OUT then brings back one archive with the result files and every stage's log:
-#   run(command="LINEAS_FAST_COMMIT=<sha> bash bench/gpu_session.sh first", carry=[".whl"])
-# Unpack it here with `tar -xzf <files_at>/gpu-session.tar.gz` (bench/results/...) BEFORE the
-# second call: the unpacked files travel with the tree, so the second call's summary adds its
-# stages to the first call's and its archive holds both calls' results.
+# Stages, in order, with their default limits (seconds):
+#   setup (40)        install this checkout (and any .whl/*.whl) into a temporary folder that
+#                     the later stages import from (removed on exit); GPU facts. Leave it out to
+#                     measure the lineas_fast already installed in $PYTHON's environment.
+#   tests (270)       tests/gpu (pytest, xdist when installed)
+#   convergence (100) bench/convergence.py          kernels (150)     bench/kernels_gpu.py
+#   trainer (130)     bench/trainer_step.py         generation (240)  bench/generation.py
+#   device_map (70)   bench/device_map.py           diffusion (90)    bench/diffusion.py --sdxl
+# Groups: kernel-stages = setup tests convergence kernels (560 s of limits);
+#         model-stages  = setup trainer generation device_map diffusion (570 s of limits).
 #
-# A stage that fails or runs past its limit is recorded and the next one runs (the benchmarks
-# write their result file after each model or shape group, so a stage cut short keeps what it
-# measured); the script exits non-zero if any stage failed. Python: python3 where `python` is missing (the device's image).
+# Options:
+#   --budget-s N      seconds for all stages together (default: the sum of their limits, so none
+#                     is cut). Each stage gets the smaller of its limit and what is left of the
+#                     budget; with under 20 s left it is skipped (and recorded as skipped).
+#   --limit STAGE=S   one stage's limit in seconds (repeatable).
+#   --archive PATH    also write PATH, a .tar.gz of this device's result files and the logs.
+#   --plan            print the stages with the limits they would get and their total; run nothing.
+#   --fetch-wheels    (on a machine with a package index) download the wheels a GPU machine without
+#                     one needs for the diffusion stage (diffusers, importlib_metadata) into .whl/.
+# Environment: PYTHON, the interpreter every stage runs (default: `python`, else `python3`; a
+# virtualenv's or conda environment's python is used as it is, never copied or linked);
+# LINEAS_FAST_COMMIT, the commit the results belong to when the tree is a copy without .git.
+#
+# Results: bench/results/<benchmark>-<device>.json (each benchmark writes its file after each model
+# or shape group, so a stage cut short keeps what it measured) and the run's summary,
+# bench/results/gpu-run-<device>.json: device, torch / triton / transformers versions, commit, the
+# python that ran and its sys.prefix, each stage's exit status and seconds (a later run on the same
+# device adds its stages to it). Logs: bench/results/gpu-run-logs/<stage>.log. A stage that fails or
+# runs past its limit is recorded and the next one runs; the exit status is 1 if any stage failed
+# or was skipped, 2 for a bad argument. Writes nothing outside the repository but the temporary
+# folder of the setup stage. Python >= 3.11: PYTHONSAFEPATH keeps ./lineas_fast off sys.path, so the
+# stages import the installed package (lineas_fast.kernels is mapped from ./kernels at install).
 set -u
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
+usage() { sed -n '2,/^set -u$/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+MIN_STAGE_S=20
 WHEELS=(diffusers==0.42.1 importlib_metadata==10.2.0)
-
+STAGES=(setup tests convergence kernels trainer generation device_map diffusion)
 declare -A LIMIT=([setup]=40 [tests]=270 [convergence]=100 [kernels]=150 [trainer]=130
                   [generation]=240 [device_map]=70 [diffusion]=90)
-BUDGET=${SESSION_BUDGET_S:-570}   # one call's command may run 600 s: stages share this, the
-                                  # archive's few seconds come after
-STAGES=(setup tests convergence kernels trainer generation device_map diffusion)
-FIRST=(setup tests convergence kernels)
-SECOND=(setup trainer generation device_map diffusion)
+declare -A GROUP=([kernel-stages]="setup tests convergence kernels"
+                  [model-stages]="setup trainer generation device_map diffusion")
 
 describe() {
   case $1 in
-    setup) echo "install .whl/ wheels and lineas_fast (no registry there); GPU facts" ;;
-    tests) echo "gpu lane: every kernel configuration x dtype vs float64 (tests/gpu, xdist" \
-                "--dist loadfile), CUDA graphs, no-sync step, Triton-vs-torch training" ;;
-    convergence) echo "bench/convergence.py: 30-step runs, Triton vs torch, Qwen2.5-0.5B shape, fp32+bf16" ;;
+    setup) echo "install this checkout (and .whl/ wheels) into a temporary folder; GPU facts" ;;
+    tests) echo "gpu lane: every kernel configuration x dtype vs float64, CUDA graphs, training" ;;
+    convergence) echo "bench/convergence.py: 30-step runs, Triton vs torch, fp32 and bf16" ;;
     kernels) echo "bench/kernels_gpu.py: loss and affine map vs eager and torch.compile, copy bandwidth" ;;
     trainer) echo "bench/trainer_step.py --qwen 1.5B 7B: lf.train step vs reference trainer, MFU" ;;
     generation) echo "bench/generation.py --qwen 1.5B 7B: decode/prefill per provider" ;;
     device_map) echo "bench/device_map.py: Qwen2.5-1.5B half offloaded to CPU vs whole on GPU" ;;
-    diffusion) echo "bench/diffusion.py --sdxl: SDXL-sized UNet (needs the diffusers wheel)" ;;
+    diffusion) echo "bench/diffusion.py --sdxl: SDXL-sized UNet (needs diffusers)" ;;
   esac
 }
+bad() { echo "gpu_run.sh: $*" >&2; exit 2; }
 
-if [ "${1:-}" = "--fetch-wheels" ]; then
-  echo /.whl/ >>"$(git rev-parse --git-dir)/info/exclude"
-  mkdir -p .whl
-  exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    -d .whl "${WHEELS[@]}"
+BUDGET="" ARCHIVE="" PLAN=0 FETCH=0 names=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --budget-s) [[ ${2:-} =~ ^[0-9]+$ ]] || bad "--budget-s needs whole seconds, got '${2:-}'"
+                BUDGET=$2; shift ;;
+    --limit) [[ ${2:-} =~ ^([a-z_]+)=([0-9]+)$ ]] || bad "--limit needs STAGE=SECONDS, got '${2:-}'"
+             [ -n "${LIMIT[${BASH_REMATCH[1]}]:-}" ] || bad "--limit: unknown stage ${BASH_REMATCH[1]} (${STAGES[*]})"
+             LIMIT[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}; shift ;;
+    --archive) [ -n "${2:-}" ] || bad "--archive needs a path"
+               case $2 in /*) ARCHIVE=$2 ;; *) ARCHIVE=$PWD/$2 ;; esac; shift ;;
+    --plan) PLAN=1 ;;
+    --fetch-wheels) FETCH=1 ;;
+    -h | --help) usage; exit 0 ;;
+    -*) bad "unknown option $1 (see --help)" ;;
+    *) if [ -n "${GROUP[$1]:-}" ]; then read -ra g <<<"${GROUP[$1]}"; names+=("${g[@]}")
+       elif [ -n "${LIMIT[$1]:-}" ]; then names+=("$1")
+       else bad "unknown stage $1 (stages: ${STAGES[*]}; groups: ${!GROUP[*]})"; fi ;;
+  esac
+  shift
+done
+cd "$(dirname "$0")/.."
+[ ${#names[@]} -eq 0 ] && names=("${STAGES[@]}")
+
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+PY=$("$PYTHON" -c 'import sys; print(sys.executable)') || bad "PYTHON=$PYTHON does not run"
+export PY
+
+if [ $FETCH = 1 ]; then   # pure-Python wheels: any interpreter version and platform can use them
+  exec "$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl "${WHEELS[@]}"
 fi
-if [ "${1:-}" = "--plan" ]; then
-  total=0
-  for s in "${STAGES[@]}"; do
-    printf '%-12s %4ss  %s\n' "$s" "${LIMIT[$s]}" "$(describe "$s")"; total=$((total + LIMIT[$s]))
+
+if [ -z "$BUDGET" ]; then BUDGET=0; for s in "${names[@]}"; do BUDGET=$((BUDGET + LIMIT[$s])); done; fi
+
+# planned[i]: the limit stage i gets when every stage before it runs to its limit (0: skipped)
+planned=() left=$BUDGET
+for s in "${names[@]}"; do
+  lim=$(( LIMIT[$s] < left ? LIMIT[$s] : left ))
+  if [ "$lim" -lt $MIN_STAGE_S ]; then planned+=(0); else planned+=("$lim"); left=$((left - lim)); fi
+done
+if [ $PLAN = 1 ]; then
+  for i in "${!names[@]}"; do
+    s=${names[$i]} p=${planned[$i]}
+    if [ "$p" = 0 ]; then printf '%-12s skipped  %s (budget spent)\n' "$s" "$(describe "$s")"
+    else printf '%-12s %5s s  %s%s\n' "$s" "$p" "$(describe "$s")" \
+      "$([ "$p" -lt "${LIMIT[$s]}" ] && echo " (cut from ${LIMIT[$s]} s by the budget)")"; fi
   done
-  echo "first: ${FIRST[*]}; second: ${SECOND[*]}; all limits together: ${total}s"
+  echo "total $((BUDGET - left)) s of limits within a budget of $BUDGET s; python: $PY"
   exit 0
 fi
-if [ $# -eq 0 ]; then set -- "${STAGES[@]}"; fi
-if [ "$1" = first ]; then set -- "${FIRST[@]}"; elif [ "$1" = second ]; then set -- "${SECOND[@]}"; fi
-for s in "$@"; do
-  [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage $s (${STAGES[*]}, first, second)"; exit 2; }
-done
 
-PY=$(command -v python || command -v python3)
-mkdir -p /tmp/lf-bin && ln -sf "$PY" /tmp/lf-bin/python && export PATH=/tmp/lf-bin:$PATH
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-# lineas_fast is installed into /tmp/lf-site (setup): without this, `python -m pytest` run here
-# would put the working directory first on sys.path and import ./lineas_fast, which lacks
-# lineas_fast.kernels (setup.py maps it from ./kernels)
-export PYTHONSAFEPATH=1
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 PYTHONSAFEPATH=1
 export LINEAS_FAST_COMMIT=${LINEAS_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-[ -d /tmp/lf-site ] && export PYTHONPATH=/tmp/lf-site
-LOGS=bench/results/gpu-session-logs
+LOGS=bench/results/gpu-run-logs
 mkdir -p "$LOGS"
-device=$(python -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "no-cuda")')
+device=$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "no-cuda")') \
+  || { echo "gpu_run.sh: $PY cannot import torch: install torch into that environment first" >&2; exit 1; }
+SITE=""
+trap 'if [ -n "$SITE" ]; then rm -rf "$SITE"; fi' EXIT
 
-setup() {
-  rm -rf /tmp/lf-site && mkdir -p /tmp/lf-site
+setup() {     # runs in this shell: later stages inherit PYTHONPATH
+  SITE=$(mktemp -d "${TMPDIR:-/tmp}/lineas-fast-gpu-run.XXXXXX")
   if ls .whl/*.whl >/dev/null 2>&1; then
-    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/lf-site .whl/*.whl || return 1
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+      || return 1
   else
-    echo "no .whl/ wheels carried: the diffusion stage will fail (bash bench/gpu_session.sh --fetch-wheels here)"
+    echo "no .whl/ wheels: the diffusion stage needs diffusers (bash bench/gpu_run.sh --fetch-wheels)"
   fi
-  python -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-    --target /tmp/lf-site . || return 1
-  export PYTHONPATH=/tmp/lf-site
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
+    --target "$SITE" . || return 1
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python -c 'import torch, triton, transformers, lineas_fast as lf; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "lineas_fast", lf.__version__, "SMs", torch.cuda.get_device_properties(0).multi_processor_count)'
+  "$PY" -c 'import sys, torch, triton, transformers, lineas_fast as lf; print("python", sys.executable, "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "lineas_fast", lf.__version__, "from", lf.__file__, "SMs", torch.cuda.get_device_properties(0).multi_processor_count)'
 }
 tests() {
   local xdist=()
-  python -c 'import xdist' 2>/dev/null && xdist=(-n 8 --dist loadfile)
-  python -m pytest -q -p no:cacheprovider "${xdist[@]}" --junitxml "$LOGS/gpu-lane-$device.xml" tests/gpu
+  "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 8 --dist loadfile)
+  "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --junitxml "$LOGS/gpu-lane-$device.xml" tests/gpu
 }
-convergence() { python bench/convergence.py; }
-kernels() { python bench/kernels_gpu.py --compile-at 56x3584 28x1536; }
-trainer() { python bench/trainer_step.py --qwen 1.5B 7B; }
-generation() { python bench/generation.py --qwen 1.5B 7B --repeats 3; }
-device_map() { python bench/device_map.py --size 1.5B; }
-diffusion() { python bench/diffusion.py --sdxl; }
+convergence() { "$PY" bench/convergence.py; }
+kernels() { "$PY" bench/kernels_gpu.py --compile-at 56x3584 28x1536; }
+trainer() { "$PY" bench/trainer_step.py --qwen 1.5B 7B; }
+generation() { "$PY" bench/generation.py --qwen 1.5B 7B --repeats 3; }
+device_map() { "$PY" bench/device_map.py --size 1.5B; }
+diffusion() { "$PY" bench/diffusion.py --sdxl; }
 
 status=0
 results=()
 start=$(date +%s)
-for s in "$@"; do
+for s in "${names[@]}"; do
   left=$(( BUDGET - ($(date +%s) - start) ))
   limit=$(( LIMIT[$s] < left ? LIMIT[$s] : left ))
-  if [ "$limit" -lt 20 ]; then
-    echo "=== stage $s: skipped, ${left}s left of the call's ${BUDGET}s"
+  if [ "$limit" -lt $MIN_STAGE_S ]; then
+    echo "=== stage $s: skipped, ${left}s left of the ${BUDGET}s budget"
     status=1; results+=("$s:skipped:0"); continue
   fi
   echo "=== stage $s (limit ${limit} s): $(describe "$s")"
   t0=$(date +%s)
-  if [ "$s" = setup ]; then       # in this shell: it exports PYTHONPATH
+  if [ "$s" = setup ]; then
     setup > >(tee "$LOGS/$s.log") 2>&1; rc=$?
   else
     export -f "$s"; export LOGS device
@@ -137,12 +172,12 @@ for s in "$@"; do
   results+=("$s:$rc:$secs")
 done
 
-python - "$device" "${results[@]}" <<'EOF'
+"$PY" - "$device" "$BUDGET" "${results[@]}" <<'EOF'
 import json, os, sys
 sys.path.insert(0, "bench")
 from common import environment, write_json
-device, rows = sys.argv[1], sys.argv[2:]
-path = f"bench/results/gpu-session-{device}.json"
+device, budget, rows = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+path = f"bench/results/gpu-run-{device}.json"
 old = {}
 if os.path.exists(path):
     with open(path) as f:
@@ -152,10 +187,11 @@ for row in rows:
     name, rc, secs = row.split(":")
     stages[name] = {"exit": None if rc == "skipped" else int(rc), "seconds": int(secs),
                     "skipped": rc == "skipped"}
-write_json(path, {**environment(), "stages": stages})
+write_json(path, {**environment(), "python_executable": sys.executable, "python_prefix": sys.prefix,
+                  "budget_s": budget, "stages": stages})
 EOF
-if [ -n "${OUT:-}" ]; then
-  tar -czf "$OUT/gpu-session.tar.gz" bench/results/*"$device"*.json "$LOGS"
-  echo "results: $OUT/gpu-session.tar.gz"
+if [ -n "$ARCHIVE" ]; then
+  mkdir -p "$(dirname "$ARCHIVE")"
+  tar -czf "$ARCHIVE" bench/results/*"$device"*.json "$LOGS" && echo "results: $ARCHIVE"
 fi
 exit $status
