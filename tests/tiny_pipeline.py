@@ -37,12 +37,15 @@ def clip_tokenizer():
         vocab[ch + "</w>"] = len(vocab)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    d = tempfile.mkdtemp(prefix="cliptok-")
-    with open(os.path.join(d, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(d, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=77)
+    # the tokenizer reads both files when it is made: they live only as long as that takes
+    with tempfile.TemporaryDirectory(prefix="cliptok-") as d:
+        with open(os.path.join(d, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(d, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer(
+            os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=77
+        )
 
 
 def tiny_pipeline(seed: int = 0):
