@@ -7,34 +7,52 @@ import math
 import numbers
 
 
+class ArgumentError(ValueError):
+    """A bad argument value; ``argument`` names the library argument it is about (e.g.
+    ``"loss_modules"``), so a caller such as the command line can name its own flag for it."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
+
+
+class ArgumentTypeError(TypeError):
+    """An argument of the wrong type; ``argument`` names the library argument (as
+    ``ArgumentError``)."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
+
+
 def number(
     value, name: str, *, low: float | None = None, high: float | None = None, low_open: bool = False
 ) -> float:
     """``value`` as a finite float in [low, high] (or (low, high] with ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}", name)
     v = float(value)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise ArgumentError(f"{name} must be finite, got {value!r}", name)
     if low is not None and (v <= low if low_open else v < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+        raise ArgumentError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}", name)
     if high is not None and v > high:
-        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+        raise ArgumentError(f"{name} must be <= {high}, got {value!r}", name)
     return v
 
 
 def integer(value, name: str, *, low: int | None = None) -> int:
     """``value`` as an int >= low (bools and floats are refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}", name)
     if low is not None and int(value) < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+        raise ArgumentError(f"{name} must be >= {low}, got {value!r}", name)
     return int(value)
 
 
 def choice(value, name: str, options) -> str:
     if value not in options:
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+        raise ArgumentError(f"{name} must be one of {tuple(options)}, got {value!r}", name)
     return value
 
 

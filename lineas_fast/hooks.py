@@ -16,6 +16,7 @@ are recomputed per call from the leaves so autograd reaches them; that is a few 
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -25,37 +26,55 @@ from lineas_fast import placement
 from lineas_fast.functional import apply_affine, apply_gated, map_coefficients
 from lineas_fast.kernels._backend import use_triton
 from lineas_fast.modules import channel_dim_of
+from lineas_fast.records import AlreadySteeredError  # noqa: F401  (re-exported)
 
 MARK = "_lineas_fast_steered"  # module attribute: the installed maps, innermost first
 
 
-class AlreadySteeredError(ValueError):
-    """A module already carries an attached steering map."""
-
-
 class SteeredForward:
-    """One map installed on one module: wraps the module's forward.
+    """One map installed on one module: the module's ``forward`` becomes this object.
 
     ``apply(module, h) -> h'`` transforms the module's (first) output. ``remove()`` restores
     the previous forward when nothing wrapped this one since, and otherwise turns this wrapper
     into a pass-through (so removing never breaks another library's wrapper, e.g. accelerate's).
+
+    ``copy.deepcopy`` of a steered model gives a copy steered by its own modules (the wrapped
+    forward is a bound method, rebound to the copy; the map's coefficients are shared, read
+    only). Pickling (``torch.save(model)``) is refused with a message: a live map is a
+    function of this process, not part of the model; remove it or fold it (``fuse``) first.
     """
 
     def __init__(self, name: str, module: nn.Module, apply: Callable):
         self.name, self.module, self.apply, self.active = name, module, apply, True
         self.previous = module.__dict__.get("forward")  # an instance attribute, or None
-        inner = module.forward
-
-        def forward(*args, **kwargs):
-            out = inner(*args, **kwargs)
-            if not self.active:
-                return out
-            return _with_first(out, self.apply(module, _first(out)))
-
-        forward.steered_by = self
-        self.forward = forward
-        module.forward = forward
+        self.inner = module.forward
+        module.forward = self
         module.__dict__.setdefault(MARK, []).append(self)
+
+    @property
+    def steered_by(self) -> "SteeredForward":
+        return self
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        if not self.active:
+            return out
+        return _with_first(out, self.apply(self.module, _first(out)))
+
+    def __deepcopy__(self, memo):
+        new = SteeredForward.__new__(SteeredForward)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key == "apply" else copy.deepcopy(value, memo)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"module {self.name!r} carries an attached steering map, which cannot be pickled "
+            f"(torch.save of the model, multiprocessing): remove the handle first "
+            f"(handle.remove()), save the Steering itself (steering.save), or fold it into the "
+            f"weights (lf.fuse) and save that model"
+        )
 
     def remove(self) -> None:
         if not self.active:

@@ -12,14 +12,43 @@ import torch
 from torch import nn
 
 from lineas_fast.atomic import atomic_path
-from lineas_fast.checks import finite_tensors, number
+from lineas_fast.checks import ArgumentError, finite_tensors, number
 from lineas_fast.hooks import SteeredForward, check_free, make_steer
 from lineas_fast.modules import coordinate_dim
+from lineas_fast.numerics import check_effective, effective_coefficients, module_dtype
+from lineas_fast.records import refuse_steered
 from lineas_fast.targets import as_target
 from lineas_fast.untrusted import json_loads, object_depth, one_line, safetensors_header
 
 FORMAT = "lineas_fast.steering"
 StrengthSpec = Union[float, Mapping[str, float]]
+
+
+def _fingerprints(metadata: dict) -> list[dict]:
+    """Every model fingerprint a steering's metadata records (a composed one keeps each)."""
+    listed = metadata.get("models")
+    out = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
+    first = metadata.get("model")
+    if isinstance(first, dict) and first and first not in out:
+        out.insert(0, first)
+    return out
+
+
+def refuse_silent_modules(names, named: dict) -> None:
+    """A map on a module that never runs its own forward (the root, a ModuleList/ModuleDict
+    container) would do nothing: refuse it by name."""
+    for n in names:
+        mod = named[n]
+        if n == "":
+            raise ValueError(
+                "a map on the root module '' is not supported: its output is the model's output "
+                "(logits, a ModelOutput), not activations; name a submodule"
+            )
+        if type(mod).forward is nn.Module.forward:
+            raise ValueError(
+                f"module {n!r} is a {type(mod).__name__}, a container whose forward never runs: "
+                f"a map on it would do nothing; name the modules inside it (e.g. {n + '.0'!r})"
+            )
 
 
 def model_fingerprint(model) -> dict:
@@ -290,7 +319,12 @@ class Steering:
                 out[n] = (om2 * om1, om2 * b1 + b2)
             else:
                 out[n] = (om2, b2)
-        return Steering(out, {**other.metadata, **self.metadata}, {**other.gates, **self.gates})
+        meta = {**other.metadata, **self.metadata}
+        models = _fingerprints(other.metadata)
+        models += [m for m in _fingerprints(self.metadata) if m not in models]
+        if len(models) > 1:
+            meta["models"] = models  # every fingerprint is kept; validate checks each
+        return Steering(out, meta, {**other.gates, **self.gates})
 
     # --- files -------------------------------------------------------------------------------
     def save(self, path: str, **metadata) -> None:
@@ -387,6 +421,7 @@ class Steering:
         own = target.resolve(self)
         named = target.named
         target.require(own.modules, "steering maps modules")
+        refuse_silent_modules(own.modules, named)
         for n, (om, _) in own._maps.items():
             d = coordinate_dim(named[n])
             if d is not None and d != om.shape[0]:
@@ -399,16 +434,18 @@ class Steering:
             raise ValueError(
                 f"steering metadata 'model' must be a fingerprint object, got {type(want).__name__} {want!r}"
             )
-        if strict and want and own is self:
+        if strict and own is self:
             have = target.fingerprint()
-            if (want.get("model_type"), want.get("shapes_sha256")) != (
-                have["model_type"],
-                have["shapes_sha256"],
-            ):
-                raise ValueError(
-                    f"steering was trained on model {want} but this model is {have}; "
-                    f"pass strict=False to apply it anyway"
-                )
+            for fp in _fingerprints(self.metadata):  # a composed steering checks each
+                if (fp.get("model_type"), fp.get("shapes_sha256")) != (
+                    have["model_type"],
+                    have["shapes_sha256"],
+                ):
+                    raise ArgumentError(
+                        f"steering was trained on model {fp} but this model is {have}; "
+                        f"pass strict=False to apply it anyway",
+                        "strict",
+                    )
         return {n: named[n] for n in own._maps}
 
     def strip_prefix(self, prefix: str) -> "Steering":
@@ -467,11 +504,16 @@ class Steering:
         ``.strengths[module]`` collects the per-token strengths λ·g of every call (float32, the
         output's shape without the coordinate axis)."""
         target = as_target(model)
+        refuse_steered(target.root, compose, "attach this steering")
         modules = self.validate(target, strict)
         own = target.resolve(self)
         strengths = own.strengths(strength)
         live = {n: mod for n, mod in modules.items() if strengths[n] != 0.0}
         check_free(live, compose)
+        for n, mod in live.items():  # once, here: what the map does to the model's numbers
+            om, b = own._maps[n]
+            a, c = effective_coefficients(om, b, strengths[n])
+            check_effective(n, a, c, module_dtype(mod, module_dtype(target.root)), strengths[n])
         steers = {}
         handle = SteeringHandle([])
         for n, mod in live.items():

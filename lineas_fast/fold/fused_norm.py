@@ -19,8 +19,10 @@ from lineas_fast.fold.fusion import (
     OFFLOADED,
     FusionError,
     _fold,
+    _fold_values,
     _Plan,
     coefficients,
+    fold_record,
     refuse_attached,
     refuse_gates,
     spec_of,
@@ -29,7 +31,9 @@ from lineas_fast.kernels._backend import use_triton
 from lineas_fast.kernels.ops import rms_norm_shift_op
 from lineas_fast.kernels.rms_norm_shift_ref import MAX_D as RMS_MAX_D
 from lineas_fast.kernels.rms_norm_shift_ref import rms_norm_shift_ref
+from lineas_fast.numerics import check_effective, module_dtype
 from lineas_fast.placement import offloaded
+from lineas_fast.records import mark_folded, refuse_steered, unmark_unfolded
 from lineas_fast.steering import Steering
 from lineas_fast.targets import as_target
 
@@ -98,12 +102,16 @@ def fuse_in_memory(
     inverse: bool = False,
     backend: str | None = None,
     strict: bool = True,
+    compose: bool = False,
 ):
     """Apply each map inside its norm: LayerNorm/GroupNorm with bias get folded weights (the
     same module type); RMSNorms (torch.nn.RMSNorm, or a family's of the table) become
     ``SteeredRMSNorm``. ``model``: a model, a diffusers pipeline or a ``Target``. In place;
-    returns what was passed (the model or the pipeline)."""
+    returns what was passed (the model or the pipeline). Refused like ``fuse``: strengths whose
+    effective coefficients overflow the model's dtype, and (unless ``compose=True``) a model
+    that already carries a fold; the fold is recorded the same way."""
     target = as_target(model)
+    refuse_steered(target.root, compose, "fuse this steering in memory")
     strength = number(strength, "strength")
     if not isinstance(steering, Steering):
         raise TypeError(f"steering must be a lineas_fast.Steering, got {type(steering).__name__}")
@@ -129,15 +137,22 @@ def fuse_in_memory(
         raise FusionError(problems)
     if strength == 0:
         return target.original
+    coefs = {}
+    for name, mod, spec in swaps:  # every map checked before any module changes
+        coefs[name] = coefficients(*steering[name], strength, inverse)
+        check_effective(name, *coefs[name], module_dtype(mod, module_dtype(target.root)), strength)
+        if spec.kind == "layernorm":
+            _fold_values(_Plan(name, mod, *coefs[name], spec))
     with torch.no_grad():
         for name, mod, spec in swaps:
-            a, c = coefficients(*steering[name], strength, inverse)
+            a, c = coefs[name]
             if spec.kind == "layernorm":
                 _fold(_Plan(name, mod, a, c, spec))
             else:
                 parent_name, _, local = name.rpartition(".")
                 parent = named[parent_name] if parent_name else target.root
                 setattr(parent, local, SteeredRMSNorm(mod, a, c, backend, spec))
+    mark_folded(target.root, [name for name, _, _ in swaps], fold_record([steering], strength, inverse))
     return target.original
 
 
@@ -151,4 +166,5 @@ def unfuse_in_memory(model):
             parent_name, _, local = name.rpartition(".")
             parent = root.get_submodule(parent_name) if parent_name else root
             setattr(parent, local, mod.original[0])
+    unmark_unfolded(root)
     return target.original

@@ -22,6 +22,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from lineas_fast._version import __version__
 from lineas_fast.checks import number
 from lineas_fast.fold.families import (
     ALWAYS,
@@ -32,9 +33,10 @@ from lineas_fast.fold.families import (
     norm_spec,
     owner_of,
 )
-from lineas_fast.functional import map_coefficients
 from lineas_fast.hooks import AlreadySteeredError, installed
+from lineas_fast.numerics import check_effective, check_written, effective_coefficients, module_dtype
 from lineas_fast.placement import offloaded
+from lineas_fast.records import mark_folded, refuse_steered
 from lineas_fast.steering import Steering
 from lineas_fast.targets import Target, as_target
 
@@ -78,10 +80,7 @@ class _Plan:
 
 def coefficients(omega, bias, strength: float, inverse: bool = False):
     """(a, c) float64 with steer(z) = a⊙z + c; a negative strength means the inverse map."""
-    if strength < 0:
-        inverse, strength = (not inverse), -strength
-    u, b = map_coefficients(omega.detach().double().cpu(), bias.detach().double().cpu(), inverse)
-    return 1 + strength * u, strength * b
+    return effective_coefficients(omega, bias, strength, inverse)
 
 
 def spec_of(name: str, named: dict) -> tuple[NormSpec | None, str | None, str, str]:
@@ -194,6 +193,7 @@ def fuse(
     strength: float = 1.0,
     inverse: bool = False,
     strict: bool = True,
+    compose: bool = False,
 ):
     """Fold steering maps into the weights; returns the steered model (the same object, or for
     a family that needs biases its own class lacks, e.g. Qwen2/Mistral/Phi-3, an exactly
@@ -208,10 +208,15 @@ def fuse(
     Raises FusionError, leaving the model untouched, when any map cannot fold.
 
     Validates like ``Steering.attach``: modules, dimensions and (``strict``) the model
-    fingerprint; a finite ``strength``; and a model that carries attached maps is refused
-    (folding under live hooks would steer twice).
+    fingerprint; a finite ``strength`` whose effective coefficients fit the model's dtype
+    (``lineas_fast.numerics``); a model that carries attached maps is refused (folding under
+    live hooks would steer twice), and so is a model that already carries a fold (its modules
+    or config record one) unless ``compose=True``. Every new tensor is computed and checked
+    (finite, within its dtype) before any is written. The fold is recorded on the folded
+    modules and in the owning model's config (``lineas_fast_fold``, saved in config.json).
     """
     target = as_target(model)
+    refuse_steered(target.root, compose, "fold this steering")
     strength = number(strength, "strength")
     steerings = [steering] if isinstance(steering, Steering) else list(steering)
     if not steerings or not all(isinstance(st, Steering) for st in steerings):
@@ -226,17 +231,23 @@ def fuse(
     effective = effective_map(steerings[0], strength, inverse)
     for st in steerings[1:]:
         effective = effective_map(st, strength, inverse).compose(effective)
+    for n in effective.modules:
+        check_effective(n, *effective[n], module_dtype(target.named[n], module_dtype(target.root)), strength)
     plans = plan_fusion(target, effective)
     result = target.original
     if any(p.convert for p in plans):
         result = to_llama(target.root)
         target = as_target(result)
         plans = plan_fusion(target, effective)  # the modules are new objects
+    staged = [w for p in plans for w in _fold_values(p)]  # computed and checked before any write
     if any(p.readers for p in plans):
         _ensure_reader_biases(target, plans)
+        staged = [w for p in plans for w in _fold_values(p)]  # the readers' biases are new
     with torch.no_grad():
-        for p in plans:
-            _fold(p)
+        for param, _, values in staged:
+            param.copy_(values.to(param.device, param.dtype))
+    record = fold_record(steerings, strength, inverse)
+    mark_folded(target.root, [p.name for p in plans], record)
     return result
 
 
@@ -276,16 +287,40 @@ def folded_scale(spec: NormSpec, weight: torch.Tensor, a: torch.Tensor) -> torch
     return a * (1 + w) - 1 if spec.offset else a * w
 
 
-def _fold(p: _Plan) -> None:
+def _fold_values(p: _Plan) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """[(parameter, its name, its new float64 value)] of one fold, each checked to be finite
+    and within the parameter's dtype (``NumericRangeError`` otherwise); nothing is written."""
     mod = p.module
     w = mod.weight
     a, c = p.a.to(w.device), p.c.to(w.device)
-    w.copy_(folded_scale(p.spec, w, a).to(w.dtype))
+    out = [(w, f"{p.name}.weight", folded_scale(p.spec, w, a))]
     if p.spec.kind == "layernorm" and getattr(mod, "bias", None) is not None:
-        mod.bias.copy_((a * mod.bias.double() + c).to(mod.bias.dtype))
-        return
-    for _, lin in p.readers:
-        lin.bias.copy_((lin.bias.double() + lin.weight.double() @ c.to(lin.weight.device)).to(lin.bias.dtype))
+        out.append((mod.bias, f"{p.name}.bias", a * mod.bias.detach().double() + c))
+    else:
+        for name, lin in p.readers:  # a reader without a bias yet gets one (zeros) before writing
+            shift = lin.weight.detach().double() @ c.to(lin.weight.device)
+            old = lin.bias.detach().double() if lin.bias is not None else torch.zeros_like(shift)
+            out.append((lin.bias if lin.bias is not None else lin.weight, f"{name}.bias", old + shift))
+    for param, name, values in out:
+        check_written(name, values, param.dtype)
+    return out
+
+
+def _fold(p: _Plan) -> None:
+    """Fold one plan in place (after checking every new tensor)."""
+    for param, _, values in _fold_values(p):
+        param.copy_(values.to(param.device, param.dtype))
+
+
+def fold_record(steerings: Sequence[Steering], strength: float, inverse: bool) -> dict:
+    """What a fold records (JSON: it goes into config.json)."""
+    return {
+        "steerings": [str(st.metadata.get("name", "")) for st in steerings],
+        "strength": float(strength),
+        "inverse": bool(inverse),
+        "modules": sorted({n for st in steerings for n in st.modules}),
+        "version": __version__,
+    }
 
 
 def _ensure_reader_biases(target: Target, plans: list[_Plan]) -> None:
