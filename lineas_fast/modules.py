@@ -8,6 +8,8 @@ import re
 import torch
 from torch import nn
 
+from lineas_fast.checks import ArgumentError
+
 
 def match_modules(model: nn.Module, pattern: str, what: str = "modules") -> list[str]:
     """Names of ``model.named_modules()`` that ``re.fullmatch`` ``pattern``, in model order.
@@ -15,13 +17,14 @@ def match_modules(model: nn.Module, pattern: str, what: str = "modules") -> list
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"{what} pattern {pattern!r} is not a valid regex: {e}") from None
+        raise ArgumentError(f"{what} pattern {pattern!r} is not a valid regex: {e}", what) from None
     names = [n for n, _ in model.named_modules() if n]
     hits = [n for n in names if rx.fullmatch(n)]
     if not hits:
-        raise ValueError(
+        raise ArgumentError(
             f"{what} pattern {pattern!r} matches no module of "
-            f"{type(model).__name__}; nearby names: {nearby_names(names, pattern)}"
+            f"{type(model).__name__}; nearby names: {nearby_names(names, pattern)}",
+            what,
         )
     return hits
 

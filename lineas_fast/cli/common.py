@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
-import importlib
 import json
 import math
 import os
 import re
-import sys
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lineas_fast.atomic import file_kind
+from lineas_fast.quiet import interactive, quiet_loading
+from lineas_fast.steering import Steering
+from lineas_fast.training.checkpoints import CHECKPOINT_FORMAT
+
+__all__ = ["interactive", "quiet_loading"]  # re-exported: the subcommands' loading helpers
 
 
 class CLIError(Exception):
@@ -360,8 +366,6 @@ def model_or_pipeline(args) -> str:
 def model_positions(path: str, flag: str = "--model") -> int | None:
     """The model's max_position_embeddings from its config (no weights read), None if unset."""
     try:
-        from transformers import AutoConfig
-
         with quiet_loading():
             cfg = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 -- a broken config.json is the user's file
@@ -382,46 +386,8 @@ def scheduler_timesteps(path: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def interactive() -> bool:
-    """Progress bars only on a terminal (logs and pipes keep stderr for the error line)."""
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """While a folder is read or written: transformers' and diffusers' log warnings (e.g. an
-    optional backend not installed) and Python warnings silenced, and their progress bars off
-    unless stderr is a terminal, so a failing command's stderr is its one error line."""
-    import warnings
-
-    undo = []
-    for name in ("transformers", "diffusers"):
-        try:
-            logging = importlib.import_module(f"{name}.utils.logging")
-        except ImportError:
-            continue
-        level = logging.get_verbosity()
-        logging.set_verbosity_error()
-        undo.append(lambda logging=logging, level=level: logging.set_verbosity(level))
-        if logging.is_progress_bar_enabled() and not interactive():
-            logging.disable_progress_bar()
-            undo.append(logging.enable_progress_bar)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for restore in reversed(undo):
-            restore()
-
-
 def load_tokenizer(path: str, flag: str = "--model"):
     try:
-        from transformers import AutoTokenizer
-
         with quiet_loading():
             return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
@@ -432,13 +398,9 @@ def load_tokenizer(path: str, flag: str = "--model"):
 
 def load_model(path: str, dtype: str = "float32", tokenizer=None):
     """(model, tokenizer) from a local transformers causal LM folder."""
-    import torch
-
     check_model_dir(path)
     tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     try:
-        from transformers import AutoModelForCausalLM
-
         with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
@@ -452,7 +414,7 @@ def load_model(path: str, dtype: str = "float32", tokenizer=None):
 def load_pipeline(path: str):
     check_pipeline_dir(path)
     try:
-        from diffusers import DiffusionPipeline
+        from diffusers import DiffusionPipeline  # optional and heavy
     except ImportError:
         raise CLIError("diffusers is not installed: pip install -e '.[diffusers]'") from None
     try:
@@ -482,15 +444,9 @@ def load_model_or_pipeline(args):
 def load_steering(path: str, flag: str = "--steering"):
     """A steering file (read before any model, so a bad one fails fast). Any failure to parse
     the file, or metadata of the wrong shape, is the file's problem: a CLIError naming it."""
-    import lineas_fast as lf
-
     check_input_file(path, flag)
     try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover
-        SafetensorError = ValueError
-    try:
-        steering = lf.Steering.load(path)
+        steering = Steering.load(path)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError, SafetensorError) as e:
         msg = one_line(e)
         if path in msg:
@@ -522,25 +478,24 @@ def check_checkpoint(path: str, flag: str = "--resume", config: dict | None = No
     ``config`` is given, written with the same settings); the library checks the rest (model,
     data) before training."""
     check_input_file(path, flag)
-    import torch
-
     expected = "expected the file written by `lineas-fast train --checkpoint`"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    from lineas_fast.training.checkpoints import CheckpointError, read_checkpoint
+
+    try:  # bounded read, kept for the library's own check: the file is loaded once
+        state = read_checkpoint(path, keep=True)
+    except CheckpointError as e:
+        msg = one_line(e).replace("lineas_fast training checkpoint", "lineas-fast training checkpoint")
+        raise CLIError(f"{flag}: {msg}; {expected}") from None
     except Exception as e:  # noqa: BLE001 -- any unreadable file is the user's input
         raise CLIError(
             f"{flag} {path!r} is not a lineas-fast training checkpoint "
             f"({_looks_like(path)}torch.load failed: {type(e).__name__}; "
             f"{expected})"
         ) from None
-    try:
-        from lineas_fast.training.trainer import CHECKPOINT_FORMAT
-    except ImportError:
-        CHECKPOINT_FORMAT = None
     if (
         not isinstance(state, dict)
         or any(k not in state for k in CHECKPOINT_KEYS)
-        or (CHECKPOINT_FORMAT and state.get("format") != CHECKPOINT_FORMAT)
+        or state.get("format") != CHECKPOINT_FORMAT
     ):
         raise CLIError(
             f"{flag} {path!r} is not a lineas-fast training checkpoint ({_looks_like(path)}{expected})"
@@ -557,27 +512,27 @@ def check_checkpoint(path: str, flag: str = "--resume", config: dict | None = No
             )
 
 
-def name_flags(message: str, flags: dict) -> str:
-    """Prefix a library message with the command-line flag of the first library argument it
-    names (``loss_modules`` -> ``--loss-modules: loss_modules ...``)."""
-    message = one_line(message).replace("strict=False", "--no-strict")
-    hits = []
-    for name, flag in flags.items():
-        m = re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", message)
-        if m:
-            hits.append((m.start(), flag))
-    if not hits:
+def flag_message(error: Exception, flags: dict) -> str:
+    """A library error's message on one line, prefixed with the command-line flag that sets the
+    library argument it is about (``error.argument``, set by ``lineas_fast.checks.ArgumentError``
+    and ``ArgumentTypeError``; ``flags``: {library argument: flag}); unchanged when the error
+    names no argument or one the command has no flag for."""
+    message = one_line(error)
+    flag = flags.get(getattr(error, "argument", None))
+    if flag is None or message.startswith(flag):
         return message
-    flag = min(hits)[1]
-    return message if message.startswith(flag) else f"{flag}: {message}"
+    return f"{flag}: {message}"
 
 
 def fits(steering, model, args, flag: str = "--model") -> None:
-    """The steering file's maps fit the loaded model (a CLIError names both)."""
+    """The steering file's maps fit the loaded model (a CLIError names both; a fingerprint
+    mismatch says which flag skips that check)."""
     try:
         steering.validate(model, strict=not getattr(args, "no_strict", False))
     except (ValueError, TypeError) as e:
+        fingerprint = getattr(e, "argument", None) == "strict"
+        hint = " (give --no-strict to skip the fingerprint check)" if fingerprint else ""
         raise CLIError(
             f"--steering {args.steering!r} does not fit {flag} "
-            f"{getattr(args, flag[2:])!r}: {name_flags(e, {})}"
+            f"{getattr(args, flag[2:])!r}: {one_line(e)}{hint}"
         ) from None

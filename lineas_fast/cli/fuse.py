@@ -1,38 +1,56 @@
-"""``lineas-fast fuse``: write a steered checkpoint that plain transformers loads."""
+"""``lineas-fast fuse``: write a steered checkpoint that plain transformers (or diffusers) loads;
+with ``--gguf IN.gguf``, a steered GGUF file instead (``lineas_fast.cli.gguf``)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from lineas_fast.atomic import atomic_dir
+from lineas_fast._version import __version__
+from lineas_fast.atomic import atomic_dir, recover
+from lineas_fast.cli import gguf
+from lineas_fast.cli.common import (
+    CLIError,
+    check_output_dir,
+    fits,
+    load_model_or_pipeline,
+    load_steering,
+    model_or_pipeline,
+    one_line,
+    quiet_loading,
+    real,
+)
+from lineas_fast.fold.fusion import fuse
+
+NAME = "fuse"
+HELP = "fold a steering into the weights and save a plain checkpoint"
+DESCRIPTION = (
+    "Fold the steering maps into the model's norms (and the biases of the linear layers reading "
+    "them) and save a checkpoint that AutoModelForCausalLM.from_pretrained loads without lineas_fast."
+)
 
 
-def add_fuse_parser(sub) -> None:
-    from lineas_fast.cli.common import real
-
-    f = sub.add_parser(
-        "fuse",
-        help="fold a steering into the weights and save a plain checkpoint",
-        description="Fold the steering maps into the model's norms (and the biases "
-        "of the linear layers reading them) and save a checkpoint that "
-        "AutoModelForCausalLM.from_pretrained loads without lineas_fast.",
-    )
+def add_arguments(f) -> None:
     f.add_argument("--model", help="local transformers model folder")
     f.add_argument("--pipeline", help="local diffusers pipeline folder (instead of --model)")
+    f.add_argument(
+        "--gguf",
+        default=None,
+        metavar="IN.gguf",
+        help="a GGUF model file (llama.cpp) instead of --model: writes a "
+        "steered GGUF file to --out, quantized tensors untouched",
+    )
     f.add_argument("--steering", required=True, help="steering file (.safetensors)")
     f.add_argument("--strength", type=real(), default=1.0, help="negative: fold the inverse map")
-    f.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    f.add_argument(
+        "--out", required=True, help="output folder (must be empty or absent); a .gguf file with --gguf"
+    )
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     f.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
-    f.set_defaults(func=cmd_fuse)
 
 
-def check_fuse_args(args) -> None:
-    """Every check of ``fuse`` that needs no model (a CLIError names the argument)."""
-    from lineas_fast.atomic import recover
-    from lineas_fast.cli.common import check_output_dir, model_or_pipeline
-
+def check_args(args) -> None:
+    """Every check of ``fuse`` (folder form) that needs no model (a CLIError names the argument)."""
     kind = model_or_pipeline(args)
     if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         recover(args.out)  # a swap killed between its renames gets its old folder back
@@ -44,24 +62,16 @@ def check_fuse_args(args) -> None:
     )
 
 
-def cmd_fuse(args) -> int:
-    import lineas_fast as lf
-    from lineas_fast.cli.common import (
-        CLIError,
-        fits,
-        load_model_or_pipeline,
-        load_steering,
-        one_line,
-        quiet_loading,
-    )
-
-    check_fuse_args(args)
+def run(args) -> int:
+    if args.gguf is not None:
+        return gguf.run(args)
+    check_args(args)
     steering = load_steering(args.steering)
     model, tok = load_model_or_pipeline(args)
     flag = "--model" if args.model else "--pipeline"
     fits(steering, model, args, flag)
     try:
-        model = lf.fuse(model, steering, strength=args.strength)
+        model = fuse(model, steering, strength=args.strength, strict=not args.no_strict)
     except (ValueError, TypeError) as e:  # FusionError is a ValueError
         raise CLIError(
             f"--steering {args.steering!r} cannot be folded into {flag} "
@@ -75,9 +85,9 @@ def cmd_fuse(args) -> int:
 
 def write_checkpoint(model, tokenizer, out: str, steering, strength: float, source: str) -> None:
     """save_pretrained (a model or a diffusers pipeline), the tokenizer and the model card into a
-    temporary sibling folder, then swap it in for ``out`` (``io.atomic_dir``): ``out`` is at every
-    moment the old complete folder or the new one; a failed, interrupted (Ctrl-C, SIGTERM) or
-    killed write leaves the old folder and no temporary behind (a SIGKILLed one's temporary is
+    temporary sibling folder, then swap it in for ``out`` (``atomic.atomic_dir``): ``out`` is at
+    every moment the old complete folder or the new one; a failed, interrupted (Ctrl-C, SIGTERM)
+    or killed write leaves the old folder and no temporary behind (a SIGKILLed one's temporary is
     removed by the next write)."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -88,8 +98,6 @@ def write_checkpoint(model, tokenizer, out: str, steering, strength: float, sour
 
 
 def model_card(model, steering, strength: float, source: str) -> str:
-    from lineas_fast._version import __version__
-
     kind = "inverse map (induces the concept)" if strength < 0 else "map (removes the concept)"
     mods = "\n".join(f"- `{m}`" for m in steering.modules)
     shown_metadata = {k: v for k, v in steering.metadata.items() if k != "history"}

@@ -1,32 +1,18 @@
-"""``lineas-fast fuse --gguf IN.gguf --steering S --strength λ --out OUT.gguf``: a steered GGUF
-file for llama.cpp / Ollama, quantized weights copied byte for byte (``gguf_fold.fuse_gguf``)."""
+"""The ``--gguf`` form of ``lineas-fast fuse`` (``fuse --gguf IN.gguf --steering S --strength λ
+--out OUT.gguf``): a steered GGUF file for llama.cpp / Ollama, quantized weights copied byte for
+byte (``lineas_fast.fold.gguf.fuse_gguf``). A helper of ``cli.fuse``, not a subcommand."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
-
-def add_gguf_to_fuse(fuse_parser) -> None:
-    """Give the ``fuse`` subcommand its ``--gguf`` form (dispatching to ``cmd_fuse_gguf``)."""
-    fuse_parser.add_argument(
-        "--gguf",
-        default=None,
-        metavar="IN.gguf",
-        help="a GGUF model file (llama.cpp) instead of --model: writes a "
-        "steered GGUF file to --out, quantized tensors untouched",
-    )
-    folder_cmd = fuse_parser.get_default("func")
-
-    def dispatch(args) -> int:
-        return cmd_fuse_gguf(args) if args.gguf is not None else folder_cmd(args)
-
-    fuse_parser.set_defaults(func=dispatch)
+from lineas_fast.cli.common import CLIError, check_input_file, check_output_file, load_steering, one_line
+from lineas_fast.fold.gguf import fuse_gguf
 
 
-def check_fuse_gguf_args(args) -> None:
-    """Every check of ``fuse --gguf`` that needs no model file read (CLIError names the flag)."""
-    from lineas_fast.cli.common import CLIError, check_input_file, check_output_file
-
+def check_args(args) -> None:
+    """Every check of ``fuse --gguf`` that needs no model file read (a CLIError names the flag)."""
     given = [f for f in ("model", "pipeline") if getattr(args, f, None) is not None]
     if given:
         raise CLIError(
@@ -44,17 +30,11 @@ def check_fuse_gguf_args(args) -> None:
         raise CLIError(f"--gguf {args.gguf!r} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
 
 
-def cmd_fuse_gguf(args) -> int:
-    from lineas_fast.cli.common import CLIError, load_steering, one_line
-
-    check_fuse_gguf_args(args)
+def run(args) -> int:
+    check_args(args)
     steering = load_steering(args.steering)
-    try:
-        import gguf  # noqa: F401 -- the reader and writer
-
-        from lineas_fast.fold.gguf import fuse_gguf
-    except ImportError:
-        raise CLIError("--gguf needs the `gguf` package: pip install gguf") from None
+    if importlib.util.find_spec("gguf") is None:  # the optional reader and writer
+        raise CLIError("--gguf needs the `gguf` package: pip install gguf")
     try:
         report = fuse_gguf(args.gguf, steering, args.strength, args.out, strict=not args.no_strict)
     except (ValueError, TypeError) as e:  # FusionError is a ValueError

@@ -12,10 +12,20 @@ list of recipe objects (fields of ``lineas_fast.apps.sweep.Recipe``). Writes ``s
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 
-from lineas_fast.apps.sweep import GATE_LEVELS, METHODS, Recipe
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lineas_fast.apps import assets
+from lineas_fast.apps.sweep import GATE_LEVELS, METHODS, Recipe, format_table, load_sweep_data, run_sweep
+from lineas_fast.cli.common import SEED, CLIError, check_model_dir, check_output_dir, integer, real, regex
+
+NAME = "sweep"
+HELP = "toxicity-vs-perplexity Pareto front over recipes and strengths"
+DESCRIPTION = __doc__.split("\n\n")[0]
 
 # the model shortcuts and, per family, the default steered modules: those whose maps fold into
 # an ordinary checkpoint (Llama's post-attention norm feeds the MLP, whose biases take the
@@ -26,10 +36,48 @@ POOL = 384  # training pools drawn once, the same for every run (a recipe takes 
 DEFAULT_MODULES = {"llama": r".*post_attention_layernorm", "gemma3_text": r".*input_layernorm"}
 
 
+def add_arguments(d) -> None:
+    d.add_argument(
+        "--model", default="smollm2", help="smollm2, gemma3 or a transformers folder (default: %(default)s)"
+    )
+    d.add_argument("--out", default="lineas_sweep", help="output folder (default: %(default)s)")
+    d.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    d.add_argument(
+        "--modules",
+        type=regex,
+        nargs="+",
+        default=None,
+        help="steered modules (default: the family's foldable norms)",
+    )
+    d.add_argument(
+        "--loss-modules",
+        nargs="+",
+        default=["same"],
+        help="where the loss is measured ('same': the steered modules)",
+    )
+    d.add_argument("--sparsity", type=real(0), nargs="+", default=[0.0])
+    d.add_argument("--n-train", type=integer(2), nargs="+", default=[32])
+    d.add_argument("--steps", type=integer(1), nargs="+", default=[100])
+    d.add_argument("--optimizer", choices=["sgd", "adam"], nargs="+", default=["adam"])
+    d.add_argument("--lr", type=real(0, low_open=True), nargs="+", default=None)
+    d.add_argument("--gates", choices=[g or "none" for g in GATE_LEVELS], nargs="+", default=["none"])
+    d.add_argument(
+        "--control-opening",
+        type=real(0, 1, low_open=True),
+        default=None,
+        help="gated recipes: lower each gate's bias until its mean opening on the "
+        "control sentences is at most this",
+    )
+    d.add_argument("--strengths", type=real(0, low_open=True), nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    d.add_argument("--recipes", help="a JSON list of recipe objects instead of the axes")
+    d.add_argument("--prompts", type=integer(1), default=200, help="held-out prompts")
+    d.add_argument("--wiki", type=integer(1), default=100, help="Wikipedia extracts for perplexity")
+    d.add_argument("--max-new-tokens", type=integer(1), default=20)
+    d.add_argument("--seed", type=SEED, default=0)
+
+
 def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
     """The recipes the axes (or ``--recipes``) describe."""
-    from lineas_fast.cli.common import CLIError
-
     if args.recipes:
         try:
             with open(args.recipes) as f:
@@ -73,24 +121,13 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
 
 
 def _regex(value: str, flag: str) -> str:
-    import argparse
-
-    from lineas_fast.cli.common import CLIError, regex
-
     try:
         return regex(value)
     except argparse.ArgumentTypeError as e:
         raise CLIError(f"{flag} {value!r}: {e}") from None
 
 
-def cmd_sweep(args) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lineas_fast.apps import assets
-    from lineas_fast.apps.sweep import format_table, load_sweep_data, run_sweep
-    from lineas_fast.cli.common import CLIError, check_model_dir, check_output_dir
-
+def run(args) -> int:
     check_output_dir(args.out, "--out", inside=True)
     recipes = recipes_from_args(args)  # checks the file and the values early
     n_max = max(r.n_train for r in recipes)
@@ -137,51 +174,3 @@ def cmd_sweep(args) -> int:
     )
     print(f"wrote {args.out}/sweep.json, pareto.png, steerings/")
     return 0
-
-
-def add_sweep_parser(sub) -> None:
-    from lineas_fast.cli.common import SEED, integer, real, regex
-
-    d = sub.add_parser(
-        "sweep",
-        help="toxicity-vs-perplexity Pareto front over recipes and strengths",
-        description=__doc__.split("\n\n")[0],
-    )
-    d.add_argument(
-        "--model", default="smollm2", help="smollm2, gemma3 or a transformers folder (default: %(default)s)"
-    )
-    d.add_argument("--out", default="lineas_sweep", help="output folder (default: %(default)s)")
-    d.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    d.add_argument(
-        "--modules",
-        type=regex,
-        nargs="+",
-        default=None,
-        help="steered modules (default: the family's foldable norms)",
-    )
-    d.add_argument(
-        "--loss-modules",
-        nargs="+",
-        default=["same"],
-        help="where the loss is measured ('same': the steered modules)",
-    )
-    d.add_argument("--sparsity", type=real(0), nargs="+", default=[0.0])
-    d.add_argument("--n-train", type=integer(2), nargs="+", default=[32])
-    d.add_argument("--steps", type=integer(1), nargs="+", default=[100])
-    d.add_argument("--optimizer", choices=["sgd", "adam"], nargs="+", default=["adam"])
-    d.add_argument("--lr", type=real(0, low_open=True), nargs="+", default=None)
-    d.add_argument("--gates", choices=[g or "none" for g in GATE_LEVELS], nargs="+", default=["none"])
-    d.add_argument(
-        "--control-opening",
-        type=real(0, 1, low_open=True),
-        default=None,
-        help="gated recipes: lower each gate's bias until its mean opening on the "
-        "control sentences is at most this",
-    )
-    d.add_argument("--strengths", type=real(0, low_open=True), nargs="+", default=[0.25, 0.5, 0.75, 1.0])
-    d.add_argument("--recipes", help="a JSON list of recipe objects instead of the axes")
-    d.add_argument("--prompts", type=integer(1), default=200, help="held-out prompts")
-    d.add_argument("--wiki", type=integer(1), default=100, help="Wikipedia extracts for perplexity")
-    d.add_argument("--max-new-tokens", type=integer(1), default=20)
-    d.add_argument("--seed", type=SEED, default=0)
-    d.set_defaults(func=cmd_sweep)

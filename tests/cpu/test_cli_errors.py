@@ -18,6 +18,7 @@ from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 import lineas_fast as lf
 from lineas_fast.cli import common as cli_io
 from lineas_fast.cli import main
+from lineas_fast.cli import train as cli_train
 
 NORM = "model.layers.{}.post_attention_layernorm"
 MODULES = r"model\.layers\.\d+\.post_attention_layernorm"
@@ -527,18 +528,18 @@ def spies(monkeypatch):
         monkeypatch.setattr(DiffusionPipeline, "from_pretrained", spy_pipe)
     except ImportError:
         pass
-    train = lf.train
+    train = cli_train.train
 
     def spy_train(*a, **k):
         calls["train"] += 1
         return train(*a, **k)
 
-    monkeypatch.setattr(lf, "train", spy_train)
+    monkeypatch.setattr(cli_train, "train", spy_train)
 
     def no_download():
         raise AssertionError("demo reached its downloads")
 
-    monkeypatch.setattr("lineas_fast.apps.assets.toxicity_judge", no_download, raising=False)
+    monkeypatch.setattr("lineas_fast.apps.assets.toxicity_judge", no_download)
     return calls
 
 
@@ -603,7 +604,7 @@ def test_a_bug_exits_1_without_traceback(shared, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(lf, "train", boom)
+    monkeypatch.setattr(cli_train, "train", boom)
     rc, _, err = run(
         [
             "train",
@@ -653,3 +654,61 @@ def test_errors_for_json_that_is_not_sentences(tmp_path):
         with pytest.raises(cli_io.CLIError, match=where.replace(".", r"\.")):
             cli_io.read_sentences(str(tmp_path / name), "--source")
     assert os.path.exists(tmp_path / "a.jsonl")
+
+
+# --- library errors carry their argument; the CLI names its flag for it ---------------------------
+def test_a_library_errors_argument_becomes_the_commands_flag():
+    from lineas_fast.checks import ArgumentError, ArgumentTypeError, integer, number
+    from lineas_fast.cli.train import TRAIN_FLAGS
+
+    with pytest.raises(ArgumentError) as e:
+        number(float("nan"), "lr")
+    assert e.value.argument == "lr" and isinstance(e.value, ValueError)
+    assert cli_io.flag_message(e.value, TRAIN_FLAGS) == "--lr: lr must be finite, got nan"
+    with pytest.raises(ArgumentTypeError) as e:
+        integer(2.5, "batch_size")
+    assert e.value.argument == "batch_size" and isinstance(e.value, TypeError)
+    assert cli_io.flag_message(e.value, TRAIN_FLAGS).startswith("--batch-size: batch_size must be an integer")
+    # the flag comes from the attribute, not from words in the message
+    assert cli_io.flag_message(ArgumentError("modules and steps disagree", "steps"), TRAIN_FLAGS).startswith(
+        "--steps: "
+    )
+    assert cli_io.flag_message(ValueError("steps went wrong"), TRAIN_FLAGS) == "steps went wrong"
+    assert cli_io.flag_message(ArgumentError("x", "no_such_argument"), TRAIN_FLAGS) == "x"
+
+
+def test_train_names_the_flag_of_the_library_argument(shared, tmp_path, capsys):
+    """``--loss-modules`` matching nothing: the library's ArgumentError(argument="loss_modules")
+    is reported under --loss-modules (its message also names "modules", which a text search
+    could have taken for --modules)."""
+    rc, _, err = run(
+        [
+            "train",
+            "--model",
+            shared["model"],
+            "--source",
+            shared["src"],
+            "--target",
+            shared["tgt"],
+            "--modules",
+            MODULES,
+            "--loss-modules",
+            r"nothing\.here",
+            "--out",
+            str(tmp_path / "o.st"),
+        ],
+        capsys,
+    )
+    assert rc == 2 and "lineas-fast train: error: --loss-modules: loss_modules pattern" in err, err
+    assert not (tmp_path / "o.st").exists()
+
+
+def test_a_fingerprint_mismatch_names_no_strict(shared, tmp_path, capsys):
+    st = lf.Steering.load(shared["steer"])
+    st.metadata["model"] = {**st.metadata["model"], "shapes_sha256": "0" * 64}
+    st.save(str(tmp_path / "fp.safetensors"))
+    argv = ["fuse", "--model", shared["model"], "--steering", str(tmp_path / "fp.safetensors")]
+    rc, _, err = run(argv + ["--out", str(tmp_path / "f")], capsys)
+    assert rc == 2 and "--no-strict" in err and not (tmp_path / "f").exists(), err
+    rc, _, err = run(argv + ["--out", str(tmp_path / "f"), "--no-strict"], capsys)  # reaches lf.fuse
+    assert rc == 0 and os.path.isfile(tmp_path / "f" / "config.json"), err
