@@ -14,6 +14,12 @@ from dataclasses import asdict
 import torch
 
 from lineas_fast.atomic import atomic_path, file_kind
+from lineas_fast.training.checkpoint_checks import (
+    CheckpointError,
+    check_against_run,
+    check_archive,
+    check_state,
+)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -185,10 +191,21 @@ def _differences(state: dict, cfg, identity: dict, names: list[str]) -> list[str
     return diffs
 
 
-def load_checkpoint(path, cfg, identity: dict, names: list[str]) -> dict:
-    """Read and check a checkpoint before any training work: a missing file, a file that is
-    not a lineas_fast checkpoint, or one written for another model, other data or other
-    settings is refused with every difference listed."""
+_handed_over: dict = {}  # {file identity: state} read by read_checkpoint(keep=True), taken once
+
+
+def _identity(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_checkpoint(path, keep: bool = False) -> dict:
+    """A checkpoint file's contents, read once and bounded: the zip archive's directory is
+    checked first (``check_archive``: no compressed entry, sizes within the file), then
+    ``torch.load(weights_only=True)``, then the format marker and the required fields. With
+    ``keep=True`` (the CLI's early check) the state is kept for the next ``read_checkpoint`` of
+    the same unchanged file (same inode, size and mtime), which takes it instead of loading the
+    file a second time. CheckpointError (a ValueError) naming the file otherwise."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} (resume_from) does not exist")
@@ -196,26 +213,40 @@ def load_checkpoint(path, cfg, identity: dict, names: list[str]) -> dict:
         raise IsADirectoryError(
             f"resume_from {path!r} is a folder; give the checkpoint file written to checkpoint_path"
         )
+    key = _identity(path)
+    if key in _handed_over:
+        state = _handed_over.pop(key)
+    else:
+        _handed_over.clear()
+        state = _load(path)
+    if keep:
+        _handed_over[key] = state
+    return state
+
+
+def _load(path: str) -> dict:
+    hint = _what_it_is(path)
+    if hint:
+        raise CheckpointError(f"{path!r} is not a lineas_fast training checkpoint ({hint})")
+    check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (any unreadable file)
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        hint = _what_it_is(path)
-        raise ValueError(
+        raise CheckpointError(
             f"{path!r} is not a lineas_fast training checkpoint "
-            f"({hint + '; ' if hint else ''}torch.load failed: "
-            f"{type(e).__name__}: {first})"
+            f"(torch.load failed: {type(e).__name__}: {first})"
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        hint = _what_it_is(path) or (
-            f"no {CHECKPOINT_FORMAT!r} marker: another kind of file, "
-            f"or a checkpoint from an older lineas_fast"
+        raise CheckpointError(
+            f"{path!r} is not a lineas_fast training checkpoint (no {CHECKPOINT_FORMAT!r} marker: "
+            f"another kind of file, or a checkpoint from an older lineas_fast)"
         )
-        raise ValueError(f"{path!r} is not a lineas_fast training checkpoint ({hint})")
-    if state.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(
+    version = state.get("format_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_VERSION:
+        raise CheckpointError(
             f"checkpoint {path!r} was written by a newer lineas_fast "
-            f"({state.get('library_version')}); upgrade to resume it"
+            f"({str(state.get('library_version'))[:40]}); upgrade to resume it"
         )
     missing = [
         k
@@ -223,17 +254,47 @@ def load_checkpoint(path, cfg, identity: dict, names: list[str]) -> dict:
         if k not in state
     ]
     if missing:
-        raise ValueError(f"checkpoint {path!r} is damaged: {missing} missing")
-    diffs = _differences(state, cfg, identity, names)
-    if diffs:
-        raise ValueError(
-            f"cannot resume from {path!r}: it was written with other settings, "
-            f"model or data ({len(diffs)} difference(s)):\n  - " + "\n  - ".join(diffs)
-        )
+        raise CheckpointError(f"checkpoint {path!r} is damaged: {missing} missing")
+    for key in ("config", "model", "data", "reading"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise CheckpointError(
+                f"checkpoint {path!r} is damaged: {key}: expected an object (dict), got "
+                f"{type(state[key]).__name__} {str(state[key])[:60]!r}"
+            )
     return state
 
 
-def restore_checkpoint(state, maps, gates, opt, sched, gen):
+def load_checkpoint(path, cfg, identity: dict, names: list[str], dims=None, n_loss=None) -> dict:
+    """Read and check a checkpoint before any training work: a missing file, a file that is
+    not a lineas_fast checkpoint, or one written for another model, other data or other
+    settings is refused with every difference listed; then every field is checked as untrusted
+    input (``check_state``: the step within ``cfg.steps``, the maps' shapes against ``dims``
+    {module: coordinates or None}, optimizer, scheduler and RNG state, history with ``n_loss``
+    per-layer losses). CheckpointError (a ValueError) naming the file and the field."""
+    path = os.fspath(path)
+    state = read_checkpoint(path)
+    diffs = _differences(state, cfg, identity, names)
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume from {path!r}: it was written with other settings, "
+            f"model or data ({len(diffs)} difference(s)):\n  - " + "\n  - ".join(diffs)
+        )
+    check_state(
+        state,
+        path,
+        cfg.steps,
+        names,
+        dict(dims or {}),
+        bool(cfg.gate),
+        n_loss,
+    )
+    return state
+
+
+def restore_checkpoint(state, maps, gates, opt, sched, gen, path="checkpoint"):
+    """Copy a checked checkpoint into the run's maps, gates, optimizer, scheduler and generator,
+    after checking it fits them (``check_against_run``); returns (step, history records)."""
+    check_against_run(state, os.fspath(path), maps, gates, opt, sched)
     with torch.no_grad():
         for m, (om, b) in maps.items():
             om.copy_(state["maps"][m][0])

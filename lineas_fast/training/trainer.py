@@ -275,7 +275,19 @@ class Trainer:
             if checkpoint_path or resume_from
             else None
         )
-        self.resumed = load_checkpoint(resume_from, cfg, self.identity, names) if resume_from else None
+        self.resume_from = resume_from
+        self.resumed = (
+            load_checkpoint(
+                resume_from,
+                cfg,
+                self.identity,
+                names,
+                dims={m: coordinate_dim(steered.named[m]) for m in names},
+                n_loss=len(loss_names),
+            )
+            if resume_from
+            else None
+        )
         self.cfg, self.target, self.names, self.loss_names = cfg, steered, names, loss_names
         self.texts = (source, target)
         self.init, self.backend, self.callback = init, backend, callback
@@ -338,7 +350,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         if self.resumed is not None:
             self.done, history = restore_checkpoint(
-                self.resumed, self.maps, self.gates, self.opt, self.sched, self.gen
+                self.resumed, self.maps, self.gates, self.opt, self.sched, self.gen, self.resume_from
             )
             self.history = [StepRecord(**r) for r in history]
         self.steering = Steering(self.maps, gates=self.gates)

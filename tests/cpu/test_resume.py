@@ -237,7 +237,7 @@ def test_resume_refuses_what_is_not_a_checkpoint(tmp_path, checkpoint):
     junk.write_bytes(os.urandom(300))
     torch.save({"step": 3, "maps": {}}, other)
     empty.write_bytes(b"")
-    hints = {steering: "safetensors", junk: "torch.load failed", other: "marker", empty: "empty"}
+    hints = {steering: "safetensors", junk: "not the zip archive", other: "marker", empty: "empty"}
     for path, hint in hints.items():
         with pytest.raises(ValueError, match="not a lineas_fast training checkpoint") as err:
             refusal_free(str(path))
