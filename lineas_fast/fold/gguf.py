@@ -26,6 +26,7 @@ loaded with ``from_pretrained(dir, gguf_file=...)``): ``model.layers.3.post_atte
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -130,7 +131,38 @@ def _reader(path: str):
         ) from None
     if reader.endianess != gguf.GGUFEndian.LITTLE or sys.byteorder != "little":
         raise ValueError(f"{path!r}: only little-endian GGUF files on a little-endian machine are supported")
+    check_tensor_layout(reader, path)
     return reader
+
+
+def check_tensor_layout(reader, path: str) -> None:
+    """Every tensor's declared data, checked before anything is folded or copied: its offset a
+    multiple of the file's alignment, its element count the product of its dimensions (no
+    wrap-around), its bytes inside the file, and no two tensors' bytes overlapping (a corrupt
+    offset pointing into another tensor would be read as that tensor's bytes). ValueError
+    naming the file and the tensor."""
+    size = os.path.getsize(path)
+    align = int(reader.alignment)
+    spans = []
+    for t in reader.tensors:
+        dims = [int(d) for d in t.field.parts[3]]
+        rel = int(t.field.parts[-1][0])
+        where = f"GGUF file {path!r}: tensor {t.name!r}"
+        if any(d < 1 for d in dims) or math.prod(dims) != int(t.n_elements):
+            raise ValueError(f"{where} declares dimensions {dims} (element count overflows or is zero)")
+        if rel % align:
+            raise ValueError(f"{where} starts at data offset {rel}, not a multiple of the alignment {align}")
+        start, n = int(t.data_offset), int(t.n_bytes)
+        if start + n > size or int(t.data.nbytes) != n:
+            raise ValueError(f"{where} declares bytes [{start}, {start + n}) but the file holds {size} bytes")
+        spans.append((start, start + n, t.name))
+    spans.sort()
+    for (_, end0, a), (start1, _, b) in zip(spans, spans[1:]):
+        if start1 < end0:
+            raise ValueError(
+                f"GGUF file {path!r}: tensors {a!r} and {b!r} overlap (a corrupt offset: "
+                f"{b!r} starts at byte {start1}, inside {a!r} which ends at {end0})"
+            )
 
 
 def _arch(reader, path: str) -> str:
