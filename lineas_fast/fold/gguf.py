@@ -26,6 +26,7 @@ loaded with ``from_pretrained(dir, gguf_file=...)``): ``model.layers.3.post_atte
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -34,10 +35,13 @@ from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import numpy as np
+import torch
 
 from lineas_fast.atomic import atomic_path
 from lineas_fast.checks import ArgumentError, number
 from lineas_fast.fold.fusion import FusionError, effective_map, refuse_gates
+from lineas_fast.numerics import check_effective, check_written
+from lineas_fast.records import AlreadySteeredError
 from lineas_fast.steering import Steering
 
 _QKV = ("attn_q", "attn_k", "attn_v")
@@ -279,6 +283,19 @@ def _dequantized(tensor) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def _fold_history(reader) -> list[str]:
+    """The fold records a GGUF file carries (JSON strings, oldest first): its
+    ``lineas_fast.history``, or one record rebuilt from the ``lineas_fast.*`` keys of a file
+    written before the history existed; [] for an unsteered file."""
+    fields = reader.fields
+    if "lineas_fast.history" in fields:
+        return [str(x) for x in fields["lineas_fast.history"].contents()]
+    if any(name.startswith("lineas_fast.") for name in fields):
+        old = {k[len("lineas_fast.") :]: fields[k].contents() for k in fields if k.startswith("lineas_fast.")}
+        return [json.dumps(old, default=str)]
+    return []
+
+
 def _new_tensors(reader, edits: list[_Edit]) -> dict[str, np.ndarray]:
     """{GGUF tensor name: new f32 values} for every norm weight and reader bias that changes."""
     tensors = {t.name: t for t in reader.tensors}
@@ -308,6 +325,7 @@ def fuse_gguf(
     out_gguf: str | None = None,
     inverse: bool = False,
     strict: bool = True,
+    compose: bool = False,
 ) -> dict:
     """Fold ``steering`` at ``strength`` into the GGUF model ``in_gguf`` and write ``out_gguf``
     (atomically: a temporary beside it, renamed in one step).
@@ -318,7 +336,11 @@ def fuse_gguf(
     metadata key is kept (``lineas_fast.*`` keys record the fold). A list of steerings is
     composed (first applied first) and folded once; a negative strength (or ``inverse``) folds
     the inverse map. ``strict`` checks the steering's recorded model type against the file's
-    architecture.
+    architecture. A file that already records a fold (``lineas_fast.*`` keys) is refused
+    (``AlreadySteeredError``) unless ``compose=True``; then the new fold acts on top and
+    ``lineas_fast.history`` keeps every fold's record (JSON strings, oldest first). The
+    effective coefficients and every new tensor are range-checked (finite, within float32)
+    before anything is written (``lineas_fast.numerics``).
 
     Raises FusionError (a ValueError) naming every module llama.cpp cannot express, before
     anything is written; ValueError for a file that is not a supported GGUF model. Returns
@@ -350,6 +372,13 @@ def fuse_gguf(
                 f"llama.cpp loader reads is unknown"
             }
         )
+    history = _fold_history(reader)
+    if history and not compose:
+        raise AlreadySteeredError(
+            f"{os.fspath(in_gguf)!r} already carries a lineas_fast fold ({history[-1]}); folding "
+            f"another steering would steer twice. Start from the unsteered GGUF, or pass "
+            f"compose=True (CLI: --compose) to fold this one on top"
+        )
     if strict:
         for st in steerings:
             _check_model_type(st, arch, fam, in_gguf)
@@ -358,8 +387,12 @@ def fuse_gguf(
         effective = effective_map(steerings[0], strength, inverse)
         for st in steerings[1:]:
             effective = effective_map(st, strength, inverse).compose(effective)
+        for n in effective.modules:
+            check_effective(n, *effective[n], torch.float32, strength)
         edits = plan_gguf(reader, effective, arch, in_gguf)
     new = _new_tensors(reader, edits)
+    for name, values in new.items():
+        check_written(name, torch.from_numpy(np.asarray(values, dtype=np.float64)), torch.float32)
     report = {
         "out": os.fspath(out_gguf),
         "arch": arch,
@@ -402,7 +435,7 @@ def _write(
         if align is not None:
             writer.data_alignment = int(align.contents())
         for f in reader.fields.values():
-            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith(("GGUF.", "lineas_fast.")):
                 continue
             vtype = f.types[0]
             sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -411,6 +444,12 @@ def _write(
         writer.add_string("lineas_fast.version", __version__)
         writer.add_float64("lineas_fast.strength", float(-strength if inverse else strength))
         writer.add_array("lineas_fast.modules", modules)
+        record = {
+            "version": __version__,
+            "strength": float(-strength if inverse else strength),
+            "modules": modules,
+        }
+        writer.add_array("lineas_fast.history", _fold_history(reader) + [json.dumps(record)])
         for name, item in layout:
             if isinstance(item, np.ndarray):
                 writer.add_tensor_info(

@@ -5,6 +5,7 @@ metadata key kept, and refusals of what llama.cpp's loader cannot express, with 
 The same fold checked against llama.cpp itself is in tests/serving/test_llama_cpp.py."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -412,3 +413,26 @@ def test_cli_fuse_gguf_in_a_fresh_process(files):
     )
     assert res.returncode == 0, res.stderr
     assert "blk.1.ffn_up.bias" in tensors(files / "fresh.gguf")
+
+
+def test_folding_an_already_steered_gguf_is_refused_unless_composing(tmp_path):
+    src = write_tiny_gguf(tmp_path / "in.gguf")
+    once, twice = tmp_path / "once.gguf", tmp_path / "twice.gguf"
+    lf.fuse_gguf(src, steering(BOTH, seed=1), 0.5, str(once))
+    with pytest.raises(lf.AlreadySteeredError, match="already carries a lineas_fast fold"):
+        lf.fuse_gguf(str(once), steering(BOTH, seed=2), 0.5, str(twice))
+    assert not twice.exists()
+    lf.fuse_gguf(str(once), steering(BOTH, seed=2), -0.25, str(twice), compose=True)
+    history = [json.loads(r) for r in gguf.GGUFReader(str(twice)).fields["lineas_fast.history"].contents()]
+    assert [r["strength"] for r in history] == [0.5, -0.25]  # the first fold's record is kept
+    assert gguf.GGUFReader(str(twice)).fields["lineas_fast.strength"].contents() == pytest.approx(-0.25)
+
+
+@pytest.mark.parametrize("strength", [1e39, 1e30, -1e30])
+def test_an_extreme_strength_writes_nothing(tmp_path, strength):
+    src = write_tiny_gguf(tmp_path / "in.gguf")
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ValueError, match="strength|overflow") as err:
+        lf.fuse_gguf(src, steering(BOTH), strength, str(out))
+    assert getattr(err.value, "argument", None) == "strength"
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".lineas-")]
