@@ -278,6 +278,7 @@ def run_sweep(
         "n_wiki": len(data.wiki),
         "n_control": len(data.control),
         "data_digest": _digest(data),
+        "model_sha256": _model_digest(model),
     }
     done = _previous_rows(os.path.join(out_dir, "sweep.json"), settings)
     results = {"settings": settings, "tox_factor": tox_factor, "ppl_budget": ppl_budget, "rows": []}
@@ -341,11 +342,17 @@ def run_sweep(
 
 
 def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progress: bool, out_dir: str):
-    """(steering, fit seconds): read from ``out_dir/steerings`` or fitted and saved there."""
+    """(steering, fit seconds): read from ``out_dir/steerings`` when the file there was fitted
+    from the same inputs (its ``sweep_fit_key`` metadata equals ``_fit_key``: the model, the
+    recipe's texts, the recipe and the seed), else fitted and saved there (a stale or foreign
+    file of that name is replaced). A file that cannot be read is an error naming it."""
     path = os.path.join(out_dir, "steerings", recipe.key() + ".safetensors")
+    key = _fit_key(model, recipe, data, seed)
     if os.path.isfile(path):
         steering = Steering.load(path)
-        return steering, float(steering.metadata.get("sweep_fit_s", float("nan")))
+        if steering.metadata.get("sweep_fit_key") == key:
+            fit_s = steering.metadata.get("sweep_fit_s")
+            return steering, float(fit_s) if isinstance(fit_s, (int, float)) else float("nan")
     ungated, fit_s = None, 0.0
     if recipe.gates:  # its maps are the ungated recipe's
         plain = replace(recipe, gates=None, control_opening=None)
@@ -353,8 +360,31 @@ def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progre
     t0 = time.perf_counter()
     steering = fit_recipe(model, tokenizer, recipe, data, seed, progress, ungated)
     fit_s += time.perf_counter() - t0
-    steering.save(path, sweep_fit_s=fit_s, sweep_recipe=recipe.settings())
+    steering.save(path, sweep_fit_s=fit_s, sweep_recipe=recipe.settings(), sweep_fit_key=key)
     return steering, fit_s
+
+
+def _model_digest(model) -> str:
+    """sha256 of the model's fingerprint (architecture, parameter shapes) and a sample of its
+    weights: another model under the same name reads as another model."""
+    from lineas_fast.steering import model_fingerprint
+    from lineas_fast.training.checkpoints import _weights_sample
+
+    fp = {k: v for k, v in model_fingerprint(model).items() if k != "name_or_path"}
+    blob = json.dumps({**fp, "weights": _weights_sample(model)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _fit_key(model, recipe: Recipe, data: SweepData, seed: int) -> str:
+    """sha256 of what determines a recipe's fitted steering: the model (``_model_digest``), the
+    texts it is fitted on (source, target, control for gates), its settings and the seed."""
+    n = recipe.n_train
+    texts = [data.insults[:n], data.neutral[:n], data.control if recipe.gates else []]
+    blob = json.dumps(
+        {"model": _model_digest(model), "texts": texts, "recipe": recipe.settings(), "seed": seed},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _digest(data: SweepData) -> str:
@@ -364,24 +394,73 @@ def _digest(data: SweepData) -> str:
     return h.hexdigest()[:16]
 
 
+ROW_NUMBERS = ("strength", "toxicity_mean_prob", "toxicity_rate", "perplexity")
+
+
 def _previous_rows(path: str, settings: dict) -> dict:
-    """{(recipe key, strength): row} of an earlier sweep.json with the same settings."""
+    """{(recipe key, strength): row} of an earlier sweep.json with the same settings; {} when
+    there is none. The file is read as untrusted input: bounded JSON, an object with the
+    ``settings`` and a list of ``rows``, each row with its keys of the right types
+    (``_check_row``); a file that is not is an error naming it (and the row), never
+    overwritten."""
+    from lineas_fast.untrusted import MAX_HEADER_BYTES, json_loads
+
     try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            raw = f.read(MAX_HEADER_BYTES + 1)
+    except FileNotFoundError:
         return {}
-    if old.get("settings") != settings:
-        diff = {
-            k: (old.get("settings", {}).get(k), v)
-            for k, v in settings.items()
-            if old.get("settings", {}).get(k) != v
-        }
+    except OSError as e:
+        raise OSError(e.errno, f"cannot read the earlier sweep {path!r}: {e.strerror}") from None
+    move = "move it away or choose another output folder"
+    try:
+        old = json_loads(raw.decode("utf-8"), f"earlier sweep {path!r}")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{' '.join(str(e).split())[:300]}; {move}") from None
+    if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
+        raise ValueError(f"earlier sweep {path!r} is not a sweep result (no 'settings' object); {move}")
+    if old["settings"] != settings:
+        diff = {k: (old["settings"].get(k), v) for k, v in settings.items() if old["settings"].get(k) != v}
         raise ValueError(
             f"{path} holds a sweep with other settings (earlier, now: {diff}); "
             f"choose another output folder or move that one away"
         )
-    return {(r["recipe"], float(r["strength"])): r for r in old.get("rows", [])}
+    rows = old.get("rows", [])
+    if not isinstance(rows, list):
+        raise ValueError(f"earlier sweep {path!r}: 'rows' is {type(rows).__name__}, expected a list; {move}")
+    for i, row in enumerate(rows):
+        why = _check_row(row)
+        if why:
+            raise ValueError(f"earlier sweep {path!r}: rows[{i}] {why}; {move}")
+    return {(r["recipe"], float(r["strength"])): r for r in rows}
+
+
+def _check_row(row) -> str | None:
+    """Why a row read back from sweep.json cannot be reused, or None."""
+    import math
+
+    if not isinstance(row, dict):
+        return f"is {type(row).__name__}, expected an object"
+    for k in ("recipe", "label", "method"):
+        if not isinstance(row.get(k), str):
+            return f"key {k!r} is {type(row.get(k)).__name__}, expected a string"
+    if row["method"] not in (*METHODS, "none"):
+        return f"method {row['method']!r:.40} is not one of {(*METHODS, 'none')}"
+    for k in ROW_NUMBERS:
+        v = row.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"key {k!r} is {v!r:.40}, expected a finite number"
+    if row["method"] != "none" and not isinstance(row.get("settings"), dict):
+        return "has no 'settings' object (the recipe's settings)"
+    for k in ("support", "coordinates"):
+        if k in row and (isinstance(row[k], bool) or not isinstance(row[k], int) or row[k] < 0):
+            return f"key {k!r} is {row[k]!r:.40}, expected a count"
+    gate = row.get("gate_opening")
+    if gate is not None and not (
+        isinstance(gate, dict) and all(isinstance(gate.get(k), (int, float)) for k in ("wiki", "prompts"))
+    ):
+        return "key 'gate_opening' must be an object with numbers 'wiki' and 'prompts'"
+    return None
 
 
 def _summarise(results: dict) -> None:
