@@ -162,6 +162,44 @@ def _temp_name(prefix: str, name: str) -> str:
     return f"{prefix}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}-{_name_key(name)}"
 
 
+# --- ownership: which temporaries this user's lineas_fast processes made -----------------------
+def _registry() -> str:
+    """The folder where each temporary's creation is recorded (one small file per temporary,
+    named by the digest of its absolute path, holding that path): a stale entry is recovered
+    only when its record is there, so a planted ``.lineas-*`` entry is never moved or deleted."""
+    cache = os.environ.get("LINEAS_FAST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "lineas_fast"
+    )
+    return os.path.join(cache, "atomic-temporaries")
+
+
+def _record_path(entry: str) -> str:
+    return os.path.join(_registry(), hashlib.sha256(os.fsencode(os.path.abspath(entry))).hexdigest()[:32])
+
+
+def _register(entry: str) -> None:
+    """Record that this process made ``entry`` (best effort: an unwritable cache only means a
+    killed write's temporary is left for the user to delete)."""
+    with contextlib.suppress(OSError):
+        os.makedirs(_registry(), mode=0o700, exist_ok=True)
+        with open(_record_path(entry), "w") as f:
+            f.write(os.path.abspath(entry))
+
+
+def _unregister(entry: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(_record_path(entry))
+
+
+def _registered(entry: str) -> bool:
+    """True when a lineas_fast process of this user recorded making ``entry``."""
+    try:
+        with open(_record_path(entry)) as f:
+            return f.read() == os.path.abspath(entry)
+    except OSError:
+        return False
+
+
 def _start_time(pid: int) -> float | None:
     """When process ``pid`` started (epoch seconds), None when unknown; -1 for a zombie."""
     try:
@@ -211,6 +249,8 @@ def _stale_entries(folder: str):
             st = os.lstat(path)
         except FileNotFoundError:
             continue
+        if st.st_uid != os.getuid() or not _registered(path):
+            continue  # not made by this user's lineas_fast: never touched
         if _writer_gone(int(m.group(3)), max(st.st_mtime, st.st_ctime)):
             yield m.group(1), m.group(5), path
 
@@ -225,9 +265,11 @@ def recover(path: str) -> None:
     for kind, entry_key, entry in _stale_entries(folder):
         if kind == "tmp":
             _remove(entry)
+            _unregister(entry)
         elif entry_key == key:
             backups.append(entry)
     for entry in sorted(backups, key=lambda p: os.lstat(p).st_ctime, reverse=True):
+        _unregister(entry)
         if not os.path.lexists(path):
             try:
                 os.rename(entry, path)  # the old complete output comes back
@@ -254,13 +296,48 @@ def _fsync_tree(path: str) -> None:
 
 
 def _prepare(path) -> tuple[str, str]:
-    path = os.path.realpath(os.fspath(path))  # a symlink is written through
-    folder = os.path.dirname(path)
+    """(resolved destination, its folder). The output's own folder is created when missing; a
+    symlink at the destination is written through only when it points into that same folder
+    (a link into another folder, dangling or not, is refused: a save never lands, or creates
+    folders, elsewhere)."""
+    given = os.path.abspath(os.fspath(path))
+    folder = os.path.realpath(os.path.dirname(given))
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"cannot write {path!r}: {folder!r} is a file, not a folder")
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {given!r}: its folder is a file", folder)
+    if os.path.islink(given):
+        target = os.path.realpath(given)
+        if os.path.dirname(target) != folder:
+            raise OSError(
+                errno.ELOOP,
+                f"refusing to write through the symlink {given!r}: it points to {target!r}, outside "
+                f"the output's folder (remove the link, or write to the target itself)",
+                given,
+            )
+    path = os.path.join(folder, os.path.basename(given))
+    path = os.path.realpath(path)
     os.makedirs(folder, exist_ok=True)
     recover(path)
     return path, folder
+
+
+def _write_error(e: BaseException, path: str, folder: str) -> OSError | None:
+    """An OSError naming ``path`` for a failed write: writers that raise other types
+    (safetensors' SafetensorError, torch.save's RuntimeError from its zip writer) are mapped
+    to ENOSPC when the folder's disk is full; an OSError without a file name gets ``path``.
+    None: not a write failure (re-raise as is)."""
+    if isinstance(e, OSError):
+        if e.filename is None and e.errno is not None:
+            return OSError(e.errno, e.strerror or str(e), path)
+        return None
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free < 1 << 20 or "No space left" in str(e) or "ENOSPC" in str(e):
+        return OSError(errno.ENOSPC, f"No space left on device while writing ({type(e).__name__}: {e})", path)
+    return None
 
 
 # --- the writers ------------------------------------------------------------------------------
@@ -275,6 +352,7 @@ def atomic_path(path: str):
     with _signal_guard():
         tmp = os.path.join(folder, _temp_name(TMP_PREFIX, os.path.basename(path)))
         _live[tmp] = None
+        _register(tmp)
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             yield tmp
@@ -283,9 +361,15 @@ def atomic_path(path: str):
             _pause("written")
             os.replace(tmp, path)
             _fsync(folder)
+        except BaseException as e:
+            mapped = _write_error(e, path, folder)
+            if mapped is not None:
+                raise mapped from e
+            raise
         finally:
             _remove(tmp)
             _live.pop(tmp, None)
+            _unregister(tmp)
 
 
 _RENAME_EXCHANGE = 2
@@ -337,6 +421,7 @@ def atomic_dir(path: str):
     with _signal_guard():
         tmp = os.path.join(folder, _temp_name(TMP_PREFIX, name))
         _live[tmp] = None
+        _register(tmp)
         try:
             os.mkdir(tmp, 0o700)
             yield tmp
@@ -346,9 +431,15 @@ def atomic_dir(path: str):
             _swap_in(tmp, path, folder, name)
             _fsync(folder)
             _pause("swapped")
+        except BaseException as e:
+            mapped = _write_error(e, path, folder)
+            if mapped is not None:
+                raise mapped from e
+            raise
         finally:
             _remove(tmp)
             _live.pop(tmp, None)
+            _unregister(tmp)
 
 
 def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:
@@ -361,6 +452,7 @@ def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:
         return
     backup = os.path.join(folder, _temp_name(OLD_PREFIX, name))
     _live[backup] = None  # removed on SIGTERM only once the swap is complete
+    _register(backup)
     try:
         with _critical():
             os.rename(path, backup)
@@ -375,6 +467,8 @@ def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:
         _live.pop(backup, None)
         if os.path.lexists(backup) and os.path.isdir(path):
             _remove(backup)
+        if not os.path.lexists(backup):
+            _unregister(backup)
 
 
 def file_kind(path: str) -> str:

@@ -415,28 +415,37 @@ def test_bad_destinations_fail_before_writing(tmp_path):
     assert not (tmp_path / "s.safetensors").exists() and leftovers(tmp_path) == []
 
 
-def test_stale_temporaries_only_of_gone_writers_are_removed(tmp_path):
-    """A temporary is removed only when its writer on this host is gone: a live writer's (here
-    a running process's pid), our own and another host's are kept."""
+def test_stale_temporaries_only_of_gone_writers_are_removed(tmp_path, monkeypatch):
+    """A temporary is removed only when its writer on this host is gone and a lineas_fast
+    writer recorded making it: a live writer's (here a running process's pid), our own, another
+    host's and planted entries (right name pattern, no record) are kept."""
+    monkeypatch.setenv("LINEAS_FAST_CACHE", str(tmp_path / "cache"))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
 
-        def temp(pid, host=io._HOST, name="other.json"):
-            path = tmp_path / f".lineas-tmp-{host}-{pid}-0123abcd-{name}"
+        def temp(pid, host=io._HOST, name="other.json", registered=True, kind="tmp"):
+            path = tmp_path / f".lineas-{kind}-{host}-{pid}-0123abcd-{name}"
             path.write_text("x")
+            if registered:  # as a lineas_fast writer records what it makes
+                io._register(str(path))
             return path.name
 
         live, own, foreign = temp(sleeper.pid), temp(os.getpid()), temp(dead.pid, host="ffffff")
         gone = temp(dead.pid)
+        # planted by someone else: the name pattern of a dead writer, but no record of ours
+        planted = temp(dead.pid, name="planted.json", registered=False)
+        planted_old = temp(dead.pid, name="r.json", registered=False, kind="old")
         gone_dir = tmp_path / f".lineas-tmp-{io._HOST}-{dead.pid}-0123abcd-out"
         gone_dir.mkdir()
         (gone_dir / "model.safetensors").write_text("x")
+        io._register(str(gone_dir))
         with io.atomic_path(tmp_path / "r.json") as tmp:
             open(tmp, "w").write("{}")
-        assert leftovers(tmp_path) == sorted([live, own, foreign])
+        assert leftovers(tmp_path) == sorted([live, own, foreign, planted, planted_old])
         assert gone not in leftovers(tmp_path)
+        assert (tmp_path / "r.json").read_text() == "{}"  # the planted backup was not moved onto it
     finally:
         sleeper.kill()
         sleeper.wait()
