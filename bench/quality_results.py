@@ -40,15 +40,20 @@ def main(argv: list[str]) -> int:
             with open(tmp, "w") as f:
                 json.dump(res, f, indent=1)
         plot_pareto(res, os.path.join(RESULTS, f"quality-{name}.png"))
-        table = format_table(res).split("\n")
-        front, ok = set(res["pareto"]), set(res["meets_target"])
-        for i in range(len(res["rows"])):
-            mark = ("◆" if i in front else "") + ("✓" if i in ok else "")
-            if mark:
-                table[i + 2] = table[i + 2].replace("| ", f"| {mark} ", 1)
         print(f"### {name}\n")
-        print("\n".join(table) + "\n")
+        print(marked_table(res) + "\n")
     return 0
+
+
+def marked_table(res: dict) -> str:
+    """The sweep's markdown table, every row; Pareto-front rows marked ◆, rows meeting the target ✓."""
+    table = format_table(res).split("\n")
+    front, ok = set(res["pareto"]), set(res["meets_target"])
+    for i in range(len(res["rows"])):
+        mark = ("◆" if i in front else "") + ("✓" if i in ok else "")
+        if mark:
+            table[i + 2] = table[i + 2].replace("| ", f"| {mark} ", 1)
+    return "\n".join(table)
 
 
 if __name__ == "__main__":
