@@ -373,6 +373,7 @@ def atomic_path(path: str):
 
 
 _RENAME_EXCHANGE = 2
+_RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
@@ -408,12 +409,14 @@ def _exchange(a: str, b: str) -> bool:
 
 
 @contextmanager
-def atomic_dir(path: str):
+def atomic_dir(path: str, exclusive: bool = False):
     """Yield a temporary folder beside ``path``; when the block succeeds its contents are
     fsync'ed and it replaces ``path`` (an absent or existing folder) so that ``path`` is at every
     moment the old complete folder or the new one (see the module doc for filesystems without
     an atomic exchange). On any error, Ctrl-C or SIGTERM the temporary is removed and ``path``
-    is left as it was."""
+    is left as it was. ``exclusive``: ``path`` must not exist (or be an empty folder) when the
+    write completes: of two concurrent writers to one new output, the second fails with
+    FileExistsError instead of replacing the first's result."""
     path, folder = _prepare(path)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"cannot write folder {path!r}: a file of that name exists")
@@ -428,7 +431,10 @@ def atomic_dir(path: str):
             os.chmod(tmp, default_mode(directory=True))
             _fsync_tree(tmp)
             _pause("written")
-            _swap_in(tmp, path, folder, name)
+            if exclusive:
+                _move_in_new(tmp, path)
+            else:
+                _swap_in(tmp, path, folder, name)
             _fsync(folder)
             _pause("swapped")
         except BaseException as e:
@@ -440,6 +446,28 @@ def atomic_dir(path: str):
             _remove(tmp)
             _live.pop(tmp, None)
             _unregister(tmp)
+
+
+def _move_in_new(tmp: str, path: str) -> None:
+    """Rename ``tmp`` to ``path`` only if nothing (or an empty folder) is there: renameat2's
+    RENAME_NOREPLACE where available, else rename, which fails onto a non-empty folder."""
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        os.rmdir(path)
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE) == 0:
+            return
+        import ctypes
+
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise FileExistsError(err, f"{os.strerror(err)}: another writer created it meanwhile", path)
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "another writer created it meanwhile", path)
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        raise FileExistsError(errno.EEXIST, "another writer created it meanwhile", path) from e
 
 
 def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:

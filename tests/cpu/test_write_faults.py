@@ -102,3 +102,14 @@ def test_a_symlink_within_the_output_folder_is_written_through(tmp_path):
     link.symlink_to("v2.safetensors")
     lf.Steering({"m": (torch.ones(3), torch.zeros(3))}).save(str(link))
     assert link.is_symlink() and lf.Steering.load(str(tmp_path / "v2.safetensors")).modules == ["m"]
+
+
+def test_the_later_exclusive_writer_fails_and_leaves_the_first_result(tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(FileExistsError, match="another writer"):
+        with atomic.atomic_dir(out, exclusive=True) as late:
+            open(os.path.join(late, "who"), "w").write("late")
+            with atomic.atomic_dir(out, exclusive=True) as early:
+                open(os.path.join(early, "who"), "w").write("early")
+    assert (out / "who").read_text() == "early"
+    assert not [e for e in os.listdir(tmp_path) if e.startswith(".lineas-")]
