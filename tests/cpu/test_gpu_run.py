@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import sysconfig
@@ -82,12 +83,11 @@ def test_bad_arguments_are_refused_with_exit_2(args, says):
 
 @pytest.fixture(scope="module")
 def venv_python(tmp_path_factory):
-    """A virtualenv's python (over this interpreter's packages) that appends its sys.prefix and
-    command line to $GPU_RUN_STARTS each time it starts: a .pth line runs at every start."""
+    """A virtualenv's python that sees this interpreter's packages (a .pth adds its site
+    directories) and appends its sys.prefix and command line to $GPU_RUN_STARTS each time it
+    starts: a .pth line runs at every start."""
     venv = tmp_path_factory.mktemp("venv")
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True
-    )
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -96,7 +96,9 @@ def venv_python(tmp_path_factory):
         check=True,
     ).stdout.strip()
     assert purelib != sysconfig.get_paths()["purelib"]
+    ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
     with open(os.path.join(purelib, "record_starts.pth"), "w") as f:
+        f.writelines(f"import site; site.addsitedir({d!r})\n" for d in sys.path if d in ours)
         f.write(
             "import os, sys; os.environ.get('GPU_RUN_STARTS') and "
             "open(os.environ['GPU_RUN_STARTS'], 'a')"
