@@ -414,8 +414,12 @@ def _previous_rows(path: str, settings: dict) -> dict:
         raise OSError(e.errno, f"cannot read the earlier sweep {path!r}: {e.strerror}") from None
     move = "move it away or choose another output folder"
     try:
-        old = json_loads(raw.decode("utf-8"), f"earlier sweep {path!r}")
-    except (UnicodeDecodeError, ValueError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"earlier sweep {path!r} is not UTF-8 text; {move}") from None
+    try:
+        old = json_loads(text, f"earlier sweep {path!r}")
+    except ValueError as e:
         raise ValueError(f"{' '.join(str(e).split())[:300]}; {move}") from None
     if not isinstance(old, dict) or not isinstance(old.get("settings"), dict):
         raise ValueError(f"earlier sweep {path!r} is not a sweep result (no 'settings' object); {move}")

@@ -255,11 +255,21 @@ def _load(path: str) -> dict:
     ]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is damaged: {missing} missing")
-    for key in ("config", "model", "data", "reading"):
-        if state.get(key) is not None and not isinstance(state[key], dict):
+    for key in ("config", "model", "data", "reading", "maps", "gates"):
+        if (state.get(key) is not None or key in ("maps", "gates")) and not isinstance(state[key], dict):
             raise CheckpointError(
                 f"checkpoint {path!r} is damaged: {key}: expected an object (dict), got "
                 f"{type(state[key]).__name__} {str(state[key])[:60]!r}"
+            )
+    for role, digest in (state.get("data") or {}).items():
+        if digest is not None and not (
+            isinstance(digest, dict)
+            and isinstance(digest.get("count"), int)
+            and isinstance(digest.get("sha256"), str)
+        ):
+            raise CheckpointError(
+                f"checkpoint {path!r} is damaged: data.{role}: expected an object with 'count' and "
+                f"'sha256', got {type(digest).__name__} {str(digest)[:60]!r}"
             )
     return state
 
