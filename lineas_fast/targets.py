@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lineas_fast import placement
-from lineas_fast.checks import integer
+from lineas_fast.checks import ArgumentError, integer
 from lineas_fast.modules import match_modules, nearby_names
 from lineas_fast.pooling import length_buckets, masked_mean, pack_rows, pad_right, pool_image, segment_means
 
@@ -312,6 +312,15 @@ class LanguageModelTarget(Target):
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=True)[
             "input_ids"
         ]
+        empty = [i for i, x in enumerate(ids) if len(x) == 0]
+        if empty:
+            shown = ", ".join(f"{what}[{i}] = {texts[i][:40]!r}" for i in empty[:3])
+            more = ", ..." if len(empty) > 3 else ""
+            raise ArgumentError(
+                f"{len(empty)} of the {what} tokenize to zero tokens ({shown}{more}): "
+                f"a sentence without tokens has no activations to pool; remove it or check the tokenizer",
+                what,
+            )
         return [list(x) for x in ids]
 
     def count(self, encoded) -> int:

@@ -153,3 +153,18 @@ def test_a_map_on_a_module_that_never_runs_is_refused_at_attach(module, match):
     with pytest.raises(ValueError, match=match):
         st.attach(model)
     assert not any("_lineas_fast_steered" in m.__dict__ for m in model.modules())
+
+
+def test_sentences_that_tokenize_to_zero_tokens_are_named_before_any_forward():
+    from tokenizers import normalizers
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Replace("~", "")  # a tokenizer that drops "~"
+    model = tiny_model("llama")
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"zero tokens.*\[1\] = '~~~'") as err:
+        lf.train(
+            model, tok, ["hello", "~~~", "ok"], ["abc", "def"], NORMS, steps=2, batch_size=2, progress=False
+        )
+    assert getattr(err.value, "argument", None) and calls == []
