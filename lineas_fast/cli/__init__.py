@@ -22,7 +22,7 @@ import sys
 import traceback
 
 from lineas_fast.cli import bench, demo, fuse, generate, generate_image, sweep, train
-from lineas_fast.cli.common import ArgumentParser, CLIError, one_line
+from lineas_fast.cli.common import ArgumentParser, CLIError, SubcommandParser, one_line
 from lineas_fast.fold.fusion import FusionError
 from lineas_fast.training.trainer import TrainingDivergedError
 
@@ -36,7 +36,7 @@ def build_parser() -> ArgumentParser:
     ap = ArgumentParser(
         prog="lineas-fast", description="Fast LinEAS activation steering.", allow_abbrev=False
     )
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     for command in COMMANDS:
         p = sub.add_parser(
             command.NAME, help=command.HELP, description=command.DESCRIPTION, allow_abbrev=False

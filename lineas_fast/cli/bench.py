@@ -15,6 +15,7 @@ from transformers import AutoConfig
 from lineas_fast.atomic import atomic_path
 from lineas_fast.cli.common import (
     CLIError,
+    add_allow_missing,
     check_model_dir,
     check_output_file,
     fits,
@@ -73,12 +74,13 @@ def add_arguments(b) -> None:
     )
     b.add_argument("--out", default="lineas_bench.json", help="JSON file (default: %(default)s)")
     b.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
+    add_allow_missing(b)
 
 
 def check_args(args):
     """Every check that needs no weights; returns (torch device, dtype name)."""
     check_model_dir(args.model)
-    check_output_file(args.out, "--out", {"--steering": args.steering}, suffix=".json")
+    check_output_file(args.out, "--out", {"--model": args.model, "--steering": args.steering}, suffix=".json")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
     device = torch.device(
@@ -103,7 +105,7 @@ def check_args(args):
 def run(args) -> int:
     device, dtype = check_args(args)
     steering = load_steering(args.steering)
-    model, _ = load_model(args.model, dtype=dtype)
+    model, _ = load_model(args.model, dtype=dtype, allow_missing=args.allow_missing_weights)
     fits(steering, model, args)
     model = model.to(device)
     steering = steering.to(device)

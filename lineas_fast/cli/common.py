@@ -34,27 +34,73 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lineas_fast.atomic import file_kind
+from lineas_fast.cli.errors import CLIError, one_line
+from lineas_fast.cli.loading import ALLOW_FLAG, load_components, refuse_incomplete
+from lineas_fast.cli.patterns import match_time_problem, regex
 from lineas_fast.quiet import interactive, quiet_loading
 from lineas_fast.steering import Steering
 from lineas_fast.training.checkpoints import CHECKPOINT_FORMAT
 
-__all__ = ["interactive", "quiet_loading"]  # re-exported: the subcommands' loading helpers
+__all__ = ["CLIError", "interactive", "one_line", "quiet_loading", "regex"]  # re-exported
 
 
-class CLIError(Exception):
-    """A user-facing problem with the arguments or files (printed without a traceback)."""
+# a negative number in any float notation (-1, -.5, -1., -1e-3, -1E+40, -inf, -nan) is a value,
+# never an option (argparse's own rule knows only -1 and -.5)
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*(e[-+]?\d+)?|\.\d+(e[-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+# the actions an option may be given once for (append and count actions collect repeats)
+_ONCE = (
+    argparse._StoreAction,
+    argparse._StoreConstAction,
+    argparse._StoreTrueAction,
+    argparse._StoreFalseAction,
+)
 
 
-def one_line(message: str) -> str:
-    """``message`` on one line (library messages may hold newlines)."""
-    return " ".join(str(message).split()) or "unknown error"
+class _GivenOnce:
+    """Mixed into a store action: the second time its option is given is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given_options", set())
+        if self.dest in given:
+            parser.error(f"{option_string} given twice (give each option once)")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage block), status 2."""
+    """argparse whose errors are one line on stderr (no usage block), status 2; negative numbers
+    in every notation are values; an option given twice is an error (append options excepted);
+    options are never abbreviated (``allow_abbrev=False``: ``--no`` is not ``--no-strict``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and isinstance(action, _ONCE) and not isinstance(action, _GivenOnce):
+            action.__class__ = type(f"Once{type(action).__name__}", (_GivenOnce, type(action)), {})
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        parsed.__dict__.pop("_given_options", None)
+        return parsed, rest
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+class SubcommandParser(ArgumentParser):
+    """A subcommand's parser: an argument it does not know is its own error (``lineas-fast
+    generate: error: unrecognized arguments: --no``), not left for the top-level parser."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        if rest:
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
+        return parsed, rest
 
 
 # --- argument types (checked by argparse while parsing) ------------------------------------------
@@ -125,23 +171,68 @@ def nonblank(value: str) -> str:
 SEED = integer(0, 2**63 - 1)
 
 
-def regex(value: str) -> str:
-    """argparse type: a valid, non-empty regular expression."""
-    if not value:
-        raise argparse.ArgumentTypeError("expected a regular expression, got ''")
-    try:
-        re.compile(value)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"not a valid regular expression: {value!r} ({e})") from None
-    return value
-
-
-regex.__name__ = "regex"
-
-
 # --- paths ------------------------------------------------------------------------------------------
-def _same(a: str | None, b: str | None) -> bool:
-    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
+def _file_ids(folder: str, limit: int = 10000) -> set:
+    """(device, inode) of the regular files under ``folder`` (at most ``limit`` entries seen)."""
+    ids, seen = set(), 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            seen += 1
+            if seen > limit:
+                return ids
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def _overlap(out: str, value: str) -> str | None:
+    """How output ``out`` would touch input ``value`` (a file or a folder): "is" (the same file or
+    folder, symlinks resolved, or a hard link of it), "is inside" (under the input folder, or a
+    hard link of one of its files), or None."""
+    real_out, real_in = os.path.realpath(out), os.path.realpath(value)
+    if real_out == real_in:
+        return "is"
+    if real_out.startswith(real_in.rstrip(os.sep) + os.sep):
+        return "is inside"
+    try:
+        if os.path.isfile(out):
+            st = os.stat(out)
+            if os.path.isfile(value) and os.path.samefile(out, value):
+                return "is"
+            if os.path.isdir(value) and (st.st_dev, st.st_ino) in _file_ids(value):
+                return "is inside"  # a hard link of one of the input folder's files
+    except OSError:
+        pass
+    return None
+
+
+def refuse_inputs(path: str, flag: str, inputs: dict | None) -> None:
+    """An output ``path`` is none of the ``inputs`` ({flag: file or folder}) and lies under no
+    input folder, by resolved path (symlinks followed, hard links compared by inode): an input is
+    never an output."""
+    for other, value in (inputs or {}).items():
+        if not value:
+            continue
+        how = _overlap(path, value)
+        if how:
+            real = os.path.realpath(path)
+            shown = "" if real == os.path.abspath(path) else f" (resolved: {real!r})"
+            kind = "folder " if os.path.isdir(value) else ""
+            raise CLIError(
+                f"{flag} {path!r}{shown} {how} {other} {kind}{value!r}: an input is never written; "
+                f"give {flag} a path outside the inputs"
+            )
+
+
+def _not_stdout(path: str, flag: str, what: str) -> None:
+    if path == "-":
+        raise CLIError(
+            f"{flag} '-': this command writes a {what}, not to standard output; give a path "
+            f"(./- for a file named '-')"
+        )
 
 
 def _writable_ancestor(path: str, flag: str) -> None:
@@ -161,13 +252,12 @@ def check_output_file(path: str, flag: str, inputs: dict | None = None, suffix: 
     ``inputs`` ({flag: path}) and, when given, ending in ``suffix``."""
     if not path or not path.strip():
         raise CLIError(f"{flag}: expected a file path, got {path!r}")
+    _not_stdout(path, flag, "file")
+    refuse_inputs(path, flag, inputs)
     if path.endswith(os.sep) or os.path.isdir(path):
         raise CLIError(f"{flag} {path!r} is a folder; expected a file path")
     if suffix and not path.lower().endswith(suffix):
         raise CLIError(f"{flag} {path!r}: expected a file name ending in {suffix}")
-    for other, value in (inputs or {}).items():
-        if _same(path, value):
-            raise CLIError(f"{flag} {path!r} is also {other}: writing it would replace that file")
     _writable_ancestor(path, flag)
     if os.path.lexists(path) and not os.path.isfile(path):
         raise CLIError(f"{flag} {path!r} exists and is not a regular file")
@@ -177,10 +267,12 @@ def check_output_dir(
     path: str, flag: str, overwrite: bool | None = None, inputs: dict | None = None, inside: bool = False
 ) -> None:
     """``path`` can be written as a folder: not a file; when ``overwrite`` is False an existing
-    folder must be empty; it holds none of the ``inputs``; its parent (``inside``: the folder
-    itself when it exists) is writable."""
+    folder must be empty; it is none of the ``inputs``, lies under none and holds none; its parent
+    (``inside``: the folder itself when it exists) is writable."""
     if not path or not path.strip():
         raise CLIError(f"{flag}: expected a folder path, got {path!r}")
+    _not_stdout(path, flag, "folder")
+    refuse_inputs(path, flag, inputs)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise CLIError(f"{flag} {path!r} is a file; expected a folder")
     if overwrite is False and os.path.isdir(path) and os.listdir(path):
@@ -396,30 +488,40 @@ def load_tokenizer(path: str, flag: str = "--model"):
         ) from None
 
 
-def load_model(path: str, dtype: str = "float32", tokenizer=None):
-    """(model, tokenizer) from a local transformers causal LM folder."""
+def load_model(path: str, dtype: str = "float32", tokenizer=None, allow_missing: bool = False):
+    """(model, tokenizer) from a local transformers causal LM folder, loaded completely: a tensor
+    missing from its weight files, unexpected or of another shape is a CLIError naming it unless
+    ``allow_missing`` (``--allow-missing-weights``; ``cli.loading``)."""
     check_model_dir(path)
     tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     try:
         with quiet_loading():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, dtype), output_loading_info=True, ignore_mismatched_sizes=True
+            )
     except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
         raise CLIError(
             f"--model {path!r}: cannot load a causal LM from it ({type(e).__name__}: {one_line(e)})"
         ) from None
+    refuse_incomplete(info, "--model", path, allow_missing)
     model.eval()
     return model, tok
 
 
-def load_pipeline(path: str):
+def load_pipeline(path: str, allow_missing: bool = False):
+    """A local diffusers text-to-image pipeline, its model components loaded completely (as
+    ``load_model``)."""
     check_pipeline_dir(path)
     try:
         from diffusers import DiffusionPipeline  # optional and heavy
     except ImportError:
         raise CLIError("diffusers is not installed: pip install -e '.[diffusers]'") from None
     try:
+        components = load_components(path, "--pipeline", allow_missing)
         with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(path)
+            pipe = DiffusionPipeline.from_pretrained(path, **components)
+    except CLIError:
+        raise
     except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
         raise CLIError(
             f"--pipeline {path!r}: cannot load a diffusers pipeline from it "
@@ -436,9 +538,10 @@ def load_pipeline(path: str):
 
 def load_model_or_pipeline(args):
     """(model, tokenizer) from --model, or (pipeline, None) from --pipeline: exactly one."""
+    allow = getattr(args, "allow_missing_weights", False)
     if model_or_pipeline(args) == "pipeline":
-        return load_pipeline(args.pipeline), None
-    return load_model(args.model)
+        return load_pipeline(args.pipeline, allow), None
+    return load_model(args.model, allow_missing=allow)
 
 
 def load_steering(path: str, flag: str = "--steering"):
@@ -522,6 +625,27 @@ def flag_message(error: Exception, flags: dict) -> str:
     if flag is None or message.startswith(flag):
         return message
     return f"{flag}: {message}"
+
+
+def add_allow_missing(parser) -> None:
+    """The ``--allow-missing-weights`` flag of a command that loads a model folder."""
+    parser.add_argument(
+        ALLOW_FLAG,
+        action="store_true",
+        help="load a model folder whose weights miss, add or reshape tensors of its config "
+        "(they are randomly initialised); default: refuse it, naming the tensors",
+    )
+
+
+def check_match_time(pattern: str | None, flag: str, model) -> None:
+    """``pattern`` matches the model's module names within ``patterns.MATCH_SECONDS`` (a CLIError
+    naming the flag otherwise), before the library matches it in this process."""
+    if not pattern:
+        return
+    root = getattr(model, "unet", model)  # a pipeline's steering reads its UNet
+    why = match_time_problem(pattern, [n for n, _ in root.named_modules() if n])
+    if why:
+        raise CLIError(f"{flag} {pattern!r}: {why}; simplify the pattern")
 
 
 def fits(steering, model, args, flag: str = "--model") -> None:

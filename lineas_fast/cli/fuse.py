@@ -11,6 +11,7 @@ from lineas_fast.atomic import atomic_dir, recover
 from lineas_fast.cli import gguf
 from lineas_fast.cli.common import (
     CLIError,
+    add_allow_missing,
     check_output_dir,
     fits,
     load_model_or_pipeline,
@@ -19,6 +20,7 @@ from lineas_fast.cli.common import (
     one_line,
     quiet_loading,
     real,
+    refuse_inputs,
 )
 from lineas_fast.fold.fusion import fuse
 
@@ -47,19 +49,18 @@ def add_arguments(f) -> None:
     )
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     f.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
+    add_allow_missing(f)
 
 
 def check_args(args) -> None:
     """Every check of ``fuse`` (folder form) that needs no model (a CLIError names the argument)."""
     kind = model_or_pipeline(args)
+    inputs = {f"--{kind}": getattr(args, kind), "--steering": args.steering}
+    if args.out and args.out != "-":
+        refuse_inputs(args.out, "--out", inputs)  # before recover() touches anything there
     if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         recover(args.out)  # a swap killed between its renames gets its old folder back
-    check_output_dir(
-        args.out,
-        "--out",
-        overwrite=args.overwrite,
-        inputs={f"--{kind}": getattr(args, kind), "--steering": args.steering},
-    )
+    check_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs)
 
 
 def run(args) -> int:

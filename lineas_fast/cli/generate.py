@@ -10,6 +10,7 @@ import torch
 from lineas_fast.cli.common import (
     SEED,
     CLIError,
+    add_allow_missing,
     check_model_dir,
     fits,
     integer,
@@ -28,6 +29,7 @@ DESCRIPTION = (
     "Generate continuations with a steering file applied; a negative strength applies the inverse "
     "map (induces)."
 )
+DEFAULT_BATCH_SIZE = 8
 
 
 def add_arguments(g) -> None:
@@ -39,7 +41,14 @@ def add_arguments(g) -> None:
     g.add_argument("--max-new-tokens", type=integer(1), default=40)
     g.add_argument("--temperature", type=real(0), default=0.0, help="0: greedy")
     g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument(
+        "--batch-size",
+        type=integer(1),
+        default=DEFAULT_BATCH_SIZE,
+        help="prompts generated together (default: %(default)s)",
+    )
     g.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
+    add_allow_missing(g)
 
 
 def run(args) -> int:
@@ -68,9 +77,8 @@ def run(args) -> int:
                     f"{len(ids) + args.max_new_tokens} positions, more than the "
                     f"model's max_position_embeddings={positions}"
                 )
-    model, tok = load_model(args.model, tokenizer=tok)
+    model, tok = load_model(args.model, tokenizer=tok, allow_missing=args.allow_missing_weights)
     fits(steering, model, args)
-    enc = tok(texts, return_tensors="pt", padding=True)
     torch.manual_seed(args.seed)
     gen_kw = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, pad_token_id=tok.pad_token_id
@@ -78,15 +86,15 @@ def run(args) -> int:
     if args.temperature > 0:
         gen_kw["temperature"] = args.temperature
     with steering.apply(model, strength=args.strength, strict=not args.no_strict):
-        out = model.generate(**enc, **gen_kw)
-    for p, ids in zip(texts, out[:, enc["input_ids"].shape[1] :]):
-        print(
-            json.dumps(
-                {
+        for start in range(0, len(texts), args.batch_size):  # memory bounded by --batch-size
+            batch = texts[start : start + args.batch_size]
+            enc = tok(batch, return_tensors="pt", padding=True)
+            out = model.generate(**enc, **gen_kw)
+            for p, ids in zip(batch, out[:, enc["input_ids"].shape[1] :]):
+                line = {
                     "prompt": p,
                     "strength": args.strength,
                     "continuation": tok.decode(ids, skip_special_tokens=True),
                 }
-            )
-        )
+                print(json.dumps(line), flush=True)
     return 0

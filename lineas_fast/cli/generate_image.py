@@ -6,6 +6,7 @@ from lineas_fast.apps.diffusion import image_grid, strength_sweep
 from lineas_fast.atomic import atomic_path
 from lineas_fast.cli.common import (
     SEED,
+    add_allow_missing,
     check_output_file,
     check_pipeline_dir,
     fits,
@@ -33,13 +34,16 @@ def add_arguments(i) -> None:
     i.add_argument("--guidance", type=real(), default=7.5)
     i.add_argument("--seed", type=SEED, default=0)
     i.add_argument("--out", required=True, help="PNG file to write")
+    add_allow_missing(i)
 
 
 def run(args) -> int:
     check_pipeline_dir(args.pipeline)
-    check_output_file(args.out, "--out", {"--steering": args.steering}, suffix=".png")
+    check_output_file(
+        args.out, "--out", {"--pipeline": args.pipeline, "--steering": args.steering}, suffix=".png"
+    )
     steering = load_steering(args.steering)
-    pipe = load_pipeline(args.pipeline)
+    pipe = load_pipeline(args.pipeline, args.allow_missing_weights)
     fits(steering, pipe, args, "--pipeline")
     images = strength_sweep(pipe, steering, args.prompt, args.strengths, args.steps, args.seed, args.guidance)
     with atomic_path(args.out) as tmp:

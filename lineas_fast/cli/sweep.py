@@ -17,11 +17,20 @@ import itertools
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lineas_fast.apps import assets
 from lineas_fast.apps.sweep import GATE_LEVELS, METHODS, Recipe, format_table, load_sweep_data, run_sweep
-from lineas_fast.cli.common import SEED, CLIError, check_model_dir, check_output_dir, integer, real, regex
+from lineas_fast.cli.common import (
+    SEED,
+    CLIError,
+    add_allow_missing,
+    check_model_dir,
+    check_output_dir,
+    integer,
+    load_model,
+    real,
+    regex,
+)
 
 NAME = "sweep"
 HELP = "toxicity-vs-perplexity Pareto front over recipes and strengths"
@@ -74,6 +83,7 @@ def add_arguments(d) -> None:
     d.add_argument("--wiki", type=integer(1), default=100, help="Wikipedia extracts for perplexity")
     d.add_argument("--max-new-tokens", type=integer(1), default=20)
     d.add_argument("--seed", type=SEED, default=0)
+    add_allow_missing(d)
 
 
 def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
@@ -128,7 +138,8 @@ def _regex(value: str, flag: str) -> str:
 
 
 def run(args) -> int:
-    check_output_dir(args.out, "--out", inside=True)
+    inputs = {"--model": None if args.model in MODELS else args.model, "--recipes": args.recipes}
+    check_output_dir(args.out, "--out", inside=True, inputs=inputs)
     recipes = recipes_from_args(args)  # checks the file and the values early
     n_max = max(r.n_train for r in recipes)
     if n_max > POOL:
@@ -145,8 +156,7 @@ def run(args) -> int:
         raise CLIError(str(e)) from None
     except ValueError as e:  # more sentences asked than the data holds
         raise CLIError(f"--prompts {args.prompts}: {e}") from None
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, tok = load_model(folder, allow_missing=args.allow_missing_weights)
     if not args.recipes and not args.modules:  # the family's default modules
         recipes = recipes_from_args(args, model.config.model_type)
     torch.set_grad_enabled(True)

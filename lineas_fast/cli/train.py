@@ -7,7 +7,9 @@ from dataclasses import asdict
 from lineas_fast.cli.common import (
     SEED,
     CLIError,
+    add_allow_missing,
     check_checkpoint,
+    check_match_time,
     check_output_file,
     flag_message,
     integer,
@@ -92,6 +94,7 @@ def add_arguments(t) -> None:
     )
     t.add_argument("--resume", default=None, help="checkpoint to resume from")
     t.add_argument("--out", required=True, help="steering file to write (.safetensors)")
+    add_allow_missing(t)
 
 
 def train_config(args, max_length: int) -> dict | None:
@@ -132,13 +135,14 @@ def check_args(args) -> int:
             f"--checkpoint {args.checkpoint!r} needs --checkpoint-every K > 0 (how "
             f"many steps between checkpoints)"
         )
-    inputs = {"--source": args.source, "--target": args.target, "--resume": args.resume}
+    folder = {f"--{kind}": getattr(args, kind)}
+    inputs = {**folder, "--source": args.source, "--target": args.target, "--resume": args.resume}
     check_output_file(args.out, "--out", inputs)
-    if args.checkpoint:
+    if args.checkpoint:  # may be the --resume file: a run resumed keeps writing its checkpoint
         check_output_file(
             args.checkpoint,
             "--checkpoint",
-            {"--source": args.source, "--target": args.target, "--out": args.out},
+            {**folder, "--source": args.source, "--target": args.target, "--out": args.out},
         )
     max_length = args.max_length or DEFAULT_MAX_LENGTH
     if kind == "model":
@@ -169,6 +173,8 @@ def run(args) -> int:
     if args.resume:
         check_checkpoint(args.resume, "--resume", train_config(args, max_length))
     model, tok = load_model_or_pipeline(args)
+    check_match_time(args.modules, "--modules", model)
+    check_match_time(args.loss_modules, "--loss-modules", model)
     try:
         steering = train(
             model,

@@ -10,6 +10,7 @@ ends in .json/.jsonl or a line is a JSON object, else plain text, one sentence p
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -67,9 +68,26 @@ def shared(tmp_path_factory):
         },
         d / "other-run.pt",
     )
+    # model folders whose config.json and weights disagree (cli/loading.py)
+    for name, edit in (
+        ("extra", {"num_hidden_layers": 4}),  # one more layer than the weights: missing tensors
+        ("fewer", {"num_hidden_layers": 2}),  # one layer fewer: unexpected tensors
+        ("wide", {"intermediate_size": 96}),  # MLP of another shape: mismatched tensors
+    ):
+        shutil.copytree(d / "model", d / name)
+        config = json.loads((d / name / "config.json").read_text())
+        (d / name / "config.json").write_text(json.dumps({**config, **edit}))
+    shutil.copytree(d / "realpipe", d / "pipeextra")
+    config = json.loads((d / "pipeextra" / "text_encoder" / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (d / "pipeextra" / "text_encoder" / "config.json").write_text(json.dumps(config))
     return {
         k: str(d / v)
         for k, v in dict(
+            extra="extra",
+            fewer="fewer",
+            wide="wide",
+            pipeextra="pipeextra",
             model="model",
             steer="steer.safetensors",
             other="other.safetensors",
@@ -500,6 +518,299 @@ CASES = [
     ("demo-strengths-nan", "demo --strengths 0 nan --out {tmp}/demo", {}, ["--strengths"], "parse"),
     ("demo-out-is-file", "demo --out {tmp}/f.txt", {"f.txt": "x"}, ["--out", "f.txt"], "early"),
     ("unknown-command", "bogus", {}, ["bogus"], "parse"),
+    # --- inputs are never outputs (by resolved path: symlinks followed, hard links compared) -----
+    (
+        "train-out-is-model-weights",
+        TRAIN + " --out {model}/model.safetensors",
+        {},
+        ["--out", "model.safetensors", "--model"],
+        "early",
+    ),
+    (
+        "train-checkpoint-is-model-tokenizer",
+        TRAIN + " --out {tmp}/o.st --checkpoint {model}/tokenizer.json --checkpoint-every 1",
+        {},
+        ["--checkpoint", "tokenizer.json", "--model"],
+        "early",
+    ),
+    (
+        "train-out-new-file-in-model",
+        TRAIN + " --out {model}/new.st",
+        {},
+        ["--out", "new.st", "--model"],
+        "early",
+    ),
+    (
+        "train-out-symlink-to-model-file",
+        TRAIN + " --out {tmp}/link.st",
+        {"link.st": ("link", "{model}/model.safetensors")},
+        ["--out", "link.st", "resolved", "--model"],
+        "early",
+    ),
+    (
+        "train-out-under-symlinked-model",
+        TRAIN + " --out {tmp}/mdir/x.st",
+        {"mdir": ("link", "{model}")},
+        ["--out", "mdir/x.st", "resolved", "--model"],
+        "early",
+    ),
+    (
+        "train-out-hard-link-of-model-file",
+        TRAIN + " --out {tmp}/hard.st",
+        {"hard.st": ("hardlink", "{model}/model.safetensors")},
+        ["--out", "hard.st", "--model"],
+        "early",
+    ),
+    ("train-out-is-target", TRAIN + " --out {tgt}", {}, ["--out", "tgt.txt", "--target"], "early"),
+    (
+        "train-out-in-pipeline",
+        "train --pipeline {realpipe} --source {src} --target {tgt} --out {realpipe}/unet/x.st",
+        {},
+        ["--out", "x.st", "--pipeline"],
+        "early",
+    ),
+    (
+        "bench-out-is-model-config",
+        "bench --model {model} --steering {steer} --out {model}/config.json",
+        {},
+        ["--out", "config.json", "--model"],
+        "early",
+    ),
+    ("fuse-out-inside-model", FUSE + " --out {model}/fused", {}, ["--out", "fused", "--model"], "early"),
+    ("fuse-out-is-steering", FUSE + " --out {steer} --overwrite", {}, ["--out", "--steering"], "early"),
+    ("img-out-in-pipeline", IMG + " --out {pipe}/g.png", {}, ["--out", "g.png", "--pipeline"], "early"),
+    (
+        "gguf-out-is-gguf",
+        "fuse --gguf {tmp}/m.gguf --steering {steer} --out {tmp}/m.gguf --overwrite",
+        {"m.gguf": b"GGUF\x03\x00\x00\x00"},
+        ["--out", "m.gguf", "--gguf"],
+        "early",
+    ),
+    ("sweep-out-is-model", "sweep --model {model} --out {model}", {}, ["--out", "--model"], "early"),
+    # --- model folders load completely or not at all ---------------------------------------------
+    (
+        "train-model-extra-layer",
+        "train --model {extra} --source {src} --target {tgt} --modules " + MODULES + " --out {tmp}/o.st",
+        {},
+        ["--model", "extra", "model.layers.3.mlp.down_proj.weight", "missing", "--allow-missing-weights"],
+        "late",
+    ),
+    (
+        "gen-model-extra-layer",
+        "generate --model {extra} --steering {steer} --prompt hi",
+        {},
+        ["--model", "model.layers.3.", "missing"],
+        "late",
+    ),
+    (
+        "fuse-model-extra-layer",
+        "fuse --model {extra} --steering {steer} --out {tmp}/f",
+        {},
+        ["--model", "model.layers.3.", "missing"],
+        "late",
+    ),
+    (
+        "bench-model-extra-layer",
+        "bench --model {extra} --steering {steer} --out {tmp}/b.json",
+        {},
+        ["--model", "model.layers.3.", "missing"],
+        "late",
+    ),
+    (
+        "train-model-unexpected-tensors",
+        "train --model {fewer} --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--model", "fewer", "model.layers.2.", "not in the model"],
+        "late",
+    ),
+    (
+        "train-model-mismatched-tensors",
+        "train --model {wide} --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--model", "wide", "mlp.down_proj.weight", "another shape"],
+        "late",
+    ),
+    (
+        "train-pipeline-text-encoder-extra-layer",
+        "train --pipeline {pipeextra} --source {src} --target {tgt} --out {tmp}/o.st",
+        {},
+        ["--pipeline", "pipeextra", "encoder.layers.", "missing"],
+        "late",
+    ),
+    # --- negative numbers in every notation are numbers, then checked ----------------------------
+    (
+        "gen-strength-minus-inf",
+        GEN + " --prompt hi --strength -inf",
+        {},
+        ["--strength", "'-inf'", "finite"],
+        "parse",
+    ),
+    (
+        "gen-strength-minus-nan",
+        GEN + " --prompt hi --strength -nan",
+        {},
+        ["--strength", "'-nan'", "finite"],
+        "parse",
+    ),
+    (
+        "train-lr-minus-exponent",
+        TRAIN + " --out {tmp}/o.st --lr -1e-3",
+        {},
+        ["--lr", "'-1e-3'", "> 0"],
+        "parse",
+    ),
+    (
+        "train-sparsity-minus-exponent",
+        TRAIN + " --out {tmp}/o.st --sparsity -1E-2",
+        {},
+        ["--sparsity", "-1E-2"],
+        "parse",
+    ),
+    (
+        "gen-temperature-minus-trailing-dot",
+        GEN + " --prompt hi --temperature -5.",
+        {},
+        ["--temperature", "-5."],
+        "parse",
+    ),
+    (
+        "img-strengths-minus-inf",
+        IMG + " --strengths 0 -inf --out {tmp}/g.png",
+        {},
+        ["--strengths", "-inf"],
+        "parse",
+    ),
+    (
+        "img-guidance-minus-infinity",
+        IMG + " --guidance -Infinity --out {tmp}/g.png",
+        {},
+        ["--guidance", "-Infinity"],
+        "parse",
+    ),
+    (
+        "train-seed-minus-exponent",
+        TRAIN + " --out {tmp}/o.st --seed -1e3",
+        {},
+        ["--seed", "-1e3", "int"],
+        "parse",
+    ),
+    ("fuse-strength-minus-inf", FUSE + " --out {tmp}/f --strength -inf", {}, ["--strength", "-inf"], "parse"),
+    (
+        "bench-strength-minus-inf",
+        "bench --model {model} --steering {steer} --strength -inf --out {tmp}/b.json",
+        {},
+        ["--strength", "-inf"],
+        "parse",
+    ),
+    # --- an option given twice, abbreviations -----------------------------------------------------
+    (
+        "gen-strength-twice",
+        GEN + " --prompt hi --strength 1 --strength 2",
+        {},
+        ["--strength given twice"],
+        "parse",
+    ),
+    ("train-out-twice", TRAIN + " --out {tmp}/a.st --out {tmp}/b.st", {}, ["--out given twice"], "parse"),
+    (
+        "train-modules-twice",
+        TRAIN + " --modules=.*norm --out {tmp}/o.st",
+        {},
+        ["--modules given twice"],
+        "parse",
+    ),
+    (
+        "fuse-no-strict-twice",
+        FUSE + " --out {tmp}/f --no-strict --no-strict",
+        {},
+        ["--no-strict given twice"],
+        "parse",
+    ),
+    (
+        "img-strengths-twice",
+        IMG + " --strengths 0 1 --strengths 2 --out {tmp}/g.png",
+        {},
+        ["--strengths given twice"],
+        "parse",
+    ),
+    (
+        "bench-batch-twice",
+        "bench --model {model} --steering {steer} --batch 1 --batch 2 --out {tmp}/b.json",
+        {},
+        ["--batch given twice"],
+        "parse",
+    ),
+    ("gen-no-is-not-no-strict", GEN + " --prompt hi --no", {}, ["unrecognized arguments: --no"], "parse"),
+    (
+        "fuse-overwrite-abbreviated",
+        FUSE + " --out {tmp}/f --over",
+        {},
+        ["unrecognized arguments: --over"],
+        "parse",
+    ),
+    (
+        "train-steps-abbreviated",
+        TRAIN + " --out {tmp}/o.st --step 3",
+        {},
+        ["unrecognized arguments: --step"],
+        "parse",
+    ),
+    # --- --out - ----------------------------------------------------------------------------------
+    ("train-out-stdout", TRAIN + " --out -", {}, ["--out '-'", "standard output"], "early"),
+    (
+        "train-checkpoint-stdout",
+        TRAIN + " --out {tmp}/o.st --checkpoint - --checkpoint-every 1",
+        {},
+        ["--checkpoint '-'", "standard output"],
+        "early",
+    ),
+    ("fuse-out-stdout", FUSE + " --out -", {}, ["--out '-'", "standard output"], "early"),
+    ("bench-out-stdout", "bench --model {model} --steering {steer} --out -", {}, ["--out '-'"], "early"),
+    ("img-out-stdout", IMG + " --out -", {}, ["--out '-'"], "early"),
+    ("demo-out-stdout", "demo --out -", {}, ["--out '-'"], "early"),
+    # --- module regexes that could backtrack for hours --------------------------------------------
+    (
+        "train-modules-alternation-under-star",
+        "train --model {model} --source {src} --target {tgt} --modules (.|.)*Y --out {tmp}/o.st",
+        {},
+        ["--modules", "(.|.)*Y", "backtrack"],
+        "parse",
+    ),
+    (
+        "train-modules-nested-plus",
+        "train --model {model} --source {src} --target {tgt} --modules (a+)+ --out {tmp}/o.st",
+        {},
+        ["--modules", "(a+)+", "repeat inside a repeat"],
+        "parse",
+    ),
+    (
+        "train-loss-modules-nested-star",
+        TRAIN + " --loss-modules (x*)*y --out {tmp}/o.st",
+        {},
+        ["--loss-modules", "(x*)*y"],
+        "parse",
+    ),
+    (
+        "train-modules-many-wildcards",
+        "train --model {model} --source {src} --target {tgt} --modules .*.*.*.*.*x --out {tmp}/o.st",
+        {},
+        ["--modules", "wildcards"],
+        "parse",
+    ),
+    (
+        "demo-modules-alternation-under-star",
+        "demo --modules (.|.)*Y --out {tmp}/demo",
+        {},
+        ["--modules", "(.|.)*Y"],
+        "parse",
+    ),
+    ("sweep-modules-nested", "sweep --modules (a+)+ --out {tmp}/sw", {}, ["--modules", "(a+)+"], "parse"),
+    (
+        "sweep-loss-modules-nested",
+        "sweep --loss-modules (a+)+ --out {tmp}/sw",
+        {},
+        ["--loss-modules", "(a+)+"],
+        "early",
+    ),
 ]
 
 
@@ -543,6 +854,16 @@ def spies(monkeypatch):
     return calls
 
 
+def snapshot(folder: str) -> dict:
+    """{path: (size, mtime ns)} of every entry under ``folder``."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(root, name))
+            out[os.path.join(root, name)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 def run(argv, capsys):
     rc = main(argv)
     cap = capsys.readouterr()
@@ -554,8 +875,13 @@ def test_bad_input_exits_2_with_one_line(cmd, files, culprits, stage, shared, tm
     for name, content in files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        if isinstance(content, tuple):  # ("link" | "hardlink", target)
+            kind, target = content[0], content[1].format(tmp=tmp_path, **shared)
+            (os.symlink if kind == "link" else os.link)(target, path)
+        else:
+            (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     before = {str(p) for p in tmp_path.rglob("*")}
+    inputs_before = snapshot(os.path.dirname(shared["model"]))
     argv = [a.replace("~", " ") for a in cmd.format(tmp=tmp_path, **shared).split(" ")]
     rc, out, err = run(argv, capsys)
     lines = err.strip().splitlines()
@@ -566,6 +892,7 @@ def test_bad_input_exits_2_with_one_line(cmd, files, culprits, stage, shared, tm
     for c in culprits:
         assert c in lines[0], (c, lines[0])
     assert {str(p) for p in tmp_path.rglob("*")} == before  # nothing written
+    assert snapshot(os.path.dirname(shared["model"])) == inputs_before  # no input touched
     if stage in ("parse", "early"):
         assert spies == {"load": 0, "train": 0}, "failed late: a model was loaded or trained"
 
@@ -712,3 +1039,67 @@ def test_a_fingerprint_mismatch_names_no_strict(shared, tmp_path, capsys):
     assert rc == 2 and "--no-strict" in err and not (tmp_path / "f").exists(), err
     rc, _, err = run(argv + ["--out", str(tmp_path / "f"), "--no-strict"], capsys)  # reaches lf.fuse
     assert rc == 0 and os.path.isfile(tmp_path / "f" / "config.json"), err
+
+
+# --- positive controls of the CLI edges -----------------------------------------------------------
+def test_negative_numbers_in_exponent_notation_are_values_and_prompts_run_in_batches(
+    shared, tmp_path, capsys, monkeypatch
+):
+    from transformers import GenerationMixin
+
+    sizes = []
+    generate = GenerationMixin.generate
+
+    def spy(self, *a, **k):
+        sizes.append(k["input_ids"].shape[0])
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"prompt number {i}" for i in range(5)) + "\n")
+    argv = ["generate", "--model", shared["model"], "--steering", shared["steer"], "--strength", "-1e-1"]
+    rc, out, err = run(
+        argv + ["--prompts-file", str(prompts), "--batch-size", "2", "--max-new-tokens", "2"], capsys
+    )
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert rc == 0, err
+    assert [x["prompt"] for x in lines] == [f"prompt number {i}" for i in range(5)]
+    assert all(x["strength"] == -0.1 for x in lines) and sizes == [2, 2, 1]
+
+
+def test_allow_missing_weights_loads_an_incomplete_folder(shared, tmp_path, capsys):
+    argv = ["train", "--model", shared["extra"], "--source", shared["src"], "--target", shared["tgt"]]
+    argv += ["--modules", MODULES, "--steps", "1", "--out", str(tmp_path / "o.st")]
+    rc, _, err = run(argv + ["--allow-missing-weights"], capsys)
+    assert rc == 0 and (tmp_path / "o.st").is_file(), err
+
+
+@pytest.mark.parametrize(
+    "pattern,refused",
+    [
+        (".*post.*layernorm", False),
+        (MODULES, False),
+        (r"model\.layers\.\d+\.(input|post_attention)_layernorm", False),
+        (r".*(q|k|v)_proj", False),
+        ("(q|k|v)+_proj", False),  # one character per branch: a class, no backtracking
+        ("(.|.)*Y", True),
+        ("(a|ab)*c", True),
+        ("(a+)+", True),
+        (r"(\w*\.)*norm", True),
+        ("(x{1,9})*", True),
+        (".*.*.*.*.*x", True),
+    ],
+)
+def test_module_regex_complexity_rule(pattern, refused):
+    from lineas_fast.cli.patterns import complexity_problem
+
+    assert (complexity_problem(pattern) is not None) == refused
+
+
+def test_a_slow_module_regex_is_stopped_by_the_match_bound():
+    from lineas_fast.cli.patterns import match_time_problem
+
+    names = ["model.layers.0.mlp", "a" * 40]
+    assert match_time_problem(MODULES, names, seconds=30) is None
+    why = match_time_problem("(a|a)*b", names, seconds=1)  # 2^40 steps: killed at the bound
+    assert why is not None and "2 module names" in why
