@@ -33,6 +33,7 @@ test can kill it exactly there. Stages: ``written`` (temporary complete, destina
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import hashlib
@@ -395,7 +396,6 @@ def _renameat2():
 def _exchange(a: str, b: str) -> bool:
     """Swap two existing paths in one atomic step (Linux renameat2); False where the system or
     the filesystem cannot."""
-    import ctypes
 
     fn = _renameat2()
     if fn is None:
@@ -457,7 +457,6 @@ def _move_in_new(tmp: str, path: str) -> None:
     if fn is not None:
         if fn(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_NOREPLACE) == 0:
             return
-        import ctypes
 
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):

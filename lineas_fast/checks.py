@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 
 class ArgumentError(ValueError):
     """A bad argument value; ``argument`` names the library argument it is about (e.g.
@@ -58,7 +60,6 @@ def choice(value, name: str, options) -> str:
 
 def finite_tensors(what: str, **tensors) -> None:
     """Every tensor finite (one host sync per call: for set-up, never per step)."""
-    import torch
 
     bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:

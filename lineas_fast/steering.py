@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import re
 from typing import Mapping, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from lineas_fast._version import __version__
 from lineas_fast.atomic import atomic_path
 from lineas_fast.checks import ArgumentError, finite_tensors, number
 from lineas_fast.hooks import SteeredForward, check_free, make_steer
@@ -67,7 +71,6 @@ def check_metadata(meta: Mapping, where: str) -> dict:
     other types become int/float, paths strings), nested at most 64 deep, with ``model`` the
     model fingerprint object (``model_fingerprint(model)``) or None. Returns a plain copy;
     TypeError/ValueError naming ``where`` and the key otherwise."""
-    import numbers
 
     def plain(value, key: str):
         if value is None or isinstance(value, (str, bool)):
@@ -337,9 +340,6 @@ class Steering:
         written (``check_metadata``: JSON values only, string keys, depth ≤ 64; ``model`` the
         fingerprint object or None), and the temporary file is read back with ``load`` before it
         replaces ``path``: a file ``load`` would refuse never replaces an existing one."""
-        from safetensors.torch import save_file
-
-        from lineas_fast._version import __version__
 
         path = os.fspath(path)
         if os.path.isdir(path):
@@ -385,7 +385,6 @@ class Steering:
         float32, and refused when a value does not fit float32; float8, integer and bool
         tensors are refused. Memory used by a refusal is bounded by the header, never by the
         declared shapes. Any problem: ValueError naming the file (and the tensor or key)."""
-        from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
         if not os.path.isfile(path):

@@ -25,6 +25,8 @@ import tarfile
 import tempfile
 import zipfile
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from lineas_fast.atomic import default_mode
 
 
@@ -152,7 +154,6 @@ def _plain_folder(out: str, folder: str, gguf: str) -> str:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise AssetError(f"reading the GGUF file needs {missing}: `pip install -e '.[demo]'`")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)

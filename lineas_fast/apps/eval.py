@@ -6,6 +6,7 @@ import math
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
@@ -18,7 +19,6 @@ def continuations(
     progress: bool = False,
 ) -> list[str]:
     """Greedy continuations (text after the prompt), left-padded batches."""
-    from tqdm.auto import tqdm
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     if tokenizer.pad_token_id is None:
@@ -59,7 +59,6 @@ def perplexity(
 ) -> float:
     """exp(mean negative log-likelihood per predicted token) over ``texts``, each truncated to
     ``max_length`` tokens; padding excluded."""
-    from tqdm.auto import tqdm
 
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     if tokenizer.pad_token_id is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -35,10 +36,12 @@ from lineas_fast.apps.assets import wikipedia_extracts
 from lineas_fast.apps.demo import draw_demo_sentences, evaluate, gate_opening_report
 from lineas_fast.atomic import atomic_path
 from lineas_fast.checks import choice, integer, number
-from lineas_fast.steering import Steering
+from lineas_fast.steering import Steering, model_fingerprint
+from lineas_fast.training.checkpoints import _weights_sample
 from lineas_fast.training.gates import fit_gates
 from lineas_fast.training.linear_act import fit_linear_act, fit_mean_shift
 from lineas_fast.training.trainer import TrainConfig, train
+from lineas_fast.untrusted import MAX_HEADER_BYTES, json_loads
 
 METHODS = ("lineas", "mean_shift", "linear_act")
 GATE_LEVELS = (None, "sentence", "token")
@@ -367,8 +370,6 @@ def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progre
 def _model_digest(model) -> str:
     """sha256 of the model's fingerprint (architecture, parameter shapes) and a sample of its
     weights: another model under the same name reads as another model."""
-    from lineas_fast.steering import model_fingerprint
-    from lineas_fast.training.checkpoints import _weights_sample
 
     fp = {k: v for k, v in model_fingerprint(model).items() if k != "name_or_path"}
     blob = json.dumps({**fp, "weights": _weights_sample(model)}, sort_keys=True)
@@ -403,7 +404,6 @@ def _previous_rows(path: str, settings: dict) -> dict:
     ``settings`` and a list of ``rows``, each row with its keys of the right types
     (``_check_row``); a file that is not is an error naming it (and the row), never
     overwritten."""
-    from lineas_fast.untrusted import MAX_HEADER_BYTES, json_loads
 
     try:
         with open(path, "rb") as f:
@@ -441,7 +441,6 @@ def _previous_rows(path: str, settings: dict) -> dict:
 
 def _check_row(row) -> str | None:
     """Why a row read back from sweep.json cannot be reused, or None."""
-    import math
 
     if not isinstance(row, dict):
         return f"is {type(row).__name__}, expected an object"

@@ -21,6 +21,7 @@ from typing import Sequence, Union
 
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lineas_fast._version import __version__
 from lineas_fast.checks import number
@@ -379,7 +380,6 @@ def to_llama(model: nn.Module) -> nn.Module:
     gate_up_proj split into q/k/v_proj and gate/up_proj, with full-head default RoPE, no
     sliding window and no residual dropout). Existing biases are kept; a Llama bias flag is on
     when any Linear it governs has a bias; new biases are zero."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg, mtype = model.config, model_type_of(model)
     fam = FAMILIES.get(mtype)

@@ -37,6 +37,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from lineas_fast._version import __version__
 from lineas_fast.atomic import atomic_path
 from lineas_fast.checks import ArgumentError, number
 from lineas_fast.fold.fusion import FusionError, effective_map, refuse_gates
@@ -425,8 +426,6 @@ def _write(
     reader, arch: str, new: dict, out: str, steerings, strength: float, inverse: bool, report: dict
 ) -> None:
     import gguf
-
-    from lineas_fast._version import __version__
 
     layout = _layout(reader, new)
     with atomic_path(out) as tmp:

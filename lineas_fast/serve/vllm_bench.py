@@ -15,6 +15,8 @@ import json
 import sys
 import time
 
+from lineas_fast.serve.bench import random_prompts, rates
+
 
 def load_llm(
     folder: str,
@@ -52,7 +54,6 @@ def greedy_ids(llm, prompt_ids: list[list[int]], new_tokens: int) -> list[list[i
 def vllm_throughput(
     llm, batches, prompt_len: int, new_tokens: int, repeats: int, vocab_size: int, seed: int = 0
 ) -> list[dict]:
-    from lineas_fast.serve.bench import random_prompts, rates
 
     rows = []
     for b in batches:

@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import torch
 
+from lineas_fast._version import __version__
 from lineas_fast.atomic import atomic_path, file_kind
 from lineas_fast.training.checkpoint_checks import (
     CheckpointError,
@@ -114,7 +115,6 @@ def save_checkpoint(path, step, cfg, identity, maps, gates, opt, sched, gen, his
     """Maps, gates, optimizer, scheduler and RNG state after ``step`` steps, with what the run
     must match to be resumed; written atomically (the old checkpoint stays until the new one is
     complete). Non-finite maps are refused (TrainingDivergedError), the old checkpoint kept."""
-    from lineas_fast._version import __version__
 
     check_finite(maps, gates, step, path)
     state = {

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from lineas_fast.checks import ArgumentError, choice, integer, number
 from lineas_fast.kernels._backend import use_triton
@@ -32,6 +33,7 @@ from lineas_fast.training.checkpoints import (
     run_identity,
     save_checkpoint,
 )
+from lineas_fast.training.linear_act import fit_linear_act
 from lineas_fast.wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
 
 
@@ -595,8 +597,6 @@ def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
     if isinstance(init, Steering):
         given = target.resolve(init)
     elif init == "linear_act":
-        from lineas_fast.training.linear_act import fit_linear_act
-
         given = fit_linear_act(target, None, source, target_texts, cfg.modules)
     else:
         given = None
@@ -621,6 +621,5 @@ def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
 
 
 def _progress(enabled, first, total):
-    from tqdm.auto import tqdm
 
     return tqdm(disable=not enabled, initial=first, total=total, desc="lineas", leave=False)
