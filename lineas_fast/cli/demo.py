@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lineas_fast.apps import assets
 from lineas_fast.apps.demo import load_demo_data, run_demo
-from lineas_fast.cli.common import SEED, CLIError, check_output_dir, integer, real, regex
+from lineas_fast.cli.common import SEED, CLIError, check_match_time, check_output_dir, integer, real, regex
 
 NAME = "demo"
 HELP = "steer SmolLM2-135M away from insults and measure it"
@@ -52,6 +52,7 @@ def run(args) -> int:
         raise CLIError(str(e)) from None
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    check_match_time(args.modules, "--modules", model)
     run_demo(
         model,
         tok,

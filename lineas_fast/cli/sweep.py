@@ -24,6 +24,7 @@ from lineas_fast.cli.common import (
     SEED,
     CLIError,
     add_allow_missing,
+    check_match_time,
     check_model_dir,
     check_output_dir,
     integer,
@@ -101,7 +102,10 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
             try:
                 rec = Recipe(**r)
                 rec.check()
-            except (TypeError, ValueError) as e:
+                for pattern in (rec.modules, rec.loss_modules):
+                    if pattern:
+                        regex(pattern)  # the command line's backtracking rule (cli/patterns.py)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                 raise CLIError(f"--recipes {args.recipes!r}: item {i}: {e}") from None
             out.append(rec)
         return out
@@ -159,6 +163,8 @@ def run(args) -> int:
     model, tok = load_model(folder, allow_missing=args.allow_missing_weights)
     if not args.recipes and not args.modules:  # the family's default modules
         recipes = recipes_from_args(args, model.config.model_type)
+    for pattern in dict.fromkeys(p for r in recipes for p in (r.modules, r.loss_modules) if p):
+        check_match_time(pattern, "--recipes" if args.recipes else "--modules/--loss-modules", model)
     torch.set_grad_enabled(True)
     res = run_sweep(
         model,

@@ -805,6 +805,13 @@ CASES = [
     ),
     ("sweep-modules-nested", "sweep --modules (a+)+ --out {tmp}/sw", {}, ["--modules", "(a+)+"], "parse"),
     (
+        "sweep-recipe-modules-nested",
+        "sweep --recipes {tmp}/r.json --out {tmp}/sw",
+        {"r.json": '[{"modules": "(a+)+"}]'},
+        ["--recipes", "item 0", "(a+)+", "repeat inside a repeat"],
+        "early",
+    ),
+    (
         "sweep-loss-modules-nested",
         "sweep --loss-modules (a+)+ --out {tmp}/sw",
         {},
