@@ -24,13 +24,17 @@
 # failure per finding; a lane that fails without a failure counted in its XMLs, e.g. a crashed
 # pytest, counts as one failure). The exit status is non-zero when any lane failed. pytest's exit
 # code 5 (nothing collected) counts as a pass, for a lane that collects nothing (gpu without CUDA).
-# Writes nothing outside the repository but LINEAS_FAST_CACHE (models, serving venvs, wheels),
-# pip's cache and temporary folders it removes.
+# Writes nothing outside the repository but LINEAS_FAST_CACHE (default ~/.cache/lineas_fast: models,
+# serving venvs, llama.cpp wheel, and the Triton and TorchInductor caches unless TRITON_CACHE_DIR /
+# TORCHINDUCTOR_CACHE_DIR are set), pip's cache and one temporary folder it removes (junit XMLs and
+# pytest's tmp_path folders, --basetemp).
 # Internal: TESTS_JUNIT_DIR (write the XMLs there, print no total: the caller counts) and
 # TESTS_LANE_PREFIX (prefix of the XML names) are how the venv lane runs this script inside the venv.
 set -u
 cd "$(dirname "$0")/.."
 export TRITON_DEFAULT_FP_FUSION=1
+cache=${LINEAS_FAST_CACHE:-$HOME/.cache/lineas_fast}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$cache/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$cache/torchinductor}
 PY=$("${PYTHON:-python}" -c 'import sys; print(sys.executable)') || { echo "no python: ${PYTHON:-python}"; exit 2; }
 export PYTHON=$PY
 LANES="lint | cpu | interpret | compile | gpu | serving | venv"
@@ -132,7 +136,7 @@ venv() {          # a fresh virtualenv set up as README.md says, running $VENV_L
 }
 
 for lane in "$@"; do
-  xml=(--junitxml "$junit/$prefix$lane.xml")
+  xml=(--junitxml "$junit/$prefix$lane.xml" --basetemp "$junit/tmp-$prefix$lane")
   case $lane in
     lint) run_lane lint lint ;;
     cpu) run_lane cpu "$PY" -m pytest -q "${xml[@]}" tests/cpu ;;
