@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import importlib.util
 import json
 import math
 import os
@@ -275,6 +276,11 @@ def check_output_dir(
     refuse_inputs(path, flag, inputs)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise CLIError(f"{flag} {path!r} is a file; expected a folder")
+    if os.path.ismount(path):
+        raise CLIError(
+            f"{flag} {path!r} is a mount point: a folder output is written beside it and swapped in, "
+            f"which a mount point cannot be; write to a folder inside it"
+        )
     if overwrite is False and os.path.isdir(path) and os.listdir(path):
         raise CLIError(f"{flag} folder {path!r} is not empty; pass --overwrite to replace it")
     real_out = os.path.realpath(path)
@@ -660,3 +666,12 @@ def fits(steering, model, args, flag: str = "--model") -> None:
             f"--steering {args.steering!r} does not fit {flag} "
             f"{getattr(args, flag[2:])!r}: {one_line(e)}{hint}"
         ) from None
+
+
+def need_matplotlib(command: str) -> None:
+    """``command`` draws its plots with matplotlib: refuse before any work when it is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError(
+            f"{command} draws its plots with matplotlib, which is not installed: "
+            f"pip install matplotlib (or pip install 'lineas_fast[demo]'); nothing was run"
+        )

@@ -8,7 +8,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lineas_fast.apps import assets
 from lineas_fast.apps.demo import load_demo_data, run_demo
-from lineas_fast.cli.common import SEED, CLIError, check_match_time, check_output_dir, integer, real, regex
+from lineas_fast.cli.common import (
+    SEED,
+    CLIError,
+    check_match_time,
+    check_output_dir,
+    integer,
+    need_matplotlib,
+    real,
+    regex,
+)
 
 NAME = "demo"
 HELP = "steer SmolLM2-135M away from insults and measure it"
@@ -39,6 +48,7 @@ def check_args(args) -> None:
     """The checks of ``demo`` that need no download, model or data (a CLIError names the
     argument): the output folder can be written."""
     check_output_dir(args.out, "--out", inside=True)
+    need_matplotlib("lineas-fast demo")
 
 
 def run(args) -> int:

@@ -49,6 +49,11 @@ def add_arguments(f) -> None:
     )
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     f.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
+    f.add_argument(
+        "--compose",
+        action="store_true",
+        help="fold on top of a model (or GGUF) that already carries a fold (refused otherwise)",
+    )
     add_allow_missing(f)
 
 
@@ -72,25 +77,28 @@ def run(args) -> int:
     flag = "--model" if args.model else "--pipeline"
     fits(steering, model, args, flag)
     try:
-        model = fuse(model, steering, strength=args.strength, strict=not args.no_strict)
+        model = fuse(model, steering, strength=args.strength, strict=not args.no_strict, compose=args.compose)
     except (ValueError, TypeError) as e:  # FusionError is a ValueError
         raise CLIError(
             f"--steering {args.steering!r} cannot be folded into {flag} "
             f"{getattr(args, flag[2:])!r}: {one_line(e)}"
         ) from None
     with quiet_loading():
-        write_checkpoint(model, tok, args.out, steering, args.strength, args.steering)
+        write_checkpoint(model, tok, args.out, steering, args.strength, args.steering, args.overwrite)
     print(f"wrote {args.out} ({type(model).__name__}, strength {args.strength})")
     return 0
 
 
-def write_checkpoint(model, tokenizer, out: str, steering, strength: float, source: str) -> None:
+def write_checkpoint(
+    model, tokenizer, out: str, steering, strength: float, source: str, overwrite: bool = True
+) -> None:
     """save_pretrained (a model or a diffusers pipeline), the tokenizer and the model card into a
     temporary sibling folder, then swap it in for ``out`` (``atomic.atomic_dir``): ``out`` is at
     every moment the old complete folder or the new one; a failed, interrupted (Ctrl-C, SIGTERM)
     or killed write leaves the old folder and no temporary behind (a SIGKILLed one's temporary is
-    removed by the next write)."""
-    with atomic_dir(out) as tmp:
+    removed by the next write). Without ``overwrite`` the folder must still be new (or empty)
+    when the write completes: a concurrent writer that got there first wins, this one fails."""
+    with atomic_dir(out, exclusive=not overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

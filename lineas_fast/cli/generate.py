@@ -48,6 +48,9 @@ def add_arguments(g) -> None:
         help="prompts generated together (default: %(default)s)",
     )
     g.add_argument("--no-strict", action="store_true", help="skip the model-fingerprint check")
+    g.add_argument(
+        "--compose", action="store_true", help="steer a model that already carries a fold (refused otherwise)"
+    )
     add_allow_missing(g)
 
 
@@ -85,7 +88,7 @@ def run(args) -> int:
     )
     if args.temperature > 0:
         gen_kw["temperature"] = args.temperature
-    with steering.apply(model, strength=args.strength, strict=not args.no_strict):
+    with steering.apply(model, strength=args.strength, strict=not args.no_strict, compose=args.compose):
         for start in range(0, len(texts), args.batch_size):  # memory bounded by --batch-size
             batch = texts[start : start + args.batch_size]
             enc = tok(batch, return_tensors="pt", padding=True)

@@ -36,7 +36,9 @@ def run(args) -> int:
     if importlib.util.find_spec("gguf") is None:  # the optional reader and writer
         raise CLIError("--gguf needs the `gguf` package: pip install gguf")
     try:
-        report = fuse_gguf(args.gguf, steering, args.strength, args.out, strict=not args.no_strict)
+        report = fuse_gguf(
+            args.gguf, steering, args.strength, args.out, strict=not args.no_strict, compose=args.compose
+        )
     except (ValueError, TypeError) as e:  # FusionError is a ValueError
         raise CLIError(
             f"--steering {args.steering!r} cannot be folded into --gguf {args.gguf!r}: {one_line(e)}"

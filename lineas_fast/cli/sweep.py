@@ -29,6 +29,7 @@ from lineas_fast.cli.common import (
     check_output_dir,
     integer,
     load_model,
+    need_matplotlib,
     real,
     regex,
 )
@@ -144,6 +145,7 @@ def _regex(value: str, flag: str) -> str:
 def run(args) -> int:
     inputs = {"--model": None if args.model in MODELS else args.model, "--recipes": args.recipes}
     check_output_dir(args.out, "--out", inside=True, inputs=inputs)
+    need_matplotlib("lineas-fast sweep")
     recipes = recipes_from_args(args)  # checks the file and the values early
     n_max = max(r.n_train for r in recipes)
     if n_max > POOL:
