@@ -7,6 +7,7 @@ lineas_fast, lineas_fast.kernels included, never the source folder."""
 
 import hashlib
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -133,3 +134,56 @@ def test_the_serving_venv_imports_the_installed_lineas_fast(tmp_path, parent):
     own, path = order[0], [os.path.realpath(p) for p in order[1:] if p]
     parent_dirs = describe(python, tmp_path)[2]
     assert path.index(os.path.realpath(own)) < min(path.index(d) for d in parent_dirs)
+
+
+@pytest.fixture
+def conda_style_prefix(tmp_path):
+    """A prefix whose python is not a virtualenv (no pyvenv.cfg; sys.prefix == sys.base_prefix, its
+    own lib/pythonX.Y/site-packages), as a conda environment: this interpreter's base binary and
+    standard library under a new prefix, and a site-packages whose .pth adds this interpreter's
+    site directories (as `conda develop` does), so lineas_fast and torch are installed there."""
+    base = sys.base_prefix
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    stdlib = os.path.join(base, "lib", version)
+    if not os.path.isfile(os.path.join(stdlib, "os.py")):
+        pytest.skip(f"{base} has no lib/{version}/os.py (not a prefix-layout Python)")
+    prefix = tmp_path / "conda-env"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "lib" / version / "site-packages").mkdir(parents=True)
+    for name in os.listdir(os.path.join(base, "lib")):  # libpython, if the binary links it by $ORIGIN
+        if name != version:
+            (prefix / "lib" / name).symlink_to(os.path.join(base, "lib", name))
+    for name in os.listdir(stdlib):
+        if name != "site-packages":
+            (prefix / "lib" / version / name).symlink_to(os.path.join(stdlib, name))
+    shutil.copy2(os.path.realpath(sys._base_executable), prefix / "bin" / "python")
+    ours = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    with open(prefix / "lib" / version / "site-packages" / "develop.pth", "w") as f:
+        f.writelines(f"import site; site.addsitedir({d!r})\n" for d in sys.path if d in ours)
+    python = str(prefix / "bin" / "python")
+    facts = subprocess.run(
+        [python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    if facts != [str(prefix)] * 2:
+        pytest.skip(f"a copy of {sys._base_executable} does not take its prefix from its location: {facts}")
+    return python, str(prefix), str(prefix / "lib" / version / "site-packages")
+
+
+def test_a_conda_style_prefix_as_parent(tmp_path, conda_style_prefix):
+    python, prefix, purelib = conda_style_prefix
+    folder, stamp, dirs = describe(python, tmp_path)
+    assert dirs == [purelib] and f"parent {prefix} " in stamp
+    assert folder == str(tmp_path / f"venv-serving-{hashlib.sha256(prefix.encode()).hexdigest()[:12]}")
+    serving = venv_sh(python, "--link-only", cache=tmp_path)[-1]
+    proc = subprocess.run(
+        [serving, "-c", "import sys, torch, lineas_fast.kernels; print(sys.prefix); print(sys.base_prefix)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [os.path.dirname(os.path.dirname(serving)), prefix]

@@ -53,7 +53,9 @@ for entry in sys.path:  # in the parent's order, each once (lib64 is often a lin
     real = os.path.realpath(entry) if entry else ""
     if real in wanted and real not in dirs and os.path.isdir(real):
         dirs.append(real)
-dists = sorted({(d.metadata["Name"] or "?").lower() + " " + d.version for d in md.distributions(path=dirs)})
+# what the parent imports from (its .pth files' directories too), not the current directory
+seen = [p for p in sys.path if p and os.path.realpath(p) != os.path.realpath(os.getcwd())]
+dists = sorted({(d.metadata["Name"] or "?").lower() + " " + d.version for d in md.distributions(path=seen)})
 try:
     torch = md.version("torch")
 except md.PackageNotFoundError:
