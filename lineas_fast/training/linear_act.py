@@ -10,6 +10,8 @@ import torch
 
 from lineas_fast.steering import Steering
 from lineas_fast.targets import as_target
+from lineas_fast.training.distributed import agreed, describe, settings_digest
+from lineas_fast.training.distributed import setup as setup_ranks
 from lineas_fast.wasserstein import TargetProfile
 
 
@@ -58,10 +60,13 @@ def fit_linear_act(
     autocast_dtype: torch.dtype | None = None,
     timestep: int | None = None,
     seed: int = 0,
+    distributed: bool | None = None,
 ) -> Steering:
     """Fit Linear-AcT maps module after module (in execution order), each on source
     activations with the earlier modules' maps active, against the untouched model's target.
-    ``model`` may be a diffusers pipeline (``tokenizer`` None) or a ``Target`` (see ``lf.train``)."""
+    ``model`` may be a diffusers pipeline (``tokenizer`` None) or a ``Target`` (see ``lf.train``).
+    Under torchrun (``distributed`` as for ``lf.train``) each rank reads its share of the
+    sentences and the pooled activations are gathered: every rank fits the same maps."""
     return fit_per_module(
         model,
         tokenizer,
@@ -74,6 +79,7 @@ def fit_linear_act(
         autocast_dtype=autocast_dtype,
         timestep=timestep,
         seed=seed,
+        ranks=setup_ranks(distributed),
     )
 
 
@@ -99,12 +105,14 @@ def fit_mean_shift(
     timestep: int | None = None,
     seed: int = 0,
     sequential: bool = True,
+    distributed: bool | None = None,
 ) -> Steering:
     """The mean-shift baseline (the additive steering vectors of repeng or steering-vectors):
     ω = 1, b = mean(target) − mean(source) of the pooled activations, per module. With
     ``sequential`` (default) each module's shift is measured with the earlier modules' shifts
     active, as Linear-AcT does, so stacked layers do not add up the same shift; with
-    ``sequential=False`` every shift is measured on the untouched model."""
+    ``sequential=False`` every shift is measured on the untouched model. ``distributed``: as
+    for ``fit_linear_act``."""
     return fit_per_module(
         model,
         tokenizer,
@@ -118,6 +126,7 @@ def fit_mean_shift(
         timestep=timestep,
         seed=seed,
         sequential=bool(sequential),
+        ranks=setup_ranks(distributed),
     )
 
 
@@ -135,24 +144,42 @@ def fit_per_module(
     timestep=None,
     seed: int = 0,
     sequential: bool = True,
+    ranks=None,
 ) -> Steering:
     """Fit ``map_fn(source (n, d), target (m, d)) -> (ω, b)`` at each module in execution
     order; with ``sequential`` the maps fitted so far are active while the next module's
-    source activations are read."""
-    steered = as_target(
-        model, tokenizer, max_length=max_length, autocast_dtype=autocast_dtype, timestep=timestep, seed=seed
-    )
-    names = steered.match(modules, "modules")
-    steered.require(names)
-    src, tgt = steered.encode(source, "source"), steered.encode(target, "target")
+    source activations are read. With ``ranks`` (``lineas_fast.training.distributed``) each rank
+    reads its share of the sentences and the rows are gathered, so every rank fits the same maps."""
+    with agreed(ranks) as agreement:
+        steered = as_target(
+            model,
+            tokenizer,
+            max_length=max_length,
+            autocast_dtype=autocast_dtype,
+            timestep=timestep,
+            seed=seed,
+        )
+        names = steered.match(modules, "modules")
+        steered.require(names)
+        src, tgt = steered.encode(source, "source"), steered.encode(target, "target")
+        if ranks is not None:
+            counts = {"source sentences": steered.count(src), "target sentences": steered.count(tgt)}
+            ranks.check_counts(**counts)
+        agreement.digest = settings_digest(names, source, target, method, sequential, steered.fingerprint())
+
+    def read(encoded, names):
+        if ranks is None:
+            return steered.pooled(encoded, names, stop=True)
+        return ranks.read(steered, encoded, names)
+
     with steered.frozen(), torch.no_grad():
-        target_acts = steered.pooled(tgt, names, stop=True)
-        source_acts = None if sequential else steered.pooled(src, names, stop=True)
+        target_acts = read(tgt, names)
+        source_acts = None if sequential else read(src, names)
         maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in steered.execution_order(src, names):
             if sequential:
                 with Steering(maps).attach(steered, strict=False) if maps else nullcontext():
-                    x = steered.pooled(src, [name], stop=True)[name]
+                    x = read(src, [name])[name]
             else:
                 x = source_acts[name]
             omega, bias = map_fn(x, target_acts[name])
@@ -166,5 +193,5 @@ def fit_per_module(
     }
     if method == "mean_shift":
         hyper["sequential"] = sequential
-    meta = {"model": steered.fingerprint(), "method": method, "hyperparameters": hyper}
+    meta = {"model": steered.fingerprint(), "method": method, "hyperparameters": hyper, **describe(ranks)}
     return Steering({n: maps[n] for n in names}, meta)

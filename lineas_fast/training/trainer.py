@@ -33,7 +33,9 @@ from lineas_fast.training.checkpoints import (
     run_identity,
     save_checkpoint,
 )
-from lineas_fast.training.linear_act import fit_linear_act
+from lineas_fast.training.distributed import DEFAULT_TIMEOUT, agreed, describe, settings_digest, shard_model
+from lineas_fast.training.distributed import setup as setup_ranks
+from lineas_fast.training.linear_act import fit_per_module, linear_act_map
 from lineas_fast.wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
 
 
@@ -212,7 +214,30 @@ class Trainer:
         timestep: int | None = None,
         resolution: int | None = None,
         read_every: int = 20,
+        distributed: bool | None = None,
+        fsdp: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
     ):
+        # several processes (torchrun): every rank checks the same arguments, then they agree
+        self.ranks = setup_ranks(distributed, timeout, fsdp)
+        with agreed(self.ranks) as agreement:
+            self._prepare(
+                model, tokenizer, source, target, modules, steps, loss_modules, batch_size, optimizer, lr,
+                reduction, sparsity, l1, group, seed, max_length, init, autocast_dtype, checkpoint_every,
+                checkpoint_path, resume_from, callback, progress, backend, gate, gate_kind, control,
+                control_weight, timestep, resolution, read_every,
+            )  # fmt: skip
+            agreement.digest = self._digest()
+        if self.ranks is not None and self.ranks.fsdp:
+            shard_model(self.target)
+
+    def _prepare(
+        self, model, tokenizer, source, target, modules, steps, loss_modules, batch_size, optimizer, lr,
+        reduction, sparsity, l1, group, seed, max_length, init, autocast_dtype, checkpoint_every,
+        checkpoint_path, resume_from, callback, progress, backend, gate, gate_kind, control,
+        control_weight, timestep, resolution, read_every,
+    ) -> None:  # fmt: skip
+        """Check every argument, encode the sentences, read the checkpoint to resume."""
         cfg = TrainConfig(
             modules=modules,
             loss_modules=loss_modules,
@@ -296,10 +321,41 @@ class Trainer:
         self.progress, self.read_every = progress, int(read_every)
         self.checkpoint_every, self.checkpoint_path = int(checkpoint_every), checkpoint_path
         self.n = min(batch_size, steered.count(self.src))
+        if self.ranks is not None:
+            if steered.shared_noise:
+                raise ArgumentError(
+                    "training a diffusers pipeline with shared noise over several processes is not "
+                    "supported; run it in one process",
+                    "distributed",
+                )
+            counts = {"batch_size": self.n, "target sentences": steered.count(self.tgt)}
+            if self.ctrl is not None:
+                counts["control sentences"] = min(self.n, steered.count(self.ctrl))
+            self.ranks.check_counts(**counts)
         self.done = 0  # steps completed
         self.history: list[StepRecord] = []
         self._pending: list = []  # (step, lr, record tensor on the device) not yet read
         self._stack: contextlib.ExitStack | None = None
+
+    def _digest(self) -> str:
+        """What every rank must have been given alike (settings, modules, data, resume step)."""
+        return settings_digest(
+            asdict(self.cfg),
+            self.names,
+            self.loss_names,
+            list(self.texts),
+            [self.read_every, self.checkpoint_every, self.resumed["step"] if self.resumed else None],
+            self.target.fingerprint(),
+            self.identity and self.identity["data"],
+            self.init if isinstance(self.init, (str, type(None))) else "steering",
+        )
+
+    def _read(self, encoded, names, idx=None) -> dict:
+        """Pooled activations of the samples ``idx``: read here, or shared out over the ranks
+        and gathered (``Ranks.read``), the same rows either way."""
+        if self.ranks is None:
+            return self.target.pooled(encoded, names, idx, stop=True)
+        return self.ranks.read(self.target, encoded, names, idx)
 
     @property
     def finished(self) -> bool:
@@ -331,18 +387,19 @@ class Trainer:
     def _setup(self) -> None:
         cfg, t, n = self.cfg, self.target, self.n
         with torch.no_grad():
-            tgt_acts = None if t.shared_noise else t.pooled(self.tgt, self.loss_names, stop=True)
-            self.ctrl_ref = t.pooled(self.ctrl, self.loss_names, stop=True) if self.ctrl is not None else None
+            tgt_acts = None if t.shared_noise else self._read(self.tgt, self.loss_names)
+            self.ctrl_ref = self._read(self.ctrl, self.loss_names) if self.ctrl is not None else None
         self.profiles = (
             None
             if tgt_acts is None
             # shared noise: built every step
             else pack_profiles([TargetProfile(tgt_acts[m], n) for m in self.loss_names])
         )
-        self.maps = _initial_maps(t, *self.texts, self.names, self.init, cfg, self.src)
+        self.maps = _initial_maps(t, *self.texts, self.names, self.init, cfg, self.src, self.ranks)
         self.gates = _initial_gates(self.maps, cfg) if cfg.gate else {}
         params = [p for pair in self.maps.values() for p in pair]
         params += [g[k] for g in self.gates.values() for k in ("w", "c")]
+        self.params = params
         self.opt = (
             torch.optim.SGD(params, lr=cfg.resolved_lr())
             if cfg.optimizer == "sgd"
@@ -360,7 +417,7 @@ class Trainer:
         self.zero = torch.zeros((), device=self.device)
         self.n_src, self.n_tgt = t.count(self.src), t.count(self.tgt)
         self.n_ctrl = t.count(self.ctrl) if self.ctrl is not None else 0
-        self.bar = _progress(self.progress, self.done, cfg.steps)
+        self.bar = _progress(self.progress and (self.ranks is None or self.ranks.main), self.done, cfg.steps)
 
     # --- one step ----------------------------------------------------------------------------
     def step(self) -> None:
@@ -378,7 +435,7 @@ class Trainer:
             acts = t.pooled(src, self.loss_names, stop=True)
         else:
             profiles = self.profiles
-            acts = t.pooled(self.src, self.loss_names, idx, stop=True)
+            acts = self._read(self.src, self.loss_names, idx)
         loss, per_layer = sliced_wasserstein(
             [acts[m].to(dev) for m in self.loss_names],
             profiles,
@@ -389,13 +446,15 @@ class Trainer:
         control_loss = self.zero
         if self.ctrl_ref is not None:
             cidx = torch.randperm(self.n_ctrl, generator=self.gen)[: self.n].tolist()
-            cacts = t.pooled(self.ctrl, self.loss_names, cidx, stop=True)
+            cacts = self._read(self.ctrl, self.loss_names, cidx)
             control_loss = torch.stack(
                 [((cacts[m].to(dev) - self.ctrl_ref[m][cidx].to(dev)) ** 2).mean() for m in self.loss_names]
             ).mean()
             loss = loss + cfg.control_weight * control_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.ranks is not None:  # each rank holds its samples' part of the gradient
+            self.ranks.reduce_grads(self.params)
         self.opt.step()
         proximal_maps(self.maps.values(), tau, cfg.sparsity, cfg.l1, cfg.group)
         self.sched.step()
@@ -414,7 +473,13 @@ class Trainer:
             self.read_records()
         if self.checkpoint_every and (self.done % self.checkpoint_every == 0 or self.finished):
             self.stop.save(self.done)
-        self.stop.check(self.done)  # SIGINT/SIGTERM: checkpoint, then act on the signal
+        if self.ranks is None:
+            self.stop.check(self.done)  # SIGINT/SIGTERM: checkpoint, then act on the signal
+        elif self.done % self.read_every == 0 or self.finished:  # the ranks act on it together
+            signum = self.ranks.any_flag(self.stop.pending or 0)
+            if signum and self.stop.pending is None:
+                self.stop.pending = signum
+            self.stop.check(self.done)
 
     def _shared_noise_batch(self, idx: list[int]):
         """Common random numbers for a ``shared_noise`` target: one fresh noise draw (n, ...)
@@ -440,6 +505,8 @@ class Trainer:
             return []
         values = torch.stack([r for _, _, r in self._pending]).tolist()
         pending, self._pending = self._pending, []
+        if self.ranks is not None:
+            self.ranks.check_same(self.params, pending[-1][0] + 1)
         out = []
         for (step, tau, _), v in zip(pending, values):
             loss, control, support, per_layer = v[0], v[1], int(v[2]), v[3:]
@@ -462,6 +529,8 @@ class Trainer:
     def _save(self, done: int) -> None:
         """Checkpoint after ``done`` steps (records read first: a diverged run saves nothing)."""
         self.read_records()
+        if self.ranks is not None and not self.ranks.main:
+            return  # rank 0 alone writes
         save_checkpoint(
             self.checkpoint_path,
             done,
@@ -496,6 +565,7 @@ class Trainer:
             "method": "lineas",
             "hyperparameters": asdict(self.cfg),
             "history": [asdict(r) for r in self.history],
+            **describe(self.ranks),
         }
         return result
 
@@ -591,13 +661,15 @@ def _initial_gates(maps, cfg) -> dict:
     }
 
 
-def _initial_maps(target: Target, source, target_texts, names, init, cfg, src):
+def _initial_maps(target: Target, source, target_texts, names, init, cfg, src, ranks=None):
     """Leaf (ω, b) float32 per module on its parameters' device: identity, Linear-AcT or a
     given Steering."""
     if isinstance(init, Steering):
         given = target.resolve(init)
     elif init == "linear_act":
-        given = fit_linear_act(target, None, source, target_texts, cfg.modules)
+        given = fit_per_module(
+            target, None, source, target_texts, cfg.modules, linear_act_map, "linear_act", ranks=ranks
+        )
     else:
         given = None
     maps = {}
