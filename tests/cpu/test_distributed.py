@@ -1,0 +1,212 @@
+"""Training over several processes (torch.distributed, gloo on the CPU), started by torchrun.
+
+Each launch runs tests/distributed_worker.py on every rank; the single-process references are
+computed here, in the test process, with the same settings. Tolerances: the maps of an N-rank
+run (data parallel, and FSDP2 + data parallel) equal the single-process maps within 1e-5
+absolute (measured: ≤ 2.4e-7; the only difference is the order of float sums, in the forwards
+of other batch compositions and in the gradient summed over ranks); the gradient through the
+gather within 1e-6 absolute (measured 4e-9, on gradients of ~1e-2); the ranks hold bitwise
+equal maps; the loss read over the ranks equals the single-process loss exactly.
+
+Every subprocess runs under a timeout; nothing asserts on time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
+
+import lineas_fast as lf
+from lineas_fast.training.distributed import DistributedError, setup
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))
+import distributed_worker as worker  # noqa: E402
+
+LAUNCH_TIMEOUT = 240  # seconds for one torchrun job (the worker's collectives time out at 60)
+MAP_ATOL = 1e-5
+GRAD_ATOL = 1e-6
+
+
+def torchrun(report: Path, nproc: int, *scenarios: str, timeout: float = LAUNCH_TIMEOUT, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in worker_env_keys()}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        str(TESTS / "distributed_worker.py"), str(report), *scenarios,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def worker_env_keys():
+    """The launch variables of an outer torchrun (never inherited by the jobs started here)."""
+    return ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def report_of(report: Path, scenario: str, nproc: int) -> list[dict]:
+    return [torch.load(report / f"{scenario}-rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((x - y).abs().max()) for m in a for x, y in zip(a[m], b[m]))
+
+
+def assert_same_on_every_rank(outs: list[dict], key: str = "maps") -> None:
+    for r, out in enumerate(outs[1:], 1):
+        for m in outs[0][key]:
+            for x, y in zip(out[key][m], outs[0][key][m]):
+                assert torch.equal(x, y), f"rank {r} holds other {key} than rank 0 at {m}"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def single(tok):
+    """Single-process references (no process group here)."""
+    train = lambda **kw: worker.maps_of(  # noqa: E731
+        lf.train(tiny_model("llama"), tok, SOURCE, TARGET, worker.MODULES, progress=False, **kw)
+    )
+    return {
+        "dp": train(**worker.SETTINGS),
+        "e2e": train(**worker.E2E),
+        "linear_act": worker.maps_of(
+            lf.fit_linear_act(tiny_model("llama"), tok, SOURCE, TARGET, worker.MODULES)
+        ),
+        "grad": worker.grad_of_global_batch(tiny_model("llama"), tok),
+    }
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    report = tmp_path_factory.mktemp("two")
+    torchrun(report, 2, "dp", "grad", "linear_act", "e2e", "differ", "refuse", "fsdp")
+    return report
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    report = tmp_path_factory.mktemp("three")
+    torchrun(report, 3, "dp", "grad")
+    return report
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_data_parallel_equals_one_process(single, two, three, nproc):
+    outs = report_of(two if nproc == 2 else three, "dp", nproc)
+    assert_same_on_every_rank(outs)
+    assert max_diff(outs[0]["maps"], single["dp"]) <= MAP_ATOL
+    # the maps moved away from the identity (the comparison is not trivially true)
+    moved = max(max(float((om - 1).abs().max()), float(b.abs().max())) for om, b in single["dp"].values())
+    assert moved > 1e-3
+    meta = outs[0]["metadata"]
+    assert (meta["world_size"], meta["fsdp"]) == (nproc, False)
+    assert len(meta["history"]) == worker.SETTINGS["steps"]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_gradient_through_the_gather_equals_one_process(single, two, three, nproc):
+    outs = report_of(two if nproc == 2 else three, "grad", nproc)
+    ref = single["grad"]
+    assert float(ref["omega"].abs().max()) > 1e-4  # a gradient that can be wrong
+    for out in outs:
+        assert torch.equal(out["loss"], ref["loss"])
+        # all_gather from torch.distributed.nn would give nproc × this in backward
+        assert float((out["omega"] - ref["omega"]).abs().max()) <= GRAD_ATOL
+        assert float((out["bias"] - ref["bias"]).abs().max()) <= GRAD_ATOL
+
+
+def test_fsdp_with_data_parallel_equals_one_process(single, two):
+    outs = report_of(two, "fsdp", 2)
+    assert_same_on_every_rank(outs)
+    assert max_diff(outs[0]["maps"], single["dp"]) <= MAP_ATOL
+    assert (outs[0]["metadata"]["world_size"], outs[0]["metadata"]["fsdp"]) == (2, True)
+
+
+def test_gated_training_with_control_equals_one_process(single, two):
+    outs = report_of(two, "e2e", 2)
+    assert_same_on_every_rank(outs)
+    assert_same_on_every_rank(outs, "gates")
+    assert max_diff(outs[0]["maps"], single["e2e"]) <= MAP_ATOL
+
+
+def test_linear_act_fit_gathers_its_statistics(single, two):
+    outs = report_of(two, "linear_act", 2)
+    assert_same_on_every_rank(outs)
+    assert max_diff(outs[0]["maps"], single["linear_act"]) <= MAP_ATOL
+    assert outs[0]["metadata"]["world_size"] == 2
+
+
+def test_rank_zero_alone_writes(two):
+    # each rank was given its own checkpoint path: only rank 0's exists, complete
+    assert sorted(p.name for p in (two / "dp-files").iterdir()) == ["ck-rank0.pt"]
+    state = torch.load(two / "dp-files" / "ck-rank0.pt", weights_only=False)
+    assert state["step"] == worker.SETTINGS["steps"]
+
+
+def test_a_rank_refusing_its_arguments_stops_every_rank_by_name(two):
+    refuse = [o["error"] for o in report_of(two, "refuse", 2)]
+    assert refuse[1].startswith("ArgumentError: lr must be > 0, got -1.0")
+    assert refuse[0].startswith("DistributedError: rank 1 refused its arguments")
+    assert "lr must be > 0" in refuse[0]
+    differ = [o["error"] for o in report_of(two, "differ", 2)]
+    for msg in differ:
+        assert msg.startswith("DistributedError: ranks [1] were given different")
+
+
+def test_a_rank_failing_mid_run_ends_the_job_with_its_error(tmp_path):
+    proc = torchrun(tmp_path, 2, "raise", check=False)
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose at step 2" in proc.stderr
+    assert not (tmp_path / "raise-rank0.pt").exists()
+
+
+def test_resume_after_sigkill_of_the_whole_job_equals_uninterrupted(single, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in worker_env_keys()}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(TESTS / "distributed_worker.py"), str(tmp_path), "slow",
+    ]  # fmt: skip
+    ck = tmp_path / "slow-files" / "ck.pt"
+    log = tmp_path / "slow.log"
+    with open(log, "w") as err:
+        job = subprocess.Popen(cmd, env=env, stdout=err, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not ck.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the launcher and every rank at once
+        job.wait(timeout=60)
+    assert ck.exists(), log.read_text()[-3000:]
+    interrupted_at = torch.load(ck, weights_only=False)["step"]
+    assert 1 <= interrupted_at < worker.SETTINGS["steps"]
+    torchrun(tmp_path, 2, "resume")
+    outs = report_of(tmp_path, "resume", 2)
+    assert_same_on_every_rank(outs)
+    assert max_diff(outs[0]["maps"], single["dp"]) <= MAP_ATOL
+    assert len(outs[0]["metadata"]["history"]) == worker.SETTINGS["steps"]
+
+
+def test_one_process_without_a_launcher_is_single_process():
+    assert setup() is None
+    with pytest.raises(lf.checks.ArgumentError, match="fsdp=True.*torchrun"):
+        setup(fsdp=True)
+    with pytest.raises(lf.checks.ArgumentError, match="distributed must be None, True or False"):
+        setup("yes")
+    assert issubclass(DistributedError, RuntimeError)
