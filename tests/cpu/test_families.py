@@ -210,9 +210,9 @@ def test_torch_rmsnorm_is_known_by_type_in_any_model():
     lf.fuse(net, st)
     assert close(hooked, net(x).detach())
     st2 = lf.Steering({"1": (1 + 0.3 * torch.randn(16), 0.3 * torch.randn(16))})
-    with st2.apply(net):
+    with st2.apply(net, compose=True):  # on top of the first fold, asked for explicitly
         hooked = net(x).detach()
-    lf.fuse_in_memory(net, st2)
+    lf.fuse_in_memory(net, st2, compose=True)
     assert isinstance(net[1], lf.SteeredRMSNorm) and net[1].eps == 0.1
     assert close(hooked, net(x).detach())
 
@@ -379,9 +379,9 @@ def test_phi3_shifts_fold_as_llama_scales_fold_in_place():
     assert lf.fuse(model, scale_only) is model  # stays Phi-3: no bias needed
     assert close(hooked, logits(model))
     shifts = steering(model, r"model\.layers\.\d+\.(input|post_attention)_layernorm", seed=3)
-    with shifts.apply(model):
+    with shifts.apply(model, compose=True):  # on top of the scale-only fold, asked for explicitly
         hooked = logits(model)
-    fused = lf.fuse(model, shifts)
+    fused = lf.fuse(model, shifts, compose=True)
     assert type(fused).__name__ == "LlamaForCausalLM"
     assert fused.config.attention_bias and fused.config.mlp_bias
     assert close(hooked, logits(fused))
