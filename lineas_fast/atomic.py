@@ -343,6 +343,26 @@ def _write_error(e: BaseException, path: str, folder: str) -> OSError | None:
 
 # --- the writers ------------------------------------------------------------------------------
 @contextmanager
+def _owned_temporary(tmp: str, path: str, folder: str):
+    """The life of one temporary of a write to ``path``: recorded as ours (for SIGTERM cleanup
+    and stale recovery), a failed write turned into an OSError naming ``path``
+    (``_write_error``), and the temporary removed at the end whatever happened."""
+    _live[tmp] = None
+    _register(tmp)
+    try:
+        yield
+    except BaseException as e:
+        mapped = _write_error(e, path, folder)
+        if mapped is not None:
+            raise mapped from e
+        raise
+    finally:
+        _remove(tmp)
+        _live.pop(tmp, None)
+        _unregister(tmp)
+
+
+@contextmanager
 def atomic_path(path: str):
     """Yield a temporary file path beside ``path``; when the block succeeds it is fsync'ed and
     renamed over ``path`` in one step. On any error, Ctrl-C or SIGTERM it is removed and
@@ -352,9 +372,7 @@ def atomic_path(path: str):
         raise IsADirectoryError(f"cannot write file {path!r}: it is an existing folder")
     with _signal_guard():
         tmp = os.path.join(folder, _temp_name(TMP_PREFIX, os.path.basename(path)))
-        _live[tmp] = None
-        _register(tmp)
-        try:
+        with _owned_temporary(tmp, path, folder):
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             yield tmp
             os.chmod(tmp, default_mode())
@@ -362,15 +380,6 @@ def atomic_path(path: str):
             _pause("written")
             os.replace(tmp, path)
             _fsync(folder)
-        except BaseException as e:
-            mapped = _write_error(e, path, folder)
-            if mapped is not None:
-                raise mapped from e
-            raise
-        finally:
-            _remove(tmp)
-            _live.pop(tmp, None)
-            _unregister(tmp)
 
 
 _RENAME_EXCHANGE = 2
@@ -423,9 +432,7 @@ def atomic_dir(path: str, exclusive: bool = False):
     name = os.path.basename(path)
     with _signal_guard():
         tmp = os.path.join(folder, _temp_name(TMP_PREFIX, name))
-        _live[tmp] = None
-        _register(tmp)
-        try:
+        with _owned_temporary(tmp, path, folder):
             os.mkdir(tmp, 0o700)
             yield tmp
             os.chmod(tmp, default_mode(directory=True))
@@ -437,15 +444,6 @@ def atomic_dir(path: str, exclusive: bool = False):
                 _swap_in(tmp, path, folder, name)
             _fsync(folder)
             _pause("swapped")
-        except BaseException as e:
-            mapped = _write_error(e, path, folder)
-            if mapped is not None:
-                raise mapped from e
-            raise
-        finally:
-            _remove(tmp)
-            _live.pop(tmp, None)
-            _unregister(tmp)
 
 
 def _move_in_new(tmp: str, path: str) -> None:
