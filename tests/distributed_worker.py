@@ -12,12 +12,14 @@ go to REPORT_DIR/<scenario>-files/). Scenarios:
   path, so a file from a rank other than 0 would show) -> maps, metadata
 * e2e: ``lf.train`` with gate="e2e" and control sentences -> maps, gates
 * linear_act: ``lf.fit_linear_act`` -> maps
+* gates: ``lf.fit_mean_shift``, then ``lf.fit_gates`` (sentence level) on it -> maps, gates
 * grad: the loss of one global batch read over the ranks, backward, gradients summed over the
   ranks -> the gradient of ω and b at the first module
 * fsdp: ``lf.train(..., fsdp=True)`` (the model sharded by FSDP2) -> maps, metadata
 * differ: rank 1 is given other source sentences -> the error message of every rank
 * refuse: rank 1 is given a bad learning rate -> the error message of every rank
 * raise: rank 1 raises inside training at step 2 (the job must end, not hang)
+* die: rank 1 exits (status 0, no error) inside training at step 2: rank 0 must fail
 * resume: ``lf.train`` resumed from REPORT_DIR/slow-files/ck.pt (written by ``slow``)
 * slow: as dp, with a callback that sleeps, for a SIGKILL of the whole job mid-run
 """
@@ -80,6 +82,13 @@ def grad_of_global_batch(model, tok, ranks=None):
     return {"loss": loss.detach(), "omega": om.grad.clone(), "bias": b.grad.clone()}
 
 
+def gated_mean_shift(model, tok):
+    """Mean-shift maps with sentence-level gates (source vs the targets as control)."""
+    shift = lf.fit_mean_shift(model, tok, SOURCE, TARGET, MODULES)
+    s = lf.fit_gates(model, tok, SOURCE, TARGET, shift, threshold=0.0)
+    return {"maps": maps_of(s), "gates": {m: (g["w"].detach(), g["c"].detach()) for m, g in s.gates.items()}}
+
+
 def run(scenario: str, report: Path, rank: int) -> dict:
     files = report / f"{scenario}-files"
     files.mkdir(exist_ok=True)
@@ -116,6 +125,8 @@ def run(scenario: str, report: Path, rank: int) -> dict:
     if scenario == "linear_act":
         s = lf.fit_linear_act(model, tok, SOURCE, TARGET, MODULES)
         return {"maps": maps_of(s), "metadata": s.metadata}
+    if scenario == "gates":
+        return gated_mean_shift(model, tok)
     if scenario == "grad":
         return grad_of_global_batch(model, tok, setup(timeout=TIMEOUT))
     if scenario == "fsdp":
@@ -136,6 +147,14 @@ def run(scenario: str, report: Path, rank: int) -> dict:
                 raise RuntimeError("rank 1 fails on purpose at step 2")
 
         lf.train(model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, callback=fail)
+        return {}
+    if scenario == "die":
+
+        def vanish(rec):
+            if rank == 1 and rec.step == 2:
+                os._exit(0)
+
+        lf.train(model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, callback=vanish)
         return {}
     raise SystemExit(f"unknown scenario {scenario!r}")
 

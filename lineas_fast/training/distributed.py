@@ -60,6 +60,24 @@ class DistributedError(RuntimeError):
     """Ranks of one run disagree (arguments, sentences, maps) or one of them failed."""
 
 
+@contextlib.contextmanager
+def collective(what: str):
+    """A collective whose failure (a partner rank that exited, crashed or did not arrive within
+    the timeout) is a DistributedError saying which collective and which rank saw it."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except (RuntimeError, ValueError) as error:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        rank, world = dist.get_rank(), dist.get_world_size()
+        raise DistributedError(
+            f"the {what} collective failed on rank {rank} of {world}: another rank exited, failed or "
+            f"did not arrive within the timeout (its own log, or torchrun's summary, names it): {error}"
+        ) from error
+
+
 def launched() -> bool:
     """True when this process was started by torchrun (or an equivalent launcher) for a job
     of more than one process."""
@@ -76,6 +94,8 @@ def setup(distributed: bool | None = None, timeout: float = DEFAULT_TIMEOUT, fsd
     group and no launcher environment. A group of one process gives None unless ``fsdp``."""
     if distributed not in (None, True, False):
         raise ArgumentError(f"distributed must be None, True or False, got {distributed!r}", "distributed")
+    if fsdp not in (True, False):
+        raise ArgumentError(f"fsdp must be True or False, got {fsdp!r}", "fsdp")
     if distributed is False:
         if fsdp:
             raise ArgumentError("fsdp=True needs distributed training (distributed=False given)", "fsdp")
@@ -187,7 +207,8 @@ class Ranks:
         """Sum every parameter's gradient over the ranks, in place (one ``all_reduce``)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.group)
+        with collective("all_reduce (map gradients)"):
+            dist.all_reduce(flat, group=self.group)
         start = 0
         for p, g in zip(params, grads):
             chunk = flat[start : start + g.numel()].view_as(g)
@@ -209,7 +230,8 @@ class Ranks:
                 sums.append(torch.stack([v.sum(), (v * k).sum()]))
             local = torch.stack([s.to(self.device) for s in sums]).sum(0)
             every = [torch.empty_like(local) for _ in range(self.world_size)]
-            dist.all_gather(every, local, group=self.group)
+            with collective("all_gather (map checksums)"):
+                dist.all_gather(every, local, group=self.group)
             values = torch.stack(every).cpu()
         differ = [r for r in range(self.world_size) if not torch.equal(values[r], values[0])]
         if differ:
@@ -225,7 +247,8 @@ class Ranks:
         DistributedError naming it; ranks whose digest differs from rank 0's are named."""
         mine = (None if error is None else f"{type(error).__name__}: {error}", digest)
         every: list = [None] * self.world_size
-        dist.all_gather_object(every, mine, group=self.group)
+        with collective("all_gather_object (argument agreement)"):
+            dist.all_gather_object(every, mine, group=self.group)
         if error is not None:
             raise error
         failed = [(r, msg) for r, (msg, _) in enumerate(every) if msg is not None]
@@ -242,8 +265,9 @@ class Ranks:
     def any_flag(self, value: int) -> int:
         """The largest of the ranks' ``value`` (e.g. a pending signal number; 0 for none)."""
         t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t.item())
+        with collective("all_reduce (signal flag)"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            return int(t.item())
 
     def describe(self) -> dict:
         """What the steering's metadata records about the run's processes."""
@@ -294,7 +318,8 @@ class _GatherRows(torch.autograd.Function):
         padded = x.new_zeros((width, *x.shape[1:]))
         padded[: x.shape[0]] = x
         out = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(out, padded, group=group)
+        with collective("all_gather (pooled activations)"):
+            dist.all_gather(out, padded, group=group)
         return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
     @staticmethod

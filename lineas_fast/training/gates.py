@@ -26,6 +26,8 @@ import torch
 from lineas_fast.checks import choice, integer, number
 from lineas_fast.steering import Steering
 from lineas_fast.targets import as_target
+from lineas_fast.training.distributed import agreed, settings_digest
+from lineas_fast.training.distributed import setup as setup_ranks
 from lineas_fast.training.token_acts import (
     language_model_target,
     padded_batches,
@@ -228,6 +230,7 @@ def fit_gates(
     level: str = "sentence",
     max_tokens: int = 4096,
     control_opening: float | None = None,
+    distributed: bool | None = None,
 ) -> Steering:
     """A copy of ``steering`` with a DSAS gate per module, fitted on the untouched model's
     activations at each module: ``source`` (label 1) against neutral ``control`` (label 0).
@@ -248,41 +251,57 @@ def fit_gates(
     (``on_low="ungated"``: plain steering there) or loses its map
     (``on_low="disable"``). Per-module accuracies, status, the bias shift and the mean openings
     on the fitted tokens are kept in ``metadata["gates"]`` (saved with the file).
+
+    Under torchrun (``distributed`` as for ``lf.train``) every rank fits the same gates:
+    sentence-level activations are read in shares and gathered; token-level reads (a seeded
+    subsample of tokens) are made whole on every rank.
     """
-    choice(on_low, "on_low", ("ungated", "disable"))
-    choice(gate, "gate", ("sigmoid", "relu"))
-    choice(level, "level", ("sentence", "token"))
-    k = (5 if level == "sentence" else 64) if k is None else integer(k, "k", low=1)
-    number(l2, "l2", low=0)
-    threshold = (
-        (0.75 if level == "sentence" else 0.6) if threshold is None else number(threshold, "threshold", low=0)
-    )
-    number(val_fraction, "val_fraction", low=0, high=0.9)
-    integer(max_tokens, "max_tokens", low=2)
-    if control_opening is not None:
-        number(control_opening, "control_opening", low=0, low_open=True, high=1)
-    if not isinstance(steering, Steering):
-        raise TypeError(f"steering must be a lineas_fast.Steering, got {type(steering).__name__}")
-    steered = as_target(model, tokenizer, max_length=max_length)
-    if level == "token" or control_opening is not None:
-        language_model_target(
-            steered, "fit_gates(level='token')" if level == "token" else "fit_gates(control_opening=...)"
+    ranks = setup_ranks(distributed)
+    with agreed(ranks) as agreement:
+        choice(on_low, "on_low", ("ungated", "disable"))
+        choice(gate, "gate", ("sigmoid", "relu"))
+        choice(level, "level", ("sentence", "token"))
+        k = (5 if level == "sentence" else 64) if k is None else integer(k, "k", low=1)
+        number(l2, "l2", low=0)
+        threshold = (
+            (0.75 if level == "sentence" else 0.6)
+            if threshold is None
+            else number(threshold, "threshold", low=0)
         )
-    steering = steered.resolve(steering)
-    steering.validate(steered, strict=False)
-    names = steering.modules
-    source_enc, control_enc = steered.encode(source, "source"), steered.encode(control, "control")
-    if len(source_enc) < 2 or len(control_enc) < 2:
-        raise ValueError(
-            f"fitting gates needs at least 2 source and 2 control sentences, got "
-            f"{len(source_enc)} and {len(control_enc)}"
+        number(val_fraction, "val_fraction", low=0, high=0.9)
+        integer(max_tokens, "max_tokens", low=2)
+        if control_opening is not None:
+            number(control_opening, "control_opening", low=0, low_open=True, high=1)
+        if not isinstance(steering, Steering):
+            raise TypeError(f"steering must be a lineas_fast.Steering, got {type(steering).__name__}")
+        steered = as_target(model, tokenizer, max_length=max_length)
+        if level == "token" or control_opening is not None:
+            language_model_target(
+                steered, "fit_gates(level='token')" if level == "token" else "fit_gates(control_opening=...)"
+            )
+        steering = steered.resolve(steering)
+        steering.validate(steered, strict=False)
+        names = steering.modules
+        source_enc, control_enc = steered.encode(source, "source"), steered.encode(control, "control")
+        if len(source_enc) < 2 or len(control_enc) < 2:
+            raise ValueError(
+                f"fitting gates needs at least 2 source and 2 control sentences, got "
+                f"{len(source_enc)} and {len(control_enc)}"
+            )
+        if ranks is not None:
+            ranks.check_counts(**{"source sentences": len(source_enc), "control sentences": len(control_enc)})
+        agreement.digest = settings_digest(
+            names, list(source), list(control), [k, l2, threshold, on_low, gate, val_fraction, level, seed]
         )
+
+    def read(encoded):
+        return steered.pooled(encoded, names) if ranks is None else ranks.read(steered, encoded, names)
+
     g = torch.Generator().manual_seed(seed)
     src_tok = ctrl_tok = None
     with steered.frozen(), torch.no_grad():
         if level == "sentence":
-            src = steered.pooled(source_enc, names)
-            ctrl = steered.pooled(control_enc, names)
+            src, ctrl = read(source_enc), read(control_enc)
         if level == "token" or control_opening is not None:
             val_s = _val_sentences(len(source_enc), val_fraction, g)
             val_c = _val_sentences(len(control_enc), val_fraction, g)
@@ -345,6 +364,7 @@ def fit_gates(
             "level": level,
             "max_tokens": max_tokens,
             "control_opening": control_opening,
+            "world_size": 1 if ranks is None else ranks.world_size,
         },
     }
     return Steering(maps, meta, gates)

@@ -178,6 +178,14 @@ class Trainer:
     ``step()`` does no device→host synchronisation after the first step (records are read by
     ``read_records()``: every ``read_every`` steps, before a checkpoint, at the end, and after
     every step when a ``callback`` is given). Arguments: as for ``train``.
+
+    Several processes (``lineas_fast.training.distributed``): under torchrun, or inside an
+    initialised process group, each rank reads its share of every batch and of the targets, the
+    pooled activations are gathered so the loss is the exact W2 of the global batch, and the map
+    gradients are summed over the ranks: every rank trains the maps of the single-process run.
+    ``distributed`` (None: detect; False: one process; True: require a group), ``fsdp`` (shard
+    the frozen model's decoder layers with FSDP2) and ``timeout`` (seconds a collective waits,
+    when the group is created here). Rank 0 alone writes checkpoints and shows progress.
     """
 
     def __init__(
@@ -218,21 +226,17 @@ class Trainer:
         fsdp: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
     ):
+        args = {k: v for k, v in locals().items() if k not in ("self", "distributed", "fsdp", "timeout")}
         # several processes (torchrun): every rank checks the same arguments, then they agree
         self.ranks = setup_ranks(distributed, timeout, fsdp)
         with agreed(self.ranks) as agreement:
-            self._prepare(
-                model, tokenizer, source, target, modules, steps, loss_modules, batch_size, optimizer, lr,
-                reduction, sparsity, l1, group, seed, max_length, init, autocast_dtype, checkpoint_every,
-                checkpoint_path, resume_from, callback, progress, backend, gate, gate_kind, control,
-                control_weight, timestep, resolution, read_every,
-            )  # fmt: skip
+            self._prepare(**args)
             agreement.digest = self._digest()
         if self.ranks is not None and self.ranks.fsdp:
             shard_model(self.target)
 
     def _prepare(
-        self, model, tokenizer, source, target, modules, steps, loss_modules, batch_size, optimizer, lr,
+        self, *, model, tokenizer, source, target, modules, steps, loss_modules, batch_size, optimizer, lr,
         reduction, sparsity, l1, group, seed, max_length, init, autocast_dtype, checkpoint_every,
         checkpoint_path, resume_from, callback, progress, backend, gate, gate_kind, control,
         control_weight, timestep, resolution, read_every,
@@ -591,7 +595,8 @@ def train(
     ("reference" | "sum"), sparsity, l1, group (sparse group lasso), seed, max_length, init
     (None | "linear_act" | a Steering), autocast_dtype, checkpoint_every, checkpoint_path,
     resume_from, callback, progress, backend, gate, gate_kind, control, control_weight,
-    timestep, resolution, read_every (steps between reads of the records, default 20).
+    timestep, resolution, read_every (steps between reads of the records, default 20),
+    distributed, fsdp, timeout (several processes, see ``Trainer`` and docs/distributed.md).
 
     Checkpointing: every ``checkpoint_every`` steps the maps and optimizer, scheduler and RNG
     state are written atomically to ``checkpoint_path``; ``resume_from`` continues such a run

@@ -88,13 +88,14 @@ def single(tok):
             lf.fit_linear_act(tiny_model("llama"), tok, SOURCE, TARGET, worker.MODULES)
         ),
         "grad": worker.grad_of_global_batch(tiny_model("llama"), tok),
+        "gates": worker.gated_mean_shift(tiny_model("llama"), tok),
     }
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     report = tmp_path_factory.mktemp("two")
-    torchrun(report, 2, "dp", "grad", "linear_act", "e2e", "differ", "refuse", "fsdp")
+    torchrun(report, 2, "dp", "grad", "linear_act", "e2e", "gates", "differ", "refuse", "fsdp")
     return report
 
 
@@ -151,6 +152,18 @@ def test_linear_act_fit_gathers_its_statistics(single, two):
     assert outs[0]["metadata"]["world_size"] == 2
 
 
+def test_mean_shift_and_gate_fits_gather_their_statistics(single, two):
+    outs = report_of(two, "gates", 2)
+    assert_same_on_every_rank(outs)
+    assert_same_on_every_rank(outs, "gates")
+    assert max_diff(outs[0]["maps"], single["gates"]["maps"]) <= MAP_ATOL
+    ref = single["gates"]["gates"]
+    assert ref  # gates were fitted
+    for m, (w, c) in outs[0]["gates"].items():
+        assert torch.allclose(w, ref[m][0], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(c, ref[m][1], rtol=1e-4, atol=1e-5)
+
+
 def test_rank_zero_alone_writes(two):
     # each rank was given its own checkpoint path: only rank 0's exists, complete
     assert sorted(p.name for p in (two / "dp-files").iterdir()) == ["ck-rank0.pt"]
@@ -173,6 +186,14 @@ def test_a_rank_failing_mid_run_ends_the_job_with_its_error(tmp_path):
     assert proc.returncode != 0
     assert "rank 1 fails on purpose at step 2" in proc.stderr
     assert not (tmp_path / "raise-rank0.pt").exists()
+
+
+def test_a_rank_vanishing_mid_run_makes_the_others_fail_not_hang(tmp_path):
+    proc = torchrun(tmp_path, 2, "die", check=False)
+    assert proc.returncode != 0
+    assert "DistributedError: the " in proc.stderr
+    assert "collective failed on rank 0 of 2" in proc.stderr
+    assert not (tmp_path / "die-rank0.pt").exists()
 
 
 def test_resume_after_sigkill_of_the_whole_job_equals_uninterrupted(single, tmp_path):
