@@ -71,6 +71,9 @@ def run(args) -> int:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     texts = [p for _, p in prompts]
+    for (where, p), ids in zip(prompts, tok(texts)["input_ids"]):
+        if len(ids) == 0:
+            raise CLIError(f"{where} ({p[:30]!r}) tokenizes to zero tokens: nothing to continue from")
     if positions:
         for (where, p), ids in zip(prompts, tok(texts)["input_ids"]):
             if len(ids) + args.max_new_tokens > positions:

@@ -74,3 +74,14 @@ def test_a_mount_point_is_refused_as_the_fold_output_before_loading(folder, caps
         assert fuse(folder, folder / "model", mnt, "--overwrite") == 2
         assert "mount point" in capsys.readouterr().err
         assert os.listdir(mnt) == []
+
+
+def test_a_prompt_that_tokenizes_to_zero_tokens_is_named(folder, capsys):
+    from tokenizers import normalizers
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Replace("~", "")  # drops "~"
+    tok.save_pretrained(folder / "model")
+    gen = ["generate", "--model", str(folder / "model"), "--steering", str(folder / "s.safetensors")]
+    assert main([*gen, "--prompt", "hello", "--prompt", "~~", "--max-new-tokens", "2"]) == 2
+    assert "--prompt 2 ('~~') tokenizes to zero tokens" in capsys.readouterr().err
