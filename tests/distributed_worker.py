@@ -22,6 +22,8 @@ go to REPORT_DIR/<scenario>-files/). Scenarios:
 * die: rank 1 exits (status 0, no error) inside training at step 2: rank 0 must fail
 * resume: ``lf.train`` resumed from REPORT_DIR/slow-files/ck.pt (written by ``slow``)
 * slow: as dp, with a callback that sleeps, for a SIGKILL of the whole job mid-run
+* term: a checkpoint path but no periodic checkpoints, a callback that sleeps and marks each
+  step in REPORT_DIR/term-step<k> (rank 0), for a SIGTERM to the job mid-run
 """
 
 from __future__ import annotations
@@ -109,6 +111,18 @@ def run(scenario: str, report: Path, rank: int) -> dict:
         s = lf.train(
             model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, callback=nap,
             checkpoint_every=1, checkpoint_path=str(files / "ck.pt"),
+        )  # fmt: skip
+        return {"maps": maps_of(s)}
+    if scenario == "term":
+
+        def mark(rec):
+            if rank == 0:
+                (report / f"term-step{rec.step}").touch()
+            time.sleep(0.5)
+
+        s = lf.train(
+            model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, callback=mark,
+            checkpoint_path=str(files / "ck.pt"),
         )  # fmt: skip
         return {"maps": maps_of(s)}
     if scenario == "resume":

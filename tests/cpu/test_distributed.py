@@ -224,6 +224,35 @@ def test_resume_after_sigkill_of_the_whole_job_equals_uninterrupted(single, tmp_
     assert len(outs[0]["metadata"]["history"]) == worker.SETTINGS["steps"]
 
 
+def test_sigterm_to_the_job_checkpoints_once_at_the_next_read_and_exits(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in worker_env_keys()}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(TESTS / "distributed_worker.py"), str(tmp_path), "term",
+    ]  # fmt: skip
+    log = tmp_path / "term.log"
+    with open(log, "w") as err:
+        job = subprocess.Popen(cmd, env=env, stdout=err, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (tmp_path / "term-step0").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)  # to torchrun, which passes it to every rank
+        job.wait(timeout=LAUNCH_TIMEOUT)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=60)
+    assert job.returncode != 0
+    ck = tmp_path / "term-files" / "ck.pt"
+    assert ck.exists(), log.read_text()[-3000:]
+    step = torch.load(ck, weights_only=False)["step"]
+    # the ranks act on the signal together where the records are read (every read_every steps)
+    assert step % worker.SETTINGS["read_every"] == 0 and step < worker.SETTINGS["steps"]
+    assert not (tmp_path / "term-rank0.pt").exists() and not (tmp_path / "term-rank1.pt").exists()
+
+
 def test_one_process_without_a_launcher_is_single_process():
     assert setup() is None
     with pytest.raises(lf.checks.ArgumentError, match="fsdp=True.*torchrun"):
