@@ -27,5 +27,13 @@ setup(
         "gguf": ["gguf>=0.10"],  # lf.fuse_gguf / lineas-fast fuse --gguf
         "demo": ["gguf>=0.10", "accelerate>=0.30", "alt-profanity-check>=1.5", "matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["lineas-fast=lineas_fast.cli:main"]},
+    entry_points={
+        "console_scripts": ["lineas-fast=lineas_fast.cli:main"],
+        # per-request steering in vLLM (lineas_fast/serve/vllm_plugin.py): inert unless
+        # $LINEAS_FAST_STEERINGS names steerings
+        "vllm.general_plugins": ["lineas_fast_steering=lineas_fast.serve.vllm_plugin:register"],
+        "vllm.logits_processors": [
+            "lineas_fast_steering=lineas_fast.serve.vllm_plugin:SteeringLogitsProcessor"
+        ],
+    },
 )

@@ -1,0 +1,249 @@
+"""Per-request steering in a batched engine, without the engine: the steering registry, the
+per-request arguments, the slot tables and the one op that applies them (no vLLM import here;
+``lineas_fast.serve.vllm_plugin`` connects them to vLLM).
+
+Slots. Every registered steering gets two slots, its map T and its inverse T⁻¹ (a negative
+strength), after slot 0, the identity: for S = 1 + 2·N slots each steered module holds
+
+    u (S, d) float32 = ω − 1 (or 1/ω − 1),   b (S, d) float32 = b (or −b/ω),
+
+with zero rows where a steering does not cover the module. Rows of the engine's batch choose a
+slot and a strength:
+
+    row_slot (R + 1,) int64,   row_lam (R + 1,) float32,
+
+R the engine's largest batch; the extra last row is the identity (slot 0, λ 0) that tokens
+belonging to no request (padding) point at. Per token t of a step with row r(t):
+
+    y_t = z_t + λ_r(t) · (u[slot_r(t)] ⊙ z_t + b[slot_r(t)])
+
+computed in float32 as ``kernels/affine_steer_ref.py`` computes one map at one strength, so a
+request's tokens are those of ``steering.apply(model, strength)`` (λ = 0: y = z exactly). All
+shapes are fixed when the model loads; a step only rewrites ``row_slot``/``row_lam`` in place
+(when the batch changes) and the op reads them, so compiled graphs see static shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from lineas_fast.steering import Steering
+
+ENV = "LINEAS_FAST_STEERINGS"
+REQUEST_KEY = "lineas_fast"
+
+
+class SteeringRequestError(ValueError):
+    """A request's ``extra_args["lineas_fast"]`` that cannot be served (the engine refuses
+    that request only; vLLM turns a ValueError from validation into HTTP 400)."""
+
+
+# --- registry -------------------------------------------------------------------------------
+_registry: dict[str, Steering] = {}
+_env_seen: str | None = None
+
+
+def parse_env(value: str) -> list[tuple[str, str]]:
+    """``"name=path,name=path"`` -> [(name, path)]; a malformed entry or a repeated name is a
+    ValueError naming it."""
+    pairs, seen = [], set()
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        name, sep, path = entry.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"{ENV}: entry {entry!r} is not name=path (value {value!r})")
+        if name in seen:
+            raise ValueError(f"{ENV}: steering name {name!r} given twice (value {value!r})")
+        seen.add(name)
+        pairs.append((name, path))
+    return pairs
+
+
+def registered() -> dict[str, Steering]:
+    """{name: steering} in registration order: the entries of ``$LINEAS_FAST_STEERINGS``
+    (loaded once per process, and again when the variable changes)."""
+    global _env_seen
+    value = os.environ.get(ENV, "")
+    if value != _env_seen:
+        loaded = {}
+        for name, path in parse_env(value):
+            try:
+                loaded[name] = Steering.load(path)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{ENV}: steering {name!r} from {path!r}: {e}") from None
+        _registry.clear()
+        _registry.update(loaded)
+        _env_seen = value
+    return _registry
+
+
+def register_steering(name: str, steering: Steering | str) -> None:
+    """Register a steering for per-request use under ``name`` (a ``Steering`` or a file
+    path); call before the engine starts (``vllm.LLM(...)``). It is added to
+    ``$LINEAS_FAST_STEERINGS``, which vLLM's engine and worker processes inherit; a
+    ``Steering`` object is saved to a temporary file first."""
+    if not isinstance(name, str) or not name or any(c in name for c in ",= "):
+        raise ValueError(f"steering name must be a non-empty string without ',', '=' or spaces, got {name!r}")
+    if isinstance(steering, Steering):
+        fd, path = tempfile.mkstemp(prefix=f"lineas_fast-{name}-", suffix=".safetensors")
+        os.close(fd)
+        steering.save(path)
+    elif isinstance(steering, (str, os.PathLike)):
+        path = os.fspath(steering)
+        Steering.load(path)  # refuse an unreadable file now, not in the engine
+    else:
+        raise TypeError(f"steering must be a lf.Steering or a file path, got {type(steering).__name__}")
+    pairs = [p for p in parse_env(os.environ.get(ENV, "")) if p[0] != name] + [(name, path)]
+    os.environ[ENV] = ",".join(f"{n}={p}" for n, p in pairs)
+    registered()
+
+
+def clear_steerings() -> None:
+    """Forget every registered steering (unsets ``$LINEAS_FAST_STEERINGS``)."""
+    os.environ.pop(ENV, None)
+    registered()
+
+
+def slot_of(name: str, strength: float) -> int:
+    """The slot a (steering, strength) request uses: 1 + 2k for the k-th steering, + 1 for a
+    negative strength (the inverse map)."""
+    k = list(registered()).index(name)
+    return 1 + 2 * k + (1 if strength < 0 else 0)
+
+
+def num_slots() -> int:
+    return 1 + 2 * len(registered())
+
+
+# --- requests ---------------------------------------------------------------------------------
+def request_steering(extra_args) -> tuple[str, float] | None:
+    """(steering name, strength) a request asks for in ``extra_args["lineas_fast"]``
+    (``{"steering": NAME, "strength": S}``, strength default 1.0), or None when it asks for
+    none (no key, or strength 0). SteeringRequestError names what is wrong."""
+    if extra_args is None or REQUEST_KEY not in extra_args:
+        return None
+    spec = extra_args[REQUEST_KEY]
+    if not isinstance(spec, Mapping):
+        raise SteeringRequestError(
+            f'extra_args["{REQUEST_KEY}"] must be an object {{"steering": NAME, "strength": S}}, '
+            f"got {type(spec).__name__} {spec!r:.80}"
+        )
+    unknown = sorted(set(spec) - {"steering", "strength"})
+    if unknown:
+        raise SteeringRequestError(
+            f'extra_args["{REQUEST_KEY}"]: unknown keys {unknown} (allowed: "steering", "strength")'
+        )
+    name = spec.get("steering")
+    steerings = registered()
+    if not isinstance(name, str):
+        raise SteeringRequestError(
+            f'extra_args["{REQUEST_KEY}"]["steering"] must be a steering name (a string), got {name!r:.80}'
+        )
+    if name not in steerings:
+        have = sorted(steerings) or "none: set $LINEAS_FAST_STEERINGS"
+        raise SteeringRequestError(f"unknown steering {name!r}; registered: {have}")
+    strength = spec.get("strength", 1.0)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise SteeringRequestError(
+            f'extra_args["{REQUEST_KEY}"]["strength"] must be a finite number, got {strength!r:.80}'
+        )
+    strength = float(strength)
+    if strength < 0 and any(
+        bool((om == 0).any()) for om, _ in (steerings[name][m] for m in steerings[name].modules)
+    ):
+        raise SteeringRequestError(
+            f"steering {name!r}: a negative strength applies the inverse map, which needs omega != 0 "
+            f"everywhere; this steering has omega == 0 somewhere"
+        )
+    return (name, strength) if strength != 0.0 else None
+
+
+# --- tables -----------------------------------------------------------------------------------
+def module_tables(module: str, d: int) -> tuple[Tensor, Tensor]:
+    """(u, b) (S, d) float32 on the CPU for one steered module: slot 0 identity, then each
+    registered steering's map and inverse (zero rows where it does not cover ``module``)."""
+    steerings = registered()
+    u = torch.zeros(num_slots(), d, dtype=torch.float32)
+    b = torch.zeros(num_slots(), d, dtype=torch.float32)
+    for k, steering in enumerate(steerings.values()):
+        if module not in steering:
+            continue
+        om, bias = (t.detach().float().cpu() for t in steering[module])
+        u[1 + 2 * k], b[1 + 2 * k] = om - 1.0, bias
+        if not bool((om == 0).any()):
+            u[2 + 2 * k], b[2 + 2 * k] = 1.0 / om - 1.0, -bias / om
+    return u, b
+
+
+class RowTables:
+    """Per-row slot and strength of the engine's persistent batch (``rows`` rows + the
+    identity row at index ``rows``), rewritten in place when the batch changes."""
+
+    def __init__(self, rows: int, device):
+        self.rows = rows
+        self.slot = torch.zeros(rows + 1, dtype=torch.int64, device=device)
+        self.lam = torch.zeros(rows + 1, dtype=torch.float32, device=device)
+        self.host: dict[int, tuple[int, float]] = {}
+
+    def set(self, row: int, choice: tuple[str, float] | None) -> None:
+        if choice is None:
+            self.host.pop(row, None)
+        else:
+            self.host[row] = (slot_of(choice[0], choice[1]), abs(choice[1]))
+
+    def move(self, a: int, b: int, swap: bool) -> None:
+        va, vb = self.host.pop(a, None), self.host.pop(b, None)
+        if va is not None:
+            self.host[b] = va
+        if swap and vb is not None:
+            self.host[a] = vb
+
+    def flush(self) -> None:
+        """Write the host state into the device tables (one copy each)."""
+        slot = torch.zeros(self.rows + 1, dtype=torch.int64)
+        lam = torch.zeros(self.rows + 1, dtype=torch.float32)
+        for row, (s, lm) in self.host.items():
+            slot[row], lam[row] = s, lm
+        self.slot.copy_(slot, non_blocking=False)
+        self.lam.copy_(lam, non_blocking=False)
+
+
+# --- the op ---------------------------------------------------------------------------------
+#: Set by the engine integration: token_rows(num_tokens, device) -> (T,) int64 row of each
+#: token of the current forward (``rows`` = the identity row for padding / no request).
+_token_rows: Callable[[int, torch.device, int], Tensor] | None = None
+
+
+def set_token_rows(fn: Callable[[int, torch.device, int], Tensor] | None) -> None:
+    global _token_rows
+    _token_rows = fn
+
+
+@custom_op("lineas_fast::slot_steer", mutates_args=())
+def slot_steer(z: Tensor, u: Tensor, b: Tensor, row_slot: Tensor, row_lam: Tensor) -> Tensor:
+    """y (T, d) from z (T, d): each token's row's slot and strength (see the module
+    docstring); u, b (S, d) float32; row_slot (R + 1,) int64; row_lam (R + 1,) float32."""
+    identity = row_slot.shape[0] - 1
+    if _token_rows is None:
+        return z.clone()
+    rows = _token_rows(z.shape[0], z.device, identity)
+    slot = row_slot[rows]
+    lam = row_lam[rows].unsqueeze(1)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    zf = z.to(acc)
+    y = zf + lam.to(acc) * (u[slot].to(acc) * zf + b[slot].to(acc))
+    return y.to(z.dtype)
+
+
+@slot_steer.register_fake
+def _(z, u, b, row_slot, row_lam):
+    return torch.empty_like(z)

