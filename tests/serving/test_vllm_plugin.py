@@ -165,10 +165,11 @@ def test_32_requests_join_and_leave_chunked_prefill_exact(served):
 )
 def test_bad_request_is_refused_alone(served, extra, message):
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError  # a client error: HTTP 400 on the server
 
     _, _, llm = served
     bad = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, extra_args={"lineas_fast": extra})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(VLLMValidationError, match=message):
         llm.generate([{"prompt_token_ids": [5, 6, 7]}], bad, use_tqdm=False)
     check_batch(served, prompts_of([6, 8], 12), [("first", 1.0), None], [5, 5])
 
