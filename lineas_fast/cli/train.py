@@ -22,6 +22,7 @@ from lineas_fast.cli.common import (
     regex,
     scheduler_timesteps,
 )
+from lineas_fast.training.distributed import DistributedError, finish, is_main
 from lineas_fast.training.trainer import TrainConfig, train
 
 NAME = "train"
@@ -48,6 +49,7 @@ TRAIN_FLAGS = {
     "timestep": "--timestep",
     "source": "--source",
     "target": "--target",
+    "fsdp": "--fsdp",
 }
 
 
@@ -94,6 +96,11 @@ def add_arguments(t) -> None:
     )
     t.add_argument("--resume", default=None, help="checkpoint to resume from")
     t.add_argument("--out", required=True, help="steering file to write (.safetensors)")
+    t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model's decoder layers over the processes (FSDP2)",
+    )
     add_allow_missing(t)
 
 
@@ -196,9 +203,13 @@ def run(args) -> int:
             resume_from=args.resume,
             timestep=args.timestep,
             progress=interactive(),
+            fsdp=args.fsdp,
         )
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, DistributedError) as e:
         raise CLIError(flag_message(e, TRAIN_FLAGS)) from None
+    finish()  # under torchrun: every rank holds the same maps; rank 0 writes them
+    if not is_main():
+        return 0
     steering.save(args.out)
     hist = steering.metadata["history"]
     if hist:

@@ -88,8 +88,8 @@ def setup(distributed: bool | None = None, timeout: float = DEFAULT_TIMEOUT, fsd
     """The run's ``Ranks``, or None for a single process.
 
     ``distributed``: None (default) uses the initialised process group, or initialises one
-    from the launcher's environment when present (NCCL when CUDA is available, the device set
-    from ``LOCAL_RANK``; gloo otherwise) with collectives timing out after ``timeout`` s;
+    from the launcher's environment when present (NCCL for CUDA tensors when CUDA is available,
+    the device set from ``LOCAL_RANK``; gloo for CPU tensors) with collectives timing out after ``timeout`` s;
     False: a single process even inside a group; True: as None, but raise when there is no
     group and no launcher environment. A group of one process gives None unless ``fsdp``."""
     if distributed not in (None, True, False):
@@ -113,9 +113,9 @@ def setup(distributed: bool | None = None, timeout: float = DEFAULT_TIMEOUT, fsd
                 )
             return None
         backend = "gloo"
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # CUDA tensors over NCCL, CPU tensors (a CPU model) over gloo
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "nccl"
+            backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend, timeout=timedelta(seconds=float(timeout)))
     if dist.get_world_size() == 1 and not fsdp:
         return None
@@ -295,6 +295,19 @@ def agreed(ranks: Ranks | None):
         ranks.agree(error, "")
         raise
     ranks.agree(None, box.digest)
+
+
+def is_main() -> bool:
+    """True in a single process and on rank 0 of a process group: the process that writes."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finish() -> None:
+    """Leave the process group, if there is one (after the last collective)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def describe(ranks: Ranks | None) -> dict:

@@ -253,6 +253,44 @@ def test_sigterm_to_the_job_checkpoints_once_at_the_next_read_and_exits(tmp_path
     assert not (tmp_path / "term-rank0.pt").exists() and not (tmp_path / "term-rank1.pt").exists()
 
 
+def test_cli_train_under_torchrun_with_fsdp_equals_one_process(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "src.txt").write_text("\n".join(SOURCE) + "\n")
+    (tmp_path / "tgt.txt").write_text("\n".join(TARGET) + "\n")
+    flags = [
+        "train", "--model", str(model_dir), "--source", str(tmp_path / "src.txt"),
+        "--target", str(tmp_path / "tgt.txt"), "--modules", worker.MODULES, "--steps", "4",
+        "--batch-size", "5", "--optimizer", "sgd", "--lr", "0.1", "--seed", "3",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in worker_env_keys()}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cli = [sys.executable, "-c", "import sys; from lineas_fast.cli import main; sys.exit(main())"]
+    one = subprocess.run(
+        [*cli, *flags, "--out", str(tmp_path / "one.safetensors")],
+        env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    script = tmp_path / "cli.py"
+    script.write_text("import sys\nfrom lineas_fast.cli import main\nsys.exit(main())\n")
+    two = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            str(script), *flags, "--fsdp", "--out", str(tmp_path / "two.safetensors"),
+        ],
+        env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    a = lf.Steering.load(str(tmp_path / "one.safetensors"))
+    b = lf.Steering.load(str(tmp_path / "two.safetensors"))
+    assert (a.metadata["world_size"], b.metadata["world_size"], b.metadata["fsdp"]) == (1, 2, True)
+    for m in a.modules:
+        for x, y in zip(a[m], b[m]):
+            assert float((x - y).abs().max()) <= MAP_ATOL
+
+
 def test_one_process_without_a_launcher_is_single_process():
     assert setup() is None
     with pytest.raises(lf.checks.ArgumentError, match="fsdp=True.*torchrun"):
