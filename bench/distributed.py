@@ -151,6 +151,9 @@ def main() -> None:
         "environment": environment(),
         "backend": "nccl" if device == "cuda" else "gloo",
         "threads_per_rank": 1 if device == "cpu" else None,
+        # other work on the machine while it ran (1-, 5-, 15-minute load averages), read after
+        "load_average": list(os.getloadavg()),
+        "cores": os.cpu_count(),
         "settings": {k: getattr(args, k) for k in ("hidden", "layers", "batch", "length", "steps")},
         "rows": rows,
     }
