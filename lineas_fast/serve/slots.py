@@ -25,6 +25,7 @@ shapes are fixed when the model loads; a step only rewrites ``row_slot``/``row_l
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -38,6 +39,7 @@ from lineas_fast.steering import Steering
 
 ENV = "LINEAS_FAST_STEERINGS"
 REQUEST_KEY = "lineas_fast"
+FLAT_PREFIX = "lineas_fast_"
 
 
 class SteeringRequestError(ValueError):
@@ -120,6 +122,20 @@ def slot_of(name: str, strength: float) -> int:
     return 1 + 2 * k + (1 if strength < 0 else 0)
 
 
+def registry_digest() -> str:
+    """A hash of the registered steerings (names, order, every map's values): what a compiled
+    graph that holds their slot tables depends on."""
+    h = hashlib.sha256()
+    for name, steering in registered().items():
+        h.update(name.encode() + b"\0")
+        for m in steering.modules:
+            om, b = steering[m]
+            h.update(m.encode() + b"\0")
+            h.update(om.detach().float().cpu().contiguous().numpy().tobytes())
+            h.update(b.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def num_slots() -> int:
     return 1 + 2 * len(registered())
 
@@ -127,11 +143,20 @@ def num_slots() -> int:
 # --- requests ---------------------------------------------------------------------------------
 def request_steering(extra_args) -> tuple[str, float] | None:
     """(steering name, strength) a request asks for in ``extra_args["lineas_fast"]``
-    (``{"steering": NAME, "strength": S}``, strength default 1.0), or None when it asks for
-    none (no key, or strength 0). SteeringRequestError names what is wrong."""
-    if extra_args is None or REQUEST_KEY not in extra_args:
+    (``{"steering": NAME, "strength": S}``, strength default 1.0) or in the flat keys
+    ``extra_args["lineas_fast_steering"]`` / ``["lineas_fast_strength"]`` (the form the
+    OpenAI server's ``vllm_xargs`` can carry: its values may not be objects), or None when it
+    asks for none (no key, or strength 0). SteeringRequestError names what is wrong."""
+    if extra_args is None:
         return None
-    spec = extra_args[REQUEST_KEY]
+    flat = {k[len(FLAT_PREFIX) :]: v for k, v in extra_args.items() if k.startswith(FLAT_PREFIX)}
+    if REQUEST_KEY in extra_args and flat:
+        raise SteeringRequestError(
+            f'extra_args has both "{REQUEST_KEY}" and {sorted(FLAT_PREFIX + k for k in flat)}: give one form'
+        )
+    if REQUEST_KEY not in extra_args and not flat:
+        return None
+    spec = extra_args[REQUEST_KEY] if REQUEST_KEY in extra_args else flat
     if not isinstance(spec, Mapping):
         raise SteeringRequestError(
             f'extra_args["{REQUEST_KEY}"] must be an object {{"steering": NAME, "strength": S}}, '

@@ -69,13 +69,15 @@ def _token_rows(num_tokens: int, device, identity: int) -> torch.Tensor:
                 break
     elif meta is not None:
         qsl = getattr(meta, "query_start_loc", None)
-    rows = torch.full((num_tokens,), identity, dtype=torch.int64, device=device)
-    if qsl is not None:
+    if qsl is None:
+        rows = torch.full((num_tokens,), identity, dtype=torch.int64, device=device)
+    else:
+        # no host sync and no data-dependent shape: token t belongs to the row whose span
+        # [qsl[r], qsl[r + 1]) holds it; tokens at or past qsl[-1] (padding) to the identity row
         qsl = qsl.to(device=device, dtype=torch.int64)
-        lens = qsl[1:] - qsl[:-1]
-        owner = torch.repeat_interleave(torch.arange(lens.shape[0], device=device), lens)
-        n = min(owner.shape[0], num_tokens)
-        rows[:n] = owner[:n]
+        t = torch.arange(num_tokens, device=device)
+        rows = torch.searchsorted(qsl[1:].contiguous(), t, right=True)
+        rows = torch.where(t < qsl[-1], rows, torch.full_like(rows, identity))
     _rows_cache.update(key=key, ctx=ctx, rows=rows)
     return rows
 
@@ -173,6 +175,11 @@ def _steering_loader(base):
         def load_model(self, vllm_config, model_config, prefix: str = ""):
             model = super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             check_fit(model_config)
+            # vLLM's compile caches are keyed by vllm_config.compute_hash(), which hashes
+            # additional_config ("for out-of-tree config"): a graph compiled without these
+            # steerings (or with others) is then never reused for this one
+            if isinstance(vllm_config.additional_config, dict):
+                vllm_config.additional_config["lineas_fast_steerings"] = slots.registry_digest()
             device = next(model.parameters()).device
             steer_modules(model, device, vllm_config.scheduler_config.max_num_seqs)
             return model

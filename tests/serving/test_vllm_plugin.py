@@ -198,3 +198,39 @@ def test_entry_points_are_installed():
     procs = {e.name: e.value for e in entry_points(group=LOGITSPROCS_GROUP)}
     assert general.get("lineas_fast_steering") == "lineas_fast.serve.vllm_plugin:register"
     assert procs.get("lineas_fast_steering") == "lineas_fast.serve.vllm_plugin:SteeringLogitsProcessor"
+
+
+def test_compiled_mode_mixed_batch_exact(served, tmp_path):
+    """vLLM's default mode (torch.compile of the model; on CPU no CUDA graphs): the op is one
+    opaque node of the compiled graph, and the mixed batch is still exact."""
+    from vllm import LLM
+
+    model, steerings, _ = served
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder, safe_serialization=True)
+    llm = LLM(
+        model=str(folder),
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=8,
+        enforce_eager=False,
+        enable_prefix_caching=False,
+        seed=0,
+        skip_tokenizer_init=True,
+    )
+    try:
+        prompts = prompts_of([5, 9, 12, 7, 16, 3, 10, 8], 13)
+        specs = [
+            ("all", 1.0),
+            ("first", 0.5),
+            ("mlp1", -0.7),
+            None,
+            ("all", -0.5),
+            ("first", 2.0),
+            None,
+            ("mlp1", 1),
+        ]
+        check_batch((model, steerings, llm), prompts, specs, [10] * 8)
+    finally:
+        del llm
+        gc.collect()
