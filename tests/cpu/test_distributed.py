@@ -136,6 +136,8 @@ def test_fsdp_with_data_parallel_equals_one_process(single, two):
     assert_same_on_every_rank(outs)
     assert max_diff(outs[0]["maps"], single["dp"]) <= MAP_ATOL
     assert (outs[0]["metadata"]["world_size"], outs[0]["metadata"]["fsdp"]) == (2, True)
+    # the sharded model's fingerprint (names, global shapes) is the unsharded model's
+    assert outs[0]["metadata"]["model"] == report_of(two, "dp", 1)[0]["metadata"]["model"]
 
 
 def test_gated_training_with_control_equals_one_process(single, two):
