@@ -14,7 +14,7 @@
 #   trainer (130)     bench/trainer_step.py         generation (240)  bench/generation.py
 #   device_map (70)   bench/device_map.py           diffusion (90)    bench/diffusion.py --sdxl
 # Groups: kernel-stages = setup tests convergence kernels (560 s of limits);
-#         model-stages  = setup trainer generation device_map diffusion (570 s of limits).
+#         model-stages  = setup trainer generation device_map diffusion distributed (690 s of limits).
 #
 # Options:
 #   --budget-s N      seconds for all stages together (default: the sum of their limits, so none
@@ -42,11 +42,11 @@ set -u
 usage() { sed -n '2,/^set -u$/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 MIN_STAGE_S=20
 WHEELS=(diffusers==0.42.1 importlib_metadata==10.2.0)
-STAGES=(setup tests convergence kernels trainer generation device_map diffusion)
+STAGES=(setup tests convergence kernels trainer generation device_map diffusion distributed)
 declare -A LIMIT=([setup]=40 [tests]=270 [convergence]=100 [kernels]=150 [trainer]=130
-                  [generation]=240 [device_map]=70 [diffusion]=90)
+                  [generation]=240 [device_map]=70 [diffusion]=90 [distributed]=120)
 declare -A GROUP=([kernel-stages]="setup tests convergence kernels"
-                  [model-stages]="setup trainer generation device_map diffusion")
+                  [model-stages]="setup trainer generation device_map diffusion distributed")
 
 describe() {
   case $1 in
@@ -58,6 +58,7 @@ describe() {
     generation) echo "bench/generation.py --qwen 1.5B 7B: decode/prefill per provider" ;;
     device_map) echo "bench/device_map.py: Qwen2.5-1.5B half offloaded to CPU vs whole on GPU" ;;
     diffusion) echo "bench/diffusion.py --sdxl: SDXL-sized UNet (needs diffusers)" ;;
+    distributed) echo "bench/distributed.py: data-parallel steps over 1, 2, 4, 8 GPUs present (NCCL)" ;;
   esac
 }
 bad() { echo "gpu_run.sh: $*" >&2; exit 2; }
@@ -113,6 +114,9 @@ if [ $PLAN = 1 ]; then
 fi
 
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 PYTHONSAFEPATH=1
+# compiler caches under the project's cache folder (not the temporary directory), as tests/run.sh
+cache=${LINEAS_FAST_CACHE:-$HOME/.cache/lineas_fast}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$cache/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$cache/torchinductor}
 export LINEAS_FAST_COMMIT=${LINEAS_FAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 LOGS=bench/results/gpu-run-logs
 mkdir -p "$LOGS"
@@ -146,6 +150,13 @@ trainer() { "$PY" bench/trainer_step.py --qwen 1.5B 7B; }
 generation() { "$PY" bench/generation.py --qwen 1.5B 7B --repeats 3; }
 device_map() { "$PY" bench/device_map.py --size 1.5B; }
 diffusion() { "$PY" bench/diffusion.py --sdxl; }
+distributed() {   # 1, 2, 4, 8 processes, as many as there are GPUs
+  local n procs=()
+  n=$("$PY" -c 'import torch; print(torch.cuda.device_count())') || return 1
+  for k in 1 2 4 8; do [ "$k" -le "$n" ] && procs+=("$k"); done
+  [ ${#procs[@]} -gt 0 ] || { echo "no CUDA device"; return 1; }
+  "$PY" bench/distributed.py --procs "${procs[@]}"
+}
 
 status=0
 results=()
