@@ -336,3 +336,96 @@ def test_openai_server_per_request_steering_and_http_400(served, server):
     assert refused.result().status_code == 400 and "unknown steering 'nope'" in str(refused.result())
     for k, (p, s) in enumerate(zip(prompts, specs)):
         assert got[k] == reference(model, steerings, p, s, 8), f"request {k} ({s})"
+
+
+def test_slot_steer_op_equals_the_reference_per_token():
+    """The op alone (token rows given directly): each token gets its row's slot and strength,
+    bit for bit the library's one-map reference (kernels/affine_steer_ref.py); padding and
+    unsteered rows are left exactly as they were."""
+    from lineas_fast.kernels.affine_steer_ref import affine_steer_ref
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(7, 16, generator=g)
+    u, b = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+    u[0], b[0] = 0.0, 0.0
+    row_slot = torch.tensor([2, 0, 1, 0])  # 3 rows + the identity row
+    row_lam = torch.tensor([0.7, 0.0, 1.3, 0.0])
+    rows = torch.tensor([0, 0, 1, 2, 2, 2, 3])  # the last token is padding
+    slots.set_token_rows(lambda n, device, identity: rows)
+    try:
+        y = torch.ops.lineas_fast.slot_steer(z, u, b, row_slot, row_lam)
+    finally:
+        slots.set_token_rows(None)
+    for t in range(7):
+        s, lam = int(row_slot[rows[t]]), float(row_lam[rows[t]])
+        want = affine_steer_ref(z[t : t + 1], u[s], b[s], lam, 1)
+        assert torch.equal(y[t : t + 1], want), t
+    assert torch.equal(y[[2, 6]], z[[2, 6]])
+
+
+def test_row_tables_follow_added_removed_moved(served):
+    saved = os.environ.get(slots.ENV)
+    try:
+        rows = slots.RowTables(4, "cpu")
+        names = list(slots.registered())
+        rows.set(0, (names[0], 0.5))
+        rows.set(1, (names[1], -2.0))
+        rows.set(2, (names[2], 1.0))
+        rows.move(0, 3, swap=False)  # 0 -> 3
+        rows.move(1, 2, swap=True)  # 1 <-> 2
+        rows.set(1, None)
+        rows.flush()
+        assert rows.slot.tolist() == [0, 0, 4, 1, 0] and rows.lam.tolist() == [0.0, 0.0, 2.0, 0.5, 0.0]
+    finally:
+        assert os.environ.get(slots.ENV) == saved
+
+
+def test_plugin_is_inert_without_steerings():
+    """Without $LINEAS_FAST_STEERINGS, loading the general plugins (as every vLLM process
+    does) leaves vLLM's model loaders as they are, and a request asking for a steering is
+    refused."""
+    import subprocess
+    import sys
+
+    code = (
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "from vllm.model_executor import model_loader as m\n"
+        "changed = [f for f, c in m._LOAD_FORMAT_TO_MODEL_LOADER.items() if 'Lineas' in c.__name__]\n"
+        "assert not changed, changed\n"
+        "from lineas_fast.serve import slots\n"
+        "try:\n"
+        "    slots.request_steering({'lineas_fast': {'steering': 'a'}})\n"
+        "except slots.SteeringRequestError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != slots.ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused: unknown steering 'a'; registered: none" in out.stdout
+
+
+def test_vllm_extension_points_are_there():
+    """What the plugin relies on in vLLM (tested with 0.32.0): fails here, by name, when an
+    extension point moves."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from vllm.config import VllmConfig
+    from vllm.forward_context import get_forward_context, is_forward_context_available  # noqa: F401
+    from vllm.model_executor import model_loader
+    from vllm.model_executor.layers.layernorm import RMSNorm  # noqa: F401
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality  # noqa: F401
+
+    assert isinstance(inspect.getattr_static(LogitsProcessor, "validate_params"), classmethod)
+    assert {"removed", "added", "moved", "batch_size"} <= set(typing.get_type_hints(BatchUpdate))
+    assert callable(model_loader.register_model_loader)
+    assert isinstance(model_loader._LOAD_FORMAT_TO_MODEL_LOADER, dict)
+    assert "additional_config" in {f.name for f in dataclasses.fields(VllmConfig)}
+    assert "additional_config" in inspect.getsource(VllmConfig.compute_hash)
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    # update_state runs in refresh_metadata, after the batch is condensed and reordered
+    src = inspect.getsource(InputBatch.refresh_metadata)
+    assert "update_state" in src
