@@ -104,23 +104,26 @@ def add_arguments(t) -> None:
     add_allow_missing(t)
 
 
+def train_settings(args, max_length: int) -> dict:
+    """The training settings the flags give: what ``lf.train`` takes and a checkpoint records."""
+    return dict(
+        modules=args.modules,
+        loss_modules=args.loss_modules,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        sparsity=args.sparsity,
+        seed=args.seed,
+        max_length=max_length,
+        init=args.init,
+    )
+
+
 def train_config(args, max_length: int) -> dict | None:
     """The settings a checkpoint of this run records (None if they cannot be built here)."""
     try:
-        return asdict(
-            TrainConfig(
-                modules=args.modules,
-                loss_modules=args.loss_modules,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                optimizer=args.optimizer,
-                lr=args.lr,
-                sparsity=args.sparsity,
-                seed=args.seed,
-                max_length=max_length,
-                init=args.init,
-            )
-        )
+        return asdict(TrainConfig(**train_settings(args, max_length)))
     except (ValueError, TypeError):
         return None
 
@@ -188,16 +191,7 @@ def run(args) -> int:
             tok,
             source,
             target,
-            modules=args.modules,
-            loss_modules=args.loss_modules,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            sparsity=args.sparsity,
-            seed=args.seed,
-            max_length=max_length,
-            init=args.init,
+            **train_settings(args, max_length),
             checkpoint_every=args.checkpoint_every,
             checkpoint_path=args.checkpoint,
             resume_from=args.resume,
