@@ -128,13 +128,19 @@ def _norm_dim(module: nn.Module) -> int | None:
 
 def check_fit(model_config) -> None:
     """Every registered steering against the served model's transformers skeleton (built on
-    the meta device from its config): module names, dimensions, fingerprint. A ValueError
-    names the steering that does not fit."""
+    the meta device from its config): module names, dimensions, fingerprint; DSAS-gated
+    steerings are refused. A ValueError names the steering that does not fit."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config.hf_config)
     for name, steering in slots.registered().items():
+        if steering.gates:
+            raise ValueError(
+                f"lineas_fast: steering {name!r} ({slots.ENV}) has DSAS gates on "
+                f"{sorted(steering.gates)[:3]}...; per-request steering in vLLM applies ungated maps "
+                "only (the slot op has no gate), so it is refused rather than served without its gates"
+            )
         try:
             steering.validate(skeleton, strict=True)
         except ValueError as e:

