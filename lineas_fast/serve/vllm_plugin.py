@@ -179,6 +179,13 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
 def _steering_loader(base):
     class SteeringLoader(base):
         def load_model(self, vllm_config, model_config, prefix: str = ""):
+            if vllm_config.speculative_config is not None:
+                # vLLM builds no plugin logits processor under speculative decoding, so rows
+                # would never get their slots: refused rather than served unsteered
+                raise ValueError(
+                    f"lineas_fast per-request steering ({slots.ENV}) does not support "
+                    "speculative decoding (vLLM loads no plugin logits processors with it)"
+                )
             model = super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             check_fit(model_config)
             # vLLM's compile caches are keyed by vllm_config.compute_hash(), which hashes
@@ -210,26 +217,53 @@ def register() -> None:
     _registered = True
 
 
+V2_REFUSED = (
+    "lineas_fast per-request steering runs on vLLM's V1 model runner (its logits processors see "
+    "each request's persistent-batch row, which query_start_loc indexes); this engine uses the V2 "
+    "model runner: set VLLM_USE_V2_MODEL_RUNNER=0, or unset $LINEAS_FAST_STEERINGS"
+)
+
+
 def _logits_processor_class():
+    """The logits processor, built on first use. It implements vLLM's V1 interface (the one
+    the plugin uses) and, where vLLM has it, the V2 model runner's interface as well: an entry
+    point in the ``vllm.logits_processors`` group is loaded by both runners, and the V2 runner
+    refuses to start with a V1-only class. Under V2 it is inert without steerings and refuses
+    to start with steerings (``V2_REFUSED``)."""
     from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
-    class SteeringLogitsProcessor(LogitsProcessor):
+    bases = [LogitsProcessor]
+    try:
+        from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2
+
+        bases.append(V2)
+    except ImportError:
+        pass
+
+    class SteeringLogitsProcessor(*bases):
         """Keeps each row's steering slot and strength; logits pass unchanged."""
 
         @classmethod
         def validate_params(cls, sampling_params) -> None:
             slots.request_steering(sampling_params.extra_args)
 
-        def __init__(self, vllm_config, device, is_pin_memory: bool):
+        def __init__(self, vllm_config, *runner_args):
             self.active = bool(slots.registered())
+            if len(runner_args) != 2:  # V2: (req_states,); V1: (device, is_pin_memory)
+                if self.active:
+                    raise RuntimeError(V2_REFUSED)
+                return
             if self.active:
-                self.rows = row_tables(vllm_config.scheduler_config.max_num_seqs, device)
+                self.rows = row_tables(vllm_config.scheduler_config.max_num_seqs, runner_args[0])
 
         def is_argmax_invariant(self) -> bool:
             return True
 
-        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
             return logits
+
+        def add_request(self, req_idx: int, sampling_params) -> bool:  # V2, inert
+            return False
 
         def update_state(self, batch_update) -> None:
             if batch_update is None or not self.active:

@@ -454,3 +454,28 @@ def test_gated_steering_is_refused_at_start_up(registered, tmp_path):
     finally:
         os.environ[slots.ENV] = saved
         slots.registered()
+
+
+def test_v2_model_runner_loads_the_plugin_inert_and_refuses_steerings(registered):
+    """vLLM's V2 model runner (its default on GPUs with Triton) loads every
+    ``vllm.logits_processors`` entry point and refuses a V1-only class, which would stop any
+    engine where lineas_fast is installed: the class implements both interfaces, is inert
+    under V2 without steerings and refuses to start under V2 with steerings."""
+    pytest.importorskip("vllm.v1.worker.gpu.sample.logits_processor.loader")
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_plugins
+
+    from lineas_fast.serve.vllm_plugin import V2_REFUSED
+
+    (cls,) = [c for c in _load_v2_logitsprocs_plugins() if c.__name__ == "SteeringLogitsProcessor"]
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        cls(types.SimpleNamespace(), object())
+    saved = os.environ.pop(slots.ENV)
+    try:
+        proc = cls(types.SimpleNamespace(), object())
+        assert proc.add_request(0, None) is False
+        logits = torch.randn(2, 5)
+        assert proc.apply(logits, None) is logits
+    finally:
+        os.environ[slots.ENV] = saved
+        slots.registered()
+    assert "V2 model runner" in V2_REFUSED
