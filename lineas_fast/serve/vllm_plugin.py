@@ -176,16 +176,28 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
     return names
 
 
+def check_engine(vllm_config) -> None:
+    """Refuse, at start-up, engine settings under which requests would not get their steering:
+    prefix caching (a cached prefix computed under one steering would be reused for a request
+    with another: vLLM's block hashes know nothing of the steering) and speculative decoding
+    (vLLM builds no plugin logits processor there, so rows would never get their slots)."""
+    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+        raise ValueError(
+            f"lineas_fast per-request steering ({slots.ENV}) needs prefix caching off "
+            "(enable_prefix_caching=False, vllm serve --no-enable-prefix-caching): cached KV blocks "
+            "do not record the steering they were computed under"
+        )
+    if vllm_config.speculative_config is not None:
+        raise ValueError(
+            f"lineas_fast per-request steering ({slots.ENV}) does not support speculative decoding "
+            "(vLLM loads no plugin logits processors with it)"
+        )
+
+
 def _steering_loader(base):
     class SteeringLoader(base):
         def load_model(self, vllm_config, model_config, prefix: str = ""):
-            if vllm_config.speculative_config is not None:
-                # vLLM builds no plugin logits processor under speculative decoding, so rows
-                # would never get their slots: refused rather than served unsteered
-                raise ValueError(
-                    f"lineas_fast per-request steering ({slots.ENV}) does not support "
-                    "speculative decoding (vLLM loads no plugin logits processors with it)"
-                )
+            check_engine(vllm_config)
             model = super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             check_fit(model_config)
             # vLLM's compile caches are keyed by vllm_config.compute_hash(), which hashes

@@ -479,3 +479,18 @@ def test_v2_model_runner_loads_the_plugin_inert_and_refuses_steerings(registered
         os.environ[slots.ENV] = saved
         slots.registered()
     assert "V2 model runner" in V2_REFUSED
+
+
+def test_engine_settings_that_would_lose_the_steering_are_refused():
+    from lineas_fast.serve.vllm_plugin import check_engine
+
+    def config(prefix, spec):
+        return types.SimpleNamespace(
+            cache_config=types.SimpleNamespace(enable_prefix_caching=prefix), speculative_config=spec
+        )
+
+    with pytest.raises(ValueError, match="needs prefix caching off"):
+        check_engine(config(True, None))
+    with pytest.raises(ValueError, match="speculative decoding"):
+        check_engine(config(False, object()))
+    check_engine(config(False, None))
