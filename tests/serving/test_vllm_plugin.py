@@ -336,6 +336,13 @@ def test_openai_server_per_request_steering_and_http_400(registered, server):
         refused = pool.submit(bad)
         got = [f.result() for f in futures]
     assert refused.result().status_code == 400 and "unknown steering 'nope'" in str(refused.result())
+    with pytest.raises(openai.BadRequestError):  # vllm_xargs values may not be objects (vLLM's schema)
+        client.completions.create(
+            model=model_name,
+            prompt=[5, 6],
+            max_tokens=2,
+            extra_body={"vllm_xargs": {"lineas_fast": {"steering": "all"}}},
+        )
     for k, (p, s) in enumerate(zip(prompts, specs)):
         assert got[k] == reference(model, steerings, p, s, 8), f"request {k} ({s})"
 
