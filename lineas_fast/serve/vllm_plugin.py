@@ -197,6 +197,8 @@ def check_engine(vllm_config) -> None:
 def _steering_loader(base):
     class SteeringLoader(base):
         def load_model(self, vllm_config, model_config, prefix: str = ""):
+            if not slots.registered():  # steerings unregistered since: vLLM's own loader
+                return super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             check_engine(vllm_config)
             model = super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             check_fit(model_config)
