@@ -100,7 +100,9 @@ def register_steering(name: str, steering: Steering | str) -> None:
         os.close(fd)
         steering.save(path)
     elif isinstance(steering, (str, os.PathLike)):
-        path = os.fspath(steering)
+        path = os.path.abspath(os.fspath(steering))  # engine processes may start elsewhere
+        if "," in path:
+            raise ValueError(f"steering file path {path!r} holds ',', which separates {ENV} entries")
         Steering.load(path)  # refuse an unreadable file now, not in the engine
     else:
         raise TypeError(f"steering must be a lf.Steering or a file path, got {type(steering).__name__}")
