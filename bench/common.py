@@ -9,6 +9,8 @@ import subprocess
 
 import torch
 
+from lineas_fast.atomic import atomic_path
+
 
 def environment() -> dict:
     import transformers
@@ -43,10 +45,17 @@ def environment() -> dict:
     }
 
 
+# vLLM benchmarks: why a result file has no GPU rows
+VLLM_GPU_NOT_RUN = (
+    "Not run on a GPU: the GPU machine the GPU benchmarks ran on has no vLLM installed and reaches "
+    "no package registry, so vLLM cannot be installed there."
+)
+
+
 def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    """Write a result file atomically (``lineas_fast.atomic.atomic_path``: the old file or the new
+    one, never half of either) and say so."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
     print(f"wrote {path}")

@@ -29,9 +29,11 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from common import VLLM_GPU_NOT_RUN, write_json  # noqa: E402
+
 import lineas_fast as lf
 from lineas_fast.apps.assets import smollm2_folder
-from lineas_fast.atomic import atomic_path
 from lineas_fast.serve.bench import add_overheads, environment, random_prompts, rates, table, vllm_available
 
 STEERINGS = ("a", "b")
@@ -185,13 +187,10 @@ def main(argv=None) -> int:
         "note": "CPU timings on a 2-core VM shared with other jobs: compare rows of the same run "
         "only, and only large differences; the unsteered engine and the steering engine are two "
         "engine starts",
-        "gpu": "not run: no vLLM on the GPU machines lent to this project",
+        "gpu": VLLM_GPU_NOT_RUN,
         "results": rows,
     }
-    with atomic_path(out) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-    print(f"wrote {out}")
+    write_json(out, payload)
     return 0
 
 

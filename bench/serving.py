@@ -6,8 +6,8 @@ tokens/s at batch 1 and 32 → bench/results/serving-<device>.json.
 
 Runs where vLLM is importable: the serving lane's venv (tests/serving/venv.sh prints its python).
 Each model is served in its own subprocess (``lineas_fast.serve.vllm_bench``, as ``lineas-fast
-bench`` does). The GPU machines lent to this project have no vLLM and reach no registry, so
-this has only run on CPU; the result file says so.
+bench`` does). It has only run on CPU so far (the GPU machine the GPU benchmarks ran on has no
+vLLM); the result file says so.
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ import tempfile
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from common import VLLM_GPU_NOT_RUN, write_json  # noqa: E402
+
 import lineas_fast as lf
 from lineas_fast.apps.assets import smollm2_folder
-from lineas_fast.atomic import atomic_path
 from lineas_fast.serve.bench import add_overheads, environment, run_vllm, table, vllm_available
-
-NOT_RUN = (
-    "Not run on a GPU: the GPU machines lent to this project have no vLLM installed and "
-    "reach no package registry, so vLLM cannot be installed there."
-)
 
 
 def steering_for(model, seed: int = 0) -> lf.Steering:
@@ -110,15 +107,10 @@ def main(argv=None) -> int:
         "load_average_1min_at_start": load_at_start,
         "note": "CPU timings on a 2-core VM shared with other jobs: compare rows of the same "
         "run only, and only large differences (see load_average_*)",
-        "gpu": NOT_RUN,
+        "gpu": VLLM_GPU_NOT_RUN,
         "results": rows,
     }
-    import json
-
-    with atomic_path(out) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
-    print(f"wrote {out}")
+    write_json(out, payload)
     return 0
 
 
