@@ -242,11 +242,11 @@ def fuse(
         plans = plan_fusion(target, effective)  # the modules are new objects
     staged = [w for p in plans for w in _fold_values(p)]  # computed and checked before any write
     if any(p.readers for p in plans):
-        _ensure_reader_biases(target, plans)
-        staged = [w for p in plans for w in _fold_values(p)]  # the readers' biases are new
+        _ensure_reader_biases(target, plans)  # new (zero) biases: the values above already hold
+    params = dict(target.root.named_parameters())
     with torch.no_grad():
-        for param, _, values in staged:
-            param.copy_(values.to(param.device, param.dtype))
+        for _, name, values in staged:
+            params[name].copy_(values.to(params[name].device, params[name].dtype))
     record = fold_record(steerings, strength, inverse)
     mark_folded(target.root, [p.name for p in plans], record)
     return result
