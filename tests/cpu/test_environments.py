@@ -20,12 +20,15 @@ VENV_SH = os.path.join(ROOT, "tests", "serving", "venv.sh")
 
 
 def venv_sh(python, *args, cache):
+    # The folder is derived from the parent; a fixed folder set by an outer run (the venv lane
+    # sets LINEAS_FAST_SERVING_VENV for its serving lane) is not what these tests examine.
+    env = {k: v for k, v in os.environ.items() if k != "LINEAS_FAST_SERVING_VENV"}
     proc = subprocess.run(
         ["bash", VENV_SH, *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHON": python, "LINEAS_FAST_CACHE": str(cache)},
+        env={**env, "PYTHON": python, "LINEAS_FAST_CACHE": str(cache)},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.splitlines()
