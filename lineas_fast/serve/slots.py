@@ -25,6 +25,8 @@ shapes are fixed when the model loads; a step only rewrites ``row_slot``/``row_l
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import math
 import os
@@ -98,7 +100,14 @@ def register_steering(name: str, steering: Steering | str) -> None:
     if isinstance(steering, Steering):
         fd, path = tempfile.mkstemp(prefix=f"lineas_fast-{name}-", suffix=".safetensors")
         os.close(fd)
-        steering.save(path)
+        try:
+            steering.save(path)
+        except BaseException:
+            os.unlink(path)
+            raise
+        if not _saved:
+            atexit.register(_remove_saved)
+        _saved[path] = os.getpid()
     elif isinstance(steering, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(steering))  # engine processes may start elsewhere
         if "," in path:
@@ -106,15 +115,33 @@ def register_steering(name: str, steering: Steering | str) -> None:
         Steering.load(path)  # refuse an unreadable file now, not in the engine
     else:
         raise TypeError(f"steering must be a lf.Steering or a file path, got {type(steering).__name__}")
-    pairs = [p for p in parse_env(os.environ.get(ENV, "")) if p[0] != name] + [(name, path)]
+    before = parse_env(os.environ.get(ENV, ""))
+    pairs = [p for p in before if p[0] != name] + [(name, path)]
     os.environ[ENV] = ",".join(f"{n}={p}" for n, p in pairs)
     registered()
+    _remove_saved([p for n, p in before if n == name and p != path])
+
+
+#: temporary files register_steering saved Steering objects to: {path: pid of the process that
+#: saved it}; removed when replaced, by clear_steerings, and when that process exits (engine
+#: processes read them when the model loads, inside the ``LLM(...)`` call)
+_saved: dict[str, int] = {}
+
+
+def _remove_saved(paths=None) -> None:
+    for path in list(_saved) if paths is None else paths:
+        if _saved.get(path) == os.getpid():  # a forked child leaves its parent's files alone
+            del _saved[path]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def clear_steerings() -> None:
-    """Forget every registered steering (unsets ``$LINEAS_FAST_STEERINGS``)."""
+    """Forget every registered steering (unsets ``$LINEAS_FAST_STEERINGS``; removes the
+    temporary files of registered ``Steering`` objects)."""
     os.environ.pop(ENV, None)
     registered()
+    _remove_saved()
 
 
 def slot_of(name: str, strength: float) -> int:
