@@ -16,6 +16,9 @@ go to REPORT_DIR/<scenario>-files/). Scenarios:
 * grad: the loss of one global batch read over the ranks, backward, gradients summed over the
   ranks -> the gradient of ω and b at the first module
 * fsdp: ``lf.train(..., fsdp=True)`` (the model sharded by FSDP2) -> maps, metadata
+* fsdp_meta: as fsdp, ranks other than 0 building the model on the meta device (their shards
+  come from rank 0) -> maps, metadata
+* fsdp_meta0: as fsdp, rank 0 building the model on the meta device -> the error of every rank
 * differ: rank 1 is given other source sentences -> the error message of every rank
 * refuse: rank 1 is given a bad learning rate -> the error message of every rank
 * raise: rank 1 raises inside training at step 2 (the job must end, not hang)
@@ -146,6 +149,21 @@ def run(scenario: str, report: Path, rank: int) -> dict:
     if scenario == "fsdp":
         s = lf.train(model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, fsdp=True)
         return {"maps": maps_of(s), "metadata": s.metadata}
+    if scenario == "fsdp_meta":  # ranks other than 0 build the model on the meta device
+        if rank != 0:
+            with torch.device("meta"):
+                model = tiny_model("llama", seed=1)  # another seed: weights must come from rank 0
+        s = lf.train(model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, fsdp=True)
+        return {"maps": maps_of(s), "metadata": s.metadata}
+    if scenario == "fsdp_meta0":  # rank 0 on the meta device: refused on every rank
+        if rank == 0:
+            with torch.device("meta"):
+                model = tiny_model("llama")
+        try:
+            lf.train(model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, fsdp=True)
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            return {"error": f"{type(e).__name__}: {e}"}
+        return {"error": None}
     if scenario in ("differ", "refuse"):
         source = SOURCE[::-1] if scenario == "differ" and rank == 1 else SOURCE
         lr = -1.0 if scenario == "refuse" and rank == 1 else SETTINGS["lr"]

@@ -494,12 +494,27 @@ def load_tokenizer(path: str, flag: str = "--model"):
         ) from None
 
 
-def load_model(path: str, dtype: str = "float32", tokenizer=None, allow_missing: bool = False):
+def load_model(
+    path: str, dtype: str = "float32", tokenizer=None, allow_missing: bool = False, on_meta: bool = False
+):
     """(model, tokenizer) from a local transformers causal LM folder, loaded completely: a tensor
     missing from its weight files, unexpected or of another shape is a CLIError naming it unless
-    ``allow_missing`` (``--allow-missing-weights``; ``cli.loading``)."""
+    ``allow_missing`` (``--allow-missing-weights``; ``cli.loading``). ``on_meta``: built from its
+    config on the meta device, no weights read (a rank of ``train --fsdp`` other than 0, whose
+    shards come from rank 0)."""
     check_model_dir(path)
     tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+    if on_meta:
+        try:
+            with quiet_loading(), torch.device("meta"):
+                config = AutoConfig.from_pretrained(path)
+                model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
+            raise CLIError(
+                f"--model {path!r}: cannot build a causal LM from its config "
+                f"({type(e).__name__}: {one_line(e)})"
+            ) from None
+        return model.eval(), tok
     try:
         with quiet_loading():
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -542,12 +557,13 @@ def load_pipeline(path: str, allow_missing: bool = False):
     return pipe
 
 
-def load_model_or_pipeline(args):
-    """(model, tokenizer) from --model, or (pipeline, None) from --pipeline: exactly one."""
+def load_model_or_pipeline(args, on_meta: bool = False):
+    """(model, tokenizer) from --model, or (pipeline, None) from --pipeline: exactly one.
+    ``on_meta``: the model built on the meta device (``load_model``)."""
     allow = getattr(args, "allow_missing_weights", False)
     if model_or_pipeline(args) == "pipeline":
         return load_pipeline(args.pipeline, allow), None
-    return load_model(args.model, allow_missing=allow)
+    return load_model(args.model, allow_missing=allow, on_meta=on_meta)
 
 
 def load_steering(path: str, flag: str = "--steering"):

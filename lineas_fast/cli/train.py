@@ -22,7 +22,7 @@ from lineas_fast.cli.common import (
     regex,
     scheduler_timesteps,
 )
-from lineas_fast.training.distributed import DistributedError, finish, is_main
+from lineas_fast.training.distributed import DistributedError, finish, is_main, launched
 from lineas_fast.training.trainer import TrainConfig, train
 
 NAME = "train"
@@ -99,7 +99,8 @@ def add_arguments(t) -> None:
     t.add_argument(
         "--fsdp",
         action="store_true",
-        help="under torchrun: shard the model's decoder layers over the processes (FSDP2)",
+        help="under torchrun: shard the model's decoder layers over the processes (FSDP2); rank 0 "
+        "reads the weights, the other ranks receive their shards from it",
     )
     add_allow_missing(t)
 
@@ -182,7 +183,8 @@ def run(args) -> int:
     target = read_sentences(args.target, "--target")
     if args.resume:
         check_checkpoint(args.resume, "--resume", train_config(args, max_length))
-    model, tok = load_model_or_pipeline(args)
+    # under torchrun with --fsdp only rank 0 reads the weights; the others get their shards from it
+    model, tok = load_model_or_pipeline(args, on_meta=args.fsdp and launched() and not is_main())
     check_match_time(args.modules, "--modules", model)
     check_match_time(args.loss_modules, "--loss-modules", model)
     try:

@@ -378,11 +378,71 @@ def shard_model(target) -> None:
         )
     for p in root.parameters():
         p.requires_grad_(False)
+    on_meta = _weights_on_meta(root)
+    full = root.state_dict() if dist.get_rank() == 0 and on_meta else None
     for layer in layers:
         fully_shard(layer)
     fully_shard(root)
+    if on_meta:
+        _fill_from_rank0(root, full)
     target.packing = False
     target.batches = _one_forward(target)
+
+
+def _weights_on_meta(root) -> bool:
+    """Whether ranks other than 0 built the model on the meta device (weights to come from
+    rank 0, which must hold them all): one collective, the same answer on every rank. The
+    ranks' parameter names, shapes and dtypes must be rank 0's."""
+    names = [(n, tuple(p.shape), str(p.dtype)) for n, p in root.named_parameters()]
+    meta = [n for n, p in root.named_parameters() if p.is_meta]
+    mine = (len(meta), len(names), meta[:1], settings_digest(names))
+    every: list = [None] * dist.get_world_size()
+    with collective("all_gather_object (where the weights are)"):
+        dist.all_gather_object(every, mine)
+    if every[0][0]:
+        raise DistributedError(
+            f"fsdp=True: rank 0 holds {every[0][0]} of its {every[0][1]} parameters on the meta "
+            f"device (e.g. {every[0][2][0]!r}); rank 0 must load the model's weights, the other ranks "
+            f"may build it on the meta device and receive their shards from rank 0"
+        )
+    differ = [r for r, e in enumerate(every) if e[3] != every[0][3]]
+    if differ:
+        raise DistributedError(
+            f"fsdp=True: ranks {differ} built a model whose parameter names, shapes or dtypes differ "
+            f"from rank 0's (build it from the same config and dtype on every rank)"
+        )
+    partial = [r for r, e in enumerate(every) if 0 < e[0] < e[1]]
+    if partial:
+        raise DistributedError(
+            f"fsdp=True: ranks {partial} hold some of their parameters on the meta device and some "
+            f"not; build the whole model on the meta device (weights from rank 0) or load it whole"
+        )
+    return any(e[0] for e in every)
+
+
+def _fill_from_rank0(root, full: dict | None) -> None:
+    """After ``fully_shard``: the ranks whose model is on the meta device allocate their shards
+    (``to_empty``) and every rank takes its shard of rank 0's ``full`` state dict
+    (``set_model_state_dict`` with ``broadcast_from_rank0``, one tensor at a time); buffers,
+    which FSDP leaves whole and which state dicts may omit (rotary ``inv_freq``), are broadcast
+    from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = _shard_device()
+    if any(p.is_meta for p in root.parameters()) or any(b.is_meta for b in root.buffers()):
+        root.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    with collective("broadcast (weights from rank 0)"):
+        set_model_state_dict(root, full if full is not None else {}, options=options)
+        for buf in root.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def _shard_device() -> torch.device:
+    """The device ``fully_shard``'s default mesh puts the shards on (this rank's GPU, or the CPU)."""
+    if torch.cuda.is_available() and dist.get_backend() != "gloo":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _one_forward(target):

@@ -95,7 +95,10 @@ def single(tok):
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     report = tmp_path_factory.mktemp("two")
-    torchrun(report, 2, "dp", "grad", "linear_act", "e2e", "gates", "differ", "refuse", "fsdp")
+    torchrun(
+        report, 2, "dp", "grad", "linear_act", "e2e", "gates", "differ", "refuse", "fsdp", "fsdp_meta",
+        "fsdp_meta0",
+    )  # fmt: skip
     return report
 
 
@@ -253,6 +256,36 @@ def test_sigterm_to_the_job_checkpoints_once_at_the_next_read_and_exits(tmp_path
     # the ranks act on the signal together where the records are read (every read_every steps)
     assert step % worker.SETTINGS["read_every"] == 0 and step < worker.SETTINGS["steps"]
     assert not (tmp_path / "term-rank0.pt").exists() and not (tmp_path / "term-rank1.pt").exists()
+
+
+def test_fsdp_ranks_on_the_meta_device_get_their_shards_from_rank_0(single, two):
+    outs = report_of(two, "fsdp_meta", 2)
+    assert_same_on_every_rank(outs)
+    # rank 1 built its model on the meta device (no weights, no rotary buffers): had its shards
+    # or buffers not come from rank 0, its forwards and so the common maps would differ
+    assert max_diff(outs[0]["maps"], single["dp"]) <= MAP_ATOL
+    assert outs[0]["metadata"]["fsdp"] is True
+
+
+def test_fsdp_with_rank_0_on_the_meta_device_is_refused_on_every_rank(two):
+    for out in report_of(two, "fsdp_meta0", 2):
+        assert out["error"] is not None and "rank 0 holds 30 of its 30 parameters on the meta" in out["error"]
+
+
+def test_cli_model_on_the_meta_device_reads_no_weights(tmp_path):
+    from lineas_fast.cli.common import load_model
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a weight file")
+    model, tok = load_model(str(tmp_path), on_meta=True)
+    assert all(p.is_meta for p in model.parameters()) and tok is not None
+    ref = tiny_model("llama")
+    assert [(n, p.shape, p.dtype) for n, p in model.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in ref.named_parameters()
+    ]
+    with pytest.raises(lf.cli.errors.CLIError, match="cannot load a causal LM"):
+        load_model(str(tmp_path))  # the same folder, read: its broken weights are found
 
 
 def test_cli_train_under_torchrun_with_fsdp_equals_one_process(tmp_path):
