@@ -12,9 +12,16 @@ SmolLM2-135M-Instruct: prefill and decode tokens/s at batch 1 and 32 for
     <serving venv>/bin/python bench/per_request_steering.py [--compile] [--out FILE]
 
 Each engine runs in a subprocess of its own (this script with ``--worker SPEC``): the steerings
-come from ``$LINEAS_FAST_STEERINGS``, which every vLLM process reads at start-up. Measured as
-``lineas_fast.serve.vllm_bench`` measures (prefill = a 1-token generation over B×T random ids,
-decode = B·N / (an N-token generation − prefill), medians of ``repeats`` after a warm-up).
+come from ``$LINEAS_FAST_STEERINGS``, which every vLLM process reads at start-up. Prefill = a
+1-token generation over B×T random ids, decode = B·N / (an N-token generation − prefill).
+
+On a small shared CPU machine the speed of one engine start drifts by more than the steering
+costs, so the measurement is interleaved: ``--rounds`` rounds, each starting the unsteered engine
+and the steering engine (their order alternating between rounds); inside an engine, after a
+warm-up of every (provider, batch), each repeat times every provider in turn. A row's tokens/s
+come from the medians of all its timings; each round also gives its own overhead against the
+unsteered engine of that round, and the row records their median and range
+(``decode_overhead_pct_rounds``): an overhead smaller than that range is not resolved.
 """
 
 from __future__ import annotations
@@ -89,22 +96,23 @@ def worker(spec: dict) -> int:
         ]
         llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
 
-    rows = []
-    for provider in spec["providers"]:
-        for b in spec["batches"]:
-            ids = random_prompts(spec["vocab_size"], b, spec["prompt_len"], 0).tolist()
-            extras = choices(provider, b)
-            run(ids, extras, 2)  # warm-up
-            pre, gen = [], []
-            for _ in range(spec["repeats"]):
+    timings = {
+        (p, b): {"prefill_s": [], "generate_s": []} for p in spec["providers"] for b in spec["batches"]
+    }
+    for b in spec["batches"]:
+        ids = random_prompts(spec["vocab_size"], b, spec["prompt_len"], 0).tolist()
+        for provider in spec["providers"]:
+            run(ids, choices(provider, b), 2)  # warm-up
+        for _ in range(spec["repeats"]):
+            for provider in spec["providers"]:  # interleaved: drift hits every provider alike
+                extras = choices(provider, b)
                 t0 = time.perf_counter()
                 run(ids, extras, 1)
-                pre.append(time.perf_counter() - t0)
+                timings[provider, b]["prefill_s"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 run(ids, extras, spec["new_tokens"])
-                gen.append(time.perf_counter() - t0)
-            r = rates(b, spec["prompt_len"], spec["new_tokens"], pre, gen)
-            rows.append({"engine": "vllm", "provider": provider, "batch": b, **r})
+                timings[provider, b]["generate_s"].append(time.perf_counter() - t0)
+    rows = [{"provider": p, "batch": b, **t} for (p, b), t in timings.items()]
     print("ROWS " + json.dumps(rows), flush=True)
     return 0
 
@@ -127,12 +135,40 @@ def run_engine(spec: dict, steerings_env: str | None) -> list[dict]:
     return json.loads(lines[-1][5:])
 
 
+def combine(rounds: list[dict], spec: dict) -> list[dict]:
+    """One row per (provider, batch): tokens/s from the medians of every round's timings, the
+    overheads against the unsteered engine from those, and per phase the overhead of each round
+    against the unsteered engine of the same round (``<phase>_overhead_pct_rounds``)."""
+    keys = list(rounds[0])
+    per_round = [
+        add_overheads([{"engine": "vllm", **row_rates(r[key], spec)} for key in keys]) for r in rounds
+    ]
+    rows = []
+    for i, key in enumerate(keys):
+        every = {t: [x for r in rounds for x in r[key][t]] for t in ("prefill_s", "generate_s")}
+        row = {"engine": "vllm", **row_rates({"provider": key[0], "batch": key[1], **every}, spec)}
+        for phase in ("prefill", "decode"):
+            row[f"{phase}_overhead_pct_rounds"] = [pr[i][f"{phase}_overhead_pct"] for pr in per_round]
+        rows.append(row)
+    return add_overheads(rows)
+
+
+def row_rates(r: dict, spec: dict) -> dict:
+    return {
+        "provider": r["provider"],
+        "batch": r["batch"],
+        **rates(r["batch"], spec["prompt_len"], spec["new_tokens"], r["prefill_s"], r["generate_s"]),
+        "timings": len(r["prefill_s"]),
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timings per provider and batch per engine start")
+    ap.add_argument("--rounds", type=int, default=3, help="engine starts per engine (interleaved)")
     ap.add_argument("--compile", action="store_true", help="vLLM's compiled mode (default eager)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -156,6 +192,8 @@ def main(argv=None) -> int:
         "vocab_size": model.config.vocab_size,
         "eager": not args.compile,
     }
+    steered = ["per_request_none", "per_request_half", "per_request_all"]
+    rounds = []  # per round: {(provider, batch): {"prefill_s": [...], "generate_s": [...]}}
     with tempfile.TemporaryDirectory(prefix="lineas-per-request-") as work:
         pairs = []
         for k, name in enumerate(STEERINGS):
@@ -163,10 +201,15 @@ def main(argv=None) -> int:
             steering_for(model, k).save(path)
             pairs.append(f"{name}={path}")
         del model
-        rows = run_engine({**spec, "providers": ["vllm_unsteered"]}, None)
-        steered = ["per_request_none", "per_request_half", "per_request_all"]
-        rows += run_engine({**spec, "providers": steered}, ",".join(pairs))
-    rows = add_overheads(rows)
+        for k in range(args.rounds):
+            engines = [(["vllm_unsteered"], None), (steered, ",".join(pairs))]
+            got = {}
+            for providers, env in engines if k % 2 == 0 else engines[::-1]:
+                for r in run_engine({**spec, "providers": providers}, env):
+                    got[r["provider"], r["batch"]] = r
+            rounds.append(got)
+            print(f"round {k + 1}/{args.rounds} done", flush=True)
+    rows = combine(rounds, spec)
     print(table(rows))
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", "per-request-steering-cpu.json"
@@ -177,16 +220,19 @@ def main(argv=None) -> int:
         "steerings": "two random steerings on all 60 input/post-attention norms, registered with "
         "$LINEAS_FAST_STEERINGS; per-request choice in SamplingParams.extra_args",
         "vllm_mode": "compiled" if args.compile else "eager (enforce_eager=True)",
-        "settings": {k: spec[k] for k in ("batches", "prompt_len", "new_tokens", "repeats")},
+        "settings": {
+            **{k: spec[k] for k in ("batches", "prompt_len", "new_tokens", "repeats")},
+            "rounds": args.rounds,
+        },
         "definitions": {
             "prefill_tok_s": "B*T / median time of a 1-token generation",
             "decode_tok_s": "B*N / (median time of an N-token generation - prefill time)",
             "overhead_pct": "(vllm_unsteered tok/s / provider tok/s - 1) * 100, same batch",
+            "overhead_pct_rounds": "the same, one value per round (engines started in that round)",
         },
         "load_average_1min_at_start": load_at_start,
-        "note": "CPU timings on a 2-core VM shared with other jobs: compare rows of the same run "
-        "only, and only large differences; the unsteered engine and the steering engine are two "
-        "engine starts",
+        "note": "CPU timings on a small VM: compare rows of the same run only; an overhead within "
+        "the range of its per-round values is not resolved",
         "gpu": VLLM_GPU_NOT_RUN,
         "results": rows,
     }
