@@ -47,8 +47,8 @@ def environment() -> dict:
 
 # vLLM benchmarks: why a result file has no GPU rows
 VLLM_GPU_NOT_RUN = (
-    "Not run on a GPU: the GPU machine the GPU benchmarks ran on has no vLLM installed and reaches "
-    "no package registry, so vLLM cannot be installed there."
+    "Not run on a GPU: the GPU machine bench/gpu_run.sh is prepared for has no vLLM installed and "
+    "reaches no package registry, so vLLM cannot be installed there."
 )
 
 

@@ -1,5 +1,5 @@
 """Per-request steering in a batched engine, without the engine: the steering registry, the
-per-request arguments, the slot tables and the one op that applies them (no vLLM import here;
+per-request arguments, the slot tables and the ops that apply them (no vLLM import here;
 ``lineas_fast.serve.vllm_plugin`` connects them to vLLM).
 
 Slots. Every registered steering gets two slots, its map T and its inverse T⁻¹ (a negative
@@ -21,6 +21,11 @@ computed in float32 as ``kernels/affine_steer_ref.py`` computes one map at one s
 request's tokens are those of ``steering.apply(model, strength)`` (λ = 0: y = z exactly). All
 shapes are fixed when the model loads; a step only rewrites ``row_slot``/``row_lam`` in place
 (when the batch changes) and the op reads them, so compiled graphs see static shapes.
+
+DSAS gates. On a module where some registered steering is gated, ``slot_steer_gated`` also
+holds each slot's gate (w (S, d), c (S,), kind (S,): ``gate_tables``) and scales λ per token by
+the gate computed on the module's output, as ``kernels/gated_steer_ref.py`` does; ungated slots
+have kind 0 (g = 1). Modules no steering gates keep the ungated op.
 """
 
 from __future__ import annotations
@@ -162,6 +167,11 @@ def registry_digest() -> str:
             h.update(m.encode() + b"\0")
             h.update(om.detach().float().cpu().contiguous().numpy().tobytes())
             h.update(b.detach().float().cpu().contiguous().numpy().tobytes())
+            gate = steering.gates.get(m)
+            if gate is not None:
+                h.update(gate["kind"].encode() + b"\0")
+                h.update(gate["w"].detach().float().cpu().contiguous().numpy().tobytes())
+                h.update(gate["c"].detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -238,6 +248,34 @@ def module_tables(module: str, d: int) -> tuple[Tensor, Tensor]:
     return u, b
 
 
+#: gate kind codes of ``gate_tables``: no gate (g = 1), DSAS sigmoid, DSAS relu (clamp to [0, 1])
+GATE_KINDS = {"none": 0, "sigmoid": 1, "relu": 2}
+
+
+def gated_modules() -> set[str]:
+    """Modules on which some registered steering has a DSAS gate."""
+    return {m for s in registered().values() for m in s.gates}
+
+
+def gate_tables(module: str, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(w (S, d), c (S,), kind (S,) int64) float32 on the CPU for one steered module: each
+    registered steering's DSAS gate in its map's and its inverse's slots (the inverse is gated
+    as ``steering.apply(model, strength < 0)`` gates it: the same gate on the same input);
+    kind 0 (no gate: g = 1) elsewhere."""
+    w = torch.zeros(num_slots(), d, dtype=torch.float32)
+    c = torch.zeros(num_slots(), dtype=torch.float32)
+    kind = torch.zeros(num_slots(), dtype=torch.int64)
+    for k, steering in enumerate(registered().values()):
+        gate = steering.gates.get(module)
+        if gate is None or module not in steering:
+            continue
+        for slot in (1 + 2 * k, 2 + 2 * k):
+            w[slot] = gate["w"].detach().float().cpu()
+            c[slot] = gate["c"].detach().float().cpu().reshape(())
+            kind[slot] = GATE_KINDS[gate["kind"]]
+    return w, c, kind
+
+
 class RowTables:
     """Per-row slot and strength of the engine's persistent batch (``rows`` rows + the
     identity row at index ``rows``), rewritten in place when the batch changes."""
@@ -277,27 +315,89 @@ class RowTables:
 _token_rows: Callable[[int, torch.device, int], Tensor] | None = None
 
 
+def rows_of_tokens(query_start_loc: Tensor, num_tokens: int, identity: int) -> Tensor:
+    """(T,) int64 row of each of a step's ``num_tokens`` tokens from the engine's
+    ``query_start_loc`` (R' + 1,) (request r's tokens are [qsl[r], qsl[r + 1])), on qsl's
+    device; tokens at or past qsl[-1] (padding) get ``identity``. No host sync and no
+    data-dependent shape, so it can be captured in a CUDA graph."""
+    qsl = query_start_loc.to(torch.int64)
+    t = torch.arange(num_tokens, device=qsl.device)
+    rows = torch.searchsorted(qsl[1:].contiguous(), t, right=True)
+    return torch.where(t < qsl[-1], rows, torch.full_like(rows, identity))
+
+
 def set_token_rows(fn: Callable[[int, torch.device, int], Tensor] | None) -> None:
     global _token_rows
     _token_rows = fn
+
+
+#: the per-token (slot, strength) of the step being run, shared by every steered module's op:
+#: keyed on the token-row tensor (the engine integration returns the same tensor for every
+#: module of a step) and the row tables' version (bumped by each in-place rewrite)
+_per_token: dict = {}
+
+
+def per_token(num_tokens: int, device, row_slot: Tensor, row_lam: Tensor) -> tuple[Tensor, Tensor]:
+    """(slot (T,) int64, λ (T, 1) float32) of each token of the step: its row's slot and
+    strength, computed once per step (``_per_token``)."""
+    rows = _token_rows(num_tokens, device, row_slot.shape[0] - 1)
+    key = (row_slot._version, row_lam._version)
+    hit = _per_token
+    if hit.get("rows") is rows and hit.get("row_slot") is row_slot and hit.get("key") == key:
+        return hit["slot"], hit["lam"]
+    slot = row_slot.index_select(0, rows)
+    lam = row_lam.index_select(0, rows).unsqueeze(1)
+    _per_token.update(rows=rows, row_slot=row_slot, key=key, slot=slot, lam=lam)
+    return slot, lam
 
 
 @custom_op("lineas_fast::slot_steer", mutates_args=())
 def slot_steer(z: Tensor, u: Tensor, b: Tensor, row_slot: Tensor, row_lam: Tensor) -> Tensor:
     """y (T, d) from z (T, d): each token's row's slot and strength (see the module
     docstring); u, b (S, d) float32; row_slot (R + 1,) int64; row_lam (R + 1,) float32."""
-    identity = row_slot.shape[0] - 1
     if _token_rows is None:
         return z.clone()
-    rows = _token_rows(z.shape[0], z.device, identity)
-    slot = row_slot[rows]
-    lam = row_lam[rows].unsqueeze(1)
+    slot, lam = per_token(z.shape[0], z.device, row_slot, row_lam)
+    if z.dtype == torch.float32:  # the same arithmetic as below, without the casts
+        return z + lam * (u.index_select(0, slot) * z + b.index_select(0, slot))
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     zf = z.to(acc)
-    y = zf + lam.to(acc) * (u[slot].to(acc) * zf + b[slot].to(acc))
+    y = zf + lam.to(acc) * (u.index_select(0, slot).to(acc) * zf + b.index_select(0, slot).to(acc))
     return y.to(z.dtype)
 
 
 @slot_steer.register_fake
 def _(z, u, b, row_slot, row_lam):
+    return torch.empty_like(z)
+
+
+@custom_op("lineas_fast::slot_steer_gated", mutates_args=())
+def slot_steer_gated(
+    z: Tensor, u: Tensor, b: Tensor, gw: Tensor, gc: Tensor, gk: Tensor, row_slot: Tensor, row_lam: Tensor
+) -> Tensor:
+    """``slot_steer`` with each slot's DSAS gate (``gate_tables``): per token t of row r,
+
+        g_t = σ(w[s]·z_t + c[s]) (kind 1), clamp(w[s]·z_t + c[s], 0, 1) (kind 2), 1 (kind 0)
+        y_t = z_t + (λ_r g_t)(u[s] ⊙ z_t + b[s]),   s = slot_r,
+
+    in float32 as ``kernels/gated_steer_ref.py`` computes one gated map at one strength.
+    z (T, d); u, b, gw (S, d) float32; gc (S,) float32; gk (S,) int64; row tables as
+    ``slot_steer``'s."""
+    if _token_rows is None:
+        return z.clone()
+    slot, lam = per_token(z.shape[0], z.device, row_slot, row_lam)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    zf = z.to(acc)
+    logit = (zf * gw.index_select(0, slot).to(acc)).sum(-1) + gc.index_select(0, slot).to(acc)
+    kind = gk.index_select(0, slot)
+    gate = torch.where(
+        kind == 1, torch.sigmoid(logit), torch.where(kind == 2, logit.clamp(0.0, 1.0), torch.ones_like(logit))
+    )
+    lam = lam.squeeze(1).to(acc) * gate
+    y = zf + lam.unsqueeze(1) * (u.index_select(0, slot).to(acc) * zf + b.index_select(0, slot).to(acc))
+    return y.to(z.dtype)
+
+
+@slot_steer_gated.register_fake
+def _(z, u, b, gw, gc, gk, row_slot, row_lam):
     return torch.empty_like(z)

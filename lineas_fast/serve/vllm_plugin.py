@@ -13,7 +13,8 @@ vLLM extension points used (entry points in setup.py; vllm is imported only here
   registered it re-registers each load format's model loader (``register_model_loader``) as a
   subclass whose ``load_model`` checks every steering against the loaded model (fingerprint,
   module names, dimensions; a misfit stops the engine at start-up, naming the steering) and
-  wraps each steered norm so its output goes through ``lineas_fast::slot_steer``.
+  wraps each steered norm so its output goes through ``lineas_fast::slot_steer`` (or
+  ``slot_steer_gated`` where a registered steering has a DSAS gate on it).
 * ``vllm.logits_processors`` -> ``SteeringLogitsProcessor`` (v1 interface): its classmethod
   ``validate_params`` refuses a bad request alone (vLLM: ValueError -> HTTP 400), and its
   ``update_state`` writes each added/removed/moved request's slot and strength into the row
@@ -72,27 +73,27 @@ def _token_rows(num_tokens: int, device, identity: int) -> torch.Tensor:
     if qsl is None:
         rows = torch.full((num_tokens,), identity, dtype=torch.int64, device=device)
     else:
-        # no host sync and no data-dependent shape: token t belongs to the row whose span
-        # [qsl[r], qsl[r + 1]) holds it; tokens at or past qsl[-1] (padding) to the identity row
-        qsl = qsl.to(device=device, dtype=torch.int64)
-        t = torch.arange(num_tokens, device=device)
-        rows = torch.searchsorted(qsl[1:].contiguous(), t, right=True)
-        rows = torch.where(t < qsl[-1], rows, torch.full_like(rows, identity))
+        rows = slots.rows_of_tokens(qsl.to(device), num_tokens, identity)
     _rows_cache.update(key=key, ctx=ctx, rows=rows)
     return rows
 
 
 class SlotSteered(nn.Module):
     """A norm whose output (the first element when it returns (out, residual), as vLLM's
-    fused add-RMSNorm does) goes through ``lineas_fast::slot_steer``."""
+    fused add-RMSNorm does) goes through ``lineas_fast::slot_steer``, or
+    ``lineas_fast::slot_steer_gated`` when ``gates`` (w, c, kind) are given."""
 
-    def __init__(self, inner: nn.Module, u: torch.Tensor, b: torch.Tensor, rows: slots.RowTables):
+    def __init__(self, inner: nn.Module, u: torch.Tensor, b: torch.Tensor, rows: slots.RowTables, gates=None):
         super().__init__()
         self.inner = inner
         self.register_buffer("u", u, persistent=False)
         self.register_buffer("b", b, persistent=False)
         self.register_buffer("row_slot", rows.slot, persistent=False)
         self.register_buffer("row_lam", rows.lam, persistent=False)
+        self.gated = gates is not None
+        if self.gated:
+            for key, t in zip(("gw", "gc", "gk"), gates):
+                self.register_buffer(key, t, persistent=False)
 
     def forward(self, x, *args, **kwargs):
         out = self.inner(x, *args, **kwargs)
@@ -102,9 +103,13 @@ class SlotSteered(nn.Module):
 
     def _steer(self, z: torch.Tensor) -> torch.Tensor:
         shape = z.shape
-        y = torch.ops.lineas_fast.slot_steer(
-            z.reshape(-1, shape[-1]), self.u, self.b, self.row_slot, self.row_lam
-        )
+        flat = z.reshape(-1, shape[-1])
+        if self.gated:
+            y = torch.ops.lineas_fast.slot_steer_gated(
+                flat, self.u, self.b, self.gw, self.gc, self.gk, self.row_slot, self.row_lam
+            )
+        else:
+            y = torch.ops.lineas_fast.slot_steer(flat, self.u, self.b, self.row_slot, self.row_lam)
         return y.reshape(shape)
 
 
@@ -128,19 +133,13 @@ def _norm_dim(module: nn.Module) -> int | None:
 
 def check_fit(model_config) -> None:
     """Every registered steering against the served model's transformers skeleton (built on
-    the meta device from its config): module names, dimensions, fingerprint; DSAS-gated
-    steerings are refused. A ValueError names the steering that does not fit."""
+    the meta device from its config): module names, dimensions, fingerprint. A ValueError
+    names the steering that does not fit."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config.hf_config)
     for name, steering in slots.registered().items():
-        if steering.gates:
-            raise ValueError(
-                f"lineas_fast: steering {name!r} ({slots.ENV}) has DSAS gates on "
-                f"{sorted(steering.gates)[:3]}...; per-request steering in vLLM applies ungated maps "
-                "only (the slot op has no gate), so it is refused rather than served without its gates"
-            )
         try:
             steering.validate(skeleton, strict=True)
         except ValueError as e:
@@ -156,6 +155,7 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
     means the same in vLLM as in transformers."""
     rows = row_tables(max_rows, device)
     names = sorted({m for s in slots.registered().values() for m in s.modules})
+    gated = slots.gated_modules()
     named = dict(model.named_modules())
     for name in names:
         mod = named.get(name)
@@ -170,9 +170,12 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
                 f"in vLLM supports norm modules (RMSNorm, LayerNorm) only"
             )
         u, b = slots.module_tables(name, d)
+        gates = None
+        if name in gated:
+            gates = tuple(t.to(device) for t in slots.gate_tables(name, d))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SlotSteered(mod, u.to(device), b.to(device), rows))
+        setattr(parent, child, SlotSteered(mod, u.to(device), b.to(device), rows, gates))
     return names
 
 

