@@ -272,6 +272,34 @@ def test_fsdp_with_rank_0_on_the_meta_device_is_refused_on_every_rank(two):
         assert out["error"] is not None and "rank 0 holds 30 of its 30 parameters on the meta" in out["error"]
 
 
+def test_accelerate_launch_runs_data_parallel_like_torchrun(single, tmp_path):
+    """``accelerate launch --multi_gpu`` starts its processes through torch.distributed.run
+    with the same environment (on this CPU machine: gloo): the library needs nothing of
+    accelerate's and gives the single-process maps."""
+    pytest.importorskip("accelerate")
+    env = {k: v for k, v in os.environ.items() if k not in worker_env_keys()}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(TESTS / "distributed_worker.py"), str(tmp_path), "dp",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    outs = report_of(tmp_path, "dp", 2)
+    assert_same_on_every_rank(outs)
+    assert outs[0]["metadata"]["world_size"] == 2
+    assert max_diff(outs[0]["maps"], single["dp"]) <= MAP_ATOL
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_cli_model_on_the_meta_device_reads_no_weights(tmp_path):
     from lineas_fast.cli.common import load_model
 
