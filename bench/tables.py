@@ -219,6 +219,42 @@ def serving(res: Results) -> str:
     )
 
 
+def _span(values) -> str:
+    """A range of per-round overheads, e.g. ``−3.1…+4.2%``; ``—`` for a file without rounds."""
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
+    return f"{lo:+.1f}…{hi:+.1f}%"
+
+
+def per_request(res: Results) -> str:
+    lines = [
+        "| vLLM mode | provider | batch | decode tok/s | decode overhead | per round | prefill overhead "
+        "| per round |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = ("per-request-steering-compiled-cpu.json", "per-request-steering-cpu.json")
+    for name in names:
+        d = res(name)
+        mode = "compiled" if d["vllm_mode"] == "compiled" else "eager"
+        for r in d["results"]:
+            lines.append(
+                f"| {mode} | {r['provider']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
+                f"{r['decode_overhead_pct']:+.1f}% | {_span(r.get('decode_overhead_pct_rounds'))} | "
+                f"{r['prefill_overhead_pct']:+.1f}% | {_span(r.get('prefill_overhead_pct_rounds'))} |"
+            )
+    notes = []
+    for name in names:
+        d = res(name)
+        rounds = d["settings"].get("rounds", 1)
+        notes.append(
+            f"{res.link(name)}: {rounds} round(s) of {d['settings']['repeats']} timings, "
+            f"1-minute load average {d['load_average_1min']:.1f}"
+        )
+    d = res(names[0])
+    return "\n".join(lines) + f"\n\n{d['model']}; vLLM {d['vllm']}; {d['device']}. " + "; ".join(notes) + "."
+
+
 def diffusion(res: Results) -> str:
     d = res("diffusion-cpu.json")
     gen = ", ".join(f"{k} {v:.3f} s" for k, v in d["generate_s"].items())
@@ -397,6 +433,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "generation": generation,
     "generation-summary": generation_summary,
     "serving": serving,
+    "per-request": per_request,
     "diffusion": diffusion,
     "diffusion-crn": diffusion_crn,
     "dsas-token": dsas_token,
