@@ -1,6 +1,6 @@
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 with open("lineas_fast/_version.py", encoding="utf-8") as f:
     VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
@@ -12,7 +12,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lineas_fast", "lineas_fast.kernels"],
+    # every subpackage of lineas_fast/ (training, fold, serve, apps, cli), and kernels/ installed
+    # as lineas_fast.kernels
+    packages=find_packages(include=["lineas_fast", "lineas_fast.*"]) + ["lineas_fast.kernels"],
     package_dir={"lineas_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

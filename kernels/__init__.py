@@ -16,3 +16,28 @@ PyTorch custom op (one op each, the reference on one branch and the launcher on 
 * ``registry.py``: every kernel with the constexpr configurations its host wrapper can pick
   (used by the ahead-of-time compile lane, ``lineas_fast.kernels.compile_check``).
 """
+
+if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess by tests/cpu/test_install.py
+    # This folder is ``lineas_fast.kernels``. Python finds it as a top-level ``kernels`` only when
+    # the repository root is on sys.path (``python -m ...``, ``python -c`` or a script run from the
+    # root), where it would shadow the PyPI package ``kernels`` (Hugging Face's, which recent
+    # transformers imports). Hand the import over to that package, or refuse it, naming both.
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+    _path = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]
+    from importlib.machinery import PathFinder as _PathFinder
+
+    _spec = _PathFinder.find_spec("kernels", _path)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(
+            f"No module named 'kernels': {_os.path.dirname(_os.path.abspath(__file__))} is lineas_fast's "
+            "kernel folder (import it as lineas_fast.kernels), found as 'kernels' because the "
+            "repository root is on sys.path",
+            name="kernels",
+        )
+    _module = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
+    _spec.loader.exec_module(_module)

@@ -1,0 +1,135 @@
+"""What ``pip install .`` installs: a wheel built from this checkout holds every module of
+lineas_fast/ (its subpackages included) and kernels/ (as lineas_fast.kernels), and imports from
+where it was installed; and the repository's kernels/ folder, found as a top-level ``kernels``
+when the repository root is on sys.path (``python -m pytest`` from the root), does not shadow
+the PyPI package of that name (Hugging Face's, which recent transformers imports)."""
+
+import importlib.machinery
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def modules_in_tree() -> set[str]:
+    """Paths inside the installed package of every .py file of the checkout's packages."""
+    out = {
+        str(p.relative_to(ROOT)) for p in (ROOT / "lineas_fast").rglob("*.py") if "__pycache__" not in p.parts
+    }
+    out |= {f"lineas_fast/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out.glob("lineas_fast-*.whl")
+    return path
+
+
+def test_the_wheel_holds_every_module(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = sorted(modules_in_tree() - names)
+    assert not missing, f"not in the wheel: {missing}"
+    assert "lineas_fast/serve/vllm_plugin.py" in names and "lineas_fast/training/trainer.py" in names
+
+
+def test_the_installed_wheel_imports_every_module_from_where_it_was_installed(wheel, tmp_path):
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = (
+        "import importlib, pkgutil, lineas_fast as lf\n"
+        "names = [m.name for m in pkgutil.walk_packages(lf.__path__, 'lineas_fast.')]\n"
+        "names = [n for n in names if not n.endswith('.__main__')]  # the CLI's, which runs it\n"
+        "for n in names:\n"
+        "    importlib.import_module(n)\n"
+        "print(lf.__file__)\n"
+        "print(len(names))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, count = proc.stdout.split()[-2:]
+    assert where.startswith(str(site)), where
+    # every module but lineas_fast/__init__.py and cli/__main__.py
+    assert int(count) >= len(modules_in_tree()) - 2
+
+
+def run_in_root(code: str, extra_path: str | None = None) -> subprocess.CompletedProcess:
+    """``python -c CODE`` from the repository root, which puts the root on sys.path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = extra_path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_repository_root_hands_kernels_over_to_the_pypi_package(tmp_path):
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("MARK = 'the pypi kernels package'\nfrom kernels.sub import X\n")
+    (fake / "sub.py").write_text("X = 1\n")
+    proc = run_in_root(
+        "import kernels, lineas_fast, lineas_fast.kernels as k\n"
+        "print(kernels.MARK, kernels.X, kernels.__file__)\n"
+        "print(k.__name__, k.__file__)\n",
+        str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = proc.stdout.strip().splitlines()[-2:]
+    assert first == f"the pypi kernels package 1 {fake / '__init__.py'}"
+    assert second.startswith("lineas_fast.kernels ") and second.endswith("kernels/__init__.py")
+
+
+def test_the_repository_root_without_a_kernels_package_refuses_the_name():
+    others = [p for p in sys.path if os.path.realpath(p or os.curdir) != str(ROOT)]
+    real = importlib.machinery.PathFinder.find_spec("kernels", others)
+    proc = run_in_root("import kernels; print(kernels.__file__)")
+    if real is not None:  # this environment has the PyPI package (transformers may install it)
+        assert proc.returncode == 0 and proc.stdout.strip() == real.origin, proc.stderr[-3000:]
+    else:
+        assert proc.returncode != 0
+        assert "import it as lineas_fast.kernels" in proc.stderr, proc.stderr[-3000:]
