@@ -107,28 +107,40 @@ def run_in_root(code: str, extra_path: str | None = None) -> subprocess.Complete
     )
 
 
+def installed_kernels_package():
+    """The spec of a ``kernels`` package installed in this environment (not this folder), or None."""
+    others = [p for p in sys.path if os.path.realpath(p or os.curdir) != str(ROOT)]
+    return importlib.machinery.PathFinder.find_spec("kernels", others)
+
+
 def test_the_repository_root_hands_kernels_over_to_the_pypi_package(tmp_path):
-    fake = tmp_path / "kernels"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("MARK = 'the pypi kernels package'\nfrom kernels.sub import X\n")
-    (fake / "sub.py").write_text("X = 1\n")
+    """From the root, ``import kernels`` gets the installed package: Hugging Face's where it is
+    installed (transformers then imports it while lineas_fast imports), otherwise a stand-in
+    package put on PYTHONPATH."""
+    real = installed_kernels_package()
+    extra = None
+    if real is None:
+        fake = tmp_path / "kernels"
+        fake.mkdir()
+        (fake / "__init__.py").write_text("MARK = 'stand-in'\nfrom kernels.sub import X\n")
+        (fake / "sub.py").write_text("X = 1\n")
+        extra = str(tmp_path)
     proc = run_in_root(
         "import kernels, lineas_fast, lineas_fast.kernels as k\n"
-        "print(kernels.MARK, kernels.X, kernels.__file__)\n"
+        "print(kernels.__file__)\n"
         "print(k.__name__, k.__file__)\n",
-        str(tmp_path),
+        extra,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = proc.stdout.strip().splitlines()[-2:]
-    assert first == f"the pypi kernels package 1 {fake / '__init__.py'}"
+    assert first == (real.origin if real is not None else str(tmp_path / "kernels" / "__init__.py"))
     assert second.startswith("lineas_fast.kernels ") and second.endswith("kernels/__init__.py")
 
 
 def test_the_repository_root_without_a_kernels_package_keeps_lineas_fast_importable():
     """Without the PyPI package, ``import kernels`` from the root finds this folder, which stays
     an inert module (transformers probes the name), and lineas_fast imports."""
-    others = [p for p in sys.path if os.path.realpath(p or os.curdir) != str(ROOT)]
-    real = importlib.machinery.PathFinder.find_spec("kernels", others)
+    real = installed_kernels_package()
     proc = run_in_root("import kernels, lineas_fast; print(kernels.__file__)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = real.origin if real is not None else str(ROOT / "kernels" / "__init__.py")
