@@ -25,27 +25,21 @@ def modules_in_tree() -> set[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
+def pip(command: str, *args: str) -> None:
+    """``pip COMMAND -q --no-deps ARGS`` with this interpreter; fails the test naming pip's error."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(out),
-            str(ROOT),
-        ],
+        [sys.executable, "-m", "pip", command, "-q", "--no-deps", *args],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    pip("wheel", "--no-build-isolation", "-w", str(out), str(ROOT))
     (path,) = out.glob("lineas_fast-*.whl")
     return path
 
@@ -59,24 +53,7 @@ def test_the_wheel_holds_every_module(wheel):
 
 def test_the_installed_wheel_imports_every_module_from_where_it_was_installed(wheel, tmp_path):
     site = tmp_path / "site"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-compile",
-            "--target",
-            str(site),
-            str(wheel),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    pip("install", "--no-compile", "--target", str(site), str(wheel))
     code = (
         "import importlib, pkgutil, lineas_fast as lf\n"
         "names = [m.name for m in pkgutil.walk_packages(lf.__path__, 'lineas_fast.')]\n"
