@@ -234,6 +234,7 @@ def per_request(res: Results) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     names = ("per-request-steering-compiled-cpu.json", "per-request-steering-cpu.json")
+    notes = []
     for name in names:
         d = res(name)
         mode = "compiled" if d["vllm_mode"] == "compiled" else "eager"
@@ -243,13 +244,9 @@ def per_request(res: Results) -> str:
                 f"{r['decode_overhead_pct']:+.1f}% | {_span(r.get('decode_overhead_pct_rounds'))} | "
                 f"{r['prefill_overhead_pct']:+.1f}% | {_span(r.get('prefill_overhead_pct_rounds'))} |"
             )
-    notes = []
-    for name in names:
-        d = res(name)
-        rounds = d["settings"].get("rounds", 1)
         notes.append(
-            f"{res.link(name)}: {rounds} round(s) of {d['settings']['repeats']} timings, "
-            f"1-minute load average {d['load_average_1min']:.1f}"
+            f"{res.link(name)}: {d['settings'].get('rounds', 1)} round(s) of {d['settings']['repeats']} "
+            f"timings, 1-minute load average {d['load_average_1min']:.1f}"
         )
     d = res(names[0])
     return "\n".join(lines) + f"\n\n{d['model']}; vLLM {d['vllm']}; {d['device']}. " + "; ".join(notes) + "."

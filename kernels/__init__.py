@@ -25,10 +25,10 @@ if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess by tes
     import importlib.util as _util
     import os as _os
     import sys as _sys
+    from importlib.machinery import PathFinder as _PathFinder
 
     _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
     _path = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]
-    from importlib.machinery import PathFinder as _PathFinder
 
     _spec = _PathFinder.find_spec("kernels", _path)
     if _spec is not None and _spec.loader is not None:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
+from lineas_fast.kernels.gated_steer_ref import GATES, gate_fn
 from lineas_fast.steering import Steering
 
 ENV = "LINEAS_FAST_STEERINGS"
@@ -165,13 +166,12 @@ def registry_digest() -> str:
         for m in steering.modules:
             om, b = steering[m]
             h.update(m.encode() + b"\0")
-            h.update(om.detach().float().cpu().contiguous().numpy().tobytes())
-            h.update(b.detach().float().cpu().contiguous().numpy().tobytes())
             gate = steering.gates.get(m)
+            tensors = (om, b) if gate is None else (om, b, gate["w"], gate["c"])
             if gate is not None:
                 h.update(gate["kind"].encode() + b"\0")
-                h.update(gate["w"].detach().float().cpu().contiguous().numpy().tobytes())
-                h.update(gate["c"].detach().float().cpu().contiguous().numpy().tobytes())
+            for t in tensors:
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -248,8 +248,9 @@ def module_tables(module: str, d: int) -> tuple[Tensor, Tensor]:
     return u, b
 
 
-#: gate kind codes of ``gate_tables``: no gate (g = 1), DSAS sigmoid, DSAS relu (clamp to [0, 1])
-GATE_KINDS = {"none": 0, "sigmoid": 1, "relu": 2}
+#: gate kind codes of ``gate_tables``: 0 no gate (g = 1), then the library's DSAS gates in
+#: ``GATES`` order (kernels/gated_steer_ref.py: sigmoid, relu)
+GATE_KINDS = {"none": 0, **{kind: k + 1 for k, kind in enumerate(GATES)}}
 
 
 def gated_modules() -> set[str]:
@@ -358,12 +359,19 @@ def slot_steer(z: Tensor, u: Tensor, b: Tensor, row_slot: Tensor, row_lam: Tenso
     if _token_rows is None:
         return z.clone()
     slot, lam = per_token(z.shape[0], z.device, row_slot, row_lam)
-    if z.dtype == torch.float32:  # the same arithmetic as below, without the casts
-        return z + lam * (u.index_select(0, slot) * z + b.index_select(0, slot))
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    zf = z.to(acc)
-    y = zf + lam.to(acc) * (u.index_select(0, slot).to(acc) * zf + b.index_select(0, slot).to(acc))
-    return y.to(z.dtype)
+    zf = z.to(_acc(z))
+    return _steer_rows(zf, lam.to(zf.dtype), u, b, slot).to(z.dtype)
+
+
+def _acc(z: Tensor) -> torch.dtype:
+    """The dtype the ops compute in: float64 for float64 activations, float32 otherwise."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _steer_rows(zf: Tensor, lam: Tensor, u: Tensor, b: Tensor, slot: Tensor) -> Tensor:
+    """zf + λ ⊙ (u[slot] ⊙ zf + b[slot]) in zf's dtype: zf (T, d), λ (T, 1), u, b (S, d)
+    (the tensor casts are no-ops for float32)."""
+    return zf + lam * (u.index_select(0, slot).to(zf.dtype) * zf + b.index_select(0, slot).to(zf.dtype))
 
 
 @slot_steer.register_fake
@@ -386,16 +394,14 @@ def slot_steer_gated(
     if _token_rows is None:
         return z.clone()
     slot, lam = per_token(z.shape[0], z.device, row_slot, row_lam)
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    zf = z.to(acc)
-    logit = (zf * gw.index_select(0, slot).to(acc)).sum(-1) + gc.index_select(0, slot).to(acc)
+    zf = z.to(_acc(z))
+    logit = (zf * gw.index_select(0, slot).to(zf.dtype)).sum(-1) + gc.index_select(0, slot).to(zf.dtype)
     kind = gk.index_select(0, slot)
-    gate = torch.where(
-        kind == 1, torch.sigmoid(logit), torch.where(kind == 2, logit.clamp(0.0, 1.0), torch.ones_like(logit))
-    )
-    lam = lam.squeeze(1).to(acc) * gate
-    y = zf + lam.unsqueeze(1) * (u.index_select(0, slot).to(acc) * zf + b.index_select(0, slot).to(acc))
-    return y.to(z.dtype)
+    gate = torch.ones_like(logit)
+    for name in GATES:
+        gate = torch.where(kind == GATE_KINDS[name], gate_fn(logit, name), gate)
+    lam = lam.squeeze(1).to(zf.dtype) * gate
+    return _steer_rows(zf, lam.unsqueeze(1), u, b, slot).to(z.dtype)
 
 
 @slot_steer_gated.register_fake
