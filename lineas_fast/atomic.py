@@ -14,6 +14,11 @@ overwritten.
   moves it back before doing anything else.
 * **Temporary names** are ``.lineas-tmp-<host>-<pid>-<random>-<name>`` (``<host>``: 6 hex
   digits of the hostname's sha256; backups ``.lineas-old-...``) in the destination's folder.
+  A ``<name>`` too long to fit the filesystem's file-name limit (NAME_MAX, 255 bytes on Linux)
+  with that prefix becomes ``sha256-<24 hex digits><suffix>``: the temporary keeps the
+  destination's suffix (``.pt``, ``.safetensors``; writers such as ``torch.save`` read it) and
+  fits the limit. A destination whose own name exceeds the limit is refused before anything
+  is written (``OSError`` ENAMETOOLONG, ``name_too_long``).
   They are removed when the write fails (any exception, Ctrl-C) and on SIGTERM (the process
   still dies by the signal; this needs SIGTERM left at its default in the main thread: a
   handler of the program's own decides itself, and an exception it raises still cleans up).
@@ -52,7 +57,11 @@ TMP_PREFIX = ".lineas-tmp-"
 OLD_PREFIX = ".lineas-old-"
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 _ENTRY = re.compile(r"^\.lineas-(tmp|old)-([0-9a-f]{6})-(\d+)-([0-9a-f]{8})-(.*)$", re.S)
-_MAX_NAME = 180  # bytes of the destination name kept in a temporary's name
+_MAX_NAME = 180  # at most this many bytes of the destination name kept in a temporary's name
+# bytes of a temporary's name before the destination's: prefix, host, the longest pid (pid_max is
+# at most 2**22, 7 digits), the random part and the dashes
+_HEAD = len(TMP_PREFIX) + 6 + 7 + 8 + 3
+_MAX_SUFFIX = 32  # a longer "suffix" is not one a writer reads: a hashed name drops it
 _SLACK = 10.0  # seconds of clock uncertainty when comparing start times
 
 
@@ -152,15 +161,48 @@ def _critical():
 
 
 # --- temporary names and stale temporaries -----------------------------------------------------
-def _name_key(name: str) -> str:
-    """The destination name as kept in temporary names (a digest when it is too long)."""
-    if len(name.encode()) <= _MAX_NAME:
+def name_max(path: str) -> int:
+    """The longest file name, in bytes, that the filesystem holding ``path`` (or its nearest
+    existing folder) allows: NAME_MAX, 255 where the system does not say."""
+    folder = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def name_too_long(path: str) -> str | None:
+    """Why ``path`` can never be created because a name in it is too long (one of its file or
+    folder names over ``name_max`` bytes), or None."""
+    path = os.path.abspath(os.fspath(path))
+    limit = name_max(os.path.dirname(path))
+    for part in path.split(os.sep):
+        size = len(os.fsencode(part))
+        if size > limit:
+            return (
+                f"the name {part[:24]!r}... is {size} bytes, more than the {limit} bytes a file "
+                f"or folder name may have on its filesystem (NAME_MAX)"
+            )
+    return None
+
+
+def _name_key(name: str, folder: str) -> str:
+    """The destination name as kept in temporary names in ``folder``: the name itself when the
+    temporary's name fits the filesystem's limit, else ``sha256-<digest><suffix>`` (the suffix
+    kept: ``torch.save`` refuses a file name without one)."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= min(_MAX_NAME, name_max(folder) - _HEAD):
         return name
-    return "sha256-" + hashlib.sha256(name.encode()).hexdigest()[:24]
+    suffix = os.path.splitext(name)[1]
+    if len(os.fsencode(suffix)) > _MAX_SUFFIX:
+        suffix = ""
+    return "sha256-" + hashlib.sha256(encoded).hexdigest()[:24] + suffix
 
 
-def _temp_name(prefix: str, name: str) -> str:
-    return f"{prefix}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}-{_name_key(name)}"
+def _temp_name(prefix: str, name: str, folder: str) -> str:
+    return f"{prefix}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}-{_name_key(name, folder)}"
 
 
 # --- ownership: which temporaries this user's lineas_fast processes made -----------------------
@@ -261,7 +303,8 @@ def recover(path: str) -> None:
     renames gets its old folder back at ``path``; stale temporaries and backups in the folder
     are removed. Called by every write before it starts; cheap when there is nothing to do."""
     path = os.path.realpath(os.fspath(path))
-    folder, key = os.path.dirname(path), _name_key(os.path.basename(path))
+    folder = os.path.dirname(path)
+    key = _name_key(os.path.basename(path), folder)
     backups = []
     for kind, entry_key, entry in _stale_entries(folder):
         if kind == "tmp":
@@ -302,6 +345,9 @@ def _prepare(path) -> tuple[str, str]:
     (a link into another folder, dangling or not, is refused: a save never lands, or creates
     folders, elsewhere)."""
     given = os.path.abspath(os.fspath(path))
+    too_long = name_too_long(given)
+    if too_long:
+        raise OSError(errno.ENAMETOOLONG, f"cannot write {given!r}: {too_long}", given)
     folder = os.path.realpath(os.path.dirname(given))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(errno.ENOTDIR, f"cannot write {given!r}: its folder is a file", folder)
@@ -371,7 +417,7 @@ def atomic_path(path: str):
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write file {path!r}: it is an existing folder")
     with _signal_guard():
-        tmp = os.path.join(folder, _temp_name(TMP_PREFIX, os.path.basename(path)))
+        tmp = os.path.join(folder, _temp_name(TMP_PREFIX, os.path.basename(path), folder))
         with _owned_temporary(tmp, path, folder):
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             yield tmp
@@ -431,7 +477,7 @@ def atomic_dir(path: str, exclusive: bool = False):
         raise NotADirectoryError(f"cannot write folder {path!r}: a file of that name exists")
     name = os.path.basename(path)
     with _signal_guard():
-        tmp = os.path.join(folder, _temp_name(TMP_PREFIX, name))
+        tmp = os.path.join(folder, _temp_name(TMP_PREFIX, name, folder))
         with _owned_temporary(tmp, path, folder):
             os.mkdir(tmp, 0o700)
             yield tmp
@@ -475,7 +521,7 @@ def _swap_in(tmp: str, path: str, folder: str, name: str) -> None:
     if not os.path.isdir(path) or not os.listdir(path):
         os.replace(tmp, path)  # nothing to keep (absent or empty): one atomic rename
         return
-    backup = os.path.join(folder, _temp_name(OLD_PREFIX, name))
+    backup = os.path.join(folder, _temp_name(OLD_PREFIX, name, folder))
     _live[backup] = None  # removed on SIGTERM only once the swap is complete
     _register(backup)
     try:

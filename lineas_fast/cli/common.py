@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lineas_fast.atomic import file_kind
+from lineas_fast.atomic import file_kind, name_too_long
 from lineas_fast.cli.errors import CLIError, one_line
 from lineas_fast.cli.loading import ALLOW_FLAG, load_components, refuse_incomplete
 from lineas_fast.cli.patterns import match_time_problem, regex
@@ -238,7 +238,11 @@ def _not_stdout(path: str, flag: str, what: str) -> None:
 
 def _writable_ancestor(path: str, flag: str) -> None:
     """The nearest existing folder above ``path`` is a folder this process may write in
-    (missing folders between are created when the output is written)."""
+    (missing folders between are created when the output is written), and no name in ``path``
+    is longer than its filesystem allows (NAME_MAX)."""
+    too_long = name_too_long(path)
+    if too_long:
+        raise CLIError(f"{flag} {path!r} cannot be written: {too_long}; give a shorter name")
     p = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(p):
         p = os.path.dirname(p)

@@ -4,6 +4,7 @@ before acting on the signal."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from dataclasses import asdict
 import torch
 
 from lineas_fast._version import __version__
-from lineas_fast.atomic import atomic_path, file_kind
+from lineas_fast.atomic import atomic_path, file_kind, name_too_long
 from lineas_fast.training.checkpoint_checks import (
     CheckpointError,
     check_against_run,
@@ -42,6 +43,9 @@ def check_checkpoint_path(path) -> None:
             f"checkpoint_path {path!r} is a folder; give a file name such as "
             f"{os.path.join(path, 'checkpoint.pt')!r}"
         )
+    too_long = name_too_long(path)
+    if too_long:
+        raise OSError(errno.ENAMETOOLONG, f"checkpoint_path {path!r} cannot be written: {too_long}")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -131,8 +135,10 @@ def save_checkpoint(path, step, cfg, identity, maps, gates, opt, sched, gen, his
         "generator": gen.get_state(),
         "history": [asdict(r) for r in history],
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # a file object, not the name: torch.save refuses a file name without a suffix after
+        # its leading dot (a temporary of a checkpoint named "ckpt")
+        torch.save(state, f)
 
 
 def _what_it_is(path: str) -> str:
