@@ -1,6 +1,7 @@
-"""Per-request steering in a batched engine, without the engine: the steering registry, the
-per-request arguments, the slot tables and the ops that apply them (no vLLM import here;
-``lineas_fast.serve.vllm_plugin`` connects them to vLLM).
+"""Per-request steering in a batched engine, without the engine: the slot tables of the
+registered steerings (``registry``), the per-row tables a step reads and the ops that apply
+them (no vLLM import here; ``lineas_fast.serve.vllm_plugin`` connects them to vLLM; what a
+request may ask is checked by ``requests``).
 
 Slots. Every registered steering gets two slots, its map T and its inverse T⁻¹ (a negative
 strength), after slot 0, the identity: for S = 1 + 2·N slots each steered module holds
@@ -30,205 +31,14 @@ have kind 0 (g = 1). Modules no steering gates keep the ungated op.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import hashlib
-import math
-import os
-import tempfile
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.library import custom_op
 
 from lineas_fast.kernels.gated_steer_ref import GATES, gate_fn
-from lineas_fast.steering import Steering
-
-ENV = "LINEAS_FAST_STEERINGS"
-REQUEST_KEY = "lineas_fast"
-FLAT_PREFIX = "lineas_fast_"
-
-
-class SteeringRequestError(ValueError):
-    """A request's ``extra_args["lineas_fast"]`` that cannot be served (the engine refuses
-    that request only; vLLM turns a ValueError from validation into HTTP 400)."""
-
-
-# --- registry -------------------------------------------------------------------------------
-_registry: dict[str, Steering] = {}
-_env_seen: str | None = None
-
-
-def parse_env(value: str) -> list[tuple[str, str]]:
-    """``"name=path,name=path"`` -> [(name, path)]; a malformed entry or a repeated name is a
-    ValueError naming it."""
-    pairs, seen = [], set()
-    for entry in (e.strip() for e in value.split(",")):
-        if not entry:
-            continue
-        name, sep, path = entry.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise ValueError(f"{ENV}: entry {entry!r} is not name=path (value {value!r})")
-        if name in seen:
-            raise ValueError(f"{ENV}: steering name {name!r} given twice (value {value!r})")
-        seen.add(name)
-        pairs.append((name, path))
-    return pairs
-
-
-def registered() -> dict[str, Steering]:
-    """{name: steering} in registration order: the entries of ``$LINEAS_FAST_STEERINGS``
-    (loaded once per process, and again when the variable changes)."""
-    global _env_seen
-    value = os.environ.get(ENV, "")
-    if value != _env_seen:
-        loaded = {}
-        for name, path in parse_env(value):
-            try:
-                loaded[name] = Steering.load(path)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{ENV}: steering {name!r} from {path!r}: {e}") from None
-        _registry.clear()
-        _registry.update(loaded)
-        _env_seen = value
-    return _registry
-
-
-def register_steering(name: str, steering: Steering | str) -> None:
-    """Register a steering for per-request use under ``name`` (a ``Steering`` or a file
-    path); call before the engine starts (``vllm.LLM(...)``). It is added to
-    ``$LINEAS_FAST_STEERINGS``, which vLLM's engine and worker processes inherit; a
-    ``Steering`` object is saved to a temporary file first."""
-    if not isinstance(name, str) or not name or any(c in name for c in ",= "):
-        raise ValueError(f"steering name must be a non-empty string without ',', '=' or spaces, got {name!r}")
-    if isinstance(steering, Steering):
-        fd, path = tempfile.mkstemp(prefix=f"lineas_fast-{name}-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            steering.save(path)
-        except BaseException:
-            os.unlink(path)
-            raise
-        if not _saved:
-            atexit.register(_remove_saved)
-        _saved[path] = os.getpid()
-    elif isinstance(steering, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(steering))  # engine processes may start elsewhere
-        if "," in path:
-            raise ValueError(f"steering file path {path!r} holds ',', which separates {ENV} entries")
-        Steering.load(path)  # refuse an unreadable file now, not in the engine
-    else:
-        raise TypeError(f"steering must be a lf.Steering or a file path, got {type(steering).__name__}")
-    before = parse_env(os.environ.get(ENV, ""))
-    pairs = [p for p in before if p[0] != name] + [(name, path)]
-    os.environ[ENV] = ",".join(f"{n}={p}" for n, p in pairs)
-    registered()
-    _remove_saved([p for n, p in before if n == name and p != path])
-
-
-#: temporary files register_steering saved Steering objects to: {path: pid of the process that
-#: saved it}; removed when replaced, by clear_steerings, and when that process exits (engine
-#: processes read them when the model loads, inside the ``LLM(...)`` call)
-_saved: dict[str, int] = {}
-
-
-def _remove_saved(paths=None) -> None:
-    for path in list(_saved) if paths is None else paths:
-        if _saved.get(path) == os.getpid():  # a forked child leaves its parent's files alone
-            del _saved[path]
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
-def clear_steerings() -> None:
-    """Forget every registered steering (unsets ``$LINEAS_FAST_STEERINGS``; removes the
-    temporary files of registered ``Steering`` objects)."""
-    os.environ.pop(ENV, None)
-    registered()
-    _remove_saved()
-
-
-def slot_of(name: str, strength: float) -> int:
-    """The slot a (steering, strength) request uses: 1 + 2k for the k-th steering, + 1 for a
-    negative strength (the inverse map)."""
-    k = list(registered()).index(name)
-    return 1 + 2 * k + (1 if strength < 0 else 0)
-
-
-def registry_digest() -> str:
-    """A hash of the registered steerings (names, order, every map's values): what a compiled
-    graph that holds their slot tables depends on."""
-    h = hashlib.sha256()
-    for name, steering in registered().items():
-        h.update(name.encode() + b"\0")
-        for m in steering.modules:
-            om, b = steering[m]
-            h.update(m.encode() + b"\0")
-            gate = steering.gates.get(m)
-            tensors = (om, b) if gate is None else (om, b, gate["w"], gate["c"])
-            if gate is not None:
-                h.update(gate["kind"].encode() + b"\0")
-            for t in tensors:
-                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def num_slots() -> int:
-    return 1 + 2 * len(registered())
-
-
-# --- requests ---------------------------------------------------------------------------------
-def request_steering(extra_args) -> tuple[str, float] | None:
-    """(steering name, strength) a request asks for in ``extra_args["lineas_fast"]``
-    (``{"steering": NAME, "strength": S}``, strength default 1.0) or in the flat keys
-    ``extra_args["lineas_fast_steering"]`` / ``["lineas_fast_strength"]`` (the form the
-    OpenAI server's ``vllm_xargs`` can carry: its values may not be objects), or None when it
-    asks for none (no key, or strength 0). SteeringRequestError names what is wrong."""
-    if extra_args is None:
-        return None
-    flat = {k[len(FLAT_PREFIX) :]: v for k, v in extra_args.items() if k.startswith(FLAT_PREFIX)}
-    if REQUEST_KEY in extra_args and flat:
-        raise SteeringRequestError(
-            f'extra_args has both "{REQUEST_KEY}" and {sorted(FLAT_PREFIX + k for k in flat)}: give one form'
-        )
-    if REQUEST_KEY not in extra_args and not flat:
-        return None
-    spec = extra_args[REQUEST_KEY] if REQUEST_KEY in extra_args else flat
-    if not isinstance(spec, Mapping):
-        raise SteeringRequestError(
-            f'extra_args["{REQUEST_KEY}"] must be an object {{"steering": NAME, "strength": S}}, '
-            f"got {type(spec).__name__} {spec!r:.80}"
-        )
-    unknown = sorted(set(spec) - {"steering", "strength"})
-    if unknown:
-        raise SteeringRequestError(
-            f'extra_args["{REQUEST_KEY}"]: unknown keys {unknown} (allowed: "steering", "strength")'
-        )
-    name = spec.get("steering")
-    steerings = registered()
-    if not isinstance(name, str):
-        raise SteeringRequestError(
-            f'extra_args["{REQUEST_KEY}"]["steering"] must be a steering name (a string), got {name!r:.80}'
-        )
-    if name not in steerings:
-        have = sorted(steerings) or "none: set $LINEAS_FAST_STEERINGS"
-        raise SteeringRequestError(f"unknown steering {name!r}; registered: {have}")
-    strength = spec.get("strength", 1.0)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise SteeringRequestError(
-            f'extra_args["{REQUEST_KEY}"]["strength"] must be a finite number, got {strength!r:.80}'
-        )
-    strength = float(strength)
-    if strength < 0 and any(
-        bool((om == 0).any()) for om, _ in (steerings[name][m] for m in steerings[name].modules)
-    ):
-        raise SteeringRequestError(
-            f"steering {name!r}: a negative strength applies the inverse map, which needs omega != 0 "
-            f"everywhere; this steering has omega == 0 somewhere"
-        )
-    return (name, strength) if strength != 0.0 else None
+from lineas_fast.serve.registry import map_rows, num_slots, registered, slot_of
 
 
 # --- tables -----------------------------------------------------------------------------------
@@ -241,10 +51,10 @@ def module_tables(module: str, d: int) -> tuple[Tensor, Tensor]:
     for k, steering in enumerate(steerings.values()):
         if module not in steering:
             continue
-        om, bias = (t.detach().float().cpu() for t in steering[module])
-        u[1 + 2 * k], b[1 + 2 * k] = om - 1.0, bias
-        if not bool((om == 0).any()):
-            u[2 + 2 * k], b[2 + 2 * k] = 1.0 / om - 1.0, -bias / om
+        u[1 + 2 * k], b[1 + 2 * k] = map_rows(*steering[module], inverse=False)
+        ui, bi = map_rows(*steering[module], inverse=True)
+        if bool((torch.isfinite(ui) & torch.isfinite(bi)).all()):  # else requests for it are refused
+            u[2 + 2 * k], b[2 + 2 * k] = ui, bi
     return u, b
 
 

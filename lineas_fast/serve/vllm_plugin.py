@@ -25,10 +25,14 @@ vLLM extension points used (entry points in setup.py; vllm is imported only here
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-from lineas_fast.serve import slots
+from lineas_fast.serve import registry, requests, slots
+
+logger = logging.getLogger(__name__)
 
 #: The row tables of this process (one engine per process), made by the logits processor or
 #: the loader, whichever runs first.
@@ -139,12 +143,12 @@ def check_fit(model_config) -> None:
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config.hf_config)
-    for name, steering in slots.registered().items():
+    for name, steering in registry.registered().items():
         try:
             steering.validate(skeleton, strict=True)
         except ValueError as e:
             raise ValueError(
-                f"lineas_fast: steering {name!r} ({slots.ENV}) does not fit the served model "
+                f"lineas_fast: steering {name!r} ({registry.ENV}) does not fit the served model "
                 f"{model_config.model!r}: {e}"
             ) from None
 
@@ -154,7 +158,7 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
     it) a module missing from the vLLM model or that is not a norm: only a norm's output
     means the same in vLLM as in transformers."""
     rows = row_tables(max_rows, device)
-    names = sorted({m for s in slots.registered().values() for m in s.modules})
+    names = sorted({m for s in registry.registered().values() for m in s.modules})
     gated = slots.gated_modules()
     named = dict(model.named_modules())
     for name in names:
@@ -186,13 +190,13 @@ def check_engine(vllm_config) -> None:
     (vLLM builds no plugin logits processor there, so rows would never get their slots)."""
     if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
         raise ValueError(
-            f"lineas_fast per-request steering ({slots.ENV}) needs prefix caching off "
+            f"lineas_fast per-request steering ({registry.ENV}) needs prefix caching off "
             "(enable_prefix_caching=False, vllm serve --no-enable-prefix-caching): cached KV blocks "
             "do not record the steering they were computed under"
         )
     if vllm_config.speculative_config is not None:
         raise ValueError(
-            f"lineas_fast per-request steering ({slots.ENV}) does not support speculative decoding "
+            f"lineas_fast per-request steering ({registry.ENV}) does not support speculative decoding "
             "(vLLM loads no plugin logits processors with it)"
         )
 
@@ -200,7 +204,7 @@ def check_engine(vllm_config) -> None:
 def _steering_loader(base):
     class SteeringLoader(base):
         def load_model(self, vllm_config, model_config, prefix: str = ""):
-            if not slots.registered():  # steerings unregistered since: vLLM's own loader
+            if not registry.registered():  # steerings unregistered since: vLLM's own loader
                 return super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             check_engine(vllm_config)
             model = super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
@@ -209,7 +213,7 @@ def _steering_loader(base):
             # additional_config ("for out-of-tree config"): a graph compiled without these
             # steerings (or with others) is then never reused for this one
             if isinstance(vllm_config.additional_config, dict):
-                vllm_config.additional_config["lineas_fast_steerings"] = slots.registry_digest()
+                vllm_config.additional_config["lineas_fast_steerings"] = registry.registry_digest()
             device = next(model.parameters()).device
             steer_modules(model, device, vllm_config.scheduler_config.max_num_seqs)
             return model
@@ -224,7 +228,7 @@ _registered = False
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: inert unless steerings are registered."""
     global _registered
-    if _registered or not slots.registered():
+    if _registered or not registry.registered():
         return
     from vllm.model_executor import model_loader
 
@@ -258,26 +262,34 @@ def _logits_processor_class():
         pass
 
     class SteeringLogitsProcessor(*bases):
-        """Keeps each row's steering slot and strength; logits pass unchanged."""
+        """Keeps each row's steering slot and strength; logits pass unchanged, except those of
+        a row whose request the worker could not serve (``update_state``)."""
 
         @classmethod
         def validate_params(cls, sampling_params) -> None:
-            slots.request_steering(sampling_params.extra_args)
+            registry.mark_engine_started()
+            requests.parse_request(sampling_params.extra_args)
 
         def __init__(self, vllm_config, *runner_args):
-            self.active = bool(slots.registered())
+            registry.mark_engine_started()
+            self.active = bool(registry.registered())
             if len(runner_args) != 2:  # V2: (req_states,); V1: (device, is_pin_memory)
                 if self.active:
                     raise RuntimeError(V2_REFUSED)
                 return
             if self.active:
                 self.rows = row_tables(vllm_config.scheduler_config.max_num_seqs, runner_args[0])
+                self.failed: set[int] = set()
+                self.stop_ids = _stop_token_ids(vllm_config)
 
         def is_argmax_invariant(self) -> bool:
-            return True
+            # with steerings, apply() may end a failed row's request, which changes its argmax
+            return not self.active
 
         def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
-            return logits
+            if not self.active or not self.failed:
+                return logits
+            return end_rows(logits, sorted(r for r in self.failed if r < logits.shape[0]), self.stop_ids)
 
         def add_request(self, req_idx: int, sampling_params) -> bool:  # V2, inert
             return False
@@ -287,14 +299,56 @@ def _logits_processor_class():
                 return
             for row in batch_update.removed:
                 self.rows.set(row, None)
+                self.failed.discard(row)
             for row, params, _, _ in batch_update.added:
-                self.rows.set(row, slots.request_steering(getattr(params, "extra_args", None)))
+                self._add(row, params)
             for a, b, direction in batch_update.moved:
-                self.rows.move(a, b, direction == MoveDirectionality.SWAP)
+                swap = direction == MoveDirectionality.SWAP
+                self.rows.move(a, b, swap)
+                fa, fb = a in self.failed, b in self.failed
+                self.failed.difference_update((a, b))
+                self.failed.update([b] if fa else [])
+                self.failed.update([a] if swap and fb else [])
             self.rows.flush()
+
+        def _add(self, row: int, params) -> None:
+            """One added request: its steering in the row tables; a request this worker cannot
+            serve (its front end checked it against another registry, e.g. the variable was
+            changed after the engine started) fails alone: its row steers nothing and its
+            generation is ended (``end_rows``), never the engine."""
+            self.failed.discard(row)
+            try:
+                self.rows.set(row, requests.parse_request(getattr(params, "extra_args", None)))
+            except Exception as e:  # noqa: BLE001 -- whatever it is, the engine goes on
+                self.rows.set(row, None)
+                self.failed.add(row)
+                logger.error("lineas_fast: the request in batch row %d cannot be steered, ended: %s", row, e)
 
     SteeringLogitsProcessor.__module__ = __name__
     return SteeringLogitsProcessor
+
+
+def _stop_token_ids(vllm_config) -> list[int]:
+    """The served model's end-of-sequence token ids (config and generation config), [] when
+    it names none."""
+    ids = []
+    for cfg in (getattr(vllm_config.model_config, "hf_config", None),):
+        eos = getattr(cfg, "eos_token_id", None)
+        ids += [eos] if isinstance(eos, int) else [int(i) for i in (eos or [])]
+    return sorted(set(ids))
+
+
+def end_rows(logits: torch.Tensor, rows: list[int], stop_ids: list[int]) -> torch.Tensor:
+    """Logits (B, V) where each of ``rows`` can only sample an end-of-sequence token (its
+    request ends at this step, as a request vLLM refuses would not start), in place; rows are
+    left as they are when the model has no end-of-sequence token."""
+    if rows and stop_ids:
+        idx = torch.tensor(rows, device=logits.device)
+        stop = torch.tensor(stop_ids, device=logits.device)
+        keep = logits[idx.unsqueeze(1), stop].nan_to_num(0.0).clamp(-1e4, 1e4)
+        logits[idx] = float("-inf")
+        logits[idx.unsqueeze(1), stop] = keep
+    return logits
 
 
 def __getattr__(name: str):
@@ -308,11 +362,12 @@ def __getattr__(name: str):
 
 
 def register_steering(name: str, steering) -> None:
-    """``lineas_fast.serve.slots.register_steering`` (a ``Steering`` or a file path under
+    """``lineas_fast.serve.registry.register_steering`` (a ``Steering`` or a file path under
     ``name``), then ``register()``: call before ``vllm.LLM(...)``, in the process that makes
-    it (vLLM loads general plugins once per process, possibly before any steering existed)."""
-    slots.register_steering(name, steering)
+    it (vLLM loads general plugins once per process, possibly before any steering existed);
+    refused once an engine was started in this process."""
+    registry.register_steering(name, steering)
     register()
 
 
-clear_steerings = slots.clear_steerings
+clear_steerings = registry.clear_steerings

