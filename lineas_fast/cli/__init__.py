@@ -1,5 +1,6 @@
 """Command line: ``lineas-fast train | generate | fuse [--gguf] | bench | generate-image | demo |
-sweep``.
+sweep`` (also ``python -m lineas_fast`` and ``python -m lineas_fast.cli``; ``--version`` prints
+the version).
 
 Each subcommand is one module of this package listed in ``COMMANDS``, with the same interface:
 ``NAME`` (the subcommand), ``HELP`` (its line in ``lineas-fast --help``), ``DESCRIPTION``,
@@ -21,6 +22,7 @@ import os
 import sys
 import traceback
 
+from lineas_fast._version import __version__
 from lineas_fast.cli import bench, demo, fuse, generate, generate_image, sweep, train
 from lineas_fast.cli.common import ArgumentParser, CLIError, SubcommandParser, one_line
 from lineas_fast.fold.fusion import FusionError
@@ -36,6 +38,7 @@ def build_parser() -> ArgumentParser:
     ap = ArgumentParser(
         prog="lineas-fast", description="Fast LinEAS activation steering.", allow_abbrev=False
     )
+    ap.add_argument("--version", action="version", version=f"lineas-fast {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     for command in COMMANDS:
         p = sub.add_parser(

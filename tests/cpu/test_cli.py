@@ -1,11 +1,13 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
+from lineas_fast._version import __version__
 from lineas_fast.cli import main
 
 
@@ -120,3 +122,31 @@ def test_help_runs_as_console_script():
         [sys.executable, "-m", "lineas_fast.cli", "train", "--steps", "x"], capture_output=True, text=True
     )
     assert res.returncode == 2 and "invalid int value" in res.stderr
+
+
+ENTRY_POINTS = {
+    "python -m lineas_fast": [sys.executable, "-m", "lineas_fast"],
+    "python -m lineas_fast.cli": [sys.executable, "-m", "lineas_fast.cli"],
+    "lineas-fast": [shutil.which("lineas-fast") or "lineas-fast"],
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    "argv,code,stream,expected",
+    [
+        (["--version"], 0, "stdout", f"lineas-fast {__version__}\n"),
+        (["train", "--steps", "x"], 2, "stderr", "lineas-fast train: error: argument --steps: invalid int"),
+    ],
+    ids=["version", "bad-value"],
+)
+def test_every_entry_point_runs_the_cli(entry, argv, code, stream, expected):
+    command = ENTRY_POINTS[entry]
+    if entry == "lineas-fast" and shutil.which("lineas-fast") is None:
+        pytest.skip("the lineas-fast console script is not installed here (pip install -e .)")
+    res = subprocess.run(command + argv, capture_output=True, text=True, timeout=120)
+    assert res.returncode == code, res.stderr
+    out = getattr(res, stream)
+    assert out == expected if code == 0 else out.startswith(expected)
+    if code == 0:
+        assert res.stderr == ""
