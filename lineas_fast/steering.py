@@ -6,8 +6,7 @@ import contextlib
 import json
 import numbers
 import os
-import re
-from typing import Mapping, Union
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,16 +15,16 @@ from torch import nn
 
 from lineas_fast._version import __version__
 from lineas_fast.atomic import atomic_path
-from lineas_fast.checks import ArgumentError, finite_tensors, number
+from lineas_fast.checks import ArgumentError, finite_tensors
 from lineas_fast.hooks import SteeredForward, check_free, make_steer
 from lineas_fast.modules import coordinate_dim
 from lineas_fast.numerics import check_effective, effective_coefficients, module_dtype
 from lineas_fast.records import refuse_steered
+from lineas_fast.strengths import StrengthSpec, resolve_strengths
 from lineas_fast.targets import as_target
 from lineas_fast.untrusted import json_loads, object_depth, one_line, safetensors_header
 
 FORMAT = "lineas_fast.steering"
-StrengthSpec = Union[float, Mapping[str, float]]
 
 
 def _fingerprints(metadata: dict) -> list[dict]:
@@ -460,25 +459,10 @@ class Steering:
         )
 
     def strengths(self, strength: StrengthSpec) -> dict[str, float]:
-        """Per-module strength from a float or {name or regex: float} (others get 1.0)."""
-        if isinstance(strength, Mapping):
-            out = {n: 1.0 for n in self._maps}
-            for key, val in strength.items():
-                hits = [n for n in self._maps if n == key or re.fullmatch(key, n)]
-                if not hits:
-                    raise ValueError(
-                        f"strength key {key!r} matches no steered module (steered: {self.modules[:5]}...)"
-                    )
-                for n in hits:
-                    out[n] = number(val, f"strength[{key!r}]")
-            return out
-        if isinstance(strength, torch.Tensor):
-            raise TypeError(
-                "a per-token strength tensor is set per call with affine_steer; "
-                "attach/apply take a float or a per-module dict"
-            )
-        value = number(strength, "strength")
-        return {n: value for n in self._maps}
+        """Per-module strength from a float or {name or regex: float} (others get 1.0): an exact
+        module name wins over regexes; two regexes giving one module different strengths are
+        refused (``lineas_fast.strengths``)."""
+        return resolve_strengths(self.modules, strength)
 
     def attach(
         self,

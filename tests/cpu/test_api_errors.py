@@ -232,6 +232,12 @@ CASES = [
         "matches no steered module",
     ),
     (
+        "attach strength regexes disagree",
+        lambda w: w.st.attach(w.model, strength={r".*layers\.0\..*": 0.5, r".*post_attention.*": 2.0}),
+        ValueError,
+        r"both match module 'model\.layers\.0\.post_attention_layernorm'",
+    ),
+    (
         "attach strength tensor",
         lambda w: w.st.attach(w.model, strength=torch.ones(1)),
         TypeError,
