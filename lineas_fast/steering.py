@@ -16,6 +16,7 @@ from torch import nn
 from lineas_fast._version import __version__
 from lineas_fast.atomic import atomic_path
 from lineas_fast.checks import ArgumentError, finite_tensors
+from lineas_fast.extras import pyplot
 from lineas_fast.hooks import SteeredForward, check_free, make_steer
 from lineas_fast.modules import coordinate_dim
 from lineas_fast.numerics import check_effective, effective_coefficients, module_dtype
@@ -527,11 +528,9 @@ class Steering:
             handle.remove()
 
     def plot_support(self, path: str) -> None:
-        """Bar chart of the support (coordinates switched on) per module, as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """Bar chart of the support (coordinates switched on) per module, as a PNG (needs
+        matplotlib: ``MissingExtraError`` naming it otherwise)."""
+        plt = pyplot("Steering.plot_support")
 
         counts, dims = self.support(per_module=True), self.dims()
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(counts)), 3.5))

@@ -28,6 +28,7 @@ import zipfile
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lineas_fast.atomic import default_mode
+from lineas_fast.extras import MissingExtraError, missing, require
 
 
 class AssetError(RuntimeError):
@@ -151,9 +152,12 @@ def gemma3_folder() -> str:
 
 def _plain_folder(out: str, folder: str, gguf: str) -> str:
     """Dequantise ``folder/gguf`` into a plain float32 transformers folder ``out`` (atomic)."""
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise AssetError(f"reading the GGUF file needs {missing}: `pip install -e '.[demo]'`")
+    absent = [m for m in ("gguf", "accelerate") if missing(m)]
+    if absent:
+        raise AssetError(
+            f"reading the GGUF file needs {' and '.join(absent)}, not installed: pip install "
+            f"{' '.join(absent)} (or pip install 'lineas_fast[demo]')"
+        )
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
@@ -177,7 +181,7 @@ def _plain_folder(out: str, folder: str, gguf: str) -> str:
 def toxicity_judge():
     """``alt-profanity-check``'s predict_prob, or an AssetError saying how to install it."""
     try:
-        from profanity_check import predict_prob
-    except ImportError:
-        raise AssetError("the toxicity judge needs `pip install alt-profanity-check`") from None
+        predict_prob = require("profanity_check", "the toxicity judge").predict_prob
+    except MissingExtraError as e:
+        raise AssetError(str(e)) from None
     return lambda texts: [float(p) for p in predict_prob(list(texts))]

@@ -26,6 +26,7 @@ import torch
 from lineas_fast.apps.assets import read_insults, wikipedia_extracts
 from lineas_fast.apps.eval import continuations, perplexity, toxicity
 from lineas_fast.atomic import atomic_path
+from lineas_fast.extras import pyplot
 from lineas_fast.training.gates import fit_gates, gate_openings
 from lineas_fast.training.linear_act import fit_linear_act
 from lineas_fast.training.trainer import train
@@ -262,10 +263,7 @@ def format_table(rows) -> str:
 
 
 def plot_results(rows, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the demo's plot")
 
     lin = [r for r in rows if r["method"] == "LinEAS"]
     marks = {"Linear-AcT": "x", "LinEAS+DSAS": "*"}

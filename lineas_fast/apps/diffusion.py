@@ -10,10 +10,12 @@ from typing import Sequence
 
 import torch
 
+from lineas_fast.extras import require
+
 
 def image_grid(images, rows: int = 1):
     """Paste PIL images of one size into a grid (row-major)."""
-    from PIL import Image
+    Image = require("PIL.Image", "image_grid")
 
     cols = -(-len(images) // rows)
     w, h = images[0].size

@@ -36,6 +36,7 @@ from lineas_fast.apps.assets import wikipedia_extracts
 from lineas_fast.apps.demo import draw_demo_sentences, evaluate, gate_opening_report
 from lineas_fast.atomic import atomic_path
 from lineas_fast.checks import choice, integer, number
+from lineas_fast.extras import pyplot
 from lineas_fast.steering import Steering, model_fingerprint
 from lineas_fast.training.checkpoints import _weights_sample
 from lineas_fast.training.gates import fit_gates
@@ -526,10 +527,7 @@ def format_table(results: dict, only: Optional[Sequence[int]] = None) -> str:
 def plot_pareto(results: dict, path: str) -> None:
     """Mean toxicity probability against perplexity: a line per recipe over λ, the Pareto
     front, and the target box."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the sweep's Pareto plot")
 
     rows, base = results["rows"], results["rows"][0]
     colors = {"lineas": "tab:red", "mean_shift": "tab:green", "linear_act": "tab:purple"}

@@ -25,12 +25,14 @@ import traceback
 from lineas_fast._version import __version__
 from lineas_fast.cli import bench, demo, fuse, generate, generate_image, sweep, train
 from lineas_fast.cli.common import ArgumentParser, CLIError, SubcommandParser, one_line
+from lineas_fast.extras import MissingExtraError
 from lineas_fast.fold.fusion import FusionError
 from lineas_fast.training.trainer import TrainingDivergedError
 
 # the subcommands, in the order ``--help`` lists them
 COMMANDS = (train, generate, fuse, bench, generate_image, demo, sweep)
-USER_ERRORS = (ValueError, TypeError, OSError, FusionError, TrainingDivergedError)
+# MissingExtraError: an optional package that the command needs is not installed (named, with pip)
+USER_ERRORS = (ValueError, TypeError, OSError, FusionError, TrainingDivergedError, MissingExtraError)
 
 
 def build_parser() -> ArgumentParser:

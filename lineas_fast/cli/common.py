@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import importlib.util
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from lineas_fast.atomic import file_kind, name_too_long
 from lineas_fast.cli.errors import CLIError, one_line
 from lineas_fast.cli.loading import ALLOW_FLAG, load_components, refuse_incomplete
 from lineas_fast.cli.patterns import match_time_problem, regex
+from lineas_fast.extras import MissingExtraError, install_hint, missing, require
 from lineas_fast.quiet import interactive, quiet_loading
 from lineas_fast.steering import Steering
 from lineas_fast.training.checkpoints import CHECKPOINT_FORMAT
@@ -538,9 +538,9 @@ def load_pipeline(path: str, allow_missing: bool = False):
     ``load_model``)."""
     check_pipeline_dir(path)
     try:
-        from diffusers import DiffusionPipeline  # optional and heavy
-    except ImportError:
-        raise CLIError("diffusers is not installed: pip install -e '.[diffusers]'") from None
+        DiffusionPipeline = require("diffusers", "--pipeline").DiffusionPipeline  # optional, heavy
+    except MissingExtraError as e:
+        raise CLIError(f"--pipeline {path!r}: {e}") from None
     try:
         components = load_components(path, "--pipeline", allow_missing)
         with quiet_loading():
@@ -690,8 +690,8 @@ def fits(steering, model, args, flag: str = "--model") -> None:
 
 def need_matplotlib(command: str) -> None:
     """``command`` draws its plots with matplotlib: refuse before any work when it is missing."""
-    if importlib.util.find_spec("matplotlib") is None:
+    if missing("matplotlib"):
         raise CLIError(
             f"{command} draws its plots with matplotlib, which is not installed: "
-            f"pip install matplotlib (or pip install 'lineas_fast[demo]'); nothing was run"
+            f"{install_hint('matplotlib')}; nothing was run"
         )

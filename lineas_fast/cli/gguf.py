@@ -4,10 +4,10 @@ byte (``lineas_fast.fold.gguf.fuse_gguf``). A helper of ``cli.fuse``, not a subc
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from lineas_fast.cli.common import CLIError, check_input_file, check_output_file, load_steering, one_line
+from lineas_fast.extras import install_hint, missing
 from lineas_fast.fold.gguf import fuse_gguf
 
 
@@ -33,8 +33,8 @@ def check_args(args) -> None:
 def run(args) -> int:
     check_args(args)
     steering = load_steering(args.steering)
-    if importlib.util.find_spec("gguf") is None:  # the optional reader and writer
-        raise CLIError("--gguf needs the `gguf` package: pip install gguf")
+    if missing("gguf"):  # the optional reader and writer
+        raise CLIError(f"--gguf needs the 'gguf' package, which is not installed: {install_hint('gguf')}")
     try:
         report = fuse_gguf(
             args.gguf, steering, args.strength, args.out, strict=not args.no_strict, compose=args.compose

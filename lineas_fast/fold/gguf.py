@@ -40,6 +40,7 @@ import torch
 from lineas_fast._version import __version__
 from lineas_fast.atomic import atomic_path
 from lineas_fast.checks import ArgumentError, number
+from lineas_fast.extras import require
 from lineas_fast.fold.fusion import FusionError, effective_map, refuse_gates
 from lineas_fast.numerics import check_effective, check_written
 from lineas_fast.records import AlreadySteeredError
@@ -348,12 +349,7 @@ def fuse_gguf(
     {"out", "arch", "scaled": [norm tensors], "biases": {bias tensor: "created" | "added"},
     "copied": number of tensors copied unchanged}.
     """
-    try:
-        import gguf  # noqa: F401 -- reader and writer of the file format
-    except ImportError:
-        raise ImportError(
-            "lf.fuse_gguf needs the gguf package: pip install 'lineas_fast[gguf]' (or pip install gguf)"
-        ) from None
+    require("gguf", "lf.fuse_gguf")  # the reader and writer of the file format
     strength = number(strength, "strength")
     if out_gguf is None or not str(out_gguf).strip():
         raise ValueError(f"out_gguf: expected a file path, got {out_gguf!r}")
