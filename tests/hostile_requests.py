@@ -3,9 +3,10 @@ alone) and the serving lane (the same values through vLLM offline and the OpenAI
 server, each refused alone, then requests still served token for token).
 
 The registered steerings these tables assume (``registered_for_hostile``):
-  "all"     a map of moderate coefficients (ω ≈ 1 ± 0.3, b ≈ ±0.5): strengths of 1000 refused;
+  "all"     a map of moderate coefficients (ω ≈ 1 ± 0.3, b ≈ ±0.5): strengths up to the cap
+            (registry.MAX_STRENGTH = 1e6) accepted at the default request dtype (float32);
   "fragile" one module whose ω has a coordinate 1e-40 (its inverse overflows float32: negative
-            strengths refused) and whose bias has a coordinate 20 (|strength| <= 255.9 / 20).
+            strengths refused) and whose bias has a coordinate 1e12 (|strength| <= 7.2e16 / 1e12).
 
 Each case: (id, vllm_xargs or extra_args, a fragment the refusal contains).
 ``SERVER_CASES`` are JSON values in the flat form (what ``extra_body["vllm_xargs"]`` carries);
@@ -17,15 +18,18 @@ import decimal
 import torch
 
 FRAGILE_MODULE = "model.layers.1.input_layernorm"
+#: how vLLM itself refuses some values before the plugin sees them: integers outside 64 bits
+#: (SamplingParams), values its schema for vllm_xargs does not allow (pydantic, on the server)
+VLLM_OWN = ("extra_args integers must be between", "Input should be", "vllm_xargs")
 FINITE = "finite number"
 NOT_OURS = "is not a lineas_fast key"
 BEYOND = "is beyond what steering"
 
 
 def fragile_map(d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ω, b) (d,): ω = 1 but 1e-40 at coordinate 0, b = 0 but 20 at coordinate 1."""
+    """(ω, b) (d,): ω = 1 but 1e-40 at coordinate 0, b = 0 but 1e12 at coordinate 1."""
     omega, bias = torch.ones(d), torch.zeros(d)
-    omega[0], bias[1] = 1e-40, 20.0
+    omega[0], bias[1] = 1e-40, 1e12
     return omega, bias
 
 
@@ -47,8 +51,8 @@ SERVER_CASES = [
     ("strength-2**64", _flat("all", 2**64), BEYOND),
     ("strength-1e7", _flat("all", 1e7), BEYOND),
     ("strength-1e6+1", _flat("all", 1e6 + 1), BEYOND),
-    ("strength-1000", _flat("all", 1000.0), BEYOND),
-    ("strength--1000", _flat("all", -1000), BEYOND),
+    ("strength-2e6", _flat("all", 2e6), BEYOND),
+    ("strength--2e6", _flat("all", -2_000_000), BEYOND),
     ("strength-nan", _flat("all", float("nan")), FINITE),
     ("strength-inf", _flat("all", float("inf")), FINITE),
     ("strength--inf", _flat("all", float("-inf")), FINITE),
@@ -63,8 +67,8 @@ SERVER_CASES = [
     ("fragile-inverse", _flat("fragile", -1.0), "cannot serve"),
     ("fragile-inverse-small", _flat("fragile", -1e-3), "cannot serve"),
     ("fragile-inverse-int", _flat("fragile", -1), "cannot serve"),
-    ("fragile-over-bias", _flat("fragile", 13.0), BEYOND),
-    ("fragile-over-bias-int", _flat("fragile", 100), BEYOND),
+    ("fragile-over-bias", _flat("fragile", 1e5), BEYOND),
+    ("fragile-over-bias-int", _flat("fragile", 100_000), BEYOND),
     # steering names
     ("name-unknown", _flat("nope"), "unknown steering 'nope'"),
     ("name-empty", _flat(""), "must be the name of a registered steering"),

@@ -27,6 +27,7 @@ from lineas_fast.cli.common import (
     quiet_loading,
     real,
 )
+from lineas_fast.cli.dtypes import add_dtype, resolve_dtype
 from lineas_fast.serve.bench import (
     PROVIDERS,
     VLLM_PROVIDERS,
@@ -57,12 +58,7 @@ def add_arguments(b) -> None:
     b.add_argument("--new-tokens", type=integer(1), default=16)
     b.add_argument("--repeats", type=integer(1, 1000), default=5, help="timed runs (median)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    b.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="auto: float32 on CPU, bfloat16 on CUDA",
-    )
+    add_dtype(b)
     b.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     b.add_argument(
         "--vllm", choices=["auto", "on", "off"], default="auto", help="auto: also vLLM when it is importable"
@@ -86,7 +82,7 @@ def check_args(args):
     device = torch.device(
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     )
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = resolve_dtype(args.dtype, args.model)
     if args.vllm == "on" and not vllm_available():
         raise CLIError(
             "--vllm on: vllm is not importable here (pip install vllm, or "

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lineas_fast.atomic import file_kind, name_too_long
+from lineas_fast.cli.dtypes import resolve_dtype
 from lineas_fast.cli.errors import CLIError, one_line
 from lineas_fast.cli.loading import ALLOW_FLAG, load_components, refuse_incomplete
 from lineas_fast.cli.patterns import match_time_problem, regex
@@ -499,14 +500,16 @@ def load_tokenizer(path: str, flag: str = "--model"):
 
 
 def load_model(
-    path: str, dtype: str = "float32", tokenizer=None, allow_missing: bool = False, on_meta: bool = False
+    path: str, dtype: str | None = "auto", tokenizer=None, allow_missing: bool = False, on_meta: bool = False
 ):
     """(model, tokenizer) from a local transformers causal LM folder, loaded completely: a tensor
     missing from its weight files, unexpected or of another shape is a CLIError naming it unless
-    ``allow_missing`` (``--allow-missing-weights``; ``cli.loading``). ``on_meta``: built from its
-    config on the meta device, no weights read (a rank of ``train --fsdp`` other than 0, whose
-    shards come from rank 0)."""
+    ``allow_missing`` (``--allow-missing-weights``; ``cli.loading``). ``dtype``: a ``--dtype``
+    value (None or "auto": the checkpoint's own, ``cli.dtypes``). ``on_meta``: built from its
+    config on the meta device in that dtype, no weights read (a rank of ``train --fsdp`` other
+    than 0, whose shards come from rank 0)."""
     check_model_dir(path)
+    dtype = resolve_dtype(dtype, path)
     tok = tokenizer if tokenizer is not None else load_tokenizer(path)
     if on_meta:
         try:
@@ -533,18 +536,19 @@ def load_model(
     return model, tok
 
 
-def load_pipeline(path: str, allow_missing: bool = False):
+def load_pipeline(path: str, allow_missing: bool = False, dtype: str | None = "auto"):
     """A local diffusers text-to-image pipeline, its model components loaded completely (as
-    ``load_model``)."""
+    ``load_model``) in ``dtype`` (a ``--dtype`` value; auto: the UNet's stored type)."""
     check_pipeline_dir(path)
+    torch_dtype = getattr(torch, resolve_dtype(dtype, path, "pipeline"))
     try:
         DiffusionPipeline = require("diffusers", "--pipeline").DiffusionPipeline  # optional, heavy
     except MissingExtraError as e:
         raise CLIError(f"--pipeline {path!r}: {e}") from None
     try:
-        components = load_components(path, "--pipeline", allow_missing)
+        components = load_components(path, "--pipeline", allow_missing, torch_dtype)
         with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(path, **components)
+            pipe = DiffusionPipeline.from_pretrained(path, **components, torch_dtype=torch_dtype)
     except CLIError:
         raise
     except Exception as e:  # noqa: BLE001 -- a broken folder is the user's input
@@ -562,12 +566,14 @@ def load_pipeline(path: str, allow_missing: bool = False):
 
 
 def load_model_or_pipeline(args, on_meta: bool = False):
-    """(model, tokenizer) from --model, or (pipeline, None) from --pipeline: exactly one.
-    ``on_meta``: the model built on the meta device (``load_model``)."""
+    """(model, tokenizer) from --model, or (pipeline, None) from --pipeline: exactly one, in the
+    type ``--dtype`` asks for (``args.dtype``; auto: the checkpoint's own). ``on_meta``: the
+    model built on the meta device (``load_model``)."""
     allow = getattr(args, "allow_missing_weights", False)
+    dtype = getattr(args, "dtype", None)
     if model_or_pipeline(args) == "pipeline":
-        return load_pipeline(args.pipeline, allow), None
-    return load_model(args.model, allow_missing=allow, on_meta=on_meta)
+        return load_pipeline(args.pipeline, allow, dtype), None
+    return load_model(args.model, dtype, allow_missing=allow, on_meta=on_meta)
 
 
 def load_steering(path: str, flag: str = "--steering"):

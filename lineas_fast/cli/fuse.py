@@ -22,6 +22,7 @@ from lineas_fast.cli.common import (
     real,
     refuse_inputs,
 )
+from lineas_fast.cli.dtypes import add_dtype
 from lineas_fast.fold.fusion import fuse
 
 NAME = "fuse"
@@ -54,6 +55,7 @@ def add_arguments(f) -> None:
         action="store_true",
         help="fold on top of a model (or GGUF) that already carries a fold (refused otherwise)",
     )
+    add_dtype(f)  # the folded checkpoint is written in this type (auto: the one it was read in)
     add_allow_missing(f)
 
 
@@ -85,7 +87,8 @@ def run(args) -> int:
         ) from None
     with quiet_loading():
         write_checkpoint(model, tok, args.out, steering, args.strength, args.steering, args.overwrite)
-    print(f"wrote {args.out} ({type(model).__name__}, strength {args.strength})")
+    dtype = str(getattr(model, "unet", model).dtype).replace("torch.", "")  # as written
+    print(f"wrote {args.out} ({type(model).__name__}, {dtype}, strength {args.strength})")
     return 0
 
 

@@ -22,6 +22,7 @@ from lineas_fast.cli.common import (
     read_sentences,
     real,
 )
+from lineas_fast.cli.dtypes import add_dtype, resolve_dtype
 
 NAME = "generate"
 HELP = "generate text with a steering applied"
@@ -51,11 +52,13 @@ def add_arguments(g) -> None:
     g.add_argument(
         "--compose", action="store_true", help="steer a model that already carries a fold (refused otherwise)"
     )
+    add_dtype(g)
     add_allow_missing(g)
 
 
 def run(args) -> int:
     check_model_dir(args.model)
+    dtype = resolve_dtype(args.dtype, args.model)
     steering = load_steering(args.steering)
     prompts = [(f"--prompt {k}", p) for k, p in enumerate(args.prompt or [], 1)]
     if args.prompts_file:
@@ -83,7 +86,7 @@ def run(args) -> int:
                     f"{len(ids) + args.max_new_tokens} positions, more than the "
                     f"model's max_position_embeddings={positions}"
                 )
-    model, tok = load_model(args.model, tokenizer=tok, allow_missing=args.allow_missing_weights)
+    model, tok = load_model(args.model, dtype, tokenizer=tok, allow_missing=args.allow_missing_weights)
     fits(steering, model, args)
     torch.manual_seed(args.seed)
     gen_kw = dict(

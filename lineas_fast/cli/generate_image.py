@@ -16,6 +16,7 @@ from lineas_fast.cli.common import (
     nonblank,
     real,
 )
+from lineas_fast.cli.dtypes import add_dtype
 
 NAME = "generate-image"
 HELP = "a grid PNG of a strength sweep (diffusers)"
@@ -34,6 +35,7 @@ def add_arguments(i) -> None:
     i.add_argument("--guidance", type=real(), default=7.5)
     i.add_argument("--seed", type=SEED, default=0)
     i.add_argument("--out", required=True, help="PNG file to write")
+    add_dtype(i)
     add_allow_missing(i)
 
 
@@ -43,7 +45,7 @@ def run(args) -> int:
         args.out, "--out", {"--pipeline": args.pipeline, "--steering": args.steering}, suffix=".png"
     )
     steering = load_steering(args.steering)
-    pipe = load_pipeline(args.pipeline, args.allow_missing_weights)
+    pipe = load_pipeline(args.pipeline, args.allow_missing_weights, args.dtype)
     fits(steering, pipe, args, "--pipeline")
     images = strength_sweep(pipe, steering, args.prompt, args.strengths, args.steps, args.seed, args.guidance)
     with atomic_path(args.out) as tmp:

@@ -19,6 +19,11 @@ def check_args(args) -> None:
             f"--gguf {args.gguf!r} and --{given[0]} {getattr(args, given[0])!r}: give "
             f"one model (--gguf FILE for a GGUF file, --model DIR for a folder)"
         )
+    if getattr(args, "dtype", None) is not None:
+        raise CLIError(
+            f"--dtype {args.dtype} applies to --model and --pipeline folders; with --gguf every tensor "
+            f"keeps its type in the file (folded norms and biases are written in float32)"
+        )
     check_input_file(args.gguf, "--gguf")
     inputs = {"--gguf": args.gguf, "--steering": args.steering}
     check_output_file(args.out, "--out", inputs, suffix=".gguf")

@@ -88,16 +88,20 @@ def model_components(path: str) -> dict:
     return out
 
 
-def load_components(path: str, flag: str, allow: bool) -> dict:
-    """{name: loaded component} for a pipeline folder's model components, each loaded with its
-    loading report checked."""
+def load_components(path: str, flag: str, allow: bool, dtype=None) -> dict:
+    """{name: loaded component} for a pipeline folder's model components, each loaded (in the
+    torch ``dtype`` when given) with its loading report checked."""
     loaded = {}
     for name, cls in model_components(path).items():
         # transformers reports a tensor of another shape by name with ignore_mismatched_sizes;
         # diffusers raises naming it
-        exact = {"ignore_mismatched_sizes": True} if issubclass(cls, _model_bases()[0]) else {}
+        transformers = issubclass(cls, _model_bases()[0])
+        kwargs = {"ignore_mismatched_sizes": True} if transformers else {}
+        if dtype is not None:
+            kwargs["dtype" if transformers else "torch_dtype"] = dtype
+        folder = os.path.join(path, name)
         with quiet_loading():
-            component, info = cls.from_pretrained(os.path.join(path, name), output_loading_info=True, **exact)
+            component, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
         refuse_incomplete(info, flag, path, allow)
         loaded[name] = component
     return loaded

@@ -33,6 +33,7 @@ from lineas_fast.cli.common import (
     real,
     regex,
 )
+from lineas_fast.cli.dtypes import add_dtype
 
 NAME = "sweep"
 HELP = "toxicity-vs-perplexity Pareto front over recipes and strengths"
@@ -85,6 +86,7 @@ def add_arguments(d) -> None:
     d.add_argument("--wiki", type=integer(1), default=100, help="Wikipedia extracts for perplexity")
     d.add_argument("--max-new-tokens", type=integer(1), default=20)
     d.add_argument("--seed", type=SEED, default=0)
+    add_dtype(d)
     add_allow_missing(d)
 
 
@@ -162,7 +164,7 @@ def run(args) -> int:
         raise CLIError(str(e)) from None
     except ValueError as e:  # more sentences asked than the data holds
         raise CLIError(f"--prompts {args.prompts}: {e}") from None
-    model, tok = load_model(folder, allow_missing=args.allow_missing_weights)
+    model, tok = load_model(folder, args.dtype, allow_missing=args.allow_missing_weights)
     if not args.recipes and not args.modules:  # the family's default modules
         recipes = recipes_from_args(args, model.config.model_type)
     for pattern in dict.fromkeys(p for r in recipes for p in (r.modules, r.loss_modules) if p):

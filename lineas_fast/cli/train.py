@@ -22,6 +22,7 @@ from lineas_fast.cli.common import (
     regex,
     scheduler_timesteps,
 )
+from lineas_fast.cli.dtypes import add_dtype
 from lineas_fast.training.distributed import DistributedError, finish, is_main, launched
 from lineas_fast.training.trainer import TrainConfig, train
 
@@ -102,6 +103,7 @@ def add_arguments(t) -> None:
         help="under torchrun: shard the model's decoder layers over the processes (FSDP2); rank 0 "
         "reads the weights, the other ranks receive their shards from it",
     )
+    add_dtype(t)
     add_allow_missing(t)
 
 

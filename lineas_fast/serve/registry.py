@@ -7,12 +7,14 @@ inverse T⁻¹, asked for by a negative strength); slot 0 is the identity.
 
 Strength limits. A request's strength λ acts on a steered activation as z ↦ a⊙z + c with
 a = 1 + λu, c = λb (u = ω − 1, b; for the inverse u = 1/ω − 1, b = −b/ω), in the float32 slot
-tables (``slots.module_tables``). ``strength_limits(name)`` is the largest |λ| for which every
-|a| and |c| of every module stays within ``numerics.coefficient_bound(REQUEST_DTYPE)`` — the
-bound ``attach`` applies to a float16 model, the strictest dtype vLLM serves, since the process
-that validates a request (vLLM's front end) does not know the served dtype — and no larger than
-``MAX_STRENGTH``. An inverse whose float32 table is not finite (ω = 0, or |1/ω| beyond float32)
-has limit 0: a negative strength is refused.
+tables (``slots.module_tables``). ``limits(name)`` holds, per direction, the largest |λ| for
+which every |a| and |c| of every module stays within ``numerics.coefficient_bound(dtype)`` — the
+bound ``attach`` applies to a model of that dtype — and no larger than ``MAX_STRENGTH``. The
+dtype is ``$LINEAS_FAST_REQUEST_DTYPE`` (default float32, whose bound bfloat16 shares): the
+process that validates a request (vLLM's front end) does not know the served dtype, so a float16
+model needs the variable set to float16, and the engine refuses to start without it
+(``check_served_dtype``). An inverse whose float32 table is not finite (ω = 0, or |1/ω| beyond
+float32) has limit 0: a negative strength is refused.
 
 Once an engine started in this process (``mark_engine_started``, when vLLM loads the plugin's
 logits processor), ``register_steering`` is refused: the engine's processes fixed their
@@ -34,8 +36,10 @@ from lineas_fast.numerics import coefficient_bound
 from lineas_fast.steering import Steering
 
 ENV = "LINEAS_FAST_STEERINGS"
-#: per-request strengths are checked against the coefficient bound of this activation dtype
-REQUEST_DTYPE = torch.float16
+#: per-request strengths are checked against the coefficient bound of the activation dtype
+#: named by this variable (float16, bfloat16 or float32; default float32)
+DTYPE_ENV = "LINEAS_FAST_REQUEST_DTYPE"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: the largest |strength| a request may ask for whatever the map (an identity map has no
 #: coefficient bound; its strength still has to be a finite float32 in the row tables)
 MAX_STRENGTH = 1e6
@@ -48,7 +52,7 @@ class RegistrationError(ValueError):
 
 _registry: dict[str, Steering] = {}
 _limits: dict[str, "Limits"] = {}
-_env_seen: str | None = None
+_env_seen: tuple | None = None
 _engine_started: bool = False
 
 
@@ -76,7 +80,7 @@ def registered() -> dict[str, Steering]:
     tables would not be finite float32 is refused naming it and the module."""
     global _env_seen
     value = os.environ.get(ENV, "")
-    if value != _env_seen:
+    if (value, os.environ.get(DTYPE_ENV)) != _env_seen:
         loaded, limits = {}, {}
         for name, path in parse_env(value):
             try:
@@ -88,7 +92,7 @@ def registered() -> dict[str, Steering]:
         _registry.update(loaded)
         _limits.clear()
         _limits.update(limits)
-        _env_seen = value
+        _env_seen = (value, os.environ.get(DTYPE_ENV))
     return _registry
 
 
@@ -242,8 +246,29 @@ class Limits:
         return Limits(fwd, _limit(steering, inverse=True))
 
 
+def request_dtype() -> torch.dtype:
+    """The activation dtype whose coefficient bound limits per-request strengths
+    (``$LINEAS_FAST_REQUEST_DTYPE``)."""
+    name = os.environ.get(DTYPE_ENV, "float32")
+    if name not in DTYPES:
+        raise ValueError(f"{DTYPE_ENV}={name!r:.80}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_served_dtype(dtype: torch.dtype) -> None:
+    """Refuse (ValueError naming the variable) serving activations of ``dtype`` while requests
+    are checked against a looser bound than that dtype's."""
+    if coefficient_bound(dtype) < coefficient_bound(request_dtype()):
+        name = str(dtype).replace("torch.", "")
+        raise ValueError(
+            f"lineas_fast per-request steering: the served model runs in {name}, but requests are checked "
+            f"against the bound of {str(request_dtype())[6:]} activations: set {DTYPE_ENV}={name} "
+            "(in the environment of the process that starts the engine)"
+        )
+
+
 def _limit(steering: Steering, inverse: bool) -> Limit:
-    bound = coefficient_bound(REQUEST_DTYPE)
+    bound = coefficient_bound(request_dtype())
     best = Limit(MAX_STRENGTH)
     for m in steering.modules:
         u, b = (t.double() for t in map_rows(*steering[m], inverse))

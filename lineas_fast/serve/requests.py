@@ -181,11 +181,11 @@ def _check_limit(name: str, strength: float, what: str) -> None:
         if direction.module is None:
             why = f"the largest strength any request may ask for is {registry.MAX_STRENGTH:g}"
         else:
-            dtype = str(registry.REQUEST_DTYPE).replace("torch.", "")
+            dtype = registry.request_dtype()
             why = (
                 f"at module {direction.module!r} coordinate {direction.coordinate} the map's coefficients "
-                f"would pass {coefficient_bound(registry.REQUEST_DTYPE):.4g}, the bound for {dtype} "
-                f"activations (requests are checked against the strictest dtype vLLM serves)"
+                f"would pass {coefficient_bound(dtype):.4g}, the bound for {str(dtype)[6:]} activations "
+                f"(${registry.DTYPE_ENV})"
             )
         raise SteeringRequestError(
             f"{what} {strength:g} is beyond what steering {show(name)} accepts "

