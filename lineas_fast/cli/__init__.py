@@ -4,8 +4,11 @@ the version).
 
 Each subcommand is one module of this package listed in ``COMMANDS``, with the same interface:
 ``NAME`` (the subcommand), ``HELP`` (its line in ``lineas-fast --help``), ``DESCRIPTION``,
-``add_arguments(parser)`` and ``run(args) -> int``; shared argument types, checks and loading
-are in ``lineas_fast.cli.common``.
+``add_arguments(parser)`` and ``run(args) -> int``; what they share is split by concern:
+``cli.argtypes`` (the parser, argument types), ``cli.paths`` (outputs and inputs),
+``cli.readers`` (sentence, steering and checkpoint files), ``cli.folders`` (model and pipeline
+folders), ``cli.dtypes`` (``--dtype``), ``cli.errors`` (``CLIError``); ``cli.common`` re-exports
+them for code that imports them from there.
 
 Contract: a user error (a bad value, a missing or malformed file, an output that cannot be
 written, a library ``ValueError``/``TypeError``/``OSError``/``FusionError``/
@@ -24,7 +27,8 @@ import traceback
 
 from lineas_fast._version import __version__
 from lineas_fast.cli import bench, demo, fuse, generate, generate_image, sweep, train
-from lineas_fast.cli.common import ArgumentParser, CLIError, SubcommandParser, one_line
+from lineas_fast.cli.argtypes import ArgumentParser, SubcommandParser
+from lineas_fast.cli.errors import CLIError, one_line
 from lineas_fast.extras import MissingExtraError
 from lineas_fast.fold.fusion import FusionError
 from lineas_fast.training.trainer import TrainingDivergedError

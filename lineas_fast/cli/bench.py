@@ -13,21 +13,13 @@ import torch
 from transformers import AutoConfig
 
 from lineas_fast.atomic import atomic_path
-from lineas_fast.cli.common import (
-    CLIError,
-    add_allow_missing,
-    check_model_dir,
-    check_output_file,
-    fits,
-    integer,
-    load_model,
-    load_steering,
-    model_positions,
-    one_line,
-    quiet_loading,
-    real,
-)
+from lineas_fast.cli.argtypes import integer, real
 from lineas_fast.cli.dtypes import add_dtype, resolve_dtype
+from lineas_fast.cli.errors import CLIError, one_line
+from lineas_fast.cli.folders import add_allow_missing, check_model_dir, fits, load_model, model_positions
+from lineas_fast.cli.paths import check_output_file
+from lineas_fast.cli.readers import load_steering
+from lineas_fast.quiet import quiet_loading
 from lineas_fast.serve.bench import (
     PROVIDERS,
     VLLM_PROVIDERS,

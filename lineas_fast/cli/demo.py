@@ -8,16 +8,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lineas_fast.apps import assets
 from lineas_fast.apps.demo import load_demo_data, run_demo
-from lineas_fast.cli.common import (
-    SEED,
-    CLIError,
-    check_match_time,
-    check_output_dir,
-    integer,
-    need_matplotlib,
-    real,
-    regex,
-)
+from lineas_fast.cli.argtypes import SEED, integer, real
+from lineas_fast.cli.errors import CLIError
+from lineas_fast.cli.folders import check_match_time, need_matplotlib
+from lineas_fast.cli.paths import check_output_dir
+from lineas_fast.cli.patterns import regex
 
 NAME = "demo"
 HELP = "steer SmolLM2-135M away from insults and measure it"

@@ -9,21 +9,14 @@ import os
 from lineas_fast._version import __version__
 from lineas_fast.atomic import atomic_dir, recover
 from lineas_fast.cli import gguf
-from lineas_fast.cli.common import (
-    CLIError,
-    add_allow_missing,
-    check_output_dir,
-    fits,
-    load_model_or_pipeline,
-    load_steering,
-    model_or_pipeline,
-    one_line,
-    quiet_loading,
-    real,
-    refuse_inputs,
-)
+from lineas_fast.cli.argtypes import real
 from lineas_fast.cli.dtypes import add_dtype
+from lineas_fast.cli.errors import CLIError, one_line
+from lineas_fast.cli.folders import add_allow_missing, fits, load_model_or_pipeline, model_or_pipeline
+from lineas_fast.cli.paths import check_output_dir, refuse_inputs
+from lineas_fast.cli.readers import load_steering
 from lineas_fast.fold.fusion import fuse
+from lineas_fast.quiet import quiet_loading
 
 NAME = "fuse"
 HELP = "fold a steering into the weights and save a plain checkpoint"

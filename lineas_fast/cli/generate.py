@@ -7,22 +7,18 @@ import json
 
 import torch
 
-from lineas_fast.cli.common import (
-    SEED,
-    CLIError,
+from lineas_fast.cli.argtypes import SEED, integer, nonblank, real
+from lineas_fast.cli.dtypes import add_dtype, resolve_dtype
+from lineas_fast.cli.errors import CLIError
+from lineas_fast.cli.folders import (
     add_allow_missing,
     check_model_dir,
     fits,
-    integer,
     load_model,
-    load_steering,
     load_tokenizer,
     model_positions,
-    nonblank,
-    read_sentences,
-    real,
 )
-from lineas_fast.cli.dtypes import add_dtype, resolve_dtype
+from lineas_fast.cli.readers import load_steering, read_sentences
 
 NAME = "generate"
 HELP = "generate text with a steering applied"

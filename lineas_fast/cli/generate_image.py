@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from lineas_fast.apps.diffusion import image_grid, strength_sweep
 from lineas_fast.atomic import atomic_path
-from lineas_fast.cli.common import (
-    SEED,
-    add_allow_missing,
-    check_output_file,
-    check_pipeline_dir,
-    fits,
-    integer,
-    load_pipeline,
-    load_steering,
-    nonblank,
-    real,
-)
+from lineas_fast.cli.argtypes import SEED, integer, nonblank, real
 from lineas_fast.cli.dtypes import add_dtype
+from lineas_fast.cli.folders import add_allow_missing, check_pipeline_dir, fits, load_pipeline
+from lineas_fast.cli.paths import check_output_file
+from lineas_fast.cli.readers import load_steering
 
 NAME = "generate-image"
 HELP = "a grid PNG of a strength sweep (diffusers)"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 
-from lineas_fast.cli.common import CLIError, check_input_file, check_output_file, load_steering, one_line
+from lineas_fast.cli.errors import CLIError, one_line
+from lineas_fast.cli.paths import check_input_file, check_output_file
+from lineas_fast.cli.readers import load_steering
 from lineas_fast.extras import install_hint, missing
 from lineas_fast.fold.gguf import fuse_gguf
 

@@ -20,20 +20,18 @@ import torch
 
 from lineas_fast.apps import assets
 from lineas_fast.apps.sweep import GATE_LEVELS, METHODS, Recipe, format_table, load_sweep_data, run_sweep
-from lineas_fast.cli.common import (
-    SEED,
-    CLIError,
+from lineas_fast.cli.argtypes import SEED, integer, real
+from lineas_fast.cli.dtypes import add_dtype
+from lineas_fast.cli.errors import CLIError
+from lineas_fast.cli.folders import (
     add_allow_missing,
     check_match_time,
     check_model_dir,
-    check_output_dir,
-    integer,
     load_model,
     need_matplotlib,
-    real,
-    regex,
 )
-from lineas_fast.cli.dtypes import add_dtype
+from lineas_fast.cli.paths import check_output_dir
+from lineas_fast.cli.patterns import regex
 
 NAME = "sweep"
 HELP = "toxicity-vs-perplexity Pareto front over recipes and strengths"
