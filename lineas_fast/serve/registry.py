@@ -52,6 +52,7 @@ class RegistrationError(ValueError):
 
 _registry: dict[str, Steering] = {}
 _limits: dict[str, "Limits"] = {}
+_digests: dict[str, str] = {}
 _env_seen: tuple | None = None
 _engine_started: bool = False
 
@@ -92,6 +93,7 @@ def registered() -> dict[str, Steering]:
         _registry.update(loaded)
         _limits.clear()
         _limits.update(limits)
+        _digests.clear()
         _env_seen = (value, os.environ.get(DTYPE_ENV))
     return _registry
 
@@ -190,21 +192,36 @@ def num_slots() -> int:
     return 1 + 2 * len(registered())
 
 
+def steering_digest(steering: Steering) -> str:
+    """A hash of one steering's values (modules, maps, gates): 16 hex digits."""
+    h = hashlib.sha256()
+    for m in steering.modules:
+        om, b = steering[m]
+        h.update(m.encode() + b"\0")
+        gate = steering.gates.get(m)
+        tensors = (om, b) if gate is None else (om, b, gate["w"], gate["c"])
+        if gate is not None:
+            h.update(gate["kind"].encode() + b"\0")
+        for t in tensors:
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def digest(name: str) -> str:
+    """``steering_digest`` of the registered steering ``name`` (computed once per registration;
+    KeyError when not registered)."""
+    registered()
+    if name not in _digests:
+        _digests[name] = steering_digest(_registry[name])
+    return _digests[name]
+
+
 def registry_digest() -> str:
     """A hash of the registered steerings (names, order, every map's values): what a compiled
     graph that holds their slot tables depends on."""
     h = hashlib.sha256()
-    for name, steering in registered().items():
-        h.update(name.encode() + b"\0")
-        for m in steering.modules:
-            om, b = steering[m]
-            h.update(m.encode() + b"\0")
-            gate = steering.gates.get(m)
-            tensors = (om, b) if gate is None else (om, b, gate["w"], gate["c"])
-            if gate is not None:
-                h.update(gate["kind"].encode() + b"\0")
-            for t in tensors:
-                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for name in registered():
+        h.update(name.encode() + b"\0" + digest(name).encode())
     return h.hexdigest()[:16]
 
 

@@ -14,11 +14,14 @@ vLLM extension points used (entry points in setup.py; vllm is imported only here
   subclass whose ``load_model`` checks every steering against the loaded model (fingerprint,
   module names, dimensions; a misfit stops the engine at start-up, naming the steering) and
   wraps each steered norm so its output goes through ``lineas_fast::slot_steer`` (or
-  ``slot_steer_gated`` where a registered steering has a DSAS gate on it).
+  ``slot_steer_gated`` where a registered steering has a DSAS gate on it); and it wraps
+  ``vllm.v1.request.Request.from_engine_core_request`` (``salt_requests``) so each request's
+  ``cache_salt`` records its steering: prefix caching stays on and exact.
 * ``vllm.logits_processors`` -> ``SteeringLogitsProcessor`` (v1 interface): its classmethod
   ``validate_params`` refuses a bad request alone (vLLM: ValueError -> HTTP 400), and its
   ``update_state`` writes each added/removed/moved request's slot and strength into the row
-  tables before the forward. It leaves logits unchanged.
+  tables before the forward. It leaves logits unchanged but for a request the worker cannot
+  serve, which it ends.
 * ``vllm.forward_context.get_forward_context().attn_metadata``: ``query_start_loc`` maps the
   step's tokens to persistent-batch rows, read inside the op (as vLLM's attention op reads it).
 """
@@ -30,7 +33,7 @@ import logging
 import torch
 from torch import nn
 
-from lineas_fast.serve import registry, requests, slots
+from lineas_fast.serve import prefix_salt, registry, requests, slots
 
 logger = logging.getLogger(__name__)
 
@@ -185,15 +188,9 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
 
 def check_engine(vllm_config) -> None:
     """Refuse, at start-up, engine settings under which requests would not get their steering:
-    prefix caching (a cached prefix computed under one steering would be reused for a request
-    with another: vLLM's block hashes know nothing of the steering) and speculative decoding
-    (vLLM builds no plugin logits processor there, so rows would never get their slots)."""
-    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
-        raise ValueError(
-            f"lineas_fast per-request steering ({registry.ENV}) needs prefix caching off "
-            "(enable_prefix_caching=False, vllm serve --no-enable-prefix-caching): cached KV blocks "
-            "do not record the steering they were computed under"
-        )
+    speculative decoding (vLLM builds no plugin logits processor there, so rows would never get
+    their slots). Prefix caching is served: each request's KV blocks are salted with its
+    steering (``salt_requests``)."""
     if vllm_config.speculative_config is not None:
         raise ValueError(
             f"lineas_fast per-request steering ({registry.ENV}) does not support speculative decoding "
@@ -236,7 +233,33 @@ def register() -> None:
     for fmt, cls in list(model_loader._LOAD_FORMAT_TO_MODEL_LOADER.items()):
         if not cls.__name__.startswith("LineasSteering"):
             model_loader.register_model_loader(fmt)(_steering_loader(cls))
+    salt_requests()
     _registered = True
+
+
+def salt_requests() -> None:
+    """Wrap ``vllm.v1.request.Request.from_engine_core_request``, where vLLM's engine core
+    makes each request and hashes its prompt's KV blocks, so the request's ``cache_salt`` is
+    ``prefix_salt.salt_for`` its steering: with prefix caching on, a cached block is only
+    reused by requests with the same steering, strength and client salt. Once per process."""
+    from vllm.v1.request import Request
+
+    made = Request.from_engine_core_request
+    if getattr(made, "_lineas_fast_salted", False):
+        return
+    make = made.__func__
+
+    def from_engine_core_request(cls, request, block_hasher):
+        params = request.sampling_params
+        if params is not None:
+            request.cache_salt = prefix_salt.salt_for(
+                params.extra_args, request.cache_salt, request.request_id
+            )
+        return make(cls, request, block_hasher)
+
+    from_engine_core_request._lineas_fast_salted = True
+    from_engine_core_request.__wrapped__ = make
+    Request.from_engine_core_request = classmethod(from_engine_core_request)
 
 
 V2_REFUSED = (

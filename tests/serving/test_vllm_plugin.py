@@ -116,10 +116,9 @@ def served(registered):
         max_num_seqs=8,
         max_num_batched_tokens=32,  # prompts of up to 40 tokens: chunked prefill
         enforce_eager=True,
-        enable_prefix_caching=False,
         seed=0,
         skip_tokenizer_init=True,
-    )
+    )  # prefix caching on (vLLM's default): requests are salted with their steering
     yield model, steerings, llm
     del llm
     gc.collect()
@@ -336,7 +335,6 @@ def test_compiled_mode_mixed_batch_exact(registered):
         max_model_len=128,
         max_num_seqs=8,
         enforce_eager=False,
-        enable_prefix_caching=False,
         seed=0,
         skip_tokenizer_init=True,
     )
@@ -377,7 +375,7 @@ def server(registered, tmp_path_factory):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # $LINEAS_FAST_STEERINGS: the three files
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     cmd += ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8", "--enforce-eager"]
-    cmd += ["--skip-tokenizer-init", "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--skip-tokenizer-init", "--host", "127.0.0.1", "--port", str(port)]  # prefix caching on
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -615,6 +613,14 @@ def test_vllm_extension_points_are_there():
     # update_state runs in refresh_metadata, after the batch is condensed and reordered
     src = inspect.getsource(InputBatch.refresh_metadata)
     assert "update_state" in src
+    # prefix caching: each request is made by this classmethod (wrapped by the plugin), and its
+    # cache_salt goes into the first block's hash
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.request import Request
+
+    assert isinstance(inspect.getattr_static(Request, "from_engine_core_request"), classmethod)
+    assert "cache_salt=request.cache_salt" in inspect.getsource(Request.from_engine_core_request)
+    assert "request.cache_salt" in inspect.getsource(kv_cache_utils.generate_block_hash_extra_keys)
 
 
 def test_v2_model_runner_loads_the_plugin_inert_and_refuses_steerings(registered):
@@ -650,8 +656,66 @@ def test_engine_settings_that_would_lose_the_steering_are_refused():
             cache_config=types.SimpleNamespace(enable_prefix_caching=prefix), speculative_config=spec
         )
 
-    with pytest.raises(ValueError, match="needs prefix caching off"):
-        check_engine(config(True, None))
     with pytest.raises(ValueError, match="speculative decoding"):
         check_engine(config(False, object()))
     check_engine(config(False, None))
+    check_engine(config(True, None))  # prefix caching is served (salted per steering)
+
+
+def test_prefix_caching_shares_blocks_only_within_a_steering_and_stays_exact(registered):
+    """Prefix caching on, a 64-token shared "system prompt" (two 32-token blocks; vLLM's CPU
+    attention takes multiples of 32) and
+    requests one after another: a request reuses the cached prefix of an earlier one exactly
+    when both ask for the same steering at the same strength with the same client salt (or
+    both for none), never across steerings, strengths, the inverse, a client salt or a client
+    salt forged to look like a steered request's; every request's tokens equal transformers
+    with that steering's hooks."""
+    from vllm import LLM
+
+    from lineas_fast.serve import prefix_salt
+
+    model, folder, steerings = registered
+    llm = LLM(
+        model=str(folder),
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=4,
+        block_size=32,
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        seed=0,
+        skip_tokenizer_init=True,
+    )
+    try:
+        system = prompts_of([64], 31)[0]
+        forged = prefix_salt.salt_for({"lineas_fast_steering": "all", "lineas_fast_strength": 1.0}, None, "x")
+        # (spec, client salt, expected cached tokens: 64 = the two shared blocks, or 0)
+        plan = [
+            (("all", 1.0), None, 0),
+            (("all", 1.0), None, 64),
+            (("all", 0.5), None, 0),
+            (("first", 1.0), None, 0),
+            (("all", -1.0), None, 0),
+            (("gated", 1.0), None, 0),
+            (None, None, 0),
+            (None, None, 64),
+            (("all", 1.0), "tenant-a", 0),
+            (("all", 1.0), "tenant-a", 64),
+            (None, forged, 0),
+            (("first", 1.0), None, 64),
+            (("all", 0.5), None, 64),
+        ]
+        tails = prompts_of([5 + k % 4 for k in range(len(plan))], 32)
+        for k, (spec, salt, cached) in enumerate(plan):
+            prompt = {"prompt_token_ids": system + tails[k]}
+            if salt is not None:
+                prompt["cache_salt"] = salt
+            out = llm.generate([prompt], params(spec, 6), use_tqdm=False)[0]
+            assert out.num_cached_tokens == cached, (
+                f"request {k} ({spec}, salt {salt}): {out.num_cached_tokens}"
+            )
+            want = reference(model, steerings, system + tails[k], spec, 6)
+            assert list(out.outputs[0].token_ids) == want, f"request {k} ({spec}, salt {salt})"
+    finally:
+        del llm
+        gc.collect()
