@@ -19,6 +19,10 @@ go to REPORT_DIR/<scenario>-files/). Scenarios:
 * fsdp_meta: as fsdp, ranks other than 0 building the model on the meta device (their shards
   come from rank 0) -> maps, metadata
 * fsdp_meta0: as fsdp, rank 0 building the model on the meta device -> the error of every rank
+* adam, sgd: ``lf.train`` with ``ADAM`` / ``SGD`` (60 steps, alike but for the optimizer) -> maps
+* weights: rank 1 loads other weights (another seed) -> the error of every rank
+* fsdp_weights: as weights, with fsdp=True and rank 1's weights loaded (not on the meta device)
+  -> the error of every rank
 * differ: rank 1 is given other source sentences -> the error message of every rank
 * refuse: rank 1 is given a bad learning rate -> the error message of every rank
 * raise: rank 1 raises inside training at step 2 (the job must end, not hang)
@@ -51,6 +55,10 @@ MODULES = NORMS["llama"]
 # step is proportional to the gradient (Adam's hardly sees a gradient scaled by the world size)
 SETTINGS = dict(steps=6, batch_size=5, optimizer="sgd", lr=0.1, sparsity=0.01, seed=3, read_every=2)
 E2E = dict(SETTINGS, optimizer="adam", lr=0.05, gate="e2e", control=TARGET[::-1], control_weight=0.5)
+# one longer run per optimizer, alike but for the optimizer (what "the same maps" means for each)
+LONG = dict(steps=60, batch_size=5, sparsity=0.0, seed=3, read_every=20)
+ADAM = dict(LONG, optimizer="adam", lr=0.05)
+SGD = dict(LONG, optimizer="sgd", lr=0.5)
 TIMEOUT = 60.0
 
 
@@ -161,6 +169,19 @@ def run(scenario: str, report: Path, rank: int) -> dict:
                 model = tiny_model("llama")
         try:
             lf.train(model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, fsdp=True)
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            return {"error": f"{type(e).__name__}: {e}"}
+        return {"error": None}
+    if scenario in ("adam", "sgd"):
+        settings = ADAM if scenario == "adam" else SGD
+        return {"maps": maps_of(lf.train(model, tok, SOURCE, TARGET, MODULES, **settings, **common))}
+    if scenario in ("weights", "fsdp_weights"):
+        if rank == 1:
+            model = tiny_model("llama", seed=1)  # a stale or other checkpoint on one node
+        try:
+            lf.train(
+                model, tok, SOURCE, TARGET, MODULES, **SETTINGS, **common, fsdp=scenario == "fsdp_weights"
+            )
         except Exception as e:  # noqa: BLE001 - the test reads the message
             return {"error": f"{type(e).__name__}: {e}"}
         return {"error": None}

@@ -29,8 +29,14 @@ None and runs the single-process code unchanged. With N ranks:
   left, for a read without gradient), since each layer's forward and backward is a
   collective. The maps stay plain replicated tensors.
 
-Collectives time out after ``timeout`` seconds (passed to ``init_process_group`` when this
-module creates the group), so a rank that died makes the others raise instead of hanging.
+Set-up and faults (``launch``, ``rendezvous``, ``model_identity``): the launcher's environment
+is checked before anything else (a partial set of RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT or
+an invalid value is a ``LaunchError`` naming the variable); the group is created with every rank
+having to reach the job's store within ``rendezvous_timeout`` seconds (the missing ranks, a
+MASTER_PORT in use, an unreachable MASTER_ADDR:MASTER_PORT named), and collectives time out after
+``timeout`` seconds, so a rank that died, stopped or wedged makes the others raise, naming it,
+instead of hanging. ``agree`` also compares the ranks' models (names, shapes, dtypes and a sample
+of the weights).
 """
 
 from __future__ import annotations
@@ -38,8 +44,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-from datetime import timedelta
 from typing import Sequence
 
 import torch
@@ -47,23 +51,26 @@ import torch.distributed as dist
 
 from lineas_fast.checks import ArgumentError
 from lineas_fast.pooling import masked_mean, pad_right
+from lineas_fast.training import rendezvous
+from lineas_fast.training.launch import LAUNCH_VARIABLES, DistributedError, read_launch
+from lineas_fast.training.model_identity import SAMPLES, model_identity
 
-#: environment variables every torchrun / accelerate worker gets
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 #: seconds a collective waits for its partners before raising
 DEFAULT_TIMEOUT = 600.0
+#: seconds every rank has to reach the job's store when the group is created
+DEFAULT_RENDEZVOUS_TIMEOUT = 120.0
+#: seconds a rank whose collective failed waits for the others to report theirs (at most the timeout)
+FAILURE_GRACE = 5.0
 #: sentences per forward of a read without gradient under FSDP
 ROUND = 64
-
-
-class DistributedError(RuntimeError):
-    """Ranks of one run disagree (arguments, sentences, maps) or one of them failed."""
 
 
 @contextlib.contextmanager
 def collective(what: str):
     """A collective whose failure (a partner rank that exited, crashed or did not arrive within
-    the timeout) is a DistributedError saying which collective and which rank saw it."""
+    the timeout) is a DistributedError saying which collective and which rank saw it, and, when
+    this module created the group, which ranks did not report a failure of their own (stopped,
+    wedged or gone; ``rendezvous.after_failure``)."""
     try:
         yield
     except DistributedError:
@@ -72,26 +79,73 @@ def collective(what: str):
         if not (dist.is_available() and dist.is_initialized()):
             raise
         rank, world = dist.get_rank(), dist.get_world_size()
+        timeout = rendezvous.job_timeout()
+        within = f" of {timeout:g} s" if timeout else ""
+        absent = rendezvous.after_failure(min(FAILURE_GRACE, timeout or FAILURE_GRACE))
         raise DistributedError(
             f"the {what} collective failed on rank {rank} of {world}: another rank exited, failed or "
-            f"did not arrive within the timeout (its own log, or torchrun's summary, names it): {error}"
+            f"did not arrive within the collective timeout{within} ({rendezvous.TIMEOUT_KNOB})"
+            f"{absent}: {_first_line(error)}"
         ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _positive(value, name: str) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+        raise ArgumentError(f"{name} must be a positive number of seconds, got {value!r}", name)
+    return float(value)
 
 
 def launched() -> bool:
     """True when this process was started by torchrun (or an equivalent launcher) for a job
-    of more than one process."""
-    return all(k in os.environ for k in LAUNCH_VARIABLES) and int(os.environ["WORLD_SIZE"]) > 1
+    of more than one process; a partial or invalid launcher environment raises LaunchError."""
+    launch = read_launch()
+    return launch is not None and launch.world_size > 1
 
 
-def setup(distributed: bool | None = None, timeout: float = DEFAULT_TIMEOUT, fsdp: bool = False):
+def start(
+    timeout: float = DEFAULT_TIMEOUT,
+    rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT,
+    fsdp: bool = False,
+):
+    """Create the job's process group from the launcher's environment, unless one exists or
+    this is a single process; returns the ``launch.Launch`` (None for a single process).
+
+    Call it first in a script (before loading the model) so that every rank meets the others
+    within ``rendezvous_timeout`` s of its start; ``lf.train`` calls it itself otherwise. A
+    partial or invalid environment raises LaunchError (naming the variable); a missing rank, a
+    MASTER_PORT in use or an unreachable store raise DistributedError within
+    ``rendezvous_timeout`` s; collectives time out after ``timeout`` s (see ``rendezvous``). A
+    job of one process (WORLD_SIZE=1) gets a group only for ``fsdp``."""
+    timeout = _positive(timeout, "timeout")
+    rendezvous_timeout = _positive(rendezvous_timeout, "rendezvous_timeout")
+    launch = read_launch()
+    if dist.is_available() and dist.is_initialized():
+        return launch
+    if launch is None or (launch.world_size == 1 and not fsdp):
+        return None
+    rendezvous.start_group(launch, timeout, rendezvous_timeout)
+    return launch
+
+
+def setup(
+    distributed: bool | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    fsdp: bool = False,
+    rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT,
+):
     """The run's ``Ranks``, or None for a single process.
 
-    ``distributed``: None (default) uses the initialised process group, or initialises one
-    from the launcher's environment when present (NCCL for CUDA tensors when CUDA is available,
-    the device set from ``LOCAL_RANK``; gloo for CPU tensors) with collectives timing out after ``timeout`` s;
-    False: a single process even inside a group; True: as None, but raise when there is no
-    group and no launcher environment. A group of one process gives None unless ``fsdp``."""
+    ``distributed``: None (default) uses the initialised process group, or creates one from the
+    launcher's environment when present (``start``: NCCL for CUDA tensors when CUDA is
+    available, the device set from ``LOCAL_RANK``; gloo for CPU tensors; every rank must arrive
+    within ``rendezvous_timeout`` s, collectives time out after ``timeout`` s); False: a single
+    process even inside a group; True: as None, but raise when there is no group and no
+    launcher environment. A group of one process gives None unless ``fsdp``."""
     if distributed not in (None, True, False):
         raise ArgumentError(f"distributed must be None, True or False, got {distributed!r}", "distributed")
     if fsdp not in (True, False):
@@ -100,23 +154,20 @@ def setup(distributed: bool | None = None, timeout: float = DEFAULT_TIMEOUT, fsd
         if fsdp:
             raise ArgumentError("fsdp=True needs distributed training (distributed=False given)", "fsdp")
         return None
-    if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
-        raise ArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}", "timeout")
     if not (dist.is_available() and dist.is_initialized()):
-        if not launched():
+        if start(timeout, rendezvous_timeout, fsdp) is None:
             if distributed or fsdp:
                 what = "fsdp=True" if fsdp else "distributed=True"
                 raise ArgumentError(
-                    f"{what}: no torch.distributed process group is initialised and this "
-                    f"process was not started by torchrun ({', '.join(LAUNCH_VARIABLES)} unset)",
+                    f"{what}: no torch.distributed process group is initialised and this process "
+                    f"was not started by torchrun for several processes ({', '.join(LAUNCH_VARIABLES)} "
+                    f"unset, or WORLD_SIZE=1)",
                     "fsdp" if fsdp else "distributed",
                 )
             return None
-        backend = "gloo"
-        if torch.cuda.is_available():  # CUDA tensors over NCCL, CPU tensors (a CPU model) over gloo
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend, timeout=timedelta(seconds=float(timeout)))
+    else:
+        _positive(timeout, "timeout")
+        _positive(rendezvous_timeout, "rendezvous_timeout")
     if dist.get_world_size() == 1 and not fsdp:
         return None
     return Ranks(fsdp=fsdp)
@@ -151,17 +202,28 @@ class Ranks:
         start = sum(sizes[: self.rank])
         return list(idx[start : start + sizes[self.rank]])
 
-    def check_counts(self, **counts: int) -> None:
+    def check_counts(self, *counts: tuple[str, int, str]) -> None:
         """Every global batch has at least one row per rank (an empty share cannot be read);
-        the same check on every rank, before any collective."""
-        for name, n in counts.items():
-            if n < self.world_size:
+        the same check on every rank, before any collective. ``counts``: (argument, n, noun)
+        per thing read in shares, e.g. ("source", 1, "source sentence") or
+        ("batch_size", 1, "") -- the argument the user gave, named in the error."""
+        for argument, n, noun in counts:
+            w = self.world_size
+            if n >= w:
+                continue
+            if argument == "batch_size":
                 raise ArgumentError(
-                    f"{name}={n} is smaller than the number of processes ({self.world_size}): "
-                    f"every rank reads at least one sentence of each batch; use fewer processes "
-                    f"or a larger {name}",
-                    name,
+                    f"batch_size={n} is smaller than the number of processes (WORLD_SIZE={w}): every "
+                    f"rank reads at least one sentence of each batch; use batch_size >= {w} or fewer "
+                    f"processes",
+                    argument,
                 )
+            raise ArgumentError(
+                f"{n} {noun}{'' if n == 1 else 's'} for {w} processes (WORLD_SIZE={w}): every rank "
+                f"reads at least one {noun} of each batch; give at least {w} {noun}s or run fewer "
+                f"processes",
+                argument,
+            )
 
     # --- collectives -------------------------------------------------------------------------
     def gather(self, parts: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -183,7 +245,8 @@ class Ranks:
         if not self.fsdp:
             acts = target.pooled(encoded, names, mine, stop=True)
         else:
-            acts = self._read_lockstep(target, encoded, names, mine, sizes, idx[0])
+            with self.sharded("forward (FSDP weight all-gathers)"):
+                acts = self._read_lockstep(target, encoded, names, mine, sizes, idx[0])
         names = list(names)
         dev = acts[names[0]].device
         gathered = self.gather([acts[m].to(dev) for m in names], sizes)
@@ -202,6 +265,11 @@ class Ranks:
             if part:
                 pieces.append(got)
         return {m: torch.cat([p[m] for p in pieces]) for m in names}
+
+    def sharded(self, what: str):
+        """``collective(what)`` around a block whose collectives are FSDP's own (the sharded
+        model's forward or backward); no collective there without FSDP (a no-op context)."""
+        return collective(what) if self.fsdp else contextlib.nullcontext()
 
     def reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
         """Sum every parameter's gradient over the ranks, in place (one ``all_reduce``)."""
@@ -241,26 +309,30 @@ class Ranks:
                 f"ranks no longer train the same maps"
             )
 
-    def agree(self, error: BaseException | None, digest: str) -> None:
-        """The run's first collective: every rank reports whether it accepted its arguments and
-        a digest of them. A rank that refused re-raises its own error; the others raise a
-        DistributedError naming it; ranks whose digest differs from rank 0's are named."""
-        mine = (None if error is None else f"{type(error).__name__}: {error}", digest)
+    def agree(self, error: BaseException | None, digest: str, model: tuple | None = None) -> None:
+        """The run's first collective: every rank reports whether it accepted its arguments, a
+        digest of them and its model's identity (``model_identity``: structure, values). A rank
+        that refused re-raises its own error; the others raise a DistributedError naming it;
+        ranks whose digest, model structure or weight values differ from rank 0's are named
+        (the values of a rank whose model is on the meta device are not compared: under FSDP it
+        receives rank 0's weights)."""
+        mine = (None if error is None else f"{type(error).__name__}: {error}", digest, model)
         every: list = [None] * self.world_size
         with collective("all_gather_object (argument agreement)"):
             dist.all_gather_object(every, mine, group=self.group)
         if error is not None:
             raise error
-        failed = [(r, msg) for r, (msg, _) in enumerate(every) if msg is not None]
+        failed = [(r, msg) for r, (msg, _, _) in enumerate(every) if msg is not None]
         if failed:
             r, msg = failed[0]
             raise DistributedError(f"rank {r} refused its arguments, so the run stops on every rank: {msg}")
-        differ = [r for r, (_, d) in enumerate(every) if d != every[0][1]]
+        differ = [r for r, (_, d, _) in enumerate(every) if d != every[0][1]]
         if differ:
             raise DistributedError(
                 f"ranks {differ} were given different settings, modules or sentences than rank 0 "
                 f"(every rank must be started with the same arguments and data)"
             )
+        _same_model([m for _, _, m in every])
 
     def any_flag(self, value: int) -> int:
         """The largest of the ranks' ``value`` (e.g. a pending signal number; 0 for none)."""
@@ -274,10 +346,33 @@ class Ranks:
         return {"world_size": self.world_size, "fsdp": self.fsdp}
 
 
+def _same_model(models: list) -> None:
+    """Raise DistributedError naming the ranks whose model differs from rank 0's (``agree``)."""
+    if models[0] is None:
+        return
+    shape = [r for r, m in enumerate(models) if m is not None and m[0] != models[0][0]]
+    if shape:
+        raise DistributedError(
+            f"ranks {shape} hold a model whose parameter names, shapes or dtypes differ from rank 0's: "
+            f"every rank must load the same model in the same dtype"
+        )
+    if models[0][1] is None:
+        return
+    values = [r for r, m in enumerate(models) if m is not None and m[1] is not None and m[1] != models[0][1]]
+    if values:
+        raise DistributedError(
+            f"ranks {values} hold other weights than rank 0 (same parameter names, shapes and dtypes, but a "
+            f"sample of {SAMPLES} values of each parameter differs): every rank must load the same "
+            f"checkpoint (a stale or different copy on one node?)"
+        )
+
+
 class Agreement:
-    """What ``agreed`` compares across ranks: set ``digest`` at the end of the checked block."""
+    """What ``agreed`` compares across ranks: set ``digest`` at the end of the checked block,
+    and ``model`` to the module tree whose weights every rank must share."""
 
     digest = ""
+    model = None
 
 
 @contextlib.contextmanager
@@ -294,20 +389,25 @@ def agreed(ranks: Ranks | None):
     except Exception as error:
         ranks.agree(error, "")
         raise
-    ranks.agree(None, box.digest)
+    ranks.agree(None, box.digest, model_identity(box.model) if box.model is not None else None)
 
 
 def is_main() -> bool:
-    """True in a single process and on rank 0 of a process group: the process that writes."""
+    """True in a single process and on rank 0 of a process group: the process that writes.
+    Without a group, the launcher's RANK decides (a partial or invalid launcher environment
+    raises LaunchError rather than guessing)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    launch = read_launch()
+    return launch is None or launch.rank == 0
 
 
 def finish() -> None:
-    """Leave the process group, if there is one (after the last collective)."""
+    """Leave the process group, if there is one (after the last collective, or on the way out
+    after a failure, so that nothing of it outlives the run)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    rendezvous.forget()
 
 
 def describe(ranks: Ranks | None) -> dict:

@@ -289,7 +289,11 @@ def fit_gates(
                 f"{len(source_enc)} and {len(control_enc)}"
             )
         if ranks is not None:
-            ranks.check_counts(**{"source sentences": len(source_enc), "control sentences": len(control_enc)})
+            ranks.check_counts(
+                ("source", len(source_enc), "source sentence"),
+                ("control", len(control_enc), "control sentence"),
+            )
+        agreement.model = steered.root
         agreement.digest = settings_digest(
             names, list(source), list(control), [k, l2, threshold, on_low, gate, val_fraction, level, seed]
         )

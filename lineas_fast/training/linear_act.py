@@ -163,9 +163,14 @@ def fit_per_module(
         steered.require(names)
         src, tgt = steered.encode(source, "source"), steered.encode(target, "target")
         if ranks is not None:
-            counts = {"source sentences": steered.count(src), "target sentences": steered.count(tgt)}
-            ranks.check_counts(**counts)
-        agreement.digest = settings_digest(names, source, target, method, sequential, steered.fingerprint())
+            noun = "prompt" if steered.kind == "pipeline" else "sentence"
+            ranks.check_counts(
+                ("source", steered.count(src), f"source {noun}"),
+                ("target", steered.count(tgt), f"target {noun}"),
+            )
+        # the model is compared on its own (model_identity), not by its name or path
+        agreement.model = steered.root
+        agreement.digest = settings_digest(names, source, target, method, sequential)
 
     def read(encoded, names):
         if ranks is None:

@@ -33,7 +33,14 @@ from lineas_fast.training.checkpoints import (
     run_identity,
     save_checkpoint,
 )
-from lineas_fast.training.distributed import DEFAULT_TIMEOUT, agreed, describe, settings_digest, shard_model
+from lineas_fast.training.distributed import (
+    DEFAULT_RENDEZVOUS_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    agreed,
+    describe,
+    settings_digest,
+    shard_model,
+)
 from lineas_fast.training.distributed import setup as setup_ranks
 from lineas_fast.training.linear_act import fit_per_module, linear_act_map
 from lineas_fast.wasserstein import REDUCTIONS, TargetProfile, pack_profiles, sliced_wasserstein
@@ -182,10 +189,13 @@ class Trainer:
     Several processes (``lineas_fast.training.distributed``): under torchrun, or inside an
     initialised process group, each rank reads its share of every batch and of the targets, the
     pooled activations are gathered so the loss is the exact W2 of the global batch, and the map
-    gradients are summed over the ranks: every rank trains the maps of the single-process run.
-    ``distributed`` (None: detect; False: one process; True: require a group), ``fsdp`` (shard
-    the frozen model's decoder layers with FSDP2) and ``timeout`` (seconds a collective waits,
-    when the group is created here). Rank 0 alone writes checkpoints and shows progress.
+    gradients are summed over the ranks: every rank trains the maps of the single-process run
+    (SGD: equal to float rounding; Adam: see docs/distributed.md). ``distributed`` (None:
+    detect; False: one process; True: require a group), ``fsdp`` (shard the frozen model's
+    decoder layers with FSDP2), ``timeout`` (seconds a collective waits) and
+    ``rendezvous_timeout`` (seconds every rank has to arrive), the last two when the group is
+    created here. The ranks check they hold the same model before the first step. Rank 0 alone
+    writes checkpoints and shows progress.
     """
 
     def __init__(
@@ -225,13 +235,20 @@ class Trainer:
         distributed: bool | None = None,
         fsdp: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT,
     ):
-        args = {k: v for k, v in locals().items() if k not in ("self", "distributed", "fsdp", "timeout")}
-        # several processes (torchrun): every rank checks the same arguments, then they agree
-        self.ranks = setup_ranks(distributed, timeout, fsdp)
+        args = {
+            k: v
+            for k, v in locals().items()
+            if k not in ("self", "distributed", "fsdp", "timeout", "rendezvous_timeout")
+        }
+        # several processes (torchrun): every rank checks the same arguments and its model, then
+        # they agree (before FSDP moves any weight: a rank on the meta device is not compared)
+        self.ranks = setup_ranks(distributed, timeout, fsdp, rendezvous_timeout)
         with agreed(self.ranks) as agreement:
             self._prepare(**args)
             agreement.digest = self._digest()
+            agreement.model = self.target.root
         if self.ranks is not None and self.ranks.fsdp:
             shard_model(self.target)
 
@@ -332,10 +349,15 @@ class Trainer:
                     "supported; run it in one process",
                     "distributed",
                 )
-            counts = {"batch_size": self.n, "target sentences": steered.count(self.tgt)}
+            noun = "prompt" if steered.kind == "pipeline" else "sentence"
+            n_src = steered.count(self.src)
+            # the batch is min(batch_size, source count): name whichever the user gave that is short
+            counts = [("batch_size", batch_size, "")] if batch_size <= n_src else []
+            counts.append(("source", n_src, f"source {noun}"))
+            counts.append(("target", steered.count(self.tgt), f"target {noun}"))
             if self.ctrl is not None:
-                counts["control sentences"] = min(self.n, steered.count(self.ctrl))
-            self.ranks.check_counts(**counts)
+                counts.append(("control", steered.count(self.ctrl), f"control {noun}"))
+            self.ranks.check_counts(*counts)
         self.done = 0  # steps completed
         self.history: list[StepRecord] = []
         self._pending: list = []  # (step, lr, record tensor on the device) not yet read
@@ -349,7 +371,6 @@ class Trainer:
             self.loss_names,
             list(self.texts),
             [self.read_every, self.checkpoint_every, self.resumed["step"] if self.resumed else None],
-            self.target.fingerprint(),
             self.identity and self.identity["data"],
             self.init if isinstance(self.init, (str, type(None))) else "steering",
         )
@@ -456,7 +477,8 @@ class Trainer:
             ).mean()
             loss = loss + cfg.control_weight * control_loss
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.ranks.sharded("backward (FSDP)") if self.ranks is not None else contextlib.nullcontext():
+            loss.backward()
         if self.ranks is not None:  # each rank holds its samples' part of the gradient
             self.ranks.reduce_grads(self.params)
         self.opt.step()
@@ -596,7 +618,8 @@ def train(
     (None | "linear_act" | a Steering), autocast_dtype, checkpoint_every, checkpoint_path,
     resume_from, callback, progress, backend, gate, gate_kind, control, control_weight,
     timestep, resolution, read_every (steps between reads of the records, default 20),
-    distributed, fsdp, timeout (several processes, see ``Trainer`` and docs/distributed.md).
+    distributed, fsdp, timeout, rendezvous_timeout (several processes, see ``Trainer`` and
+    docs/distributed.md).
 
     Checkpointing: every ``checkpoint_every`` steps the maps and optimizer, scheduler and RNG
     state are written atomically to ``checkpoint_path``; ``resume_from`` continues such a run
