@@ -20,6 +20,7 @@ go to REPORT_DIR/<scenario>-files/). Scenarios:
   come from rank 0) -> maps, metadata
 * fsdp_meta0: as fsdp, rank 0 building the model on the meta device -> the error of every rank
 * adam, sgd: ``lf.train`` with ``ADAM`` / ``SGD`` (60 steps, alike but for the optimizer) -> maps
+* few: one source sentence for the ranks -> the error of every rank
 * weights: rank 1 loads other weights (another seed) -> the error of every rank
 * fsdp_weights: as weights, with fsdp=True and rank 1's weights loaded (not on the meta device)
   -> the error of every rank
@@ -175,6 +176,12 @@ def run(scenario: str, report: Path, rank: int) -> dict:
     if scenario in ("adam", "sgd"):
         settings = ADAM if scenario == "adam" else SGD
         return {"maps": maps_of(lf.train(model, tok, SOURCE, TARGET, MODULES, **settings, **common))}
+    if scenario == "few":
+        try:
+            lf.train(model, tok, SOURCE[:1], TARGET, MODULES, **SETTINGS, **common)
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            return {"error": f"{type(e).__name__}: {e}", "argument": getattr(e, "argument", None)}
+        return {"error": None}
     if scenario in ("weights", "fsdp_weights"):
         if rank == 1:
             model = tiny_model("llama", seed=1)  # a stale or other checkpoint on one node

@@ -386,10 +386,11 @@ def agreed(ranks: Ranks | None):
         return
     try:
         yield box
+        model = model_identity(box.model) if box.model is not None else None
     except Exception as error:
         ranks.agree(error, "")
         raise
-    ranks.agree(None, box.digest, model_identity(box.model) if box.model is not None else None)
+    ranks.agree(None, box.digest, model)
 
 
 def is_main() -> bool:
