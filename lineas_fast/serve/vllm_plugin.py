@@ -189,12 +189,19 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
 def check_engine(vllm_config) -> None:
     """Refuse, at start-up, engine settings under which requests would not get their steering:
     speculative decoding (vLLM builds no plugin logits processor there, so rows would never get
-    their slots). Prefix caching is served: each request's KV blocks are salted with its
-    steering (``salt_requests``)."""
+    their slots) and pipeline parallelism (not verified). Prefix caching is served: each
+    request's KV blocks are salted with its steering (``salt_requests``)."""
     if vllm_config.speculative_config is not None:
         raise ValueError(
             f"lineas_fast per-request steering ({registry.ENV}) does not support speculative decoding "
             "(vLLM loads no plugin logits processors with it)"
+        )
+    pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
+    if pp != 1:
+        raise ValueError(
+            f"lineas_fast per-request steering ({registry.ENV}) does not support pipeline parallelism "
+            f"(pipeline_parallel_size={pp}): each stage would need the batch's row tables, which is not "
+            "verified; tensor parallelism is supported"
         )
 
 
