@@ -1,6 +1,7 @@
 """lineas_fast: fast LinEAS activation steering (see README.md)."""
 
 from lineas_fast._version import __version__
+from lineas_fast.apps.calibrate import StrengthCalibration, calibrate_strength
 from lineas_fast.fold.fused_norm import SteeredRMSNorm, fuse_in_memory, unfuse_in_memory
 from lineas_fast.fold.fusion import FusionError, fuse
 from lineas_fast.fold.gguf import fuse_gguf
@@ -43,6 +44,8 @@ __all__ = [
     "fit_gates",
     "fit_gate",
     "gate_openings",
+    "calibrate_strength",
+    "StrengthCalibration",
     "AlreadySteeredError",
     "Target",
     "LanguageModelTarget",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from lineas_fast.cli.budget import add_budget_arguments, calibrated_metadata, read_budget_texts
 from lineas_fast.cli.common import (
     SEED,
     CLIError,
@@ -105,6 +106,7 @@ def add_arguments(t) -> None:
     )
     add_dtype(t)
     add_allow_missing(t)
+    add_budget_arguments(t)  # --ppl-budget, --ppl-texts (cli/budget.py)
 
 
 def train_settings(args, max_length: int) -> dict:
@@ -183,6 +185,7 @@ def run(args) -> int:
     max_length = check_args(args)
     source = read_sentences(args.source, "--source")
     target = read_sentences(args.target, "--target")
+    ppl_texts = read_budget_texts(args, source, target)
     if args.resume:
         check_checkpoint(args.resume, "--resume", train_config(args, max_length))
     # under torchrun with --fsdp only rank 0 reads the weights; the others get their shards from it
@@ -208,7 +211,7 @@ def run(args) -> int:
     finish()  # under torchrun: every rank holds the same maps; rank 0 writes them
     if not is_main():
         return 0
-    steering.save(args.out)
+    steering.save(args.out, **calibrated_metadata(args, model, tok, steering, ppl_texts, max_length))
     hist = steering.metadata["history"]
     if hist:
         print(

@@ -47,3 +47,16 @@ def test_the_step_by_step_trainer_example_collects_every_record():
     assert run.read_records() == []  # everything was read by the run, as the page says
     assert isinstance(names["steering"], lf.Steering) and len(names["steering"]) == 3
     assert names["steering"].metadata["history"][-1]["step"] == 199
+
+
+def test_the_perplexity_budget_example_runs_and_meets_its_budget():
+    from lineas_fast.apps.eval import perplexity
+
+    code = python_block("docs/applying.md", "lf.calibrate_strength(")
+    names, _ = run_example(code)
+    strength, steering, held_out = names["strength"], names["steering"], names["held_out"]
+    model, tok = names["model"], names["tok"]
+    assert strength > 0 and names["out"].shape[1] > 0
+    base = perplexity(model, tok, held_out)
+    with steering.apply(model, strength=strength):
+        assert perplexity(model, tok, held_out) <= base * 1.03
