@@ -17,8 +17,10 @@ def continuations(
     max_new_tokens: int = 20,
     batch_size: int = 32,
     progress: bool = False,
+    generate_kwargs: dict | None = None,
 ) -> list[str]:
-    """Greedy continuations (text after the prompt), left-padded batches."""
+    """Greedy continuations (text after the prompt), left-padded batches; ``generate_kwargs``
+    (e.g. sampling settings, ``apps.decoding``) are passed on to ``model.generate``."""
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     if tokenizer.pad_token_id is None:
@@ -28,8 +30,9 @@ def continuations(
         for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate", leave=False):
             enc = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
             enc = {k: v.to(model.device) for k, v in enc.items()}
+            settings = {"do_sample": False, **(generate_kwargs or {})}
             ids = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **settings
             )
             new = ids[:, enc["input_ids"].shape[1] :]
             out += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -49,21 +52,21 @@ def toxicity(
 
 
 @torch.no_grad()
-def perplexity(
+def text_nll(
     model,
     tokenizer,
     texts: Sequence[str],
     max_length: int = 128,
     batch_size: int = 16,
     progress: bool = False,
-) -> float:
-    """exp(mean negative log-likelihood per predicted token) over ``texts``, each truncated to
-    ``max_length`` tokens; padding excluded."""
+) -> tuple[list[float], list[int]]:
+    """([summed negative log-likelihood of each text's predicted tokens], [their counts]): each
+    text truncated to ``max_length`` tokens, padding excluded, sums in float64."""
 
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    nll, count = 0.0, 0
+    nll, count = [], []
     try:
         for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="perplexity", leave=False):
             enc = tokenizer(
@@ -78,10 +81,24 @@ def perplexity(
             target = enc["input_ids"][:, 1:]
             mask = enc["attention_mask"][:, 1:].bool()
             lp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            nll -= lp[mask].sum().item()
-            count += int(mask.sum())
+            nll += (-torch.where(mask, lp.double(), 0.0)).sum(1).tolist()
+            count += mask.sum(1).tolist()
     finally:
         tokenizer.padding_side = side
-    if count == 0:
+    return nll, count
+
+
+def perplexity(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int = 128,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> float:
+    """exp(mean negative log-likelihood per predicted token) over ``texts``, each truncated to
+    ``max_length`` tokens; padding excluded (``text_nll`` pooled)."""
+    nll, count = text_nll(model, tokenizer, texts, max_length, batch_size, progress)
+    if sum(count) == 0:
         raise ValueError("perplexity: no predicted tokens (texts too short)")
-    return math.exp(nll / count)
+    return math.exp(sum(nll) / sum(count))
