@@ -59,8 +59,6 @@ from lineas_fast.training.model_identity import SAMPLES, model_identity
 DEFAULT_TIMEOUT = 600.0
 #: seconds every rank has to reach the job's store when the group is created
 DEFAULT_RENDEZVOUS_TIMEOUT = 120.0
-#: seconds a rank whose collective failed waits for the others to report theirs (at most the timeout)
-FAILURE_GRACE = 5.0
 #: sentences per forward of a read without gradient under FSDP
 ROUND = 64
 
@@ -81,7 +79,7 @@ def collective(what: str):
         rank, world = dist.get_rank(), dist.get_world_size()
         timeout = rendezvous.job_timeout()
         within = f" of {timeout:g} s" if timeout else ""
-        absent = rendezvous.after_failure(min(FAILURE_GRACE, timeout or FAILURE_GRACE))
+        absent = rendezvous.after_failure()
         raise DistributedError(
             f"the {what} collective failed on rank {rank} of {world}: another rank exited, failed or "
             f"did not arrive within the collective timeout{within} ({rendezvous.TIMEOUT_KNOB})"

@@ -17,10 +17,17 @@
    not arrive.
 4. ``init_process_group(backend, store=..., timeout=timeout)``: every collective then fails
    after ``timeout`` seconds instead of waiting without end.
+5. **heartbeat.** A daemon thread of every rank writes ``beat/<rank>`` (a counter) every
+   ``BEAT`` seconds. It runs while the main thread waits inside a collective (gloo and NCCL
+   release the GIL there) and stops when the process is stopped (SIGSTOP) or gone.
 
-``after_failure(grace)``: called by a rank whose collective failed. It records the failure in
-the store and waits up to ``grace`` seconds for the other ranks to record theirs: a rank that
-crashed, was stopped (SIGSTOP) or is wedged records nothing, and is named, with its host and pid.
+``after_failure()``: called by a rank whose collective failed. It records the failure in the
+store, waits up to ``GRACE`` seconds for the other ranks to record theirs, and reads the
+heartbeats at both ends of that wait: a rank whose heartbeat did not move is named as stopped or
+gone, a rank that beats but reported no failure as alive but elsewhere (wedged outside the
+collective, or late), each with its host and pid. Rank 0, when it serves the store, then waits
+(up to ``GRACE`` s) until the ranks that reported have read theirs, so that its exit does not
+take the store away from them.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ from lineas_fast.training.launch import DistributedError, Launch
 #: the flags and arguments that set the two bounds, as messages name them
 RENDEZVOUS_KNOB = "rendezvous_timeout / --rendezvous-timeout"
 TIMEOUT_KNOB = "timeout / --timeout"
+#: seconds between two heartbeats of a rank
+BEAT = 1.0
+#: seconds a rank whose collective failed waits for the others' reports (and heartbeats)
+GRACE = 5.0
 
 
 @dataclass
@@ -47,6 +58,7 @@ class _Job:
     store: object
     launch: Launch
     timeout: float
+    stop: threading.Event
     failures: int = 0  # collective failures seen so far (each gets its own keys)
 
 
@@ -76,12 +88,29 @@ def start_group(launch: Launch, timeout: float, rendezvous_timeout: float) -> No
             f"rank {launch.rank}: every rank reached the job's store at {launch.address}, but the "
             f"process group could not be created: {error}"
         ) from error
-    _JOB = _Job(store, launch, float(timeout))
+    stop = threading.Event()
+    store.set(f"beat/{launch.rank}", "0")
+    beat = threading.Thread(target=_beat, args=(store, launch.rank, stop), daemon=True)
+    beat.start()
+    _JOB = _Job(store, launch, float(timeout), stop)
+
+
+def _beat(store, rank: int, stop: threading.Event) -> None:
+    """This rank's heartbeat (module docstring, 5) until ``stop`` is set or the store is gone."""
+    n = 0
+    while not stop.wait(BEAT):
+        n += 1
+        try:
+            store.set(f"beat/{rank}", str(n))
+        except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell
+            return
 
 
 def forget() -> None:
     """The group this module created is gone (``distributed.finish``)."""
     global _JOB
+    if _JOB is not None:
+        _JOB.stop.set()
     _JOB = None
 
 
@@ -174,35 +203,52 @@ def _roll_call(store, launch: Launch, bound: float) -> None:
         delay = min(2 * delay, 0.25)
 
 
-def after_failure(grace: float) -> str:
-    """After this rank's collective failed: the ranks that did not report a failure of their
-    own within ``grace`` s (see the module docstring), as a clause for the error message; ""
-    when the group is not this module's."""
+def after_failure() -> str:
+    """After this rank's collective failed: which other ranks are stopped or gone, and which
+    are alive but reported no failure within ``GRACE`` s (module docstring), as a clause for
+    the error message; "" when the group is not this module's."""
     job = _JOB
     if job is None:
         return ""
     store, rank, world = job.store, job.launch.rank, job.launch.world_size
     key = f"failed{job.failures}"
     job.failures += 1
+    others = [r for r in range(world) if r != rank]
     try:
-        store.set_timeout(timedelta(seconds=grace))
+        store.set_timeout(timedelta(seconds=GRACE))
         store.set(f"{key}/{rank}", "1")
         store.add(key, 1)
-        deadline = time.monotonic() + grace
+        before = [store.get(f"beat/{r}") for r in others]
+        deadline = time.monotonic() + GRACE
         while store.add(key, 0) < world and time.monotonic() < deadline:
             time.sleep(0.1)
-        absent = [r for r in range(world) if r != rank and not store.check([f"{key}/{r}"])]
-        where = [store.get(f"arrived/{r}").decode() for r in absent]
+        time.sleep(max(0.0, min(deadline, time.monotonic() + 3 * BEAT) - time.monotonic()))
+        after = [store.get(f"beat/{r}") for r in others]
+        silent = [r for r in others if not store.check([f"{key}/{r}"])]
+        where = {r: store.get(f"arrived/{r}").decode() for r in silent}
+        store.add(f"{key}/read", 1)
+        if rank == 0 and not job.launch.agent_store:  # this process serves the store: stay until
+            until = time.monotonic() + GRACE  # the ranks that reported have read it
+            while store.add(f"{key}/read", 0) < store.add(key, 0) and time.monotonic() < until:
+                time.sleep(0.1)
     except Exception:  # noqa: BLE001 - the store itself is out of reach
         who = "torchrun's agent" if job.launch.agent_store else "rank 0"
         return (
-            f"; the job's store did not answer within {grace:g} s, so which rank is missing is not "
+            f"; the job's store did not answer within {GRACE:g} s, so which rank is missing is not "
             f"known ({who}, which serves the store, may be the one stopped or gone)"
         )
-    if not absent:
-        return "; every other rank saw this failure too"
-    listed = ", ".join(f"rank {r} ({w})" for r, w in zip(absent, where))
-    return f"; {listed} did not report this failure within {grace:g} s of it: stopped, wedged or gone"
+    still = {r for r, b, a in zip(others, before, after) if a == b}
+    gone = [f"rank {r} ({where[r]})" for r in silent if r in still]
+    late = [f"rank {r} ({where[r]})" for r in silent if r not in still]
+    parts = []
+    if gone:
+        parts.append(f"{', '.join(gone)} {'is' if len(gone) == 1 else 'are'} stopped or gone (no heartbeat)")
+    if late:
+        parts.append(
+            f"{', '.join(late)} {'is' if len(late) == 1 else 'are'} alive but reported no failure within "
+            f"{GRACE:g} s (wedged outside this collective, or late)"
+        )
+    return "; " + "; ".join(parts) if parts else "; every other rank saw this failure too"
 
 
 def _ranks(ranks: list[int]) -> str:
