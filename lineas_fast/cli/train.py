@@ -24,6 +24,13 @@ from lineas_fast.cli.common import (
     scheduler_timesteps,
 )
 from lineas_fast.cli.dtypes import add_dtype
+from lineas_fast.cli.launching import (
+    add_launch_arguments,
+    check_launch,
+    check_shares,
+    restart_resume,
+    start_job,
+)
 from lineas_fast.training.distributed import DistributedError, finish, is_main, launched
 from lineas_fast.training.trainer import TrainConfig, train
 
@@ -104,6 +111,7 @@ def add_arguments(t) -> None:
         help="under torchrun: shard the model's decoder layers over the processes (FSDP2); rank 0 "
         "reads the weights, the other ranks receive their shards from it",
     )
+    add_launch_arguments(t)
     add_dtype(t)
     add_allow_missing(t)
     add_budget_arguments(t)  # --ppl-budget, --ppl-texts (cli/budget.py)
@@ -182,12 +190,23 @@ def check_args(args) -> int:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    finally:
+        finish()  # under torchrun: leave the group, also on the way out after an error
+
+
+def _run(args) -> int:
+    launch = check_launch(args, "pipeline" if args.pipeline else "model")  # lineas_fast.cli.launching
     max_length = check_args(args)
     source = read_sentences(args.source, "--source")
     target = read_sentences(args.target, "--target")
     ppl_texts = read_budget_texts(args, source, target)
-    if args.resume:
-        check_checkpoint(args.resume, "--resume", train_config(args, max_length))
+    check_shares(launch, source, target, args.batch_size)
+    resume = restart_resume(args, launch)  # after a torchrun restart: the run's --checkpoint
+    if resume:
+        check_checkpoint(resume, "--resume", train_config(args, max_length))
+    start_job(args, launch)  # every rank arrives within --rendezvous-timeout, before the model loads
     # under torchrun with --fsdp only rank 0 reads the weights; the others get their shards from it
     model, tok = load_model_or_pipeline(args, on_meta=args.fsdp and launched() and not is_main())
     check_match_time(args.modules, "--modules", model)
@@ -201,7 +220,7 @@ def run(args) -> int:
             **train_settings(args, max_length),
             checkpoint_every=args.checkpoint_every,
             checkpoint_path=args.checkpoint,
-            resume_from=args.resume,
+            resume_from=resume,
             timestep=args.timestep,
             progress=interactive(),
             fsdp=args.fsdp,
