@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.library import custom_op
 
 from lineas_fast.kernels.gated_steer_ref import GATES, gate_fn
 from lineas_fast.serve.registry import map_rows, num_slots, registered, slot_of
@@ -148,27 +147,44 @@ def set_token_rows(fn: Callable[[int, torch.device, int], Tensor] | None) -> Non
 _per_token: dict = {}
 
 
-def per_token(num_tokens: int, device, row_slot: Tensor, row_lam: Tensor) -> tuple[Tensor, Tensor]:
+def per_token(num_tokens: int, device, row_slot: Tensor, row_lam: Tensor) -> tuple[Tensor, Tensor] | None:
     """(slot (T,) int64, λ (T, 1) float32) of each token of the step: its row's slot and
-    strength, computed once per step (``_per_token``)."""
+    strength, computed once per step (``_per_token``); None on the CPU when no token of the
+    step is steered (every λ is 0: the ops then copy z and compute nothing). On a GPU the
+    tables are always applied: knowing that no token is steered would need a host sync, which
+    a captured graph cannot have."""
     rows = _token_rows(num_tokens, device, row_slot.shape[0] - 1)
     key = (row_slot._version, row_lam._version)
     hit = _per_token
     if hit.get("rows") is rows and hit.get("row_slot") is row_slot and hit.get("key") == key:
-        return hit["slot"], hit["lam"]
+        return hit["result"]
     slot = row_slot.index_select(0, rows)
     lam = row_lam.index_select(0, rows).unsqueeze(1)
-    _per_token.update(rows=rows, row_slot=row_slot, key=key, slot=slot, lam=lam)
-    return slot, lam
+    idle = lam.device.type == "cpu" and not bool(lam.any())
+    result = None if idle else (slot, lam)
+    _per_token.update(rows=rows, row_slot=row_slot, key=key, result=result)
+    return result
 
 
-@custom_op("lineas_fast::slot_steer", mutates_args=())
+# The ops are defined with torch.library's low-level API (a schema, one composite kernel for
+# every device, a fake kernel for tracing) rather than the ``custom_op`` decorator, whose
+# Python wrapper costs several times the op's own work per call at a decode step's T = 1
+# (bench/slot_op.py); vLLM calls them once per steered norm per step.
+_lib = torch.library.Library("lineas_fast", "FRAGMENT")
+_lib.define("slot_steer(Tensor z, Tensor u, Tensor b, Tensor row_slot, Tensor row_lam) -> Tensor")
+_lib.define(
+    "slot_steer_gated(Tensor z, Tensor u, Tensor b, Tensor gw, Tensor gc, Tensor gk, Tensor row_slot, "
+    "Tensor row_lam) -> Tensor"
+)
+
+
 def slot_steer(z: Tensor, u: Tensor, b: Tensor, row_slot: Tensor, row_lam: Tensor) -> Tensor:
     """y (T, d) from z (T, d): each token's row's slot and strength (see the module
     docstring); u, b (S, d) float32; row_slot (R + 1,) int64; row_lam (R + 1,) float32."""
-    if _token_rows is None:
+    steered = None if _token_rows is None else per_token(z.shape[0], z.device, row_slot, row_lam)
+    if steered is None:
         return z.clone()
-    slot, lam = per_token(z.shape[0], z.device, row_slot, row_lam)
+    slot, lam = steered
     zf = z.to(_acc(z))
     return _steer_rows(zf, lam.to(zf.dtype), u, b, slot).to(z.dtype)
 
@@ -184,12 +200,6 @@ def _steer_rows(zf: Tensor, lam: Tensor, u: Tensor, b: Tensor, slot: Tensor) -> 
     return zf + lam * (u.index_select(0, slot).to(zf.dtype) * zf + b.index_select(0, slot).to(zf.dtype))
 
 
-@slot_steer.register_fake
-def _(z, u, b, row_slot, row_lam):
-    return torch.empty_like(z)
-
-
-@custom_op("lineas_fast::slot_steer_gated", mutates_args=())
 def slot_steer_gated(
     z: Tensor, u: Tensor, b: Tensor, gw: Tensor, gc: Tensor, gk: Tensor, row_slot: Tensor, row_lam: Tensor
 ) -> Tensor:
@@ -201,9 +211,10 @@ def slot_steer_gated(
     in float32 as ``kernels/gated_steer_ref.py`` computes one gated map at one strength.
     z (T, d); u, b, gw (S, d) float32; gc (S,) float32; gk (S,) int64; row tables as
     ``slot_steer``'s."""
-    if _token_rows is None:
+    steered = None if _token_rows is None else per_token(z.shape[0], z.device, row_slot, row_lam)
+    if steered is None:
         return z.clone()
-    slot, lam = per_token(z.shape[0], z.device, row_slot, row_lam)
+    slot, lam = steered
     zf = z.to(_acc(z))
     logit = (zf * gw.index_select(0, slot).to(zf.dtype)).sum(-1) + gc.index_select(0, slot).to(zf.dtype)
     kind = gk.index_select(0, slot)
@@ -214,6 +225,11 @@ def slot_steer_gated(
     return _steer_rows(zf, lam.unsqueeze(1), u, b, slot).to(z.dtype)
 
 
-@slot_steer_gated.register_fake
-def _(z, u, b, gw, gc, gk, row_slot, row_lam):
+def _fake(z: Tensor, *tables: Tensor) -> Tensor:
     return torch.empty_like(z)
+
+
+_lib.impl("slot_steer", slot_steer, "CompositeExplicitAutograd")
+_lib.impl("slot_steer_gated", slot_steer_gated, "CompositeExplicitAutograd")
+torch.library.register_fake("lineas_fast::slot_steer", _fake, lib=_lib)
+torch.library.register_fake("lineas_fast::slot_steer_gated", _fake, lib=_lib)
