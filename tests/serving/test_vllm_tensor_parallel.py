@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import greedy_hf
+from conftest import greedy_hf, steered_greedy, tiny_llama
 
 import lineas_fast as lf
 
@@ -19,27 +19,6 @@ vllm = pytest.importorskip(
 
 HIDDEN = 256  # 4 heads of 64 (vLLM's CPU attention), 2 KV heads: both divide by 2 ranks
 NORMS = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=HIDDEN,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def steerings_for(model):
@@ -75,7 +54,7 @@ def steerings_for(model):
 def registered(tmp_path_factory):
     from lineas_fast.serve import registry, vllm_plugin
 
-    model = tiny_llama()
+    model = tiny_llama(HIDDEN, heads=4, kv_heads=2)
     folder = tmp_path_factory.mktemp("tp") / "tiny-llama-tp"
     model.save_pretrained(folder, safe_serialization=True)
     steerings = steerings_for(model)
@@ -91,13 +70,6 @@ def registered(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-def reference(model, steerings, prompt, spec, n):
-    if spec is None:
-        return greedy_hf(model, [prompt], n)[0]
-    with steerings[spec[0]].apply(model, strength=spec[1]):
-        return greedy_hf(model, [prompt], n)[0]
 
 
 def test_tensor_parallel_two_ranks_mixed_batch_exact(registered):
@@ -131,7 +103,9 @@ def test_tensor_parallel_two_ranks_mixed_batch_exact(registered):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         plain = greedy_hf(model, prompts, 8)
         for k, (p, s, o) in enumerate(zip(prompts, specs, outs)):
-            assert list(o.outputs[0].token_ids) == reference(model, steerings, p, s, 8), f"request {k} ({s})"
+            assert list(o.outputs[0].token_ids) == steered_greedy(model, steerings, p, s, 8), (
+                f"request {k} ({s})"
+            )
         assert all(list(outs[k].outputs[0].token_ids) != plain[k] for k in (0, 2, 3, 4)), "steerings must act"
     finally:
         del llm
