@@ -1,4 +1,5 @@
-"""Result-file helpers shared by the benchmark scripts: environment facts and atomic JSON."""
+"""Result-file helpers shared by the benchmark scripts: environment facts, atomic JSON and the
+``--check-args`` option (bench/gpu_run.sh --dry-run runs every stage's script with it)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import platform
 import subprocess
 
 import torch
-
-from lineas_fast.atomic import atomic_path
 
 
 def environment() -> dict:
@@ -55,7 +54,36 @@ VLLM_GPU_NOT_RUN = (
 def write_json(path: str, payload: dict) -> None:
     """Write a result file atomically (``lineas_fast.atomic.atomic_path``: the old file or the new
     one, never half of either) and say so."""
+    from lineas_fast.atomic import atomic_path  # here: environment() runs before lineas_fast is installed
+
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=1)
     print(f"wrote {path}")
+
+
+def add_check_args(ap) -> None:
+    """``--check-args``: parse the arguments and check the run they describe, print it, exit 0;
+    no GPU needed, nothing measured or written (``bench/gpu_run.sh --dry-run`` runs each stage's
+    script this way on any machine)."""
+    ap.add_argument(
+        "--check-args",
+        action="store_true",
+        help="check the arguments, print the run they describe and exit (no GPU needed, nothing written)",
+    )
+
+
+def checked(script: str, **plan) -> int:
+    """Print what a ``--check-args`` run found (one line, JSON values) and return exit status 0."""
+    print(f"{script} --check-args: ok: " + json.dumps(plan, default=str))
+    return 0
+
+
+def meta_parameters(config) -> int:
+    """Parameters of a transformers causal LM built from ``config`` on the meta device: no memory,
+    no weights; checks that this transformers accepts the config."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())

@@ -33,7 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import environment, write_json  # noqa: E402
+from common import add_check_args, checked, environment, meta_parameters, write_json  # noqa: E402
 
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 QWEN25_05B = dict(
@@ -49,10 +49,16 @@ TOLERANCES = {"fp32": {"loss": 1e-4, "moves": 1e-3}, "bf16": {"loss": 2e-2, "mov
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def qwen_05b(dtype: torch.dtype, device: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def qwen_05b_config():
+    from transformers import Qwen2Config
 
-    cfg = Qwen2Config(**QWEN25_05B, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1)
+    return Qwen2Config(**QWEN25_05B, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1)
+
+
+def qwen_05b(dtype: torch.dtype, device: str):
+    from transformers import Qwen2ForCausalLM
+
+    cfg = qwen_05b_config()
     torch.manual_seed(0)
     with torch.device(device):
         return Qwen2ForCausalLM(cfg).to(dtype).eval()
@@ -176,7 +182,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sentences", type=int, default=32)
     ap.add_argument("--out", default=None)
+    add_check_args(ap)
     args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (the verdict compares the loss after the first step)")
+    if args.check_args:
+        return checked(
+            "convergence.py",
+            model="tests' tiny Llama" if args.tiny else "Qwen2.5-0.5B config",
+            parameters=None if args.tiny else meta_parameters(qwen_05b_config()),
+            dtypes=["fp32"] if args.tiny else args.dtypes,
+            steps=args.steps,
+            sentences=args.sentences,
+            tolerances=TOLERANCES,
+            out=args.out or "bench/results/convergence-<device>.json",
+        )
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not (args.tiny and interpreting):

@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import environment, write_json  # noqa: E402
+from common import add_check_args, checked, environment, meta_parameters, write_json  # noqa: E402
 from convergence import run_differences, verdict  # noqa: E402
 
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
@@ -72,8 +72,34 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--sentences", type=int, default=32)
     ap.add_argument("--out", default=None)
+    add_check_args(ap)
     args = ap.parse_args(argv)
     from accelerate import dispatch_model
+
+    if args.check_args:
+        from trainer_step import qwen_config
+
+        if args.tiny:
+            sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+            from tiny_models import tiny_model
+
+            layers = tiny_model("llama").config.num_hidden_layers
+        else:
+            layers = qwen_config(args.size).num_hidden_layers
+        gpu_layers = layers // 2 if args.gpu_layers is None else args.gpu_layers
+        if not 0 < gpu_layers < layers:
+            ap.error(f"--gpu-layers {gpu_layers}: the split needs 1 to {layers - 1} of {layers} layers")
+        return checked(
+            "device_map.py",
+            model="tests' tiny Llama" if args.tiny else f"Qwen2.5-{args.size} config",
+            parameters=None if args.tiny else meta_parameters(qwen_config(args.size)),
+            layers=layers,
+            gpu_layers=gpu_layers,
+            offload="disk" if args.tiny else "cpu",
+            steps=args.steps,
+            accelerate=dispatch_model.__module__,
+            out=args.out or "bench/results/device-map-<device>.json",
+        )
 
     if args.tiny:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))

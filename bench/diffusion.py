@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import statistics
 import sys
@@ -21,11 +22,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import environment, write_json  # noqa: E402
+from common import add_check_args, checked, environment, write_json  # noqa: E402
 
 import lineas_fast as lf  # noqa: E402
 
 NORMS = r"unet\..*norm\d?"
+NOT_RUNNABLE = 69  # exit status: a package the run needs is missing (bench/gpu_run.sh: not runnable)
 
 
 def sdxl_pipeline():
@@ -119,7 +121,24 @@ def main(argv=None) -> int:
         "fit in 80 GB)",
     )
     ap.add_argument("--out", default=None)
+    add_check_args(ap)
     args = ap.parse_args(argv)
+    missing = importlib.util.find_spec("diffusers") is None
+    if args.check_args:
+        return checked(
+            "diffusion.py",
+            pipeline="SDXL-sized UNet, fp16" if args.sdxl else "tests' tiny SD pipeline, fp32",
+            steps=args.steps,
+            batch_size=args.batch_size or (8 if args.sdxl else "all prompts"),
+            runnable_here="no: diffusers is not installed (the run would exit 69)" if missing else "yes",
+            out=args.out or f"bench/results/diffusion-{'<device>' if args.sdxl else 'cpu'}.json",
+        )
+    if missing:  # quickly, before any model is built: what the GPU runner records as not runnable
+        print(
+            "diffusion.py: not runnable here: diffusers is not installed (pip install diffusers; "
+            "a machine without a package index: bash bench/gpu_run.sh --fetch-wheels, then carry .whl/)"
+        )
+        return NOT_RUNNABLE
     if args.sdxl and not torch.cuda.is_available():
         print("diffusion.py: --sdxl needs a CUDA device; GPU numbers come only from a GPU run")
         return 2

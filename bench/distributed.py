@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import environment, write_json  # noqa: E402
+from common import add_check_args, checked, environment, write_json  # noqa: E402
 
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 
@@ -102,7 +102,7 @@ def communication(world: int, batch: int, dims: list[int]) -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> int | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--hidden", type=int, default=256)
@@ -112,9 +112,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default=None)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    add_check_args(p)
+    args = p.parse_args(argv)
     if args.worker_out:
         return worker(args)
+    if min(args.procs) < 1 or min(args.hidden, args.layers, args.batch, args.length, args.steps) < 1:
+        p.error("--procs, --hidden, --layers, --batch, --length and --steps must be positive")
+    if args.check_args:
+        return checked(
+            "distributed.py",
+            procs=args.procs,
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            launcher="python -m torch.distributed.run",
+            settings={k: getattr(args, k) for k in ("hidden", "layers", "batch", "length", "steps")},
+            out=args.out or "bench/results/distributed-<device>.json",
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """GPU kernel benchmark: writes bench/results/kernels-<device>.json.
 
-    python bench/kernels_gpu.py [--out PATH]
+    python bench/kernels_gpu.py [--compile-at 56x3584] [--out PATH] [--check-args]
 
 Forward, backward and full (fwd+bwd) time (median of triton.testing.do_bench) and peak memory
 for the loss at the paper's shapes (n=32; d ∈ {1536, 2304, 3584}; 28 and 56 layers) and for the
@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import environment, write_json  # noqa: E402
+from common import add_check_args, checked, environment, write_json  # noqa: E402
 from providers import loss_fn, loss_inputs, steer_fn  # noqa: E402
 
 LOSS_SHAPES = [(56, 3584), (28, 1536), (56, 2304), (28, 3584), (28, 2304), (56, 1536)]
@@ -71,6 +71,21 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9  # GB/s, read + write
 
 
+def loss_shape(ap, text: str) -> tuple[int, int]:
+    """'56x3584' -> (56, 3584), one of LOSS_SHAPES (else an argument error)."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if shape not in LOSS_SHAPES:
+        ap.error(
+            f"--compile-at {text}: not a loss shape of this benchmark (LAYERSxD, one of "
+            + ", ".join(f"{la}x{d}" for la, d in LOSS_SHAPES)
+            + ")"
+        )
+    return shape
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
@@ -83,20 +98,26 @@ def main(argv=None) -> int:
         help="torch.compile only at these loss shapes, e.g. 56x3584 (its compile "
         "takes minutes per shape); default: every shape",
     )
+    add_check_args(ap)
     args = ap.parse_args(argv)
+    compile_at = None if args.compile_at is None else {loss_shape(ap, s) for s in args.compile_at}
+    providers = ["lineas_fast", "torch_eager"] + ([] if args.no_compile else ["torch_compile"])
+    if args.check_args:
+        return checked(
+            "kernels_gpu.py",
+            providers=providers,
+            intervention=[8192, 3584, "bfloat16"],
+            loss_shapes=LOSS_SHAPES,
+            torch_compile_at="every shape" if compile_at is None else sorted(compile_at),
+            out=args.out or "bench/results/kernels-<device>.json",
+        )
     if not torch.cuda.is_available():
         print("kernels_gpu.py: no CUDA device; GPU numbers are only written from a GPU run")
         return 2
-    providers = ["lineas_fast", "torch_eager"] + ([] if args.no_compile else ["torch_compile"])
     env = environment()
     name = env["device"].replace(" ", "_")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernels-{name}.json")
     results = []
-    compile_at = (
-        None
-        if args.compile_at is None
-        else {tuple(int(v) for v in shape.lower().split("x")) for shape in args.compile_at}
-    )
     tokens, d = 8192, 3584
     bw = copy_bandwidth(tokens * d * 2)
 
@@ -141,7 +162,7 @@ def main(argv=None) -> int:
                     }
                 )
                 print(results[-1])
-        save(False)
+            save(False)  # after each provider: torch.compile's minutes come last in a shape
     save(True)
     return 0
 

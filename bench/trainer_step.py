@@ -4,6 +4,7 @@ run; writes bench/results/trainer-<device>.json.
     python bench/trainer_step.py                       # CPU: real SmolLM2-135M + demo data, and synthetic
     python bench/trainer_step.py --workload real --rounds 6 --ablation
     python bench/trainer_step.py --qwen 1.5B 7B        # GPU, bf16, synthetic sentences
+    python bench/trainer_step.py --qwen 1.5B --check-args   # the run it would be; no GPU needed
 
 Workloads (``--workload``, default both on CPU):
 
@@ -39,7 +40,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import environment, write_json  # noqa: E402
+from common import add_check_args, checked, environment, meta_parameters, write_json  # noqa: E402
 from trainer_setup import (
     demo_sentences,
     lineas_step_times,  # noqa: E402
@@ -54,11 +55,17 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0} 
 PATTERN = r"model\.layers\.\d+\.post_attention_layernorm"
 
 
-def qwen_model(size: str):
+def qwen_config(size: str):
     from generation_setup import QWEN25
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
 
-    cfg = Qwen2Config(**QWEN25[size], max_position_embeddings=4096, pad_token_id=0, eos_token_id=1)
+    return Qwen2Config(**QWEN25[size], max_position_embeddings=4096, pad_token_id=0, eos_token_id=1)
+
+
+def qwen_model(size: str):
+    from transformers import Qwen2ForCausalLM
+
+    cfg = qwen_config(size)
     torch.manual_seed(0)
     with torch.device("cuda"):
         return Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -227,7 +234,27 @@ def main(argv=None) -> int:
         help="GPU: Qwen2.5 configs with random weights in bf16",
     )
     ap.add_argument("--out", default=None)
+    add_check_args(ap)
     args = ap.parse_args(argv)
+    if args.check_args:
+        if args.qwen:
+            return checked(
+                "trainer_step.py",
+                qwen=args.qwen,
+                parameters={q: meta_parameters(qwen_config(q)) for q in args.qwen},
+                sentences=args.sentences,
+                timed_steps=args.steps,
+                modules=PATTERN,
+                peak_bf16_tflops=PEAK_BF16_TFLOPS,
+                out=args.out or "bench/results/trainer-<device>.json",
+            )
+        return checked(
+            "trainer_step.py",
+            workload=args.workload,
+            rounds=args.rounds,
+            timed_steps=args.steps,
+            out=args.out or "bench/results/trainer-cpu.json",
+        )
     if args.qwen and not torch.cuda.is_available():
         print("trainer_step.py: --qwen needs a CUDA device; GPU numbers come only from a GPU run")
         return 2
