@@ -37,7 +37,9 @@ def model_identity(root: torch.nn.Module) -> tuple[str, str | None]:
         for _, p in held:
             flat = p.detach().reshape(-1)
             k = min(SAMPLES, flat.numel())
-            idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).round().long()
+            # integer positions: a float32 linspace rounds the last index of a tensor of more than
+            # 2**24 values (an embedding) past its end
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
             parts.append(flat[idx].float())
         if parts:
             h.update(torch.cat([x.cpu() for x in parts]).numpy().tobytes())
