@@ -84,6 +84,13 @@ def quality_table(name: str) -> Callable[[Results], str]:
 MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
 
 
+def sweep_cost(res: Results) -> str:
+    """The interval sweep's cost, estimated from the single-draw sweeps' row times (bench/sweep_cost.py)."""
+    from sweep_cost import table
+
+    return table(res)
+
+
 def quality_target(res: Results) -> str:
     """One bullet per row that meets the quality target, per model."""
     from lineas_fast.apps.sweep import row_label
@@ -426,6 +433,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "quality-smollm2": quality_table("smollm2"),
     "quality-gemma3": quality_table("gemma3"),
     "quality-target": quality_target,
+    "sweep-cost": sweep_cost,
     "trainer": trainer,
     "generation": generation,
     "generation-summary": generation_summary,

@@ -345,12 +345,22 @@ def run_sweep(
     return results
 
 
-def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progress: bool, out_dir: str):
+def _fitted(
+    model,
+    tokenizer,
+    recipe: Recipe,
+    data: SweepData,
+    seed: int,
+    progress: bool,
+    out_dir: str,
+    suffix: str = "",
+):
     """(steering, fit seconds): read from ``out_dir/steerings`` when the file there was fitted
     from the same inputs (its ``sweep_fit_key`` metadata equals ``_fit_key``: the model, the
     recipe's texts, the recipe and the seed), else fitted and saved there (a stale or foreign
-    file of that name is replaced). A file that cannot be read is an error naming it."""
-    path = os.path.join(out_dir, "steerings", recipe.key() + ".safetensors")
+    file of that name is replaced). A file that cannot be read is an error naming it. The file
+    is ``<recipe key><suffix>.safetensors`` (a suffix names a training draw)."""
+    path = os.path.join(out_dir, "steerings", recipe.key() + suffix + ".safetensors")
     key = _fit_key(model, recipe, data, seed)
     if os.path.isfile(path):
         steering = Steering.load(path)
@@ -360,7 +370,7 @@ def _fitted(model, tokenizer, recipe: Recipe, data: SweepData, seed: int, progre
     ungated, fit_s = None, 0.0
     if recipe.gates:  # its maps are the ungated recipe's
         plain = replace(recipe, gates=None, control_opening=None)
-        ungated, fit_s = _fitted(model, tokenizer, plain, data, seed, progress, out_dir)
+        ungated, fit_s = _fitted(model, tokenizer, plain, data, seed, progress, out_dir, suffix)
     t0 = time.perf_counter()
     steering = fit_recipe(model, tokenizer, recipe, data, seed, progress, ungated)
     fit_s += time.perf_counter() - t0

@@ -1,13 +1,21 @@
-"""``lineas-fast sweep``: the toxicity-vs-perplexity Pareto front of a real model.
+"""``lineas-fast sweep``: the toxicity-vs-perplexity Pareto front of a real model, with intervals.
 
     lineas-fast sweep --model smollm2 --out sweep_smollm2 --sparsity 0 0.05 0.1 \\
         --strengths 0.25 0.5 0.75 1
+
+Each recipe is fitted on ``--draws`` training draws (fresh sentences and seed each) and measured
+at each strength on a validation and a test split of held-out prompts and Wikipedia texts, under
+``--gen-seeds`` generation seeds (``--decoding sampled``, the paper's sampling, or ``greedy``); the
+strength of each recipe is chosen on validation (lowest toxicity within ``--ppl-budget``) and every
+reported number is the test split's mean with a 95% bootstrap interval over draws and prompts
+(``lineas_fast.apps.sweep_draws``, ``apps.sweep_report``).
 
 LinEAS recipes are the product of the axes given (modules × loss modules × sparsity × training
 set size × steps × optimizer × learning rate × gates); the baselines (``--methods mean_shift
 linear_act``) take modules × training set size × gates. ``--recipes FILE`` instead reads a JSON
 list of recipe objects (fields of ``lineas_fast.apps.sweep.Recipe``). Writes ``sweep.json``,
-``pareto.png`` and the fitted steerings into ``--out``; rerunning into the same folder resumes.
+``pareto.png``, each evaluation unit (``evals/``) and the fitted steerings into ``--out``; rerunning
+into the same folder resumes.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ import json
 import torch
 
 from lineas_fast.apps import assets
-from lineas_fast.apps.sweep import GATE_LEVELS, METHODS, Recipe, format_table, load_sweep_data, run_sweep
+from lineas_fast.apps.decoding import MODES, Decoding
+from lineas_fast.apps.sweep import GATE_LEVELS, METHODS, Recipe
+from lineas_fast.apps.sweep_draws import Protocol, load_draw_data, run_draw_sweep
+from lineas_fast.apps.sweep_report import format_interval_table, row_label
 from lineas_fast.cli.argtypes import SEED, integer, real
 from lineas_fast.cli.dtypes import add_dtype
 from lineas_fast.cli.errors import CLIError
@@ -42,7 +53,6 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 # shift; Gemma-3's MLP has no bias flag and its post-norms feed the residual stream, so only the
 # input norm, read by q/k/v with `attention_bias`, folds)
 MODELS = {"smollm2": "smollm2_folder", "gemma3": "gemma3_folder"}
-POOL = 384  # training pools drawn once, the same for every run (a recipe takes a prefix)
 DEFAULT_MODULES = {"llama": r".*post_attention_layernorm", "gemma3_text": r".*input_layernorm"}
 
 
@@ -80,9 +90,35 @@ def add_arguments(d) -> None:
     )
     d.add_argument("--strengths", type=real(0, low_open=True), nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     d.add_argument("--recipes", help="a JSON list of recipe objects instead of the axes")
-    d.add_argument("--prompts", type=integer(1), default=200, help="held-out prompts")
-    d.add_argument("--wiki", type=integer(1), default=100, help="Wikipedia extracts for perplexity")
-    d.add_argument("--max-new-tokens", type=integer(1), default=20)
+    d.add_argument(
+        "--draws", type=integer(1), default=3, help="training draws per recipe (default: %(default)s)"
+    )
+    d.add_argument(
+        "--gen-seeds", type=integer(1), default=2, help="generation seeds per prompt (default: %(default)s)"
+    )
+    d.add_argument(
+        "--decoding",
+        choices=MODES,
+        default="sampled",
+        help="sampled: temperature 1.0, top-p 0.3, repetition penalty 1.2 (the paper's); greedy: one seed",
+    )
+    d.add_argument("--prompts", type=integer(1), default=200, help="test prompts (default: %(default)s)")
+    d.add_argument(
+        "--val-prompts", type=integer(1), default=100, help="validation prompts (default: %(default)s)"
+    )
+    d.add_argument("--wiki", type=integer(1), default=100, help="test Wikipedia extracts for perplexity")
+    d.add_argument("--val-wiki", type=integer(1), default=50, help="validation Wikipedia extracts")
+    d.add_argument(
+        "--max-new-tokens", type=integer(1), default=None, help="default 32 (sampled) or 20 (greedy)"
+    )
+    d.add_argument(
+        "--ppl-budget",
+        type=real(0, low_open=True),
+        default=0.10,
+        help="perplexity increase allowed when choosing a strength on validation, and in the target "
+        "(default: %(default)s)",
+    )
+    d.add_argument("--n-boot", type=integer(100), default=2000, help="bootstrap replicates per interval")
     d.add_argument("--seed", type=SEED, default=0)
     add_dtype(d)
     add_allow_missing(d)
@@ -142,14 +178,23 @@ def _regex(value: str, flag: str) -> str:
         raise CLIError(f"{flag} {value!r}: {e}") from None
 
 
+def protocol_from_args(args) -> Protocol:
+    """The measurement protocol the flags give."""
+    if args.decoding == "greedy":
+        decoding = Decoding.greedy(args.max_new_tokens or 20)
+    else:
+        decoding = Decoding(max_new_tokens=args.max_new_tokens or 32)
+    return Protocol(args.draws, args.gen_seeds, decoding, args.seed, args.n_boot).check()
+
+
 def run(args) -> int:
     inputs = {"--model": None if args.model in MODELS else args.model, "--recipes": args.recipes}
     check_output_dir(args.out, "--out", inside=True, inputs=inputs)
     need_matplotlib("lineas-fast sweep")
     recipes = recipes_from_args(args)  # checks the file and the values early
-    n_max = max(r.n_train for r in recipes)
-    if n_max > POOL:
-        raise CLIError(f"n_train {n_max}: the sweep's training pools hold {POOL} sentences each")
+    protocol = protocol_from_args(args)
+    if args.decoding == "greedy" and args.gen_seeds > 1:
+        print(f"--decoding greedy: one generation seed (--gen-seeds {args.gen_seeds} ignored)")
     try:
         judge = assets.toxicity_judge()
         if args.model in MODELS:
@@ -157,18 +202,21 @@ def run(args) -> int:
         else:
             check_model_dir(args.model, "--model")
             folder = args.model
-        data = load_sweep_data(POOL, args.prompts, args.wiki, seed=args.seed)
+        data = load_draw_data(args.val_prompts, args.prompts, args.val_wiki, args.wiki, seed=args.seed)
     except assets.AssetError as e:
         raise CLIError(str(e)) from None
-    except ValueError as e:  # more sentences asked than the data holds
-        raise CLIError(f"--prompts {args.prompts}: {e}") from None
+    except ValueError as e:  # more prompts or texts asked than the data holds
+        raise CLIError(f"--val-prompts/--prompts/--val-wiki/--wiki: {e}") from None
+    n_max, pool = max(r.n_train for r in recipes), min(len(data.insults), len(data.neutral))
+    if n_max > pool:
+        raise CLIError(f"--n-train {n_max}: each draw samples from pools of {pool} sentences (at most that)")
     model, tok = load_model(folder, args.dtype, allow_missing=args.allow_missing_weights)
     if not args.recipes and not args.modules:  # the family's default modules
         recipes = recipes_from_args(args, model.config.model_type)
     for pattern in dict.fromkeys(p for r in recipes for p in (r.modules, r.loss_modules) if p):
         check_match_time(pattern, "--recipes" if args.recipes else "--modules/--loss-modules", model)
     torch.set_grad_enabled(True)
-    res = run_sweep(
+    res = run_draw_sweep(
         model,
         tok,
         data,
@@ -176,19 +224,23 @@ def run(args) -> int:
         recipes,
         args.strengths,
         args.out,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+        protocol,
+        ppl_budget=args.ppl_budget,
         model_name=args.model if args.model in MODELS else folder,
     )
-    print(format_table(res, res["pareto"]))
+    chosen = [i for i, r in enumerate(res["rows"]) if i == 0 or r.get("choice") == "validation"]
+    print(format_interval_table(res, chosen))
     best = res["best"]
-    print(
-        "meets the target: "
-        + (
-            res["rows"][best]["label"] + f" at λ={res['rows'][best]['strength']:g}"
-            if best is not None
-            else "no row"
+    if best is None:
+        print("chosen on validation: no recipe meets the target there")
+    else:
+        r = res["rows"][best]
+        ci = r["ci"]["toxicity_mean_prob"]
+        print(
+            f"chosen on validation: {row_label(r)}; on the test split: mean toxicity p "
+            f"{r['toxicity_mean_prob']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}], perplexity "
+            f"{r['perplexity']:.4g} ({r['n']['draws']} draws × {r['n']['seeds']} seeds × "
+            f"{r['n']['prompts']} prompts)"
         )
-    )
-    print(f"wrote {args.out}/sweep.json, pareto.png, steerings/")
+    print(f"wrote {args.out}/sweep.json, pareto.png, evals/, steerings/")
     return 0

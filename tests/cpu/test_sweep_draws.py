@@ -1,0 +1,273 @@
+"""The interval sweep (issue #31) end to end on a tiny random model: draws × generation seeds ×
+strengths, each unit on a validation and a test split; rows rebuilt here from the unit files and
+from the saved steerings (perplexity measured again); the strength chosen on validation only; an
+interruption resumed to the same results; other settings and broken unit files refused.
+(Quality numbers come from `lineas-fast sweep` on the real models, not from a test.)"""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
+
+import lineas_fast as lf
+from lineas_fast.apps.decoding import Decoding
+from lineas_fast.apps.eval import perplexity
+from lineas_fast.apps.sweep import Recipe
+from lineas_fast.apps.sweep_draws import DrawData, Protocol, draw_texts, run_draw_sweep
+from lineas_fast.apps.sweep_report import choose_on_validation, format_interval_table
+from lineas_fast.cli import build_parser, main
+from lineas_fast.cli.sweep import protocol_from_args
+
+RECIPE = Recipe("mean_shift", r"model\.norm", n_train=4)  # no training: the draws differ by their texts
+STRENGTHS = [0.5, 3.0]
+PROTOCOL = Protocol(draws=2, gen_seeds=2, decoding=Decoding(max_new_tokens=4), n_boot=200)
+
+
+class Judge:
+    """A transparent stand-in judge with graded values: twice the share of vowels, capped at 1;
+    counts its calls and can stop the run at a given call (as Ctrl-C would)."""
+
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = 0, stop_at
+
+    def __call__(self, texts):
+        self.calls += 1
+        if self.stop_at is not None and self.calls >= self.stop_at:
+            raise KeyboardInterrupt
+        return [min(1.0, 2 * sum(c in "aeiou" for c in t) / max(1, len(t))) for t in texts]
+
+
+def data():
+    return DrawData(
+        insults=SOURCE,
+        neutral=TARGET,
+        val_prompts=["you are a", "what a", "go away"],
+        test_prompts=["nobody likes", "shut up", "your work", "that is"],
+        val_wiki=["the cat sat on the mat", "rivers flow to the sea in spring"],
+        test_wiki=["a table has four legs", "water boils when heated", "trains run on rails"],
+    )
+
+
+def sweep(out, judge, protocol=PROTOCOL, ppl_budget=0.02, strengths=STRENGTHS, log=lambda s: None):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    res = run_draw_sweep(
+        model,
+        tok,
+        data(),
+        judge,
+        [RECIPE],
+        strengths,
+        str(out),
+        protocol,
+        ppl_budget=ppl_budget,
+        progress=False,
+        log=log,
+    )
+    return res, model, tok
+
+
+def units(out):
+    found = {}
+    for folder, _, files in os.walk(out / "evals"):
+        for f in files:
+            u = json.loads(open(os.path.join(folder, f)).read())
+            found[(u["recipe"], u["draw"], u["strength"])] = u
+    return found
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if k not in ("fit_s", "eval_s")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    judge, logged = Judge(), []
+    res, model, tok = sweep(out, judge, log=logged.append)
+    # progress: one line per unit, with its place in the plan, the time spent and the time left
+    assert [line.split("]")[0] for line in logged] == [f"[{i}/5" for i in range(1, 6)]
+    assert "left" in logged[1] and "elapsed" in logged[-1] and "draw 2/2 λ=3" in logged[-1]
+    return out, res, model, tok, judge
+
+
+def test_rows_are_the_units_pooled_with_intervals(finished):
+    out, res, model, tok, judge = finished
+    found = units(out)
+    key = RECIPE.key()
+    assert set(found) == {("none", None, 0.0)} | {(key, k, lam) for k in (0, 1) for lam in STRENGTHS}
+    assert judge.calls == len(found) * 2 * 2  # seeds × splits per unit
+    rows = res["rows"]
+    assert [(r["method"], r["strength"], r.get("choice")) for r in rows[:3]] == [
+        ("none", 0.0, None),
+        ("mean_shift", 0.5, None),
+        ("mean_shift", 3.0, None),
+    ]
+    base = found[("none", None, 0.0)]
+    for r in rows[1:3]:
+        us = [found[(key, k, r["strength"])] for k in (0, 1)]
+        tox = np.array([u["test"]["tox"] for u in us])  # (draws, seeds, prompts)
+        assert tox.shape == (2, 2, 4) and r["n"] == {
+            "draws": 2,
+            "seeds": 2,
+            "prompts": 4,
+            "texts": 3,
+            "boot": 200,
+        }
+        assert r["toxicity_mean_prob"] == pytest.approx(tox.mean())
+        assert r["toxicity_rate"] == pytest.approx((tox >= 0.5).mean())
+        nll = sum(sum(u["test"]["nll"]) for u in us)
+        tokens = sum(sum(u["test"]["tokens"]) for u in us)
+        assert r["perplexity"] == pytest.approx(math.exp(nll / tokens))
+        for name in ("toxicity_mean_prob", "toxicity_rate", "perplexity", "perplexity_ratio"):
+            ci = r["ci"][name]
+            assert ci["low"] <= ci["mean"] <= ci["high"] and ci["n_draws"] == 2 and ci["n_boot"] == 200
+        btox = np.array(base["test"]["tox"])
+        assert r["ci"]["toxicity_mean_prob_ratio"]["mean"] == pytest.approx(tox.mean() / btox.mean())
+        assert r["validation"]["toxicity_mean_prob"] == pytest.approx(
+            np.mean([u["validation"]["tox"] for u in us])
+        )
+    assert rows[0]["n"]["draws"] == 1 and "perplexity_ratio" not in rows[0]["ci"]
+    # each unit was measured with its own draw's steering: the saved file at λ gives its perplexity
+    for k in (0, 1):
+        st = lf.Steering.load(str(out / "steerings" / f"{key}-d{k}.safetensors"))
+        u = found[(key, k, 3.0)]
+        with st.apply(model, strength=3.0):
+            direct = perplexity(model, tok, data().test_wiki)
+        assert math.exp(sum(u["test"]["nll"]) / sum(u["test"]["tokens"])) == pytest.approx(direct, rel=1e-6)
+        src, tgt = draw_texts(data(), 4, k, 0)
+        again = lf.fit_mean_shift(model, tok, src, tgt, modules=r"model\.norm", seed=k)
+        assert np.allclose(again["model.norm"][1].numpy(), st["model.norm"][1].numpy(), atol=1e-6)
+    d0, d1 = (lf.Steering.load(str(out / "steerings" / f"{key}-d{k}.safetensors")) for k in (0, 1))
+    assert not np.allclose(d0["model.norm"][1].numpy(), d1["model.norm"][1].numpy())  # fresh texts per draw
+    # sampled decoding: the two generation seeds give different continuations
+    assert base["test"]["tox"][0] != base["test"]["tox"][1]
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert saved["settings"]["decoding"]["top_p"] == 0.3 and saved["settings"]["gen_seeds"] == 2
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    table = format_interval_table(res)
+    assert "2 × 2 × 4" in table and "(λ chosen on validation)" in table
+
+
+def test_the_strength_is_chosen_on_validation(finished):
+    out, res, _, _, _ = finished
+    found, key = units(out), RECIPE.key()
+    base = found[("none", None, 0.0)]
+
+    def val_ppl(u):
+        return math.exp(sum(u["validation"]["nll"]) / sum(u["validation"]["tokens"]))
+
+    chosen_row = next(r for r in res["rows"] if r.get("choice") == "validation")
+    expected = []
+    for k in (0, 1):
+        ok = [u for u in (found[(key, k, lam)] for lam in STRENGTHS) if val_ppl(u) <= val_ppl(base) * 1.02]
+        best = min(ok, key=lambda u: np.mean(u["validation"]["tox"]))
+        expected.append(best["strength"])
+        meta = lf.Steering.load(str(out / "steerings" / f"{key}-d{k}.safetensors")).metadata
+        assert meta["sweep_chosen_strength"] == best["strength"] and meta["ppl_budget"] == 0.02
+    assert chosen_row["chosen_strengths"] == expected
+    # the chosen row's test numbers are those of the chosen units
+    tox = np.array([found[(key, k, lam)]["test"]["tox"] for k, lam in enumerate(expected)])
+    assert chosen_row["toxicity_mean_prob"] == pytest.approx(tox.mean())
+
+
+def unit(draw, lam, val_tox, val_nll, test_tox):
+    split = lambda tox, nll: {"tox": [[tox]], "nll": [nll], "tokens": [10]}  # noqa: E731
+    return {
+        "draw": draw,
+        "strength": lam,
+        "validation": split(val_tox, val_nll),
+        "test": split(test_tox, 20.0),
+    }
+
+
+def test_choice_reads_validation_only():
+    base = unit(None, 0.0, 0.5, 20.0, 0.5)
+    us = [
+        unit(0, 1.0, 0.4, 20.5, 0.0),  # best on test, not on validation
+        unit(0, 2.0, 0.2, 20.5, 0.9),  # best on validation within the budget
+        unit(0, 3.0, 0.1, 30.0, 0.0),  # lowest validation toxicity, over the budget
+        unit(1, 1.0, 0.3, 40.0, 0.0),  # draw 1: nothing within the budget
+    ]
+    chosen, none = choose_on_validation(us, base, ppl_budget=0.1)
+    assert [u["strength"] for u in chosen] == [2.0] and none == [1]
+
+
+def test_interrupted_sweep_resumes_to_the_same_results(tmp_path, finished):
+    _, res, _, _, _ = finished
+    with pytest.raises(KeyboardInterrupt):
+        sweep(tmp_path, Judge(stop_at=10))  # in the third unit
+    partial = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(units(tmp_path)) == 2 and len(partial["rows"]) == 3  # unsteered, λ=0.5 (draw 0), its choice
+    assert partial["rows"][1]["n"]["draws"] == 1 and partial["rows"][1]["complete"] is False
+    judge = Judge()
+    again, _, _ = sweep(tmp_path, judge)
+    assert judge.calls == 3 * 4  # the three units left
+    assert stable(again["rows"]) == stable(res["rows"])
+    # a finished sweep rerun measures nothing; a unit removed is measured again, alone
+    judge = Judge()
+    sweep(tmp_path, judge)
+    assert judge.calls == 0
+    os.remove(tmp_path / "evals" / RECIPE.key() / "d1-l3.0.json")
+    judge = Judge()
+    assert stable(sweep(tmp_path, judge)[0]["rows"]) == stable(res["rows"])
+    assert judge.calls == 4
+
+
+def test_other_settings_and_broken_units_are_refused(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    sweep(tmp_path, Judge(), strengths=[0.5])
+    kept = (tmp_path / "sweep.json").read_text()
+    with pytest.raises(ValueError, match="gen_seeds"):
+        sweep(tmp_path, Judge(), protocol=Protocol(draws=2, gen_seeds=1, decoding=Decoding(max_new_tokens=4)))
+    assert (tmp_path / "sweep.json").read_text() == kept
+    broken = tmp_path / "evals" / RECIPE.key() / "d0-l0.5.json"
+    u = json.loads(broken.read_text())
+    u["test"]["tox"][0][1] = float("nan")
+    broken.write_text(json.dumps(u))
+    with pytest.raises(ValueError, match=r"sweep unit .*d0-l0.5.json.*test.tox"):
+        sweep(tmp_path, Judge(), strengths=[0.5])
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "sweep.json").write_text(json.dumps({"settings": {"seed": 0}, "rows": []}))
+    with pytest.raises(ValueError, match="single-draw sweep"):
+        run_draw_sweep(model, tok, data(), Judge(), [RECIPE], [0.5], str(single), PROTOCOL, progress=False)
+
+
+def test_cli_flags_give_the_protocol(tmp_path, capsys):
+    args = build_parser().parse_args(["sweep"])
+    p = protocol_from_args(args)
+    assert (p.draws, p.gen_seeds, p.decoding, p.n_boot) == (3, 2, Decoding(), 2000)
+    assert args.ppl_budget == 0.10 and (args.val_prompts, args.prompts, args.val_wiki, args.wiki) == (
+        100,
+        200,
+        50,
+        100,
+    )
+    args = build_parser().parse_args(
+        ["sweep", "--decoding", "greedy", "--draws", "1", "--max-new-tokens", "8"]
+    )
+    p = protocol_from_args(args)
+    assert p.decoding == Decoding.greedy(8) and p.seeds() == [0] and p.draws == 1
+    for bad in (["--draws", "0"], ["--gen-seeds", "0"], ["--decoding", "beam"], ["--n-boot", "5"]):
+        assert main(["sweep", *bad, "--out", str(tmp_path / "o")]) == 2
+        assert bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_results_table_of_a_sweep_with_intervals(finished):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    from quality_results import marked_table, with_intervals
+
+    _, res, _, _, _ = finished
+    assert with_intervals(res)
+    lines = marked_table(res).split("\n")
+    assert len(lines) == 2 + len(res["rows"]) and "[95% CI]" in lines[0]
+    assert "draws × seeds × prompts" in lines[0] and lines[3].endswith("| 2 × 2 × 4 |")
+    if res["best"] is not None:
+        assert "★" in lines[2 + res["best"]]
