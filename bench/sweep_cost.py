@@ -14,7 +14,9 @@ test) texts, so its time is taken as
 (generation dominates a row's time and is taken as linear in prompts and tokens; the perplexity
 texts, which grow less than that, ride along: an estimate on the high side). Fits: the median
 ``fit_s`` of the file's LinEAS rows at n = 384 and 100 steps per LinEAS recipe and draw, and the
-median ``fit_s`` of its closed-form rows (mean-shift, Linear-AcT) per closed-form recipe and draw.
+median ``fit_s`` of its closed-form rows (mean-shift, Linear-AcT; ITI-C, not in those files, is
+taken as costing the same: one read of the activations and a small regression per module) per
+closed-form recipe and draw.
 ``PLAN`` is the goal run of issue #31 item 4 on one model. The measured rows ran on a shared 2-core
 machine, so the times carry its load; the estimate inherits it.
 """
@@ -28,10 +30,11 @@ import sys
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # the goal run on one model: LinEAS (2 recipes), mean-shift and Linear-AcT at the norms and at
-# o_proj (4 closed-form recipes); 4 strengths each; the sweep's default draws, seeds and splits
+# o_proj, ITI-C at o_proj (5 closed-form recipes); 4 strengths each; the sweep's default draws,
+# seeds and splits
 PLAN = {
     "lineas_recipes": 2,
-    "closed_form_recipes": 4,
+    "closed_form_recipes": 5,
     "strengths": 4,
     "draws": 3,
     "gen_seeds": 2,

@@ -10,6 +10,7 @@ from lineas_fast.hooks import AlreadySteeredError
 from lineas_fast.steering import Steering, SteeringHandle, model_fingerprint
 from lineas_fast.targets import LanguageModelTarget, PipelineTarget, Target, as_target
 from lineas_fast.training.gates import fit_gate, fit_gates, gate_openings
+from lineas_fast.training.iti import fit_iti_c
 from lineas_fast.training.linear_act import fit_linear_act, fit_mean_shift, linear_act_map
 from lineas_fast.training.trainer import Trainer, TrainingDivergedError, train
 from lineas_fast.wasserstein import (
@@ -41,6 +42,7 @@ __all__ = [
     "linear_act_map",
     "fit_linear_act",
     "fit_mean_shift",
+    "fit_iti_c",
     "fit_gates",
     "fit_gate",
     "gate_openings",

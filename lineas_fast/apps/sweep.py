@@ -40,11 +40,12 @@ from lineas_fast.extras import pyplot
 from lineas_fast.steering import Steering, model_fingerprint
 from lineas_fast.training.checkpoints import _weights_sample
 from lineas_fast.training.gates import fit_gates
+from lineas_fast.training.iti import fit_iti_c
 from lineas_fast.training.linear_act import fit_linear_act, fit_mean_shift
 from lineas_fast.training.trainer import TrainConfig, train
 from lineas_fast.untrusted import MAX_HEADER_BYTES, json_loads
 
-METHODS = ("lineas", "mean_shift", "linear_act")
+METHODS = ("lineas", "mean_shift", "linear_act", "iti_c")
 GATE_LEVELS = (None, "sentence", "token")
 
 
@@ -99,7 +100,7 @@ class Recipe:
 
     def label(self) -> str:
         """A human-readable name for tables and legends."""
-        names = {"lineas": "LinEAS", "mean_shift": "mean-shift", "linear_act": "Linear-AcT"}
+        names = {"lineas": "LinEAS", "mean_shift": "mean-shift", "linear_act": "Linear-AcT", "iti_c": "ITI-C"}
         parts = [names[self.method], _short(self.modules), f"n={self.n_train}"]
         if self.method == "lineas":
             parts += [
@@ -198,6 +199,8 @@ def fit_recipe(
         )
     elif recipe.method == "mean_shift":
         steering = fit_mean_shift(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
+    elif recipe.method == "iti_c":
+        steering = fit_iti_c(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
     else:
         steering = fit_linear_act(model, tokenizer, src, tgt, modules=recipe.modules, seed=seed)
     if recipe.gates:
@@ -540,7 +543,7 @@ def plot_pareto(results: dict, path: str) -> None:
     plt = pyplot("the sweep's Pareto plot")
 
     rows, base = results["rows"], results["rows"][0]
-    colors = {"lineas": "tab:red", "mean_shift": "tab:green", "linear_act": "tab:purple"}
+    colors = {"lineas": "tab:red", "mean_shift": "tab:green", "linear_act": "tab:purple", "iti_c": "tab:blue"}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     by_recipe: dict = {}
     for r in rows[1:]:

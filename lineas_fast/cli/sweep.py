@@ -12,7 +12,9 @@ reported number is the test split's mean with a 95% bootstrap interval over draw
 
 LinEAS recipes are the product of the axes given (modules × loss modules × sparsity × training
 set size × steps × optimizer × learning rate × gates); the baselines (``--methods mean_shift
-linear_act``) take modules × training set size × gates. ``--recipes FILE`` instead reads a JSON
+linear_act iti_c``) take modules × training set size × gates. Without ``--modules`` LinEAS runs at
+the family's foldable norms, mean-shift and Linear-AcT there and at ``.*o_proj``, ITI-C at
+``.*o_proj`` (``DEFAULT_SITES``). ``--recipes FILE`` instead reads a JSON
 list of recipe objects (fields of ``lineas_fast.apps.sweep.Recipe``). Writes ``sweep.json``,
 ``pareto.png``, each evaluation unit (``evals/``) and the fitted steerings into ``--out``; rerunning
 into the same folder resumes.
@@ -54,6 +56,15 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 # input norm, read by q/k/v with `attention_bias`, folds)
 MODELS = {"smollm2": "smollm2_folder", "gemma3": "gemma3_folder"}
 DEFAULT_MODULES = {"llama": r".*post_attention_layernorm", "gemma3_text": r".*input_layernorm"}
+# where each method runs without --modules ("norms": the family's modules above): the baselines
+# at their own best sites too, the attention outputs, where the LinEAS paper runs Linear-AcT and
+# ITI-C (issue #31)
+DEFAULT_SITES = {
+    "lineas": ("norms",),
+    "mean_shift": ("norms", r".*o_proj"),
+    "linear_act": ("norms", r".*o_proj"),
+    "iti_c": (r".*o_proj",),
+}
 
 
 def add_arguments(d) -> None:
@@ -67,7 +78,8 @@ def add_arguments(d) -> None:
         type=regex,
         nargs="+",
         default=None,
-        help="steered modules (default: the family's foldable norms)",
+        help="steered modules (default: the family's foldable norms; the baselines also at .*o_proj, "
+        "ITI-C there only)",
     )
     d.add_argument(
         "--loss-modules",
@@ -146,11 +158,12 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
                 raise CLIError(f"--recipes {args.recipes!r}: item {i}: {e}") from None
             out.append(rec)
         return out
-    modules = args.modules or [DEFAULT_MODULES.get(model_type, r".*post.*layernorm")]
+    norms = DEFAULT_MODULES.get(model_type, r".*post.*layernorm")
     gates = [None if g == "none" else g for g in args.gates]
     loss = [None if m == "same" else _regex(m, "--loss-modules") for m in args.loss_modules]
     out = []
     for method in args.methods:
+        modules = args.modules or [norms if m == "norms" else m for m in DEFAULT_SITES[method]]
         if method == "lineas":
             for m, lm, s, n, st, opt, lr, g in itertools.product(
                 modules,

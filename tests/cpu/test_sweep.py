@@ -224,4 +224,13 @@ def test_sweep_cli_axes_make_the_product():
     )
     recipes = recipes_from_args(args)
     assert len([r for r in recipes if r.method == "lineas"]) == 4
-    assert len([r for r in recipes if r.method == "mean_shift"]) == 2
+    # without --modules the baselines run at the family's norms and at the attention outputs
+    shift = [r for r in recipes if r.method == "mean_shift"]
+    assert (
+        sorted({r.modules for r in shift}) == [r".*o_proj", r".*post_attention_layernorm"] and len(shift) == 4
+    )
+    assert {r.modules for r in recipes if r.method == "lineas"} == {r".*post_attention_layernorm"}
+    iti = recipes_from_args(build_parser().parse_args(["sweep", "--methods", "iti_c"]))
+    assert [(r.method, r.modules) for r in iti] == [("iti_c", r".*o_proj")]
+    given = recipes_from_args(build_parser().parse_args(["sweep", "--methods", "iti_c", "--modules", "a"]))
+    assert [r.modules for r in given] == ["a"]
