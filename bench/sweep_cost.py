@@ -17,6 +17,7 @@ texts, which grow less than that, ride along: an estimate on the high side). Fit
 median ``fit_s`` of its closed-form rows (mean-shift, Linear-AcT; ITI-C, not in those files, is
 taken as costing the same: one read of the activations and a small regression per module) per
 closed-form recipe and draw.
+Units: 2 (the unsteered model and the prompting baseline) + recipes × draws × strengths.
 ``PLAN`` is the goal run of issue #31 item 4 on one model. The measured rows ran on a shared 2-core
 machine, so the times carry its load; the estimate inherits it.
 """
@@ -65,7 +66,8 @@ def estimate(sweep: dict, plan: dict = PLAN) -> dict:
         * plan["max_new_tokens"]
         / settings["max_new_tokens"]
     )
-    units = 1 + (plan["lineas_recipes"] + plan["closed_form_recipes"]) * plan["draws"] * plan["strengths"]
+    # the unsteered model and the prompting baseline: one unit each
+    units = 2 + (plan["lineas_recipes"] + plan["closed_form_recipes"]) * plan["draws"] * plan["strengths"]
     fit_s = plan["draws"] * (
         plan["lineas_recipes"] * statistics.median(lineas)
         + plan["closed_form_recipes"] * statistics.median(closed)

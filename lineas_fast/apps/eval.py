@@ -59,9 +59,12 @@ def text_nll(
     max_length: int = 128,
     batch_size: int = 16,
     progress: bool = False,
+    prefix: str | None = None,
 ) -> tuple[list[float], list[int]]:
     """([summed negative log-likelihood of each text's predicted tokens], [their counts]): each
-    text truncated to ``max_length`` tokens, padding excluded, sums in float64."""
+    text truncated to ``max_length`` tokens, padding excluded, sums in float64. With ``prefix``
+    (e.g. an instruction) each text is read after it, and exactly the tokens scored without it
+    are scored (the prefix is context, never scored)."""
 
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     if tokenizer.pad_token_id is None:
@@ -69,23 +72,48 @@ def text_nll(
     nll, count = [], []
     try:
         for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="perplexity", leave=False):
-            enc = tokenizer(
-                list(texts[i : i + batch_size]),
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-            )
+            batch = list(texts[i : i + batch_size])
+            if prefix is None:
+                enc = tokenizer(
+                    batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+                )
+                scored = enc["attention_mask"][:, 1:].bool()
+            else:
+                enc, scored = _after_prefix(tokenizer, batch, prefix, max_length)
             enc = {k: v.to(model.device) for k, v in enc.items()}
             logits = model(**enc).logits[:, :-1].float()
             target = enc["input_ids"][:, 1:]
-            mask = enc["attention_mask"][:, 1:].bool()
+            mask = scored.to(target.device)
             lp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
             nll += (-torch.where(mask, lp.double(), 0.0)).sum(1).tolist()
             count += mask.sum(1).tolist()
     finally:
         tokenizer.padding_side = side
     return nll, count
+
+
+def _after_prefix(tokenizer, batch: list[str], prefix: str, max_length: int):
+    """Right-padded ids of ``prefix`` + each text (the text's own leading BOS dropped when the
+    prefix starts with it) and the (B, L − 1) mask of the shifted targets that are the text's
+    tokens after its first, as scored without a prefix."""
+    pre = tokenizer(prefix)["input_ids"]
+    rows, keep = [], []
+    for text in batch:
+        plain = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        bos = tokenizer.bos_token_id
+        drop = 1 if bos is not None and pre and plain and pre[0] == bos and plain[0] == bos else 0
+        rows.append(pre + plain[drop:])
+        first = len(pre) - drop  # where plain[0] sits in the row
+        keep.append(range(first, first + len(plain) - 1))  # targets plain[1:], shifted by one
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    scored = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    for b, (r, k) in enumerate(zip(rows, keep)):
+        ids[b, : len(r)] = torch.tensor(r)
+        attn[b, : len(r)] = 1
+        scored[b, list(k)] = True
+    return {"input_ids": ids, "attention_mask": attn}, scored
 
 
 def perplexity(

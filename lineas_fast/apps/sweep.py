@@ -45,7 +45,10 @@ from lineas_fast.training.linear_act import fit_linear_act, fit_mean_shift
 from lineas_fast.training.trainer import TrainConfig, train
 from lineas_fast.untrusted import MAX_HEADER_BYTES, json_loads
 
-METHODS = ("lineas", "mean_shift", "linear_act", "iti_c")
+METHODS = ("lineas", "mean_shift", "linear_act", "iti_c", "prompting")
+# the prompting baseline: the LinEAS paper's instruction, on its own line before each prompt and
+# each perplexity text (``lineas_fast.apps.sweep_draws``); no steering
+INSTRUCTION = "Continue the text in a non-toxic way."
 GATE_LEVELS = (None, "sentence", "token")
 
 
@@ -80,9 +83,14 @@ class Recipe:
         choice(self.optimizer, "optimizer", ("sgd", "adam"))
         if self.lr is not None:
             number(self.lr, "lr", low=0, low_open=True)
+        if self.method == "prompting" and self.gates:
+            raise ValueError(f"method='prompting' has no maps to gate, got gates={self.gates!r}")
 
     def settings(self) -> dict:
-        """The fields that change the fitted steering (baselines drop the LinEAS ones)."""
+        """The fields that change the fitted steering (baselines drop the LinEAS ones; prompting
+        is its instruction)."""
+        if self.method == "prompting":
+            return {"method": "prompting", "instruction": INSTRUCTION}
         d = asdict(self)
         if d["lr"] is None:  # the default as a number: defaults change
             d["lr"] = TrainConfig(optimizer=self.optimizer).resolved_lr()
@@ -100,6 +108,8 @@ class Recipe:
 
     def label(self) -> str:
         """A human-readable name for tables and legends."""
+        if self.method == "prompting":
+            return f"prompting '{INSTRUCTION}'"
         names = {"lineas": "LinEAS", "mean_shift": "mean-shift", "linear_act": "Linear-AcT", "iti_c": "ITI-C"}
         parts = [names[self.method], _short(self.modules), f"n={self.n_train}"]
         if self.method == "lineas":
@@ -161,7 +171,7 @@ def check_recipes(recipes: Sequence[Recipe], data: SweepData) -> None:
             raise TypeError(f"recipes[{i}] must be a lineas_fast.apps.sweep.Recipe, got {type(r).__name__}")
         r.check()
         have = min(len(data.insults), len(data.neutral))
-        if r.n_train > have:
+        if r.n_train > have and r.method != "prompting":  # prompting trains on nothing
             raise ValueError(
                 f"recipes[{i}] ({r.label()}): n_train={r.n_train} but the data "
                 f"holds {len(data.insults)} source and {len(data.neutral)} target "
@@ -179,6 +189,10 @@ def fit_recipe(
 ):
     """The recipe's Steering on ``model``. A gated recipe fits its gates on ``ungated`` (the
     same recipe without gates, already fitted) when given."""
+    if recipe.method == "prompting":
+        raise ValueError(
+            "method='prompting' has no steering to fit: the interval sweep (sweep_draws) runs it"
+        )
     src, tgt = data.insults[: recipe.n_train], data.neutral[: recipe.n_train]
     if ungated is not None:
         steering = ungated
@@ -271,6 +285,10 @@ def run_sweep(
     into ``out_dir`` after each row; returns the results dict. Rows of an earlier run into
     ``out_dir`` with the same data and evaluation settings are reused."""
     check_recipes(recipes, data)
+    if any(r.method == "prompting" for r in recipes):
+        raise ValueError(
+            "the single-draw sweep does not run method='prompting'; run_draw_sweep (sweep_draws) does"
+        )
     strengths = [float(s) for s in strengths]
     if not strengths:
         raise ValueError("a sweep needs at least one strength")
@@ -544,6 +562,7 @@ def plot_pareto(results: dict, path: str) -> None:
 
     rows, base = results["rows"], results["rows"][0]
     colors = {"lineas": "tab:red", "mean_shift": "tab:green", "linear_act": "tab:purple", "iti_c": "tab:blue"}
+    colors["prompting"] = "tab:orange"
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     by_recipe: dict = {}
     for r in rows[1:]:

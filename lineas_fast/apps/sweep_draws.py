@@ -42,6 +42,7 @@ from lineas_fast.apps.demo import gate_opening_report
 from lineas_fast.apps.eval import text_nll
 from lineas_fast.apps.splits import split_prompts
 from lineas_fast.apps.sweep import (
+    INSTRUCTION,
     METHODS,
     Recipe,
     SweepData,
@@ -167,12 +168,16 @@ def draw_texts(data: DrawData, n_train: int, draw: int, seed: int) -> tuple[list
     return rng.sample(data.insults, n_train), rng.sample(data.neutral, n_train)
 
 
-def evaluate_split(model, tokenizer, judge, prompts, texts, protocol: Protocol, progress: bool):
+def evaluate_split(
+    model, tokenizer, judge, prompts, texts, protocol: Protocol, progress: bool, prefix: Optional[str] = None
+):
     """({"tox": (seeds, prompts) judge probabilities, "nll", "tokens": per text}, the first
-    continuation) with whatever steering is attached to ``model``."""
+    continuation) with whatever steering is attached to ``model``; with ``prefix`` (the prompting
+    baseline's instruction) before every prompt and, as unscored context, before every text."""
     tox, example = [], None
+    inputs = [prefix + p for p in prompts] if prefix else list(prompts)
     for s in protocol.seeds():
-        outs = decode(model, tokenizer, prompts, protocol.decoding, s, protocol.batch_size, progress)
+        outs = decode(model, tokenizer, inputs, protocol.decoding, s, protocol.batch_size, progress)
         probs = [float(p) for p in judge(outs)]
         if len(probs) != len(outs) or not all(0.0 <= p <= 1.0 for p in probs):
             raise ValueError(
@@ -180,7 +185,7 @@ def evaluate_split(model, tokenizer, judge, prompts, texts, protocol: Protocol, 
             )
         tox.append(probs)
         example = example or {"prompt": prompts[0], "continuation": outs[0]}
-    nll, tokens = text_nll(model, tokenizer, texts, protocol.max_length, progress=progress)
+    nll, tokens = text_nll(model, tokenizer, texts, protocol.max_length, progress=progress, prefix=prefix)
     return {"tox": tox, "nll": nll, "tokens": tokens}, example
 
 
@@ -233,9 +238,7 @@ def run_draw_sweep(
         "test": (len(protocol.seeds()), len(data.test_prompts), len(data.test_wiki)),
     }
     results = {"settings": settings, "tox_factor": tox_factor, "ppl_budget": ppl_budget}
-    plan = [(None, None, 0.0)] + [
-        (r, k, lam) for r in recipes for k in range(protocol.draws) for lam in strengths
-    ]
+    plan = [(None, None, 0.0)] + [(r, k, lam) for r in recipes for k, lam in _grid(r, protocol, strengths)]
     t_start, measured = time.perf_counter(), 0
 
     def unit_for(recipe: Optional[Recipe], draw: Optional[int], lam: float, steering, fit_key, fit_s):
@@ -258,7 +261,9 @@ def run_draw_sweep(
             "strength": lam,
             "fit_s": fit_s,
         }
-        if steering is None:
+        if recipe is not None and recipe.method == "prompting":
+            unit.update(_measure(model, tokenizer, judge, data, protocol, progress, INSTRUCTION + "\n"))
+        elif steering is None:
             unit.update(_measure(model, tokenizer, judge, data, protocol, progress))
         else:
             with steering.apply(model, strength=lam):
@@ -305,6 +310,12 @@ def run_draw_sweep(
     report(0, base, fresh, list(units.values()))
     i = 1
     for recipe in recipes:
+        if recipe.method == "prompting":  # no training, no strength: one unit
+            unit, fresh = unit_for(recipe, 0, 1.0, None, recipe.settings(), 0.0)
+            units[_unit_id(unit)] = unit
+            report(i, unit, fresh, list(units.values()))
+            i += 1
+            continue
         for k in range(protocol.draws):
             src, tgt = draw_texts(data, recipe.n_train, k, protocol.seed)
             view = SweepData(src, tgt, [], [], data.control)
@@ -328,10 +339,21 @@ def run_draw_sweep(
     return results
 
 
-def _measure(model, tokenizer, judge, data: DrawData, protocol: Protocol, progress: bool) -> dict:
-    val, _ = evaluate_split(model, tokenizer, judge, data.val_prompts, data.val_wiki, protocol, progress)
+def _grid(recipe: Recipe, protocol: Protocol, strengths) -> list[tuple[int, float]]:
+    """The (draw, λ) units of a recipe: every draw × strength; prompting: one."""
+    if recipe.method == "prompting":
+        return [(0, 1.0)]
+    return [(k, lam) for k in range(protocol.draws) for lam in strengths]
+
+
+def _measure(
+    model, tokenizer, judge, data: DrawData, protocol: Protocol, progress: bool, prefix: Optional[str] = None
+) -> dict:
+    val, _ = evaluate_split(
+        model, tokenizer, judge, data.val_prompts, data.val_wiki, protocol, progress, prefix
+    )
     test, example = evaluate_split(
-        model, tokenizer, judge, data.test_prompts, data.test_wiki, protocol, progress
+        model, tokenizer, judge, data.test_prompts, data.test_wiki, protocol, progress, prefix
     )
     return {"validation": val, "test": test, "example": example}
 

@@ -251,11 +251,12 @@ def format_interval_table(results: dict, only: Optional[Sequence[int]] = None) -
     for i in range(len(rows)) if only is None else only:
         r = rows[i]
         ci, n = r["ci"], r["n"]
-        lam = (
-            "/".join(f"{x:g}" for x in r["chosen_strengths"])
-            if r.get("choice") == "validation"
-            else f"{r['strength']:g}"
-        )
+        if r["method"] == "prompting":
+            lam = "–"
+        elif r.get("choice") == "validation":
+            lam = "/".join(f"{x:g}" for x in r["chosen_strengths"])
+        else:
+            lam = f"{r['strength']:g}"
         lines.append(
             f"| {row_label(r)} | {lam} | {_ci_text(ci['toxicity_mean_prob'], '.3f')} | "
             f"{_ci_text(ci['toxicity_rate'], '.1%')} | {_ci_text(ci['perplexity'], '.4g')} | "
@@ -272,6 +273,7 @@ def plot_pareto_intervals(results: dict, path: str) -> None:
     plt = pyplot("the sweep's Pareto plot")
     rows, base = results["rows"], results["rows"][0]
     colors = {"lineas": "tab:red", "mean_shift": "tab:green", "linear_act": "tab:purple", "iti_c": "tab:blue"}
+    colors["prompting"] = "tab:orange"
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     edge = base["perplexity"] * 3
 

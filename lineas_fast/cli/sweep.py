@@ -12,7 +12,8 @@ reported number is the test split's mean with a 95% bootstrap interval over draw
 
 LinEAS recipes are the product of the axes given (modules × loss modules × sparsity × training
 set size × steps × optimizer × learning rate × gates); the baselines (``--methods mean_shift
-linear_act iti_c``) take modules × training set size × gates. Without ``--modules`` LinEAS runs at
+linear_act iti_c``) take modules × training set size × gates; ``prompting`` is one recipe (the
+paper's instruction before each prompt). Without ``--modules`` LinEAS runs at
 the family's foldable norms, mean-shift and Linear-AcT there and at ``.*o_proj``, ITI-C at
 ``.*o_proj`` (``DEFAULT_SITES``). ``--recipes FILE`` instead reads a JSON
 list of recipe objects (fields of ``lineas_fast.apps.sweep.Recipe``). Writes ``sweep.json``,
@@ -163,6 +164,9 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
     loss = [None if m == "same" else _regex(m, "--loss-modules") for m in args.loss_modules]
     out = []
     for method in args.methods:
+        if method == "prompting":  # the paper's instruction; nothing to fit, no strength
+            out.append(Recipe("prompting"))
+            continue
         modules = args.modules or [norms if m == "norms" else m for m in DEFAULT_SITES[method]]
         if method == "lineas":
             for m, lm, s, n, st, opt, lr, g in itertools.product(
