@@ -5,7 +5,8 @@ functions) has no cycle, and each layer imports only from the layers below it:
     kernels  <  base (the top-level modules)  <  training, fold  <  serve, apps  <  cli
 
 (``lineas_fast/__init__.py``, the public API, sits outside the order: nothing in the package
-imports it at module level.)"""
+imports it at module level. ``lineas_fast/__main__.py``, ``python -m lineas_fast``, is the
+command line's entry point and sits in its layer.)"""
 
 import ast
 import pathlib
@@ -13,7 +14,7 @@ import pathlib
 import lineas_fast as lf
 
 PACKAGE = pathlib.Path(lf.__file__).parent
-LAYER = {"kernels": 0, "": 1, "training": 2, "fold": 2, "serve": 3, "apps": 3, "cli": 4}
+LAYER = {"kernels": 0, "": 1, "training": 2, "fold": 2, "serve": 3, "apps": 3, "cli": 4, "__main__": 4}
 
 
 def module_files() -> dict[str, pathlib.Path]:
