@@ -261,7 +261,8 @@ py_bench() {   # py_bench SCRIPT ARG...: a benchmark; in a dry run, with --check
   "$PY" "bench/$1" "${@:2}"
 }
 gpu_lane() {   # gpu_lane NAME FILE...: pytest over gpu-lane files, one xdist worker per file; SIGINT
-               # 15 s before the stage's limit, so that pytest still writes its summary and junit XML
+               # 15 s before the stage's limit, so that pytest still writes its summary and junit XML,
+               # SIGKILL 10 s later (timeout runs it in a process group the stage's own limit misses)
   local name=$1; shift
   if [ "$DRY" = 1 ]; then   # collect them as the lane's CPU rehearsal does (tests/gpu/conftest.py)
     LINEAS_FAST_GPU_LANE_ON_CPU=1 TRITON_INTERPRET=1 "$PY" -m pytest -qq -p no:cacheprovider --collect-only "$@"
@@ -270,7 +271,7 @@ gpu_lane() {   # gpu_lane NAME FILE...: pytest over gpu-lane files, one xdist wo
   local xdist=() n=$#
   [ "$n" -gt 8 ] && n=8
   if [ "$n" -gt 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then xdist=(-n "$n" --dist loadfile); fi
-  timeout -s INT "$(( STAGE_LIMIT > 30 ? STAGE_LIMIT - 15 : STAGE_LIMIT ))" \
+  timeout -s INT -k 10 "$(( STAGE_LIMIT > 30 ? STAGE_LIMIT - 15 : STAGE_LIMIT ))" \
     "$PY" -m pytest -q -rfEs -p no:cacheprovider "${xdist[@]}" --junitxml "$LOGS/$name-$device.xml" "$@"
 }
 stage_tests() { gpu_lane tests tests/gpu/test_*.py; }
@@ -323,8 +324,12 @@ for s in "${names[@]}"; do
   else
     fn=stage_${s//[.-]/_}
     export -f "$fn"
-    timeout --kill-after=5 "$limit" bash -c "$fn" 2>&1 | tee "$LOGS/$s.log"; rc=${PIPESTATUS[0]}
+    # not a pipeline: a process the stage leaves behind holding its output cannot block the run
+    # (a group: its redirection, so the tee, is this shell's own)
+    { timeout --kill-after=5 "$limit" bash -c "$fn"; } > >(tee "$LOGS/$s.log") 2>&1; rc=$?
   fi
+  tee_pid=${!:-}   # the log complete (its tee gone), for at most 5 s
+  for _ in 1 2 3 4 5 6 7 8 9 10; do [ -n "$tee_pid" ] && kill -0 "$tee_pid" 2>/dev/null || break; sleep 0.5; done
   secs=$(( $(date +%s) - t0 ))
   reason=""
   if [ $rc -eq "$NOT_RUNNABLE" ]; then
