@@ -259,6 +259,147 @@ def per_request(res: Results) -> str:
     return "\n".join(lines) + f"\n\n{d['model']}; vLLM {d['vllm']}; {d['device']}. " + "; ".join(notes) + "."
 
 
+def _gb_span(values) -> str:
+    """GB with 2 decimals; ``lo…hi`` where repeated runs differ; ``—`` for no value."""
+    if not values:
+        return "—"
+    lo, hi = f"{min(values) / 1e9:.2f}", f"{max(values) / 1e9:.2f}"
+    return lo if lo == hi else f"{lo}…{hi}"
+
+
+FSDP_RUNS = {
+    "fsdp-bf16": "`--fsdp --dtype bfloat16`",
+    "fsdp-bf16-mmap": "`--fsdp --dtype bfloat16`, `MALLOC_MMAP_THRESHOLD_=1048576`",
+    "fsdp-f32": "`--fsdp --dtype float32` (the former default)",
+    "fsdp-f32ckpt": "`--fsdp`, float32 checkpoint (auto: float32)",
+    "dp-bf16": "data parallel, `--dtype bfloat16`",
+}
+
+
+def fsdp_memory(res: Results) -> str:
+    """Measured host peak per rank and phase against docs/distributed.md's arithmetic, then what
+    the runs show, every figure from the file."""
+    d = res("fsdp-memory-cpu.json")
+    by_run: dict[str, list] = {}
+    for row in d["rows"]:
+        by_run.setdefault(row["run"], []).append(row)
+
+    def ranks(run: str, r: int) -> list[dict]:
+        return [row["ranks"][r] for row in by_run.get(run, [])]
+
+    def phase(run: str, r: int, name: str, key: str = "peak_bytes") -> list[float]:
+        return [x["phases"][name][key] for x in ranks(run, r) if name in x["phases"]]
+
+    def peak(run: str, r: int) -> list[float]:
+        return [x["peak_bytes"] for x in ranks(run, r)]
+
+    def weights(run: str, r: int) -> list[float]:  # peak less the process before the model
+        return [x["peak_bytes"] - x["process_before_model_bytes"] for x in ranks(run, r)]
+
+    lines = [
+        "| run | rank | before the model | load | shard + broadcast | training | **peak** | arithmetic "
+        "| peak − arithmetic |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    world = d["settings"]["procs"]
+    for run, rows in by_run.items():
+        for r in range(world):
+            got = ranks(run, r)
+            lines.append(
+                f"| {FSDP_RUNS.get(run, run)}{f' (×{len(rows)})' if len(rows) > 1 else ''} | {r} | "
+                f"{_gb_span([x['process_before_model_bytes'] for x in got])} | "
+                f"{_gb_span(phase(run, r, 'load'))} | {_gb_span(phase(run, r, 'shard'))} | "
+                f"{_gb_span(phase(run, r, 'train'))} | **{_gb_span(peak(run, r))}** | "
+                f"{_gb_span([x['predicted_bytes'] for x in got])} | "
+                f"{_gb_span([x['peak_bytes'] - x['predicted_bytes'] for x in got])} |"
+            )
+    m, s, env = d["model"], d["settings"], d["environment"]
+    cfg, counts = m["config"], m["parameters"]
+    terms = {row["loaded_dtype"]: row["arithmetic"]["terms_bytes"] for row in d["rows"]}
+    bf, f32 = terms.get("bfloat16"), terms.get("float32")
+
+    def gb(x: float) -> str:
+        return f"{x / 1e9:.2f}"
+
+    def term(key: str, digits: int = 2) -> str:
+        return " / ".join(f"{t[key] / 1e9:.{digits}f}" for t in (bf, f32) if t)
+
+    text = [
+        "\n".join(lines),
+        f"Host memory (GB) of each worker of `torchrun --standalone --nproc-per-node {world}` "
+        f"running `lineas-fast train` (the command's code, called in the worker process that "
+        f"reads its own memory; {d['backend']}, {d['threads_per_rank']} thread per rank), "
+        f"the peak resident set of each phase (`VmHWM`, reset between phases; the model's load, "
+        f"`fully_shard` with the weights broadcast from rank 0, then the target reads and "
+        f"{s['steps']} steps), on a Llama-shaped model of {counts['total'] / 1e6:.0f}M random "
+        f"parameters (d = {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocabulary "
+        f"{cfg['vocab_size']}), a bfloat16 checkpoint unless said, a batch of {s['batch']} sentences "
+        f"of {s['length']} tokens, maps on every post-attention norm; {env['device']}, torch "
+        f"{env['torch']}, transformers {env['transformers']}, commit {env['commit'][:7]} "
+        f"({res.link('fsdp-memory-cpu.json')}). Where a run was repeated, the range over its runs. "
+        f"Arithmetic: the formula above for this model and {world} ranks, plus the rank's memory "
+        f"before the model; bfloat16 / float32: W = {term('weights_W')}, one layer "
+        f"L = {term('one_layer_L', 3)}, activations A = {term('activations_A_per_rank', 3)} per rank, "
+        f"maps {term('maps', 3)}; under FSDP each rank W/N + 2L + A + maps and rank 0 at least W "
+        f"(it reads the whole model); data parallel W + A + maps.",
+    ]
+    shows = []
+    if bf and f32 and "fsdp-bf16" in by_run and "fsdp-f32" in by_run:
+        half, full = weights("fsdp-bf16", 0), weights("fsdp-f32", 0)
+        ratios = sorted({f"{f / h:.1f}" for f in full for h in half})
+        shows.append(
+            f"* **bfloat16 against float32 (the probe's complaint).** Rank 0's peak is "
+            f"{_gb_span(peak('fsdp-bf16', 0))} GB with `--dtype bfloat16` and "
+            f"{_gb_span(peak('fsdp-f32', 0))} GB when the same bfloat16 checkpoint is loaded as "
+            f"float32; above the process itself, {_gb_span(half)} against {_gb_span(full)} GB "
+            f"({'…'.join(ratios)}×). Loading as float32 doubles every weight term: the probe's "
+            f'"twice" was the dtype the command loaded in, and `--dtype` (default auto: the '
+            f"checkpoint's own) removes it. In bfloat16 the peaks are still above the arithmetic, "
+            f"for the two reasons below."
+        )
+    if "fsdp-bf16-mmap" in by_run:
+        run = "fsdp-bf16-mmap"  # the shard phase as in fsdp-bf16, with a training phase below it
+        shard = [p - b for p, b in zip(phase(run, 0, "shard"), phase(run, 0, "load", "VmRSS_after_bytes"))]
+        shows.append(
+            f"* **Rank 0 holds W + W/N, not W, while it shards**: {_gb_span(shard)} GB above its "
+            f"memory before the shard phase (the `MALLOC_MMAP_THRESHOLD_` rows, where this is "
+            f"rank 0's peak), W + W/N = "
+            f"{gb(bf['weights_W'] * (1 + 1 / world))} GB: it allocates its shards while it still "
+            f"holds the whole model for the broadcast. Loading a checkpoint in its own dtype adds "
+            f"almost nothing (the load column): transformers maps the safetensors file, whose "
+            f"pages are read when `fully_shard` copies them; loaded in another dtype, the "
+            f"converted copy is made at load ({_gb_span(phase('fsdp-f32', 0, 'load'))} GB: the "
+            f"float32 model and the bfloat16 file's pages)."
+        )
+        extra = [x["peak_bytes"] - x["predicted_bytes"] for x in ranks("fsdp-bf16-mmap", 1)]
+        shows.append(
+            f"* **Training: the ranks' allocator, not the formula.** With glibc's default "
+            f"malloc, rank 1's training peak was {_gb_span(phase('fsdp-bf16', 1, 'train'))} GB "
+            f"in the repeated runs: the memory of the layers FSDP all-gathers and frees again "
+            f"stays in the process, up to about the whole model. With "
+            f"`MALLOC_MMAP_THRESHOLD_=1048576` (each allocation of 1 MiB or more its own "
+            f"mapping, returned when freed) it is {_gb_span(phase('fsdp-bf16-mmap', 1, 'train'))} "
+            f"GB in both runs, {_gb_span(extra)} GB above the arithmetic, of which "
+            f"{gb(bf['root_unsharded_not_in_formula'])} GB are the root's own parameters "
+            f"(embeddings, final norm, LM head), which FSDP2 keeps unsharded from the root's "
+            f"forward to the end of its backward and the formula leaves out (the rest is not "
+            f"broken down here). On GPUs the unsharded layers live in GPU memory, under CUDA's "
+            f"caching allocator, which this run does not measure."
+        )
+    if "dp-bf16" in by_run:
+        files = [x["phases"]["train"]["RssFile_after_bytes"] for x in ranks("dp-bf16", 0)]
+        shows.append(
+            f"* **Data parallel** ({_gb_span(peak('dp-bf16', 0))} GB per rank, "
+            f"{_gb_span([x['peak_bytes'] - x['predicted_bytes'] for x in ranks('dp-bf16', 0)])} "
+            f"GB above the arithmetic): each rank's weights are pages of the one safetensors "
+            f"file mapped in ({_gb_span(files)} GB of file pages after training), which the "
+            f"processes share: each rank's resident set counts them, the node holds them once."
+        )
+    if shows:
+        text.append("What the runs show:\n\n" + "\n".join(shows))
+    return "\n\n".join(text)
+
+
 def diffusion(res: Results) -> str:
     d = res("diffusion-cpu.json")
     gen = ", ".join(f"{k} {v:.3f} s" for k, v in d["generate_s"].items())
@@ -439,6 +580,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "generation-summary": generation_summary,
     "serving": serving,
     "per-request": per_request,
+    "fsdp-memory": fsdp_memory,
     "diffusion": diffusion,
     "diffusion-crn": diffusion_crn,
     "dsas-token": dsas_token,
