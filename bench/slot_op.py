@@ -7,7 +7,8 @@ Shapes: d = 576 (SmolLM2-135M's hidden size), S = 5 slots (two registered steeri
 rows; T = 1 token (batch-1 decode) and T = 32 tokens; every row steered, or none. Each case is
 timed in ``--rounds`` interleaved rounds of ``--calls`` calls after a warm-up; the file keeps the
 median and the range of the per-round means in µs per call. Runs append to the result file under
-their label and commit, so an implementation change is measured before and after in one file.
+their label, with the commit of the lineas_fast they imported (``code_commit``: put a checkout of
+another commit on PYTHONPATH to measure it), so a change is measured before and after in one file.
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ def measure(calls: int, rounds: int) -> dict:
     }
 
 
+def code_commit() -> str:
+    """The commit of the lineas_fast this run imported (a checkout of another commit on
+    PYTHONPATH measures that commit's op: the "before" of a change)."""
+    import subprocess
+
+    import lineas_fast
+
+    here = os.path.dirname(os.path.abspath(lineas_fast.__file__))
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
+    return out.stdout.strip() or "unknown"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", default="current")
@@ -98,6 +111,7 @@ def main(argv=None) -> int:
     run = {
         "label": args.label,
         **env,
+        "code_commit": code_commit(),
         "threads": 1,
         "load_average_1min": os.getloadavg()[0],
         "settings": {"d": D, "slots": S, "rows": ROWS, "calls": args.calls, "rounds": args.rounds},

@@ -259,6 +259,28 @@ def per_request(res: Results) -> str:
     return "\n".join(lines) + f"\n\n{d['model']}; vLLM {d['vllm']}; {d['device']}. " + "; ".join(notes) + "."
 
 
+def slot_op(res: Results) -> str:
+    """The slot ops' own time per call, one column per labelled run of bench/slot_op.py."""
+    d = res("slot-op-cpu.json")
+    runs = d["runs"]
+    lines = ["| op, tokens, rows steered | " + " | ".join(f"{r['label']} (µs/call)" for r in runs) + " |"]
+    lines.append("|---|" + "---|" * len(runs))
+    for case in runs[0]["per_call"]:
+        cells = [f"{r['per_call'][case]['median_us']:.1f}" for r in runs]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    notes = "; ".join(
+        f"{r['label']}: code at {r['code_commit'][:7]}, 1-minute load average {r['load_average_1min']:.1f}"
+        for r in runs
+    )
+    s = runs[0]["settings"]
+    return (
+        "\n".join(lines)
+        + f"\n\nMedian of {s['rounds']} interleaved rounds of {s['calls']} calls, one thread; d = {s['d']}, "
+        + f"{s['slots']} slots, {s['rows']} rows; {runs[0]['device']}, torch {runs[0]['torch']} "
+        + f"({res.link('slot-op-cpu.json')}). {notes}."
+    )
+
+
 def _gb_span(values) -> str:
     """GB with 2 decimals; ``lo…hi`` where repeated runs differ; ``—`` for no value."""
     if not values:
@@ -580,6 +602,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "generation-summary": generation_summary,
     "serving": serving,
     "per-request": per_request,
+    "slot-op": slot_op,
     "fsdp-memory": fsdp_memory,
     "diffusion": diffusion,
     "diffusion-crn": diffusion_crn,
