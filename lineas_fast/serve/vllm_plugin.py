@@ -360,13 +360,10 @@ def _logits_processor_class():
 
 
 def _stop_token_ids(vllm_config) -> list[int]:
-    """The served model's end-of-sequence token ids (config and generation config), [] when
+    """The served model's end-of-sequence token ids (its config's ``eos_token_id``), [] when
     it names none."""
-    ids = []
-    for cfg in (getattr(vllm_config.model_config, "hf_config", None),):
-        eos = getattr(cfg, "eos_token_id", None)
-        ids += [eos] if isinstance(eos, int) else [int(i) for i in (eos or [])]
-    return sorted(set(ids))
+    eos = getattr(getattr(vllm_config.model_config, "hf_config", None), "eos_token_id", None)
+    return sorted({eos} if isinstance(eos, int) else {int(i) for i in (eos or [])})
 
 
 def end_rows(logits: torch.Tensor, rows: list[int], stop_ids: list[int]) -> torch.Tensor:

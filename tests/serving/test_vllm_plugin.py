@@ -234,7 +234,7 @@ def test_registration_after_the_engine_started_is_refused(served):
     assert "late" not in registry.registered()
 
 
-def test_worker_fails_an_unservable_request_alone():
+def test_worker_fails_an_unservable_request_alone(registered):
     """A request the worker cannot serve (its front end checked it against another registry):
     ``update_state`` does not raise; the row steers nothing and ``apply`` leaves it only its
     end-of-sequence token, while the other rows' logits are untouched. Driven through vLLM's
