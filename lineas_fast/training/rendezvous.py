@@ -19,7 +19,11 @@
    after ``timeout`` seconds instead of waiting without end.
 5. **heartbeat.** A daemon thread of every rank writes ``beat/<rank>`` (a counter) every
    ``BEAT`` seconds. It runs while the main thread waits inside a collective (gloo and NCCL
-   release the GIL there) and stops when the process is stopped (SIGSTOP) or gone.
+   release the GIL there) and stops when the process is stopped (SIGSTOP) or gone. It is
+   stopped and joined by ``forget`` and, for a group never finished, at interpreter exit
+   (``atexit``): a daemon thread still inside the store's C++ call when the interpreter
+   finalizes is ended by ``pthread_exit`` through a ``noexcept`` frame, which aborts the whole
+   process ("terminate called without an active exception", exit -6) after its work is done.
 
 ``after_failure()``: called by a rank whose collective failed. It records the failure in the
 store, waits up to ``GRACE`` seconds for the other ranks to record theirs, and reads the
@@ -32,6 +36,7 @@ take the store away from them.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import threading
@@ -59,6 +64,7 @@ class _Job:
     launch: Launch
     timeout: float
     stop: threading.Event
+    beat: threading.Thread
     failures: int = 0  # collective failures seen so far (each gets its own keys)
 
 
@@ -92,7 +98,7 @@ def start_group(launch: Launch, timeout: float, rendezvous_timeout: float) -> No
     store.set(f"beat/{launch.rank}", "0")
     beat = threading.Thread(target=_beat, args=(store, launch.rank, stop), daemon=True)
     beat.start()
-    _JOB = _Job(store, launch, float(timeout), stop)
+    _JOB = _Job(store, launch, float(timeout), stop, beat)
 
 
 def _beat(store, rank: int, stop: threading.Event) -> None:
@@ -107,11 +113,17 @@ def _beat(store, rank: int, stop: threading.Event) -> None:
 
 
 def forget() -> None:
-    """The group this module created is gone (``distributed.finish``)."""
+    """The group this module created is gone (``distributed.finish``, and at interpreter exit):
+    its heartbeat is stopped and joined (module docstring, 5). The join waits for at most one
+    store call in flight, bounded by ``GRACE`` s should the store have gone."""
     global _JOB
-    if _JOB is not None:
-        _JOB.stop.set()
-    _JOB = None
+    job, _JOB = _JOB, None
+    if job is not None:
+        job.stop.set()
+        job.beat.join(GRACE)
+
+
+atexit.register(forget)
 
 
 def job_timeout() -> float | None:

@@ -380,3 +380,38 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint_to_the_uninterrupted_
     for m in a.modules:
         for x, y in zip(a[m], b[m]):
             assert float((x - y).abs().max()) <= MAP_ATOL
+
+
+# --- leaving: a process whose group was never finished exits cleanly ------------------------
+LEAVER = """
+import os, sys, torch, torch.distributed as dist
+from lineas_fast.training import rendezvous
+rendezvous.BEAT = 1e-5  # the heartbeat almost always inside a store call, as under heavy load
+from lineas_fast.training.distributed import setup
+setup(timeout=60, rendezvous_timeout=60)
+t = torch.ones(3)
+dist.all_reduce(t)
+dist.destroy_process_group()  # as a user script leaves it: no distributed.finish()
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}"), "w") as out:
+    out.write(str(int(t[0])))
+"""
+
+
+def test_a_rank_leaving_without_finish_exits_cleanly(jobs, tmp_path):
+    """The heartbeat thread is stopped and joined at interpreter exit: a daemon thread still
+    inside the store's C++ call at finalization aborted the process after its work was done
+    ("terminate called without an active exception", exit -6; CI, and 3 of 8 runs of this
+    script before the fix). Two launches of three ranks: six exits."""
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    for launch in range(2):
+        sums = tmp_path / f"sums{launch}"
+        sums.mkdir()
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+        run += [str(script), str(sums)]
+        job = jobs.start(run, clean_env(), tmp_path / f"launch{launch}.log")
+        jobs.finish(job)
+        log = job.log.read_text()
+        assert "terminate called" not in log, log[-3000:]
+        assert job.returncode == 0, log[-3000:]
+        assert [(sums / f"rank{r}").read_text() for r in range(3)] == ["3"] * 3
