@@ -15,13 +15,16 @@ Each engine runs in a subprocess of its own (this script with ``--worker SPEC``)
 come from ``$LINEAS_FAST_STEERINGS``, which every vLLM process reads at start-up. Prefill = a
 1-token generation over B×T random ids, decode = B·N / (an N-token generation − prefill).
 
-On a small shared CPU machine the speed of one engine start drifts by more than the steering
-costs, so the measurement is interleaved: ``--rounds`` rounds, each starting the unsteered engine
-and the steering engine (their order alternating between rounds); inside an engine, after a
-warm-up of every (provider, batch), each repeat times every provider in turn. A row's tokens/s
-come from the medians of all its timings; each round also gives its own overhead against the
-unsteered engine of that round, and the row records their median and range
-(``decode_overhead_pct_rounds``): an overhead smaller than that range is not resolved.
+On a small shared CPU machine the speed of one engine start differs from the next by more than
+the steering costs, and the machine's speed drifts, so the measurement is paired and interleaved:
+``--rounds`` rounds, each starting a pair of engines (the unsteered one and the steering one, one
+after the other) and keeping both alive; after a warm-up of every (provider, batch), each of
+``--repeats`` repeats times the unsteered engine and every provider of the steering engine in turn
+(the order of the two engines alternating between repeats), so slow drift hits both engines
+alike. Only one engine computes at a time. A row's tokens/s come from the medians of all its
+timings; each round also gives its own overhead against the unsteered engine of that round
+(``<phase>_overhead_pct_rounds``), and the rounds — independent engine pairs — give the mean
+overhead and its 95% t-interval (``<phase>_overhead_pct_interval``; Student's t over the rounds).
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -44,6 +49,9 @@ from lineas_fast.apps.assets import smollm2_folder
 from lineas_fast.serve.bench import add_overheads, environment, random_prompts, rates, table, vllm_available
 
 STEERINGS = ("a", "b")
+PROVIDERS = ("vllm_unsteered", "per_request_none", "per_request_half", "per_request_all")
+ENGINE_START_S = 1800  # seconds an engine may take to start (compiled mode compiles first)
+COMMAND_S = 600  # seconds one timed generation may take
 
 
 def steering_for(model, seed: int) -> lf.Steering:
@@ -76,7 +84,9 @@ def choices(provider: str, batch: int) -> list:
 
 
 def worker(spec: dict) -> int:
-    """One engine, every provider of ``spec["providers"]``: prints one JSON line of rows."""
+    """One engine serving timing commands: prints ``READY``, then, for each JSON line on stdin
+    (``{"provider", "batch", "tokens": N}``), one line ``TIME {"s": seconds}`` for an N-token
+    greedy generation of that provider's batch; ends at EOF."""
     from vllm import SamplingParams
 
     from lineas_fast.serve.vllm_bench import load_llm
@@ -89,50 +99,117 @@ def worker(spec: dict) -> int:
         eager=spec["eager"],
         tokenizer=False,
     )
-
-    def run(ids, extras, n):
-        params = [
-            SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, extra_args=e) for e in extras
-        ]
-        llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-
-    timings = {
-        (p, b): {"prefill_s": [], "generate_s": []} for p in spec["providers"] for b in spec["batches"]
-    }
+    prompts = {}
     for b in spec["batches"]:
         ids = random_prompts(spec["vocab_size"], b, spec["prompt_len"], 0).tolist()
-        for provider in spec["providers"]:
-            run(ids, choices(provider, b), 2)  # warm-up
-        for _ in range(spec["repeats"]):
-            for provider in spec["providers"]:  # interleaved: drift hits every provider alike
-                extras = choices(provider, b)
-                t0 = time.perf_counter()
-                run(ids, extras, 1)
-                timings[provider, b]["prefill_s"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                run(ids, extras, spec["new_tokens"])
-                timings[provider, b]["generate_s"].append(time.perf_counter() - t0)
-    rows = [{"provider": p, "batch": b, **t} for (p, b), t in timings.items()]
-    print("ROWS " + json.dumps(rows), flush=True)
+        prompts[b] = [{"prompt_token_ids": p} for p in ids]
+    print("READY", flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        b, n = cmd["batch"], cmd["tokens"]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, extra_args=e)
+            for e in choices(cmd["provider"], b)
+        ]
+        t0 = time.perf_counter()
+        llm.generate(prompts[b], params, use_tqdm=False)
+        print("TIME " + json.dumps({"s": time.perf_counter() - t0}), flush=True)
     return 0
 
 
-def run_engine(spec: dict, steerings_env: str | None) -> list[dict]:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    env.pop("LINEAS_FAST_STEERINGS", None)
-    if steerings_env:
-        env["LINEAS_FAST_STEERINGS"] = steerings_env
-    res = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=3600,
-    )
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("ROWS ")]
-    if res.returncode != 0 or not lines:
-        raise RuntimeError(f"engine subprocess failed ({res.returncode}): {res.stderr[-3000:]}")
-    return json.loads(lines[-1][5:])
+class Engine:
+    """An engine subprocess (this script with ``--worker``) answering timing commands; its log
+    (vLLM's output) goes to a file, shown when it fails."""
+
+    def __init__(self, spec: dict, steerings_env: str | None, log_dir: str, name: str):
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        env.pop("LINEAS_FAST_STEERINGS", None)
+        if steerings_env:
+            env["LINEAS_FAST_STEERINGS"] = steerings_env
+        self.providers = spec["providers"]
+        self.log = os.path.join(log_dir, f"{name}.log")
+        with open(self.log, "w") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=sink,
+                text=True,
+                env=env,
+            )
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._expect("READY", ENGINE_START_S)
+
+    def _expect(self, prefix: str, timeout: float) -> str:
+        """The rest of the next stdout line starting with ``prefix`` (other lines: skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:  # the deadline passed, or the engine exited
+                break
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        self.close()
+        with open(self.log) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(
+            f"engine: no {prefix.strip()!r} within {timeout:g} s (exit {self.proc.poll()}):\n{tail}"
+        )
+
+    def _read(self) -> None:
+        """Reader thread: every stdout line into ``self.lines``, then None at EOF."""
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def time(self, provider: str, batch: int, tokens: int) -> float:
+        self.proc.stdin.write(json.dumps({"provider": provider, "batch": batch, "tokens": tokens}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect("TIME ", COMMAND_S))["s"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def measure_round(spec: dict, steerings_env: str, repeats: int, k: int, log_dir: str) -> dict:
+    """Round ``k`` (module docstring): {(provider, batch): {"prefill_s": [...], "generate_s": [...]}}."""
+    steered = [p for p in spec["providers"] if p != "vllm_unsteered"]
+    engines = []
+    try:
+        engines.append(
+            Engine({**spec, "providers": ["vllm_unsteered"]}, None, log_dir, f"round{k}-unsteered")
+        )
+        engines.append(Engine({**spec, "providers": steered}, steerings_env, log_dir, f"round{k}-steering"))
+        got = {
+            (p, b): {"provider": p, "batch": b, "prefill_s": [], "generate_s": []}
+            for e in engines
+            for p in e.providers
+            for b in spec["batches"]
+        }
+        for b in spec["batches"]:
+            for e in engines:
+                for p in e.providers:
+                    e.time(p, b, 2)  # warm-up, twice
+                    e.time(p, b, 2)
+            for rep in range(repeats):
+                for e in engines if (rep + k) % 2 == 0 else engines[::-1]:
+                    for p in e.providers:
+                        got[p, b]["prefill_s"].append(e.time(p, b, 1))
+                        got[p, b]["generate_s"].append(e.time(p, b, spec["new_tokens"]))
+        return got
+    finally:
+        for e in engines:
+            e.close()
 
 
 def combine(rounds: list[dict], spec: dict) -> list[dict]:
@@ -148,9 +225,24 @@ def combine(rounds: list[dict], spec: dict) -> list[dict]:
         every = {t: [x for r in rounds for x in r[key][t]] for t in ("prefill_s", "generate_s")}
         row = {"engine": "vllm", **row_rates({"provider": key[0], "batch": key[1], **every}, spec)}
         for phase in ("prefill", "decode"):
-            row[f"{phase}_overhead_pct_rounds"] = [pr[i][f"{phase}_overhead_pct"] for pr in per_round]
+            values = [pr[i][f"{phase}_overhead_pct"] for pr in per_round]
+            row[f"{phase}_overhead_pct_rounds"] = values
+            row[f"{phase}_overhead_pct_mean"], row[f"{phase}_overhead_pct_interval"] = t_interval(values)
         rows.append(row)
     return add_overheads(rows)
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, list[float] | None]:
+    """Mean of ``values`` (one per round) and its Student-t interval (None for one round)."""
+    from scipy.stats import t  # a dependency of vLLM, so present wherever this script runs
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = float(t.ppf((1 + level) / 2, n - 1)) * sd / n**0.5
+    return mean, [mean - half, mean + half]
 
 
 def row_rates(r: dict, spec: dict) -> dict:
@@ -167,8 +259,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="timings per provider and batch per engine start")
-    ap.add_argument("--rounds", type=int, default=3, help="engine starts per engine (interleaved)")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per provider and batch per round")
+    ap.add_argument("--rounds", type=int, default=3, help="engine pairs started, one after the other")
+    ap.add_argument(
+        "--providers",
+        nargs="+",
+        choices=PROVIDERS[1:],
+        default=list(PROVIDERS[1:]),
+        help="steering-engine providers to time (the unsteered engine always runs)",
+    )
     ap.add_argument("--compile", action="store_true", help="vLLM's compiled mode (default eager)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -191,8 +290,10 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "vocab_size": model.config.vocab_size,
         "eager": not args.compile,
+        "providers": ["vllm_unsteered", *args.providers],
     }
-    steered = ["per_request_none", "per_request_half", "per_request_all"]
+    began = time.monotonic()
+    loads = []  # 1-minute load average at the end of each round
     rounds = []  # per round: {(provider, batch): {"prefill_s": [...], "generate_s": [...]}}
     with tempfile.TemporaryDirectory(prefix="lineas-per-request-") as work:
         pairs = []
@@ -202,13 +303,9 @@ def main(argv=None) -> int:
             pairs.append(f"{name}={path}")
         del model
         for k in range(args.rounds):
-            engines = [(["vllm_unsteered"], None), (steered, ",".join(pairs))]
-            got = {}
-            for providers, env in engines if k % 2 == 0 else engines[::-1]:
-                for r in run_engine({**spec, "providers": providers}, env):
-                    got[r["provider"], r["batch"]] = r
-            rounds.append(got)
-            print(f"round {k + 1}/{args.rounds} done", flush=True)
+            rounds.append(measure_round(spec, ",".join(pairs), args.repeats, k, work))
+            loads.append(os.getloadavg()[0])
+            print(f"round {k + 1}/{args.rounds} done ({time.monotonic() - began:.0f} s)", flush=True)
     rows = combine(rounds, spec)
     print(table(rows))
     out = args.out or os.path.join(
@@ -221,18 +318,21 @@ def main(argv=None) -> int:
         "$LINEAS_FAST_STEERINGS; per-request choice in SamplingParams.extra_args",
         "vllm_mode": "compiled" if args.compile else "eager (enforce_eager=True)",
         "settings": {
-            **{k: spec[k] for k in ("batches", "prompt_len", "new_tokens", "repeats")},
+            **{k: spec[k] for k in ("batches", "prompt_len", "new_tokens", "repeats", "providers")},
             "rounds": args.rounds,
         },
         "definitions": {
             "prefill_tok_s": "B*T / median time of a 1-token generation",
             "decode_tok_s": "B*N / (median time of an N-token generation - prefill time)",
             "overhead_pct": "(vllm_unsteered tok/s / provider tok/s - 1) * 100, same batch",
-            "overhead_pct_rounds": "the same, one value per round (engines started in that round)",
+            "overhead_pct_rounds": "the same, one value per round (the engine pair of that round)",
+            "overhead_pct_mean": "mean of the per-round overheads",
+            "overhead_pct_interval": "95% Student-t interval of that mean over the rounds",
         },
         "load_average_1min_at_start": load_at_start,
-        "note": "CPU timings on a small VM: compare rows of the same run only; an overhead within "
-        "the range of its per-round values is not resolved",
+        "load_average_1min_rounds": loads,
+        "note": "CPU timings on a small VM: compare rows of the same run only; an overhead whose "
+        "interval contains 0 is not resolved",
         "gpu": VLLM_GPU_NOT_RUN,
         "results": rows,
     }

@@ -234,10 +234,19 @@ def _span(values) -> str:
     return f"{lo:+.1f}…{hi:+.1f}%"
 
 
+def _interval(r: dict, phase: str) -> str:
+    """``mean [lo, hi]`` of the per-round overheads (a file with an interval), else the pooled
+    overhead alone."""
+    iv = r.get(f"{phase}_overhead_pct_interval")
+    if iv is None:
+        return f"{r[f'{phase}_overhead_pct']:+.1f}%"
+    return f"{r[f'{phase}_overhead_pct_mean']:+.1f}% [{iv[0]:+.1f}, {iv[1]:+.1f}]"
+
+
 def per_request(res: Results) -> str:
     lines = [
-        "| vLLM mode | provider | batch | decode tok/s | decode overhead | per round | prefill overhead "
-        "| per round |",
+        "| vLLM mode | provider | batch | decode tok/s | decode overhead [95% interval] | per round "
+        "| prefill overhead [95% interval] | per round |",
         "|---|---|---|---|---|---|---|---|",
     ]
     names = ("per-request-steering-compiled-cpu.json", "per-request-steering-cpu.json")
@@ -246,14 +255,22 @@ def per_request(res: Results) -> str:
         d = res(name)
         mode = "compiled" if d["vllm_mode"] == "compiled" else "eager"
         for r in d["results"]:
+            if r["provider"] == "vllm_unsteered":
+                tok_s = f"{r['decode_tok_s']:.1f}"
+                lines.append(
+                    f"| {mode} | vllm_unsteered | {r['batch']} | {tok_s} | baseline | — | baseline | — |"
+                )
+                continue
             lines.append(
                 f"| {mode} | {r['provider']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
-                f"{r['decode_overhead_pct']:+.1f}% | {_span(r.get('decode_overhead_pct_rounds'))} | "
-                f"{r['prefill_overhead_pct']:+.1f}% | {_span(r.get('prefill_overhead_pct_rounds'))} |"
+                f"{_interval(r, 'decode')} | {_span(r.get('decode_overhead_pct_rounds'))} | "
+                f"{_interval(r, 'prefill')} | {_span(r.get('prefill_overhead_pct_rounds'))} |"
             )
+        s = d["settings"]
         notes.append(
-            f"{res.link(name)}: {d['settings'].get('rounds', 1)} round(s) of {d['settings']['repeats']} "
-            f"timings, 1-minute load average {d['load_average_1min']:.1f}"
+            f"{res.link(name)} ({mode}, code at {d['commit'][:7]}): {s.get('rounds', 1)} round(s) of "
+            f"{s['repeats']} timings, prompts of {s['prompt_len']} tokens, {s['new_tokens']} new tokens, "
+            f"1-minute load average {d['load_average_1min']:.1f}"
         )
     d = res(names[0])
     return "\n".join(lines) + f"\n\n{d['model']}; vLLM {d['vllm']}; {d['device']}. " + "; ".join(notes) + "."
