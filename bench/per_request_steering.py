@@ -18,13 +18,14 @@ come from ``$LINEAS_FAST_STEERINGS``, which every vLLM process reads at start-up
 On a small shared CPU machine the speed of one engine start differs from the next by more than
 the steering costs, and the machine's speed drifts, so the measurement is paired and interleaved:
 ``--rounds`` rounds, each starting a pair of engines (the unsteered one and the steering one, one
-after the other) and keeping both alive; after a warm-up of every (provider, batch), each of
-``--repeats`` repeats times the unsteered engine and every provider of the steering engine in turn
-(the order of the two engines alternating between repeats), so slow drift hits both engines
-alike. Only one engine computes at a time. A row's tokens/s come from the medians of all its
-timings; each round also gives its own overhead against the unsteered engine of that round
-(``<phase>_overhead_pct_rounds``), and the rounds — independent engine pairs — give the mean
-overhead and its 95% t-interval (``<phase>_overhead_pct_interval``; Student's t over the rounds).
+after the other, which one first alternating between rounds) and keeping both alive; after a
+warm-up of every (provider, batch), each of ``--repeats`` repeats times the unsteered engine and
+every provider of the steering engine in turn (the order of the two engines alternating between
+repeats), so slow drift hits both engines alike. Only one engine computes at a time. A row's
+tokens/s come from the medians of all its timings; each round also gives its own overhead against
+the unsteered engine of that round (``<phase>_overhead_pct_rounds``), and the rounds — independent
+engine pairs — give the mean overhead and its 95% t-interval (``<phase>_overhead_pct_interval``;
+Student's t over the rounds).
 """
 
 from __future__ import annotations
@@ -184,12 +185,11 @@ class Engine:
 def measure_round(spec: dict, steerings_env: str, repeats: int, k: int, log_dir: str) -> dict:
     """Round ``k`` (module docstring): {(provider, batch): {"prefill_s": [...], "generate_s": [...]}}."""
     steered = [p for p in spec["providers"] if p != "vllm_unsteered"]
+    plans = [(["vllm_unsteered"], None, "unsteered"), (steered, steerings_env, "steering")]
     engines = []
     try:
-        engines.append(
-            Engine({**spec, "providers": ["vllm_unsteered"]}, None, log_dir, f"round{k}-unsteered")
-        )
-        engines.append(Engine({**spec, "providers": steered}, steerings_env, log_dir, f"round{k}-steering"))
+        for providers, env, name in plans if k % 2 == 0 else plans[::-1]:  # start order alternates
+            engines.append(Engine({**spec, "providers": providers}, env, log_dir, f"round{k}-{name}"))
         got = {
             (p, b): {"provider": p, "batch": b, "prefill_s": [], "generate_s": []}
             for e in engines
