@@ -17,13 +17,17 @@ vLLM extension points used (entry points in setup.py; vllm is imported only here
   ``slot_steer_gated`` where a registered steering has a DSAS gate on it); and it wraps
   ``vllm.v1.request.Request.from_engine_core_request`` (``salt_requests``) so each request's
   ``cache_salt`` records its steering: prefix caching stays on and exact.
-* ``vllm.logits_processors`` -> ``SteeringLogitsProcessor`` (v1 interface): its classmethod
-  ``validate_params`` refuses a bad request alone (vLLM: ValueError -> HTTP 400), and its
-  ``update_state`` writes each added/removed/moved request's slot and strength into the row
-  tables before the forward. It leaves logits unchanged but for a request the worker cannot
-  serve, which it ends.
+* ``vllm.logits_processors`` -> ``SteeringLogitsProcessor`` (both runners' interfaces): its
+  classmethod ``validate_params`` refuses a bad request alone (vLLM: ValueError -> HTTP 400).
+  V1 model runner: its ``update_state`` writes each added/removed/moved request's slot and
+  strength into the row tables before the forward. V2 model runner (``vllm_v2``, vLLM
+  0.32.0's interface): ``add_request`` / ``apply_staged_writes`` keep each persistent request
+  slot's steering on the device, and a wrapper of ``GPUModelRunner.prepare_inputs`` gathers
+  them into the row tables by the step's ``idx_mapping``. It leaves logits unchanged but for a
+  request the worker cannot serve, which it ends.
 * ``vllm.forward_context.get_forward_context().attn_metadata``: ``query_start_loc`` maps the
-  step's tokens to persistent-batch rows, read inside the op (as vLLM's attention op reads it).
+  step's tokens to the batch's rows (V1: persistent-batch rows; V2: batch positions), read
+  inside the op (as vLLM's attention op reads it).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import logging
 import torch
 from torch import nn
 
-from lineas_fast.serve import prefix_salt, registry, requests, slots
+from lineas_fast.serve import prefix_salt, registry, requests, slots, vllm_v2
 
 logger = logging.getLogger(__name__)
 
@@ -189,19 +193,33 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
 def check_engine(vllm_config) -> None:
     """Refuse, at start-up, engine settings under which requests would not get their steering:
     speculative decoding (vLLM builds no plugin logits processor there, so rows would never get
-    their slots) and pipeline parallelism (not verified). Prefix caching is served: each
-    request's KV blocks are salted with its steering (``salt_requests``)."""
+    their slots), pipeline parallelism, micro-batching and prefill context parallelism (not
+    verified). Prefix caching is served: each request's KV blocks are salted with its steering
+    (``salt_requests``)."""
     if vllm_config.speculative_config is not None:
         raise ValueError(
             f"lineas_fast per-request steering ({registry.ENV}) does not support speculative decoding "
             "(vLLM loads no plugin logits processors with it)"
         )
-    pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
+    parallel = getattr(vllm_config, "parallel_config", None)
+    pp = getattr(parallel, "pipeline_parallel_size", 1)
     if pp != 1:
         raise ValueError(
             f"lineas_fast per-request steering ({registry.ENV}) does not support pipeline parallelism "
             f"(pipeline_parallel_size={pp}): each stage would need the batch's row tables, which is not "
             "verified; tensor parallelism is supported"
+        )
+    if getattr(parallel, "use_ubatching", False) is True:
+        raise ValueError(
+            f"lineas_fast per-request steering ({registry.ENV}) does not support micro-batching "
+            "(dual-batch overlap, use_ubatching): each micro-batch's tokens would need their own rows"
+        )
+    pcp = getattr(parallel, "prefill_context_parallel_size", 1)
+    if pcp != 1:
+        raise ValueError(
+            f"lineas_fast per-request steering ({registry.ENV}) does not support prefill context "
+            f"parallelism (prefill_context_parallel_size={pcp}): it partitions the batch's tokens "
+            "after the rows are mapped, which is not verified"
         )
 
 
@@ -270,18 +288,35 @@ def salt_requests() -> None:
 
 
 V2_REFUSED = (
-    "lineas_fast per-request steering runs on vLLM's V1 model runner (its logits processors see "
-    "each request's persistent-batch row, which query_start_loc indexes); this engine uses the V2 "
-    "model runner: set VLLM_USE_V2_MODEL_RUNNER=0, or unset $LINEAS_FAST_STEERINGS"
+    "lineas_fast per-request steering under vLLM's V2 model runner is written for the V2 interfaces "
+    "of vLLM 0.32.0, and this vLLM's differ ({}): set VLLM_USE_V2_MODEL_RUNNER=0 (the V1 runner), "
+    "or unset $LINEAS_FAST_STEERINGS"
 )
 
 
+def _is_v2(vllm_config, runner_args: tuple) -> bool:
+    """Whether the V2 model runner builds this processor: its config says so, or it passed the
+    V2 runner's request state (V1 passes (device, is_pin_memory))."""
+    try:
+        from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcRequestState
+    except ImportError:
+        return False
+    if len(runner_args) == 1 and isinstance(runner_args[0], LogitsProcRequestState):
+        return True
+    try:
+        return getattr(vllm_config, "use_v2_model_runner", False) is True
+    except Exception:  # noqa: BLE001 -- a config that cannot say: the arguments decide
+        return False
+
+
 def _logits_processor_class():
-    """The logits processor, built on first use. It implements vLLM's V1 interface (the one
-    the plugin uses) and, where vLLM has it, the V2 model runner's interface as well: an entry
-    point in the ``vllm.logits_processors`` group is loaded by both runners, and the V2 runner
-    refuses to start with a V1-only class. Under V2 it is inert without steerings and refuses
-    to start with steerings (``V2_REFUSED``)."""
+    """The logits processor, built on first use. It implements vLLM's V1 interface and, where
+    vLLM has it, the V2 model runner's interface as well: an entry point in the
+    ``vllm.logits_processors`` group is loaded by both runners, and the V2 runner refuses to
+    start with a V1-only class. Without steerings it is inert under both. With steerings, under
+    V1 ``update_state`` writes the row tables; under V2 (``vllm_v2``) ``add_request`` and
+    ``apply_staged_writes`` write per-slot tables that each step gathers into the row tables; a
+    V2 runner whose interfaces differ from vLLM 0.32.0's is refused (``V2_REFUSED``)."""
     from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
     bases = [LogitsProcessor]
@@ -293,8 +328,8 @@ def _logits_processor_class():
         pass
 
     class SteeringLogitsProcessor(*bases):
-        """Keeps each row's steering slot and strength; logits pass unchanged, except those of
-        a row whose request the worker could not serve (``update_state``)."""
+        """Keeps each row's (V1) or request slot's (V2) steering and strength; logits pass
+        unchanged, except those of a request the worker could not serve (``_parse``)."""
 
         @classmethod
         def validate_params(cls, sampling_params) -> None:
@@ -304,14 +339,39 @@ def _logits_processor_class():
         def __init__(self, vllm_config, *runner_args):
             registry.mark_engine_started()
             self.active = bool(registry.registered())
-            if len(runner_args) != 2:  # V2: (req_states,); V1: (device, is_pin_memory)
+            #: V1: failed batch rows; V2: failed request slots
+            self.failed: set[int] = set()
+            self.v2: vllm_v2.SlotTables | None = None
+            if _is_v2(vllm_config, runner_args):
                 if self.active:
-                    raise RuntimeError(V2_REFUSED)
+                    self._init_v2(vllm_config, runner_args)
+                return
+            if len(runner_args) != 2:  # V1: (device, is_pin_memory)
+                if self.active:
+                    why = f"a runner built it with {len(runner_args)} arguments"
+                    raise RuntimeError(V2_REFUSED.format(why))
                 return
             if self.active:
                 self.rows = row_tables(vllm_config.scheduler_config.max_num_seqs, runner_args[0])
-                self.failed: set[int] = set()
                 self.stop_ids = _stop_token_ids(vllm_config)
+
+        def _init_v2(self, vllm_config, runner_args) -> None:
+            """Per-slot tables on the runner's device, gathered into the row tables each step
+            by the hook on ``GPUModelRunner.prepare_inputs`` (``vllm_v2``)."""
+            from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcRequestState
+
+            why = vllm_v2.interface_mismatch()
+            fits = len(runner_args) == 1 and isinstance(runner_args[0], LogitsProcRequestState)
+            if why is None and not fits:
+                why = f"the runner built the processor with {len(runner_args)} arguments, not req_states"
+            if why is not None:
+                raise RuntimeError(V2_REFUSED.format(why))
+            state = runner_args[0]
+            self.rows = row_tables(state.max_num_reqs, state.device)
+            self.v2 = vllm_v2.SlotTables(state.max_num_reqs, state.device)
+            self.stop_ids = _stop_token_ids(vllm_config)
+            vllm_v2.install()
+            vllm_v2.activate(self.v2, self.rows)
 
         def is_argmax_invariant(self) -> bool:
             # with steerings, apply() may end a failed row's request, which changes its argmax
@@ -320,13 +380,35 @@ def _logits_processor_class():
         def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
             if not self.active or not self.failed:
                 return logits
-            return end_rows(logits, sorted(r for r in self.failed if r < logits.shape[0]), self.stop_ids)
+            if self.v2 is None:
+                rows = sorted(r for r in self.failed if r < logits.shape[0])
+            else:  # V2: a logits row's request slot, from the step's batch layout
+                slot_of_row = ctx.idx_mapping_np
+                if len(slot_of_row) != logits.shape[0]:
+                    slot_of_row = ctx.expanded_idx_mapping.tolist()
+                rows = [r for r, s in enumerate(slot_of_row) if int(s) in self.failed]
+            return end_rows(logits, rows, self.stop_ids)
 
-        def add_request(self, req_idx: int, sampling_params) -> bool:  # V2, inert
+        def add_request(self, req_idx: int, sampling_params) -> bool:
+            """V2: the request taking slot ``req_idx`` (whatever the slot held before is
+            overwritten); True (vLLM then calls ``apply`` for it) only for a request this
+            worker cannot serve, whose generation ``apply`` ends."""
+            if self.v2 is None:
+                return False
+            choice = self._parse(f"slot {req_idx}", sampling_params)
+            self.v2.stage(req_idx, None if choice is _FAILED else choice)
+            self.failed.discard(req_idx)
+            if choice is _FAILED:
+                self.failed.add(req_idx)
+                return True
             return False
 
+        def apply_staged_writes(self) -> None:
+            if self.v2 is not None:
+                self.v2.apply_staged_writes()
+
         def update_state(self, batch_update) -> None:
-            if batch_update is None or not self.active:
+            if batch_update is None or not self.active or self.v2 is not None:
                 return
             for row in batch_update.removed:
                 self.rows.set(row, None)
@@ -343,20 +425,34 @@ def _logits_processor_class():
             self.rows.flush()
 
         def _add(self, row: int, params) -> None:
-            """One added request: its steering in the row tables; a request this worker cannot
-            serve (its front end checked it against another registry, e.g. the variable was
-            changed after the engine started) fails alone: its row steers nothing and its
-            generation is ended (``end_rows``), never the engine."""
+            """V1: one added request's steering in the row tables (``_parse``)."""
             self.failed.discard(row)
-            try:
-                self.rows.set(row, requests.parse_request(getattr(params, "extra_args", None)))
-            except Exception as e:  # noqa: BLE001 -- whatever it is, the engine goes on
-                self.rows.set(row, None)
+            choice = self._parse(f"batch row {row}", params)
+            self.rows.set(row, None if choice is _FAILED else choice)
+            if choice is _FAILED:
                 self.failed.add(row)
-                logger.error("lineas_fast: the request in batch row %d cannot be steered, ended: %s", row, e)
+
+        @staticmethod
+        def _parse(where: str, params):
+            """The steering a joining request asks for, or ``_FAILED`` for a request this worker
+            cannot serve (its front end checked it against another registry, e.g. the variable
+            was changed after the engine started): it fails alone, its row steers nothing and
+            its generation is ended (``end_rows``), never the engine."""
+            try:
+                choice = requests.parse_request(getattr(params, "extra_args", None))
+                if choice is not None:
+                    registry.slot_of(*choice)  # the tables' slot exists here
+                return choice
+            except Exception as e:  # noqa: BLE001 -- whatever it is, the engine goes on
+                logger.error("lineas_fast: the request in %s cannot be steered, ended: %s", where, e)
+                return _FAILED
 
     SteeringLogitsProcessor.__module__ = __name__
     return SteeringLogitsProcessor
+
+
+#: ``_parse``'s answer for a request the worker cannot serve
+_FAILED = object()
 
 
 def _stop_token_ids(vllm_config) -> list[int]:
