@@ -12,8 +12,7 @@ import gc
 
 import pytest
 import torch
-
-import lineas_fast as lf
+from vllm_cases import steered_greedy, three_steerings, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
 vllm = pytest.importorskip("vllm", reason="needs a CUDA build of vLLM 0.32 in this environment")
@@ -22,81 +21,8 @@ pytest.importorskip(
 )
 
 HIDDEN = 128
-NORMS = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
 SPECS = [("all", 1.0), None, ("first", -0.7), ("gated", 1.5), ("all", 0.25), ("gated", -0.8), ("first", 2.0)]
 NEW_TOKENS = 12
-
-
-def tiny_llama():
-    """A small random 2-layer Llama (head_dim 64) whose logits are peaked enough (init std
-    0.1) that greedy decoding has no near-ties (as tests/serving/conftest.py's)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def steerings_for(model):
-    g = torch.Generator().manual_seed(11)
-    meta = {"model": lf.model_fingerprint(model)}
-
-    def maps(modules):
-        return {
-            m: (1 + 0.3 * torch.randn(HIDDEN, generator=g), 0.5 * torch.randn(HIDDEN, generator=g))
-            for m in modules
-        }
-
-    gate = {
-        "w": 2 * torch.randn(HIDDEN, generator=g) / HIDDEN**0.5,
-        "c": torch.tensor([0.3]),
-        "kind": "sigmoid",
-    }
-    return {
-        "all": lf.Steering(maps(NORMS + ["model.norm"]), metadata=meta),
-        "first": lf.Steering(maps(["model.layers.0.input_layernorm", "model.norm"]), metadata=meta),
-        "gated": lf.Steering(
-            maps(["model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm"]),
-            metadata=meta,
-            gates={"model.layers.0.post_attention_layernorm": gate},
-        ),
-    }
-
-
-@torch.no_grad()
-def steered_greedy(model, steerings, prompt, spec, new_tokens=NEW_TOKENS):
-    """Greedy continuation of one prompt with the hooks of ``steerings[spec[0]]`` at strength
-    ``spec[1]`` (None: unsteered), end-of-sequence neither stopping nor masked."""
-
-    def run():
-        x = torch.tensor([prompt])
-        y = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        return y[0, x.shape[1] :].tolist()
-
-    if spec is None:
-        return run()
-    with steerings[spec[0]].apply(model, strength=spec[1]):
-        return run()
 
 
 def params(spec, new_tokens=NEW_TOKENS):
@@ -112,9 +38,9 @@ def test_v2_runner_mixed_batches_token_exact(mode, tmp_path, monkeypatch):
 
     from lineas_fast.serve import vllm_plugin
 
-    model = tiny_llama()
+    model = tiny_llama(HIDDEN)
     model.save_pretrained(tmp_path / "tiny-llama", safe_serialization=True)
-    steerings = steerings_for(model)
+    steerings = three_steerings(model, HIDDEN)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     vllm_plugin.clear_steerings()
     for name, steering in steerings.items():

