@@ -249,7 +249,12 @@ def per_request(res: Results) -> str:
         "| prefill overhead [95% interval] | per round |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    names = ("per-request-steering-compiled-cpu.json", "per-request-steering-cpu.json")
+    names = (
+        "per-request-steering-compiled-b1-cpu.json",  # batch 1 alone, more rounds
+        "per-request-steering-compiled-cpu.json",
+        "per-request-steering-cpu.json",
+    )
+    names = tuple(n for n in names if os.path.exists(os.path.join(res.folder, n)))
     notes = []
     for name in names:
         d = res(name)
@@ -272,7 +277,7 @@ def per_request(res: Results) -> str:
             f"{s['repeats']} timings, prompts of {s['prompt_len']} tokens, {s['new_tokens']} new tokens, "
             f"1-minute load average {d['load_average_1min']:.1f}"
         )
-    d = res(names[0])
+    d = res(names[-1])
     return "\n".join(lines) + f"\n\n{d['model']}; vLLM {d['vllm']}; {d['device']}. " + "; ".join(notes) + "."
 
 
