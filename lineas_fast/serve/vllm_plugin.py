@@ -196,31 +196,33 @@ def check_engine(vllm_config) -> None:
     their slots), pipeline parallelism, micro-batching and prefill context parallelism (not
     verified). Prefix caching is served: each request's KV blocks are salted with its steering
     (``salt_requests``)."""
-    if vllm_config.speculative_config is not None:
-        raise ValueError(
-            f"lineas_fast per-request steering ({registry.ENV}) does not support speculative decoding "
-            "(vLLM loads no plugin logits processors with it)"
-        )
     parallel = getattr(vllm_config, "parallel_config", None)
     pp = getattr(parallel, "pipeline_parallel_size", 1)
-    if pp != 1:
-        raise ValueError(
-            f"lineas_fast per-request steering ({registry.ENV}) does not support pipeline parallelism "
-            f"(pipeline_parallel_size={pp}): each stage would need the batch's row tables, which is not "
-            "verified; tensor parallelism is supported"
-        )
-    if getattr(parallel, "use_ubatching", False) is True:
-        raise ValueError(
-            f"lineas_fast per-request steering ({registry.ENV}) does not support micro-batching "
-            "(dual-batch overlap, use_ubatching): each micro-batch's tokens would need their own rows"
-        )
     pcp = getattr(parallel, "prefill_context_parallel_size", 1)
-    if pcp != 1:
-        raise ValueError(
-            f"lineas_fast per-request steering ({registry.ENV}) does not support prefill context "
-            f"parallelism (prefill_context_parallel_size={pcp}): it partitions the batch's tokens "
-            "after the rows are mapped, which is not verified"
-        )
+    refused = [
+        (
+            vllm_config.speculative_config is not None,
+            "speculative decoding (vLLM loads no plugin logits processors with it)",
+        ),
+        (
+            pp != 1,
+            f"pipeline parallelism (pipeline_parallel_size={pp}): each stage would need the batch's row "
+            "tables, which is not verified; tensor parallelism is supported",
+        ),
+        (
+            getattr(parallel, "use_ubatching", False) is True,
+            "micro-batching (dual-batch overlap, use_ubatching): each micro-batch's tokens would need "
+            "their own rows",
+        ),
+        (
+            pcp != 1,
+            f"prefill context parallelism (prefill_context_parallel_size={pcp}): it partitions the "
+            "batch's tokens after the rows are mapped, which is not verified",
+        ),
+    ]
+    for hit, what in refused:
+        if hit:
+            raise ValueError(f"lineas_fast per-request steering ({registry.ENV}) does not support {what}")
 
 
 def _steering_loader(base):
