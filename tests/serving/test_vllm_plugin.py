@@ -568,6 +568,8 @@ def test_v2_model_runner_loads_the_plugin_and_refuses_a_construction_it_does_not
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2
     from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_plugins
 
+    from lineas_fast.serve.vllm_plugin import V2_REFUSED
+
     (cls,) = [c for c in _load_v2_logitsprocs_plugins() if c.__name__ == "SteeringLogitsProcessor"]
     assert issubclass(cls, V2)
     with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
@@ -581,6 +583,7 @@ def test_v2_model_runner_loads_the_plugin_and_refuses_a_construction_it_does_not
     finally:
         os.environ[registry.ENV] = saved
         registry.registered()
+    assert "V2 model runner" in V2_REFUSED
 
 
 def test_engine_settings_that_would_lose_the_steering_are_refused():
