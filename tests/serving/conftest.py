@@ -60,6 +60,22 @@ def needs_smollm2():
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_sockets(tmp_path_factory):
+    """vLLM's engines (in this process and in the servers the tests start) put their IPC
+    sockets in $VLLM_RPC_BASE_PATH, by default the temporary directory, and leave them there:
+    pointed under pytest's base folder, which the test run removes, so nothing is left in /tmp."""
+    folder = tmp_path_factory.getbasetemp() / "vllm-rpc"
+    folder.mkdir(exist_ok=True)
+    saved = os.environ.get("VLLM_RPC_BASE_PATH")
+    os.environ["VLLM_RPC_BASE_PATH"] = str(folder)
+    yield
+    if saved is None:
+        os.environ.pop("VLLM_RPC_BASE_PATH", None)
+    else:
+        os.environ["VLLM_RPC_BASE_PATH"] = saved
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(folder, tokenizer, fp32 model) of the real SmolLM2-135M-Instruct."""
