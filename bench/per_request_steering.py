@@ -25,7 +25,10 @@ repeats), so slow drift hits both engines alike. Only one engine computes at a t
 tokens/s come from the medians of all its timings; each round also gives its own overhead against
 the unsteered engine of that round (``<phase>_overhead_pct_rounds``), and the rounds — independent
 engine pairs — give the mean overhead and its 95% t-interval (``<phase>_overhead_pct_interval``;
-Student's t over the rounds).
+Student's t over the rounds). The engine started first in a round runs a few percent faster, which
+widens that interval; rounds (1, 2), (3, 4), ... start the engines in both orders, so the
+interval over those pairs' means (``<phase>_overhead_pct_interval_pairs``, an even number of at
+least 4 rounds) has the start order blocked out.
 """
 
 from __future__ import annotations
@@ -228,8 +231,19 @@ def combine(rounds: list[dict], spec: dict) -> list[dict]:
             values = [pr[i][f"{phase}_overhead_pct"] for pr in per_round]
             row[f"{phase}_overhead_pct_rounds"] = values
             row[f"{phase}_overhead_pct_mean"], row[f"{phase}_overhead_pct_interval"] = t_interval(values)
+            pairs = balanced_pairs(values)
+            if len(pairs) >= 2:
+                row[f"{phase}_overhead_pct_pairs"] = pairs
+                row[f"{phase}_overhead_pct_interval_pairs"] = t_interval(pairs)[1]
         rows.append(row)
     return add_overheads(rows)
+
+
+def balanced_pairs(values: list[float]) -> list[float]:
+    """Means of rounds (0, 1), (2, 3), ...: each pair started its two engines in both orders
+    (``measure_round``), so the start order's effect on a round cancels within a pair; an odd
+    last round is left out."""
+    return [(values[k] + values[k + 1]) / 2 for k in range(0, len(values) - 1, 2)]
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, list[float] | None]:
@@ -328,6 +342,10 @@ def main(argv=None) -> int:
             "overhead_pct_rounds": "the same, one value per round (the engine pair of that round)",
             "overhead_pct_mean": "mean of the per-round overheads",
             "overhead_pct_interval": "95% Student-t interval of that mean over the rounds",
+            "overhead_pct_pairs": "means of rounds (1, 2), (3, 4), ...: each pair started the engines in "
+            "both orders, so the start order cancels within a pair",
+            "overhead_pct_interval_pairs": "95% Student-t interval of the mean over those pairs (the "
+            "rounds blocked by start order)",
         },
         "load_average_1min_at_start": load_at_start,
         "load_average_1min_rounds": loads,

@@ -235,9 +235,9 @@ def _span(values) -> str:
 
 
 def _interval(r: dict, phase: str) -> str:
-    """``mean [lo, hi]`` of the per-round overheads (a file with an interval), else the pooled
-    overhead alone."""
-    iv = r.get(f"{phase}_overhead_pct_interval")
+    """``mean [lo, hi]`` of the per-round overheads (the interval over start-order-balanced round
+    pairs where the file has one, else over rounds), else the pooled overhead alone."""
+    iv = r.get(f"{phase}_overhead_pct_interval_pairs") or r.get(f"{phase}_overhead_pct_interval")
     if iv is None:
         return f"{r[f'{phase}_overhead_pct']:+.1f}%"
     return f"{r[f'{phase}_overhead_pct_mean']:+.1f}% [{iv[0]:+.1f}, {iv[1]:+.1f}]"
@@ -245,13 +245,13 @@ def _interval(r: dict, phase: str) -> str:
 
 def per_request(res: Results) -> str:
     lines = [
-        "| vLLM mode | provider | batch | decode tok/s | decode overhead [95% interval] | per round "
+        "| vLLM mode | code | provider | batch | decode tok/s | decode overhead [95% interval] | per round "
         "| prefill overhead [95% interval] | per round |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     names = (
-        "per-request-steering-compiled-b1-cpu.json",  # batch 1 alone, more rounds
         "per-request-steering-compiled-cpu.json",
+        "per-request-steering-compiled-b1-cpu.json",  # batch 1 alone, the design before (opaque op)
         "per-request-steering-cpu.json",
     )
     names = tuple(n for n in names if os.path.exists(os.path.join(res.folder, n)))
@@ -259,21 +259,23 @@ def per_request(res: Results) -> str:
     for name in names:
         d = res(name)
         mode = "compiled" if d["vllm_mode"] == "compiled" else "eager"
+        code = d["commit"][:7]
         for r in d["results"]:
             if r["provider"] == "vllm_unsteered":
-                tok_s = f"{r['decode_tok_s']:.1f}"
-                lines.append(
-                    f"| {mode} | vllm_unsteered | {r['batch']} | {tok_s} | baseline | — | baseline | — |"
-                )
+                head = f"| {mode} | {code} | vllm_unsteered | {r['batch']} | {r['decode_tok_s']:.1f}"
+                lines.append(f"{head} | baseline | — | baseline | — |")
                 continue
             lines.append(
-                f"| {mode} | {r['provider']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
+                f"| {mode} | {code} | {r['provider']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
                 f"{_interval(r, 'decode')} | {_span(r.get('decode_overhead_pct_rounds'))} | "
                 f"{_interval(r, 'prefill')} | {_span(r.get('prefill_overhead_pct_rounds'))} |"
             )
         s = d["settings"]
+        blocked = any("decode_overhead_pct_interval_pairs" in r for r in d["results"])
         notes.append(
-            f"{res.link(name)} ({mode}, code at {d['commit'][:7]}): {s.get('rounds', 1)} round(s) of "
+            f"{res.link(name)} ({mode}, code at {code}"
+            + (", intervals over start-order-balanced round pairs" if blocked else "")
+            + f"): {s.get('rounds', 1)} round(s) of "
             f"{s['repeats']} timings, prompts of {s['prompt_len']} tokens, {s['new_tokens']} new tokens, "
             f"1-minute load average {d['load_average_1min']:.1f}"
         )
@@ -282,24 +284,35 @@ def per_request(res: Results) -> str:
 
 
 def slot_op(res: Results) -> str:
-    """The slot ops' own time per call, one column per labelled run of bench/slot_op.py."""
+    """What each steered norm adds to a stack's forward, eager and compiled, one pair of columns
+    per labelled run of bench/slot_op.py (the plugin's design before and after a change)."""
     d = res("slot-op-cpu.json")
     runs = d["runs"]
-    lines = ["| op, tokens, rows steered | " + " | ".join(f"{r['label']} (µs/call)" for r in runs) + " |"]
-    lines.append("|---|" + "---|" * len(runs))
-    for case in runs[0]["per_call"]:
-        cells = [f"{r['per_call'][case]['median_us']:.1f}" for r in runs]
+    modes = ("eager", "compiled")
+    head = " | ".join(f"{r['label']} {m} (µs/norm)" for r in runs for m in modes)
+    lines = [f"| norm, tokens, tokens steered | {head} |", "|---|" + "---|" * (len(runs) * len(modes))]
+    cases = [k.split(" ", 1)[1] for k in runs[0]["per_norm"] if k.startswith("eager ") and "plain" not in k]
+    for case in cases:
+        per_norm = [r["per_norm"][f"{m} {case}"] for r in runs for m in modes]
+        cells = [f"{v['added_us_per_norm_median']:.2f}" for v in per_norm]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    s = runs[0]["settings"]
+    plain = "; ".join(
+        f"{r['label']} {m} {r['per_norm'][f'{m} plain stack T=1']['forward_us_median'] / s['layers']:.0f} µs"
+        for r in runs
+        for m in modes
+    )
     notes = "; ".join(
         f"{r['label']}: code at {r['code_commit'][:7]}, 1-minute load average {r['load_average_1min']:.1f}"
         for r in runs
     )
-    s = runs[0]["settings"]
     return (
         "\n".join(lines)
-        + f"\n\nMedian of {s['rounds']} interleaved rounds of {s['calls']} calls, one thread; d = {s['d']}, "
-        + f"{s['slots']} slots, {s['rows']} rows; {runs[0]['device']}, torch {runs[0]['torch']} "
-        + f"({res.link('slot-op-cpu.json')}). {notes}."
+        + f"\n\nAdded time per steered norm = (steered − plain forward) / {s['layers']} layers of "
+        + f"[norm → {s['d']}×{s['d']} linear], median of {s['rounds']} interleaved rounds of {s['calls']} "
+        + f"forwards, one thread; {s['slots']} slots, {s['rows']} rows; "
+        + f"a plain layer at T = 1 takes {plain}; "
+        + f"{runs[0]['device']}, torch {runs[0]['torch']} ({res.link('slot-op-cpu.json')}). {notes}."
     )
 
 

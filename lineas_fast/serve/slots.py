@@ -1,7 +1,7 @@
 """Per-request steering in a batched engine, without the engine: the slot tables of the
-registered steerings (``registry``), the per-row tables a step reads and the ops that apply
-them (no vLLM import here; ``lineas_fast.serve.vllm_plugin`` connects them to vLLM; what a
-request may ask is checked by ``requests``).
+registered steerings (``registry``), the per-row and per-token tables a step reads and the map
+that applies them (no vLLM import here; ``lineas_fast.serve.vllm_plugin`` connects them to
+vLLM; what a request may ask is checked by ``requests``).
 
 Slots. Every registered steering gets two slots, its map T and its inverse T⁻¹ (a negative
 strength), after slot 0, the identity: for S = 1 + 2·N slots each steered module holds
@@ -14,24 +14,23 @@ slot and a strength:
     row_slot (R + 1,) int64,   row_lam (R + 1,) float32,
 
 R the engine's largest batch; the extra last row is the identity (slot 0, λ 0) that tokens
-belonging to no request (padding) point at. Per token t of a step with row r(t):
+belonging to no request (padding) point at. Once per forward, each token t takes its row
+r(t)'s slot and strength (``TokenTables.fill``), and every steered module then computes
 
     y_t = z_t + λ_r(t) · (u[slot_r(t)] ⊙ z_t + b[slot_r(t)])
 
-computed in float32 as ``kernels/affine_steer_ref.py`` computes one map at one strength, so a
-request's tokens are those of ``steering.apply(model, strength)`` (λ = 0: y = z exactly). All
-shapes are fixed when the model loads; a step only rewrites ``row_slot``/``row_lam`` in place
-(when the batch changes) and the op reads them, so compiled graphs see static shapes.
+in float32 as ``kernels/affine_steer_ref.py`` computes one map at one strength, so a request's
+tokens are those of ``steering.apply(model, strength)`` (λ = 0: y = z exactly). All shapes are
+fixed when the model loads; a step only rewrites the tables in place, so compiled and captured
+graphs see static addresses.
 
-DSAS gates. On a module where some registered steering is gated, ``slot_steer_gated`` also
-holds each slot's gate (w (S, d), c (S,), kind (S,): ``gate_tables``) and scales λ per token by
+DSAS gates. On a module where some registered steering is gated, ``steer_tokens_gated`` also
+reads each slot's gate (w (S, d), c (S,), kind (S,): ``gate_tables``) and scales λ per token by
 the gate computed on the module's output, as ``kernels/gated_steer_ref.py`` does; ungated slots
-have kind 0 (g = 1). Modules no steering gates keep the ungated op.
+have kind 0 (g = 1). Modules no steering gates keep the ungated map.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -119,12 +118,7 @@ class RowTables:
         self.lam.copy_(lam, non_blocking=False)
 
 
-# --- the op ---------------------------------------------------------------------------------
-#: Set by the engine integration: token_rows(num_tokens, device) -> (T,) int64 row of each
-#: token of the current forward (``rows`` = the identity row for padding / no request).
-_token_rows: Callable[[int, torch.device, int], Tensor] | None = None
-
-
+# --- the per-token tables and the map ---------------------------------------------------------
 def rows_of_tokens(query_start_loc: Tensor, num_tokens: int, identity: int) -> Tensor:
     """(T,) int64 row of each of a step's ``num_tokens`` tokens from the engine's
     ``query_start_loc`` (R' + 1,) (request r's tokens are [qsl[r], qsl[r + 1])), on qsl's
@@ -136,61 +130,49 @@ def rows_of_tokens(query_start_loc: Tensor, num_tokens: int, identity: int) -> T
     return torch.where(t < qsl[-1], rows, torch.full_like(rows, identity))
 
 
-def set_token_rows(fn: Callable[[int, torch.device, int], Tensor] | None) -> None:
-    global _token_rows
-    _token_rows = fn
+class TokenTables:
+    """Each token's slot and strength for the forward being run, looked up once per forward
+    (``fill``) and read by every steered module:
+
+        slot (M,) int64,   lam (M, 1) float32,      M = the most tokens a forward has
+
+    (only the first T entries, T the forward's token count, are read). Fixed addresses, so a
+    compiled or captured graph reads the values of the forward being run. ``idle`` is True
+    when, on the CPU, no token of the forward is steered (eager modules then skip the map)."""
+
+    def __init__(self, max_tokens: int, device):
+        self.max_tokens = max_tokens
+        self.slot = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.lam = torch.zeros(max_tokens, 1, dtype=torch.float32, device=device)
+        self.idle = False
+
+    def fill(self, rows: Tensor, row_tables: RowTables) -> None:
+        """Entries ``0 .. T - 1`` from each token's row ``rows`` (T,) int64 (``rows_of_tokens``)
+        and the row tables, in place; no host sync on a GPU."""
+        n = rows.shape[0]
+        if n > self.max_tokens:
+            raise RuntimeError(
+                f"lineas_fast: a forward of {n} tokens, but the per-token tables hold {self.max_tokens} "
+                "(the engine's max_num_batched_tokens when the model loaded)"
+            )
+        torch.index_select(row_tables.slot, 0, rows, out=self.slot[:n])
+        torch.index_select(row_tables.lam, 0, rows, out=self.lam[:n, 0])
+        self.idle = self.lam.device.type == "cpu" and not bool(self.lam[:n].any())
 
 
-#: the per-token (slot, strength) of the step being run, shared by every steered module's op:
-#: keyed on the token-row tensor (the engine integration returns the same tensor for every
-#: module of a step) and the row tables' version (bumped by each in-place rewrite)
-_per_token: dict = {}
-
-
-def per_token(num_tokens: int, device, row_slot: Tensor, row_lam: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(slot (T,) int64, λ (T, 1) float32) of each token of the step: its row's slot and
-    strength, computed once per step (``_per_token``); None on the CPU when no token of the
-    step is steered (every λ is 0: the ops then copy z and compute nothing). On a GPU the
-    tables are always applied: knowing that no token is steered would need a host sync, which
-    a captured graph cannot have."""
-    rows = _token_rows(num_tokens, device, row_slot.shape[0] - 1)
-    key = (row_slot._version, row_lam._version)
-    hit = _per_token
-    if hit.get("rows") is rows and hit.get("row_slot") is row_slot and hit.get("key") == key:
-        return hit["result"]
-    slot = row_slot.index_select(0, rows)
-    lam = row_lam.index_select(0, rows).unsqueeze(1)
-    idle = lam.device.type == "cpu" and not bool(lam.any())
-    result = None if idle else (slot, lam)
-    _per_token.update(rows=rows, row_slot=row_slot, key=key, result=result)
-    return result
-
-
-# The ops are defined with torch.library's low-level API (a schema, one composite kernel for
-# every device, a fake kernel for tracing) rather than the ``custom_op`` decorator, whose
-# Python wrapper costs several times the op's own work per call at a decode step's T = 1
-# (bench/slot_op.py); vLLM calls them once per steered norm per step.
-_lib = torch.library.Library("lineas_fast", "FRAGMENT")
-_lib.define("slot_steer(Tensor z, Tensor u, Tensor b, Tensor row_slot, Tensor row_lam) -> Tensor")
-_lib.define(
-    "slot_steer_gated(Tensor z, Tensor u, Tensor b, Tensor gw, Tensor gc, Tensor gk, Tensor row_slot, "
-    "Tensor row_lam) -> Tensor"
-)
-
-
-def slot_steer(z: Tensor, u: Tensor, b: Tensor, row_slot: Tensor, row_lam: Tensor) -> Tensor:
-    """y (T, d) from z (T, d): each token's row's slot and strength (see the module
-    docstring); u, b (S, d) float32; row_slot (R + 1,) int64; row_lam (R + 1,) float32."""
-    steered = None if _token_rows is None else per_token(z.shape[0], z.device, row_slot, row_lam)
-    if steered is None:
-        return z.clone()
-    slot, lam = steered
+# The map is plain tensor code, not an opaque op: under vLLM's compiled mode Inductor fuses it
+# into the norm it follows (the row lookup was hoisted into ``TokenTables.fill``, once per
+# forward), so a steered norm costs no extra call (bench/slot_op.py).
+def steer_tokens(z: Tensor, u: Tensor, b: Tensor, slot: Tensor, lam: Tensor) -> Tensor:
+    """y (T, d) = z + λ ⊙ (u[slot] ⊙ z + b[slot]) per token, in float32 (float64 for float64
+    z) as ``kernels/affine_steer_ref.py`` computes one map at one strength (λ = 0: y = z
+    exactly). z (T, d); u, b (S, d) float32; slot (T,) int64; lam (T, 1) float32."""
     zf = z.to(_acc(z))
     return _steer_rows(zf, lam.to(zf.dtype), u, b, slot).to(z.dtype)
 
 
 def _acc(z: Tensor) -> torch.dtype:
-    """The dtype the ops compute in: float64 for float64 activations, float32 otherwise."""
+    """The dtype the map is computed in: float64 for float64 activations, float32 otherwise."""
     return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
@@ -200,21 +182,17 @@ def _steer_rows(zf: Tensor, lam: Tensor, u: Tensor, b: Tensor, slot: Tensor) -> 
     return zf + lam * (u.index_select(0, slot).to(zf.dtype) * zf + b.index_select(0, slot).to(zf.dtype))
 
 
-def slot_steer_gated(
-    z: Tensor, u: Tensor, b: Tensor, gw: Tensor, gc: Tensor, gk: Tensor, row_slot: Tensor, row_lam: Tensor
+def steer_tokens_gated(
+    z: Tensor, u: Tensor, b: Tensor, gw: Tensor, gc: Tensor, gk: Tensor, slot: Tensor, lam: Tensor
 ) -> Tensor:
-    """``slot_steer`` with each slot's DSAS gate (``gate_tables``): per token t of row r,
+    """``steer_tokens`` with each slot's DSAS gate (``gate_tables``): per token t of slot s,
 
         g_t = σ(w[s]·z_t + c[s]) (kind 1), clamp(w[s]·z_t + c[s], 0, 1) (kind 2), 1 (kind 0)
-        y_t = z_t + (λ_r g_t)(u[s] ⊙ z_t + b[s]),   s = slot_r,
+        y_t = z_t + (λ_t g_t)(u[s] ⊙ z_t + b[s]),
 
     in float32 as ``kernels/gated_steer_ref.py`` computes one gated map at one strength.
-    z (T, d); u, b, gw (S, d) float32; gc (S,) float32; gk (S,) int64; row tables as
-    ``slot_steer``'s."""
-    steered = None if _token_rows is None else per_token(z.shape[0], z.device, row_slot, row_lam)
-    if steered is None:
-        return z.clone()
-    slot, lam = steered
+    z (T, d); u, b, gw (S, d) float32; gc (S,) float32; gk (S,) int64; slot, lam as
+    ``steer_tokens``'s."""
     zf = z.to(_acc(z))
     logit = (zf * gw.index_select(0, slot).to(zf.dtype)).sum(-1) + gc.index_select(0, slot).to(zf.dtype)
     kind = gk.index_select(0, slot)
@@ -223,13 +201,3 @@ def slot_steer_gated(
         gate = torch.where(kind == GATE_KINDS[name], gate_fn(logit, name), gate)
     lam = lam.squeeze(1).to(zf.dtype) * gate
     return _steer_rows(zf, lam.unsqueeze(1), u, b, slot).to(z.dtype)
-
-
-def _fake(z: Tensor, *tables: Tensor) -> Tensor:
-    return torch.empty_like(z)
-
-
-_lib.impl("slot_steer", slot_steer, "CompositeExplicitAutograd")
-_lib.impl("slot_steer_gated", slot_steer_gated, "CompositeExplicitAutograd")
-torch.library.register_fake("lineas_fast::slot_steer", _fake, lib=_lib)
-torch.library.register_fake("lineas_fast::slot_steer_gated", _fake, lib=_lib)

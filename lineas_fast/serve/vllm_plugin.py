@@ -13,8 +13,10 @@ vLLM extension points used (entry points in setup.py; vllm is imported only here
   registered it re-registers each load format's model loader (``register_model_loader``) as a
   subclass whose ``load_model`` checks every steering against the loaded model (fingerprint,
   module names, dimensions; a misfit stops the engine at start-up, naming the steering) and
-  wraps each steered norm so its output goes through ``lineas_fast::slot_steer`` (or
-  ``slot_steer_gated`` where a registered steering has a DSAS gate on it); and it wraps
+  wraps each steered norm so its output goes through ``slots.steer_tokens`` (or
+  ``steer_tokens_gated`` where a registered steering has a DSAS gate on it: plain tensor code
+  that vLLM's compiled mode fuses into the norm) and the model's forward, which looks up each
+  token's slot and strength once per forward (``look_up_rows_per_forward``); and it wraps
   ``vllm.v1.request.Request.from_engine_core_request`` (``salt_requests``) so each request's
   ``cache_salt`` records its steering: prefix caching stays on and exact.
 * ``vllm.logits_processors`` -> ``SteeringLogitsProcessor`` (both runners' interfaces): its
@@ -27,11 +29,14 @@ vLLM extension points used (entry points in setup.py; vllm is imported only here
   request the worker cannot serve, which it ends.
 * ``vllm.forward_context.get_forward_context().attn_metadata``: ``query_start_loc`` maps the
   step's tokens to the batch's rows (V1: persistent-batch rows; V2: batch positions), read
-  inside the op (as vLLM's attention op reads it).
+  at the start of the model's forward (vLLM runs the served model's top level, outside its
+  compiled region, under the step's forward context).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 
 import torch
@@ -42,35 +47,36 @@ from lineas_fast.serve import prefix_salt, registry, requests, slots, vllm_v2
 logger = logging.getLogger(__name__)
 
 #: The row tables of this process (one engine per process), made by the logits processor or
-#: the loader, whichever runs first.
+#: the loader, whichever runs first; the per-token tables, made by the loader.
 _rows: slots.RowTables | None = None
-_rows_cache: dict = {}
+_tokens: slots.TokenTables | None = None
 
 
 def row_tables(rows: int, device) -> slots.RowTables:
     global _rows
     if _rows is None:
         _rows = slots.RowTables(rows, device)
-        slots.set_token_rows(_token_rows)
     elif _rows.rows < rows:
         raise RuntimeError(f"lineas_fast: row tables made for {_rows.rows} rows, the engine now has {rows}")
     return _rows
 
 
-def _token_rows(num_tokens: int, device, identity: int) -> torch.Tensor:
-    """(T,) int64: each token's row in the persistent batch, from the forward context's
+def token_tables(max_tokens: int, device) -> slots.TokenTables:
+    global _tokens
+    if _tokens is None or _tokens.max_tokens < max_tokens:
+        _tokens = slots.TokenTables(max_tokens, device)
+    return _tokens
+
+
+def token_rows(num_tokens: int, device, identity: int) -> torch.Tensor:
+    """(T,) int64: each token's row in the batch, from the forward context's
     ``query_start_loc``; ``identity`` for tokens past the last request (padding) and for a
     forward without attention metadata (profiling / warm-up runs)."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     if not is_forward_context_available():
         return torch.full((num_tokens,), identity, dtype=torch.int64, device=device)
-    ctx = get_forward_context()
-    key = (id(ctx), num_tokens)
-    hit = _rows_cache.get("key")
-    if hit == key and _rows_cache.get("ctx") is ctx:
-        return _rows_cache["rows"]
-    meta = ctx.attn_metadata
+    meta = get_forward_context().attn_metadata
     if isinstance(meta, list):
         raise RuntimeError("lineas_fast per-request steering does not support micro-batching (ubatches)")
     qsl = None
@@ -82,25 +88,55 @@ def _token_rows(num_tokens: int, device, identity: int) -> torch.Tensor:
     elif meta is not None:
         qsl = getattr(meta, "query_start_loc", None)
     if qsl is None:
-        rows = torch.full((num_tokens,), identity, dtype=torch.int64, device=device)
-    else:
-        rows = slots.rows_of_tokens(qsl.to(device), num_tokens, identity)
-    _rows_cache.update(key=key, ctx=ctx, rows=rows)
-    return rows
+        return torch.full((num_tokens,), identity, dtype=torch.int64, device=device)
+    return slots.rows_of_tokens(qsl.to(device), num_tokens, identity)
+
+
+def _num_tokens(bound: inspect.BoundArguments) -> int:
+    """The token count of a forward from its ``input_ids`` (vLLM: (T,); transformers: (B, L),
+    flattened as the steered modules flatten) or its ``inputs_embeds`` (.., d)."""
+    ids = bound.arguments.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    embeds = bound.arguments.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor):
+        return embeds.shape[:-1].numel()
+    raise RuntimeError("lineas_fast: the model's forward got neither input_ids nor inputs_embeds")
+
+
+def look_up_rows_per_forward(model: nn.Module, rows: slots.RowTables, tokens: slots.TokenTables) -> None:
+    """Wrap ``model.forward`` (the served model's top level, which vLLM runs outside its
+    compiled region, under the step's forward context) so each forward first fills ``tokens``
+    with its tokens' slots and strengths (``token_rows`` -> ``TokenTables.fill``): the row
+    lookup runs once per forward, not once per steered module."""
+    forward = model.forward
+    signature = inspect.signature(forward)
+
+    @functools.wraps(forward)
+    def steered_forward(*args, **kwargs):
+        n = _num_tokens(signature.bind_partial(*args, **kwargs))
+        tokens.fill(token_rows(n, tokens.slot.device, rows.rows), rows)
+        return forward(*args, **kwargs)
+
+    model.forward = steered_forward
 
 
 class SlotSteered(nn.Module):
     """A norm whose output (the first element when it returns (out, residual), as vLLM's
-    fused add-RMSNorm does) goes through ``lineas_fast::slot_steer``, or
-    ``lineas_fast::slot_steer_gated`` when ``gates`` (w, c, kind) are given."""
+    fused add-RMSNorm does) goes through ``slots.steer_tokens`` with the forward's per-token
+    tables, or ``slots.steer_tokens_gated`` when ``gates`` (w, c, kind) are given. Plain tensor
+    code: vLLM's compiled mode fuses it into the norm."""
 
-    def __init__(self, inner: nn.Module, u: torch.Tensor, b: torch.Tensor, rows: slots.RowTables, gates=None):
+    def __init__(
+        self, inner: nn.Module, u: torch.Tensor, b: torch.Tensor, tokens: slots.TokenTables, gates=None
+    ):
         super().__init__()
         self.inner = inner
+        self.tokens = tokens
         self.register_buffer("u", u, persistent=False)
         self.register_buffer("b", b, persistent=False)
-        self.register_buffer("row_slot", rows.slot, persistent=False)
-        self.register_buffer("row_lam", rows.lam, persistent=False)
+        self.register_buffer("token_slot", tokens.slot, persistent=False)
+        self.register_buffer("token_lam", tokens.lam, persistent=False)
         self.gated = gates is not None
         if self.gated:
             for key, t in zip(("gw", "gc", "gk"), gates):
@@ -113,14 +149,17 @@ class SlotSteered(nn.Module):
         return self._steer(out)
 
     def _steer(self, z: torch.Tensor) -> torch.Tensor:
+        # CPU, eager, no token steered: nothing to do (a compiled graph never reads ``idle``)
+        if not torch.compiler.is_compiling() and self.tokens.idle:
+            return z
         shape = z.shape
         flat = z.reshape(-1, shape[-1])
+        n = flat.shape[0]
+        slot, lam = self.token_slot[:n], self.token_lam[:n]
         if self.gated:
-            y = torch.ops.lineas_fast.slot_steer_gated(
-                flat, self.u, self.b, self.gw, self.gc, self.gk, self.row_slot, self.row_lam
-            )
+            y = slots.steer_tokens_gated(flat, self.u, self.b, self.gw, self.gc, self.gk, slot, lam)
         else:
-            y = torch.ops.lineas_fast.slot_steer(flat, self.u, self.b, self.row_slot, self.row_lam)
+            y = slots.steer_tokens(flat, self.u, self.b, slot, lam)
         return y.reshape(shape)
 
 
@@ -160,11 +199,14 @@ def check_fit(model_config) -> None:
             ) from None
 
 
-def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
-    """Wrap every module any registered steering names; returns their names. Refuses (naming
-    it) a module missing from the vLLM model or that is not a norm: only a norm's output
-    means the same in vLLM as in transformers."""
+def steer_modules(model: nn.Module, device, max_rows: int, max_tokens: int) -> list[str]:
+    """Wrap every module any registered steering names, and the model's forward
+    (``look_up_rows_per_forward``); returns the modules' names. Refuses (naming it) a module
+    missing from the vLLM model or that is not a norm: only a norm's output means the same in
+    vLLM as in transformers. ``max_rows``: the engine's largest batch; ``max_tokens``: the
+    most tokens a forward has."""
     rows = row_tables(max_rows, device)
+    tokens = token_tables(max_tokens, device)
     names = sorted({m for s in registry.registered().values() for m in s.modules})
     gated = slots.gated_modules()
     named = dict(model.named_modules())
@@ -186,7 +228,8 @@ def steer_modules(model: nn.Module, device, max_rows: int) -> list[str]:
             gates = tuple(t.to(device) for t in slots.gate_tables(name, d))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SlotSteered(mod, u.to(device), b.to(device), rows, gates))
+        setattr(parent, child, SlotSteered(mod, u.to(device), b.to(device), tokens, gates))
+    look_up_rows_per_forward(model, rows, tokens)
     return names
 
 
@@ -225,6 +268,15 @@ def check_engine(vllm_config) -> None:
             raise ValueError(f"lineas_fast per-request steering ({registry.ENV}) does not support {what}")
 
 
+def max_forward_tokens(vllm_config) -> int:
+    """The most tokens one forward of the engine has: its token budget per step, or its
+    largest CUDA-graph capture size where that is larger."""
+    most = int(vllm_config.scheduler_config.max_num_batched_tokens)
+    compilation = getattr(vllm_config, "compilation_config", None)
+    sizes = getattr(compilation, "cudagraph_capture_sizes", None) or []
+    return max([most, *(int(s) for s in sizes)])
+
+
 def _steering_loader(base):
     class SteeringLoader(base):
         def load_model(self, vllm_config, model_config, prefix: str = ""):
@@ -240,7 +292,8 @@ def _steering_loader(base):
             if isinstance(vllm_config.additional_config, dict):
                 vllm_config.additional_config["lineas_fast_steerings"] = registry.registry_digest()
             device = next(model.parameters()).device
-            steer_modules(model, device, vllm_config.scheduler_config.max_num_seqs)
+            scheduler = vllm_config.scheduler_config
+            steer_modules(model, device, scheduler.max_num_seqs, max_forward_tokens(vllm_config))
             return model
 
     SteeringLoader.__name__ = SteeringLoader.__qualname__ = f"LineasSteering{base.__name__}"

@@ -156,38 +156,6 @@ def test_dsas_gated_steering_per_request_is_exact(served):
     assert any(got[k] != u for k, u in zip((0, 1, 4), ungated)), "the gates must change a continuation"
 
 
-def test_gated_op_equals_the_gated_reference_per_token():
-    """``slot_steer_gated`` alone: each token gets its slot's map, gate kind (none, sigmoid,
-    relu) and its row's strength, as the library's one-gated-map reference computes it."""
-    from lineas_fast.kernels.affine_steer_ref import affine_steer_ref
-    from lineas_fast.kernels.gated_steer_ref import gated_steer_ref
-
-    g = torch.Generator().manual_seed(6)
-    d = 16
-    z = torch.randn(8, d, generator=g)
-    u, b = torch.randn(4, d, generator=g), torch.randn(4, d, generator=g)
-    u[0], b[0] = 0.0, 0.0
-    gw, gc = torch.randn(4, d, generator=g), torch.randn(4, generator=g)
-    gk = torch.tensor([0, 1, 2, 0])  # identity, sigmoid, relu, ungated
-    row_slot = torch.tensor([1, 2, 3, 0, 0])  # 4 rows + the identity row
-    row_lam = torch.tensor([0.7, 1.3, 0.5, 0.0, 0.0])
-    rows = torch.tensor([0, 0, 1, 1, 2, 3, 4, 1])
-    slots.set_token_rows(lambda n, device, identity: rows)
-    try:
-        y = torch.ops.lineas_fast.slot_steer_gated(z, u, b, gw, gc, gk, row_slot, row_lam)
-    finally:
-        slots.set_token_rows(None)
-    kinds = {1: "sigmoid", 2: "relu"}
-    for t in range(8):
-        s, lam = int(row_slot[rows[t]]), float(row_lam[rows[t]])
-        if int(gk[s]) == 0:
-            want = affine_steer_ref(z[t : t + 1], u[s], b[s], lam, 1)
-        else:
-            want = gated_steer_ref(z[t : t + 1], u[s], b[s], gw[s], gc[s], lam, kinds[int(gk[s])])[0]
-        torch.testing.assert_close(y[t : t + 1], want, rtol=1e-6, atol=1e-6)
-    assert torch.equal(y[[5, 6]], z[[5, 6]])  # the unsteered row and the identity row
-
-
 def test_32_requests_join_and_leave_chunked_prefill_exact(served):
     names = [None, "all", "first", "mlp1", "gated"]
     strengths = [1.0, 0.5, -0.8, 1.5, -1.0, 0.25, 2.0, 0.0]
@@ -295,8 +263,8 @@ def test_entry_points_are_installed():
 
 
 def test_compiled_mode_mixed_batch_exact(registered):
-    """vLLM's default mode (torch.compile of the model; on CPU no CUDA graphs): the op is one
-    opaque node of the compiled graph, and the mixed batch is still exact."""
+    """vLLM's default mode (torch.compile of the model; on CPU no CUDA graphs): the map is
+    traced into the compiled graph (fused into the norms), and the mixed batch is still exact."""
     from vllm import LLM
 
     model, folder, steerings = registered
@@ -457,28 +425,48 @@ def test_openai_server_refuses_every_hostile_value_and_serves_on(registered, ser
         assert after[k] == got[k], f"request {k} ({s}) changed after the hostile requests"
 
 
-def test_slot_steer_op_equals_the_reference_per_token():
-    """The op alone (token rows given directly): each token gets its row's slot and strength,
-    bit for bit the library's one-map reference (kernels/affine_steer_ref.py); padding and
-    unsteered rows are left exactly as they were."""
+def test_each_forward_looks_up_its_tokens_rows_in_vllms_forward_context():
+    """``look_up_rows_per_forward`` on a model of one RMSNorm wrapped in ``SlotSteered``:
+    under a vLLM ForwardContext whose attention metadata carries ``query_start_loc``, each
+    token gets its row's slot and strength (the library's one-map reference), padding and
+    unsteered rows stay exactly as the norm left them; with no forward context (vLLM's
+    profiling run) every token is left alone."""
+    from vllm.forward_context import ForwardContext, override_forward_context
+
     from lineas_fast.kernels.affine_steer_ref import affine_steer_ref
+    from lineas_fast.serve.vllm_plugin import SlotSteered, look_up_rows_per_forward
+
+    class Model(torch.nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, input_ids, positions, inputs_embeds=None):
+            return self.norm(inputs_embeds)
 
     g = torch.Generator().manual_seed(5)
-    z = torch.randn(7, 16, generator=g)
     u, b = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
     u[0], b[0] = 0.0, 0.0
-    row_slot = torch.tensor([2, 0, 1, 0])  # 3 rows + the identity row
-    row_lam = torch.tensor([0.7, 0.0, 1.3, 0.0])
-    rows = torch.tensor([0, 0, 1, 2, 2, 2, 3])  # the last token is padding
-    slots.set_token_rows(lambda n, device, identity: rows)
-    try:
-        y = torch.ops.lineas_fast.slot_steer(z, u, b, row_slot, row_lam)
-    finally:
-        slots.set_token_rows(None)
-    for t in range(7):
-        s, lam = int(row_slot[rows[t]]), float(row_lam[rows[t]])
-        want = affine_steer_ref(z[t : t + 1], u[s], b[s], lam, 1)
-        assert torch.equal(y[t : t + 1], want), t
+    rows = slots.RowTables(3, "cpu")  # 3 rows + the identity row
+    rows.slot.copy_(torch.tensor([2, 0, 1, 0]))
+    rows.lam.copy_(torch.tensor([0.7, 0.0, 1.3, 0.0]))
+    tokens = slots.TokenTables(8, "cpu")
+    norm = torch.nn.RMSNorm(16, eps=1e-6)
+    model = Model(SlotSteered(norm, u, b, tokens))
+    look_up_rows_per_forward(model, rows, tokens)
+    x = torch.randn(7, 16, generator=g)
+    ids = torch.zeros(7, dtype=torch.int64)
+    qsl = torch.tensor([0, 2, 3, 6], dtype=torch.int32)  # requests of 2, 1, 3 tokens, 1 padding
+    meta = {"model.layers.0.self_attn.attn": types.SimpleNamespace(query_start_loc=qsl)}
+    context = ForwardContext(no_compile_layers={}, attn_metadata=meta, slot_mapping={})
+    with torch.no_grad(), override_forward_context(context):
+        y = model(ids, ids, inputs_embeds=x)
+    with torch.no_grad():
+        z = norm(x)
+        assert torch.equal(model(ids, ids, inputs_embeds=x), z)  # no forward context: identity
+    for t, r in enumerate([0, 0, 1, 2, 2, 2, 3]):
+        s, lam = int(rows.slot[r]), float(rows.lam[r])
+        assert torch.equal(y[t : t + 1], affine_steer_ref(z[t : t + 1], u[s], b[s], lam, 1)), t
     assert torch.equal(y[[2, 6]], z[[2, 6]])
 
 

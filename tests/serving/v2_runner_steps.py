@@ -46,9 +46,11 @@ SLOTS = 4  # the runner's max_num_reqs
 TOL = dict(rtol=1e-4, atol=1e-4)  # a batched forward against one sequence at a time (fp32 matmuls)
 
 
-def steer_norms(model, rows):
-    """The plugin's ``SlotSteered`` on every module a registered steering names (what
-    ``vllm_plugin.steer_modules`` does to vLLM's norms, here on transformers' LlamaRMSNorm)."""
+def steer_norms(model, rows, max_tokens=64):
+    """The plugin's ``SlotSteered`` on every module a registered steering names and its
+    per-forward row lookup on the model (what ``vllm_plugin.steer_modules`` does to vLLM's
+    model, here on transformers' with its LlamaRMSNorm)."""
+    tokens = vllm_plugin.token_tables(max_tokens, "cpu")
     names = sorted({m for s in registry.registered().values() for m in s.modules})
     gated = slots.gated_modules()
     for name in names:
@@ -57,7 +59,8 @@ def steer_norms(model, rows):
         u, b = slots.module_tables(name, d)
         gates = slots.gate_tables(name, d) if name in gated else None
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, SlotSteered(mod, u, b, rows, gates))
+        setattr(model.get_submodule(parent), child, SlotSteered(mod, u, b, tokens, gates))
+    vllm_plugin.look_up_rows_per_forward(model, rows, tokens)
 
 
 def params(spec):
