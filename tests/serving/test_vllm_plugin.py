@@ -544,6 +544,16 @@ def test_vllm_extension_points_are_there():
     assert isinstance(inspect.getattr_static(Request, "from_engine_core_request"), classmethod)
     assert "cache_salt=request.cache_salt" in inspect.getsource(Request.from_engine_core_request)
     assert "request.cache_salt" in inspect.getsource(kv_cache_utils.generate_block_hash_extra_keys)
+    # the per-forward row lookup wraps the served model's top-level forward: vLLM compiles the
+    # decoder stack (LlamaModel), not the top level, so the lookup runs eagerly each step under
+    # the forward context the runner sets around the model call
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+    from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaModel
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert issubclass(LlamaModel, TorchCompileWithNoGuardsWrapper)
+    assert not issubclass(LlamaForCausalLM, TorchCompileWithNoGuardsWrapper)
+    assert "set_forward_context(" in inspect.getsource(GPUModelRunner.execute_model)
 
 
 def test_v2_model_runner_loads_the_plugin_and_refuses_a_construction_it_does_not_know(registered):
