@@ -14,7 +14,7 @@
 #                       to measure the lineas_fast already installed in $PYTHON's environment.
 #   tests (270)         tests/gpu, the whole gpu lane (pytest; one xdist worker per file)
 #   tests-core (90)     its quick part: CUDA-graph capture of a steered decode step and of the
-#                       per-request slot ops; every kernel at paper-like shapes, fp32/bf16/fp16
+#                       per-request lookup and map; every kernel at paper-like shapes, fp32/bf16/fp16
 #   tests-sweep (180)   its exhaustive part: every kernel configuration x dtype vs float64
 #   convergence (100)   bench/convergence.py                   kernels (150)  bench/kernels_gpu.py
 #   trainer (130)       bench/trainer_step.py --qwen 1.5B 7B   trainer-1.5b (60): --qwen 1.5B
@@ -88,7 +88,7 @@ describe() {
   case $1 in
     setup) echo "install this checkout (and .whl/ wheels) offline into a temporary folder; versions" ;;
     tests) echo "gpu lane: every kernel configuration x dtype vs float64, CUDA graphs, training" ;;
-    tests-core) echo "gpu lane, quick: CUDA graphs (steered decode step, slot ops), kernels at paper shapes" ;;
+    tests-core) echo "gpu lane, quick: CUDA graphs (steered decode step, per-request map), kernels at paper shapes" ;;
     tests-sweep) echo "gpu lane, exhaustive: every kernel configuration x dtype vs float64" ;;
     convergence) echo "bench/convergence.py: 30-step runs, Triton vs torch, fp32 and bf16" ;;
     kernels) echo "bench/kernels_gpu.py: loss and affine map vs eager and torch.compile, copy bandwidth" ;;
