@@ -1,7 +1,5 @@
 """The cpu lane's fixtures (tests/conftest.py holds those every lane shares)."""
 
-import os
-
 import pytest
 
 
@@ -13,10 +11,6 @@ def subprocess_temporaries(tmp_path_factory):
     process keeps its own."""
     folder = tmp_path_factory.getbasetemp() / "subprocess-tmp"
     folder.mkdir(exist_ok=True)
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(folder)
-    yield
-    if saved is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved
+    with pytest.MonkeyPatch.context() as env:  # restored at the end of the session
+        env.setenv("TMPDIR", str(folder))
+        yield

@@ -67,13 +67,9 @@ def engine_sockets(tmp_path_factory):
     pointed under pytest's base folder, which the test run removes, so nothing is left in /tmp."""
     folder = tmp_path_factory.getbasetemp() / "vllm-rpc"
     folder.mkdir(exist_ok=True)
-    saved = os.environ.get("VLLM_RPC_BASE_PATH")
-    os.environ["VLLM_RPC_BASE_PATH"] = str(folder)
-    yield
-    if saved is None:
-        os.environ.pop("VLLM_RPC_BASE_PATH", None)
-    else:
-        os.environ["VLLM_RPC_BASE_PATH"] = saved
+    with pytest.MonkeyPatch.context() as env:  # restored at the end of the session
+        env.setenv("VLLM_RPC_BASE_PATH", str(folder))
+        yield
 
 
 @pytest.fixture(scope="session")
