@@ -153,7 +153,7 @@ class TokenTables:
         if n > self.max_tokens:
             raise RuntimeError(
                 f"lineas_fast: a forward of {n} tokens, but the per-token tables hold {self.max_tokens} "
-                "(the engine's max_num_batched_tokens when the model loaded)"
+                "(sized when the model loaded: the engine's most tokens per forward)"
             )
         torch.index_select(row_tables.slot, 0, rows, out=self.slot[:n])
         torch.index_select(row_tables.lam, 0, rows, out=self.lam[:n, 0])
