@@ -61,14 +61,19 @@ def needs_smollm2():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def engine_sockets(tmp_path_factory):
+def engine_temporaries(tmp_path_factory):
     """vLLM's engines (in this process and in the servers the tests start) put their IPC
-    sockets in $VLLM_RPC_BASE_PATH, by default the temporary directory, and leave them there:
-    pointed under pytest's base folder, which the test run removes, so nothing is left in /tmp."""
-    folder = tmp_path_factory.getbasetemp() / "vllm-rpc"
-    folder.mkdir(exist_ok=True)
+    sockets in $VLLM_RPC_BASE_PATH and, under tensor parallelism, a torch.distributed file store
+    (``vllm_dist_*``) in the temporary directory, both by default the temporary directory, and
+    leave them there: pointed under pytest's base folder, which the test run removes, so nothing
+    is left in /tmp. Processes started from here see both variables; this process keeps its own
+    temporary directory."""
+    base = tmp_path_factory.getbasetemp()
     with pytest.MonkeyPatch.context() as env:  # restored at the end of the session
-        env.setenv("VLLM_RPC_BASE_PATH", str(folder))
+        for var, name in (("VLLM_RPC_BASE_PATH", "vllm-rpc"), ("TMPDIR", "subprocess-tmp")):
+            folder = base / name
+            folder.mkdir(exist_ok=True)
+            env.setenv(var, str(folder))
         yield
 
 
