@@ -127,6 +127,8 @@ class Engine:
 
     def __init__(self, spec: dict, steerings_env: str | None, log_dir: str, name: str):
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        # vLLM's IPC sockets and temporaries go into the run's folder, removed at its end
+        env["VLLM_RPC_BASE_PATH"] = env["TMPDIR"] = log_dir
         env.pop("LINEAS_FAST_STEERINGS", None)
         if steerings_env:
             env["LINEAS_FAST_STEERINGS"] = steerings_env
