@@ -55,7 +55,10 @@ GATE_LEVELS = (None, "sentence", "token")
 @dataclass(frozen=True)
 class Recipe:
     """How one steering is obtained. ``n_train`` source and as many target sentences (the first
-    ``n_train`` of the sweep's pools); LinEAS settings are ignored by the baselines."""
+    ``n_train`` of the sweep's pools); LinEAS settings are ignored by the baselines.
+    ``target_judged_below``: draw the target sentences only from those the sweep's judge rates
+    below this toxicity probability (the interval sweep, ``sweep_draws``, only; None: the whole
+    target pool)."""
 
     method: str = "lineas"
     modules: str = r".*post_attention_layernorm"
@@ -67,6 +70,7 @@ class Recipe:
     n_train: int = 32
     gates: Optional[str] = None
     control_opening: Optional[float] = None
+    target_judged_below: Optional[float] = None
 
     def check(self) -> None:
         choice(self.method, "method", METHODS)
@@ -83,6 +87,10 @@ class Recipe:
         choice(self.optimizer, "optimizer", ("sgd", "adam"))
         if self.lr is not None:
             number(self.lr, "lr", low=0, low_open=True)
+        if self.target_judged_below is not None:
+            number(self.target_judged_below, "target_judged_below", low=0, low_open=True, high=1)
+            if self.method == "prompting":
+                raise ValueError("method='prompting' trains on nothing: target_judged_below does not apply")
         if self.method == "prompting" and self.gates:
             raise ValueError(f"method='prompting' has no maps to gate, got gates={self.gates!r}")
 
@@ -94,8 +102,9 @@ class Recipe:
         d = asdict(self)
         if d["lr"] is None:  # the default as a number: defaults change
             d["lr"] = TrainConfig(optimizer=self.optimizer).resolved_lr()
-        if d["control_opening"] is None:  # keys of sweeps before the field existed
-            d.pop("control_opening")
+        for k in ("control_opening", "target_judged_below"):  # keys of sweeps before the fields existed
+            if d[k] is None:
+                d.pop(k)
         if self.method != "lineas":
             for k in ("loss_modules", "sparsity", "steps", "optimizer", "lr"):
                 d.pop(k)
@@ -120,6 +129,8 @@ class Recipe:
             ]
             if self.loss_modules:
                 parts.append(f"loss@{_short(self.loss_modules)}")
+        if self.target_judged_below is not None:
+            parts.append(f"target judged <{self.target_judged_below:g}")
         if self.gates:
             parts.append(
                 f"DSAS-{self.gates}" + (f" ≤{self.control_opening:g}" if self.control_opening else "")
@@ -288,6 +299,11 @@ def run_sweep(
     if any(r.method == "prompting" for r in recipes):
         raise ValueError(
             "the single-draw sweep does not run method='prompting'; run_draw_sweep (sweep_draws) does"
+        )
+    if any(r.target_judged_below is not None for r in recipes):
+        raise ValueError(
+            "the single-draw sweep does not filter target sentences (target_judged_below); "
+            "run_draw_sweep (sweep_draws) does"
         )
     strengths = [float(s) for s in strengths]
     if not strengths:

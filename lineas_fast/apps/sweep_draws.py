@@ -161,11 +161,24 @@ def load_draw_data(
     return DrawData(insults, neutral, val, test, wiki_val, wiki_test, control)
 
 
-def draw_texts(data: DrawData, n_train: int, draw: int, seed: int) -> tuple[list, list]:
+def draw_texts(
+    data: DrawData, n_train: int, draw: int, seed: int, neutral: Optional[Sequence[str]] = None
+) -> tuple[list, list]:
     """Draw ``draw``'s (source, target) training sentences: ``n_train`` of each pool, sampled with
-    ``random.Random(1_000_003·seed + draw)``."""
+    ``random.Random(1_000_003·seed + draw)``; ``neutral`` replaces the target pool (a recipe's
+    ``target_judged_below``: the same source sentences, targets from the filtered pool)."""
     rng = random.Random(1_000_003 * seed + draw)
-    return rng.sample(data.insults, n_train), rng.sample(data.neutral, n_train)
+    return rng.sample(data.insults, n_train), rng.sample(
+        data.neutral if neutral is None else neutral, n_train
+    )
+
+
+def judged_below(texts: Sequence[str], judge, threshold: float) -> list:
+    """The texts ``judge`` rates below ``threshold`` (in their order)."""
+    probs = [float(p) for p in judge(list(texts))]
+    if len(probs) != len(texts):
+        raise ValueError(f"the judge returned {len(probs)} values for {len(texts)} texts")
+    return [t for t, p in zip(texts, probs) if p < threshold]
 
 
 def evaluate_split(
@@ -216,6 +229,17 @@ def run_draw_sweep(
     strengths = [number(s, "strength", low=0, low_open=True) for s in strengths]
     if not strengths:
         raise ValueError("a sweep needs at least one strength")
+    target_pools = {}  # recipe key -> its target pool (None: data.neutral)
+    for i, r in enumerate(recipes):
+        target_pools[r.key()] = None
+        if r.target_judged_below is not None:
+            pool = judged_below(data.neutral, judge, r.target_judged_below)
+            if len(pool) < r.n_train:
+                raise ValueError(
+                    f"recipes[{i}] ({r.label()}): n_train={r.n_train} but only {len(pool)} of the "
+                    f"{len(data.neutral)} target sentences are judged below {r.target_judged_below:g}"
+                )
+            target_pools[r.key()] = pool
     model_digest = _model_digest(model)
     settings = {
         "protocol": PROTOCOL,
@@ -317,7 +341,7 @@ def run_draw_sweep(
             i += 1
             continue
         for k in range(protocol.draws):
-            src, tgt = draw_texts(data, recipe.n_train, k, protocol.seed)
+            src, tgt = draw_texts(data, recipe.n_train, k, protocol.seed, target_pools[recipe.key()])
             view = SweepData(src, tgt, [], [], data.control)
             fit_key = _fit_key(model, recipe, view, protocol.seed + k)
             steering, fit_s = None, 0.0

@@ -101,6 +101,13 @@ def add_arguments(d) -> None:
         help="gated recipes: lower each gate's bias until its mean opening on the "
         "control sentences is at most this",
     )
+    d.add_argument(
+        "--target-judged-below",
+        type=real(0, low_open=True, high=1),
+        default=None,
+        help="train toward target sentences the judge rates below this toxicity probability only "
+        "(default: every target sentence)",
+    )
     d.add_argument("--strengths", type=real(0, low_open=True), nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     d.add_argument("--recipes", help="a JSON list of recipe objects instead of the axes")
     d.add_argument(
@@ -130,6 +137,13 @@ def add_arguments(d) -> None:
         default=0.10,
         help="perplexity increase allowed when choosing a strength on validation, and in the target "
         "(default: %(default)s)",
+    )
+    d.add_argument(
+        "--tox-factor",
+        type=real(1),
+        default=2.0,
+        help="the target's toxicity reduction: mean toxicity at most unsteered / this (default: "
+        "%(default)s; issue #31's goal is 3 with --ppl-budget 0.03)",
     )
     d.add_argument("--n-boot", type=integer(100), default=2000, help="bootstrap replicates per interval")
     d.add_argument("--seed", type=SEED, default=0)
@@ -179,11 +193,32 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
                 args.lr or [None],
                 gates,
             ):
-                out.append(Recipe("lineas", m, lm, s, st, opt, lr, n, g, args.control_opening if g else None))
+                out.append(
+                    Recipe(
+                        "lineas",
+                        m,
+                        lm,
+                        s,
+                        st,
+                        opt,
+                        lr,
+                        n,
+                        g,
+                        args.control_opening if g else None,
+                        args.target_judged_below,
+                    )
+                )
         else:
             for m, n, g in itertools.product(modules, args.n_train, gates):
                 out.append(
-                    Recipe(method, m, n_train=n, gates=g, control_opening=args.control_opening if g else None)
+                    Recipe(
+                        method,
+                        m,
+                        n_train=n,
+                        gates=g,
+                        control_opening=args.control_opening if g else None,
+                        target_judged_below=args.target_judged_below,
+                    )
                 )
     return out
 
@@ -242,6 +277,7 @@ def run(args) -> int:
         args.strengths,
         args.out,
         protocol,
+        tox_factor=args.tox_factor,
         ppl_budget=args.ppl_budget,
         model_name=args.model if args.model in MODELS else folder,
     )

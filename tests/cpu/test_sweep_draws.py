@@ -15,7 +15,7 @@ from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 import lineas_fast as lf
 from lineas_fast.apps.decoding import Decoding
 from lineas_fast.apps.eval import perplexity
-from lineas_fast.apps.sweep import Recipe
+from lineas_fast.apps.sweep import Recipe, SweepData, run_sweep
 from lineas_fast.apps.sweep_draws import DrawData, Protocol, draw_texts, run_draw_sweep
 from lineas_fast.apps.sweep_report import choose_on_validation, format_interval_table
 from lineas_fast.cli import build_parser, main
@@ -241,6 +241,9 @@ def test_cli_flags_give_the_protocol(tmp_path, capsys):
     args = build_parser().parse_args(["sweep"])
     p = protocol_from_args(args)
     assert (p.draws, p.gen_seeds, p.decoding, p.n_boot) == (3, 2, Decoding(), 2000)
+    assert (
+        args.tox_factor == 2.0 and build_parser().parse_args(["sweep", "--tox-factor", "3"]).tox_factor == 3
+    )
     assert args.ppl_budget == 0.10 and (args.val_prompts, args.prompts, args.val_wiki, args.wiki) == (
         100,
         200,
@@ -252,7 +255,13 @@ def test_cli_flags_give_the_protocol(tmp_path, capsys):
     )
     p = protocol_from_args(args)
     assert p.decoding == Decoding.greedy(8) and p.seeds() == [0] and p.draws == 1
-    for bad in (["--draws", "0"], ["--gen-seeds", "0"], ["--decoding", "beam"], ["--n-boot", "5"]):
+    for bad in (
+        ["--draws", "0"],
+        ["--gen-seeds", "0"],
+        ["--decoding", "beam"],
+        ["--n-boot", "5"],
+        ["--tox-factor", "0.5"],
+    ):
         assert main(["sweep", *bad, "--out", str(tmp_path / "o")]) == 2
         assert bad[0] in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -305,3 +314,38 @@ def test_cli_end_to_end_on_the_real_data_with_a_tiny_model(tmp_path, capsys):
     assert "[95% CI]" in out and "chosen on validation" in out and "wrote" in out
     saved = json.loads((tmp_path / "o" / "sweep.json").read_text())
     assert saved["settings"]["n_test"] == 3 and saved["rows"][1]["n"]["prompts"] == 3
+
+
+def test_a_recipe_can_train_toward_the_target_sentences_the_judge_rates_clean(tmp_path):
+    """``target_judged_below``: each draw's targets come only from the sentences the judge rates
+    below the threshold (the same source sentences as an unfiltered recipe); too few is refused
+    before any model work, and the single-draw sweep refuses the field."""
+    judge = Judge()
+    clean = [t for t in TARGET if judge([t])[0] < 0.7]  # 4 of the 9
+    assert 4 <= len(clean) < len(TARGET)
+    recipe = Recipe("mean_shift", r"model\.norm", n_train=4, target_judged_below=0.7)
+    assert "target judged <0.7" in recipe.label() and recipe.key() != RECIPE.key()
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    protocol = Protocol(draws=2, gen_seeds=1, decoding=Decoding(max_new_tokens=2), n_boot=100)
+    run_draw_sweep(model, tok, data(), judge, [recipe], [1.0], str(tmp_path), protocol, progress=False)
+    for k in (0, 1):
+        src, tgt = draw_texts(data(), 4, k, 0, clean)
+        assert src == draw_texts(data(), 4, k, 0)[0] and set(tgt) <= set(clean)
+        st = lf.Steering.load(str(tmp_path / "steerings" / f"{recipe.key()}-d{k}.safetensors"))
+        again = lf.fit_mean_shift(model, tok, src, tgt, modules=r"model\.norm", seed=k)
+        assert np.allclose(again["model.norm"][1].numpy(), st["model.norm"][1].numpy(), atol=1e-6)
+    strict = Recipe("mean_shift", r"model\.norm", n_train=4, target_judged_below=0.6)
+    calls = judge.calls
+    with pytest.raises(
+        ValueError, match=r"n_train=4 but only 2 of the 9 target sentences are judged below 0.6"
+    ):
+        run_draw_sweep(
+            model, tok, data(), judge, [strict], [1.0], str(tmp_path / "s"), protocol, progress=False
+        )
+    assert judge.calls == calls + 1  # the filter's one call, no generation
+    with pytest.raises(ValueError, match="target_judged_below"):
+        Recipe("prompting", target_judged_below=0.5).check()
+    with pytest.raises(ValueError, match="single-draw sweep does not filter"):
+        run_sweep(
+            model, tok, SweepData(SOURCE, TARGET, ["a"], ["b"]), judge, [recipe], [1.0], str(tmp_path / "x")
+        )

@@ -1,0 +1,125 @@
+"""Issue #31's goal, read from an interval sweep's result file (bench/results/quality-NAME.json):
+
+    LinEAS at the strength chosen on validation reaches >= 3x lower mean toxicity at <= +3%
+    perplexity (point estimates on the test split), and its mean-toxicity interval lies below,
+    without overlap, every baseline's interval at that baseline's strength chosen on validation.
+
+    python bench/quality_goal.py NAME      # prints the summary of quality-NAME.json
+
+``goal_lines(res)`` gives the summary as markdown bullets for the docs (bench/tables.py): the
+LinEAS row, each baseline row with whether its interval overlaps LinEAS's, and the verdict. The
+file's own ``tox_factor`` / ``ppl_budget`` are the sweep's target; the goal's numbers are fixed
+here (GOAL_FACTOR, GOAL_PPL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+GOAL_FACTOR = 3.0  # mean toxicity at most unsteered / 3
+GOAL_PPL = 0.03  # perplexity at most unsteered x 1.03
+
+
+def chosen_rows(res: dict) -> dict:
+    """{recipe label: row} of the rows chosen on validation, plus prompting (one unit, no strength)."""
+    from lineas_fast.apps.sweep_report import row_label
+
+    out = {}
+    for r in res["rows"][1:]:
+        if r.get("choice") == "validation" or r["method"] == "prompting":
+            out[row_label(r)] = r
+    return out
+
+
+def _ratio(r: dict, key: str, digits: int = 2) -> str:
+    ci = r["ci"][f"{key}_ratio"]
+    show = lambda v: "∞" if v is None else f"{v:.{digits}f}"  # noqa: E731
+    return f"×{show(ci['mean'])} [{show(ci['low'])}, {show(ci['high'])}]"
+
+
+def _strengths(r: dict) -> str:
+    if r["method"] == "prompting":
+        return ""
+    return ", λ = " + "/".join(f"{x:g}" for x in r["chosen_strengths"])
+
+
+def goal_lines(res: dict) -> list[str]:
+    """Markdown bullets: the best LinEAS row chosen on validation, every baseline row, the verdict."""
+    base = res["rows"][0]
+    rows = chosen_rows(res)
+    lineas = {k: r for k, r in rows.items() if r["method"] == "lineas"}
+    others = {k: r for k, r in rows.items() if r["method"] != "lineas"}
+    if not lineas:
+        return ["* no LinEAS row was chosen on validation (no strength within the budget there)"]
+    label, best = min(lineas.items(), key=lambda kv: kv[1]["validation"]["toxicity_mean_prob"])
+    factor = base["toxicity_mean_prob"] / best["toxicity_mean_prob"]
+    ppl = best["perplexity"] / base["perplexity"] - 1
+    n = best["n"]
+    lines = [
+        f"* LinEAS ({label}{_strengths(best)}; {n['draws']} draws × {n['seeds']} seeds × "
+        f"{n['prompts']} test prompts): mean toxicity {base['toxicity_mean_prob']:.3f} → "
+        f"{best['toxicity_mean_prob']:.3f}, {_ratio(best, 'toxicity_mean_prob')} "
+        f"(**{factor:.1f}× lower**), perplexity {_ratio(best, 'perplexity', 3)} (**{ppl:+.1%}**)"
+    ]
+    hi = best["ci"]["toxicity_mean_prob"]["high"]
+    apart = []
+    for k, r in others.items():
+        lo = r["ci"]["toxicity_mean_prob"]["low"]
+        apart.append(hi < lo)
+        lines.append(
+            f"* {k}{_strengths(r)}: mean toxicity {r['toxicity_mean_prob']:.3f}, "
+            f"{_ratio(r, 'toxicity_mean_prob')}, perplexity {_ratio(r, 'perplexity', 3)}: its interval "
+            f"{'lies above' if hi < lo else 'overlaps'} LinEAS's"
+        )
+    met_factor, met_ppl = factor >= GOAL_FACTOR, ppl <= GOAL_PPL
+    verdict = "met" if met_factor and met_ppl and all(apart) else "not met"
+    why = []
+    if not met_factor:
+        why.append(f"{factor:.1f}× is below {GOAL_FACTOR:g}×")
+    if not met_ppl:
+        why.append(f"{ppl:+.1%} is above {GOAL_PPL:+.0%}")
+    if not all(apart):
+        why.append(f"{apart.count(False)} of {len(apart)} baseline intervals overlap")
+    if not others:
+        why.append("no baseline measured")
+        verdict = "not met"
+    lines.append(
+        f"* goal (≥ {GOAL_FACTOR:g}× lower at ≤ {GOAL_PPL:+.0%}, beating every baseline): **{verdict}**"
+        + (f" ({'; '.join(why)})" if why else "")
+    )
+    return lines
+
+
+def measured_cost(res: dict) -> str:
+    """The sweep's measured times: median evaluation of a unit, median LinEAS and closed-form fits."""
+    rows = res["rows"]
+    evals = [  # a grid row's eval_s sums its draws' units
+        r["eval_s"] / max(1, len(r.get("draws") or []))
+        for r in rows
+        if r.get("choice") != "validation" and r.get("eval_s")
+    ]
+    fits = lambda ms: [r["fit_s"] for r in rows if r["method"] in ms and r.get("fit_s")]  # noqa: E731
+    parts = [f"one unit's evaluation (median of {len(evals)} rows) {statistics.median(evals) / 60:.1f} min"]
+    for name, ms in (("LinEAS fit", ("lineas",)), ("closed-form fit", ("mean_shift", "linear_act", "iti_c"))):
+        if fits(ms):
+            parts.append(f"{name} {statistics.median(fits(ms)) / 60:.1f} min")
+    return ", ".join(parts)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"quality-{argv[0]}.json")
+    with open(path) as f:
+        res = json.load(f)
+    print("\n".join(goal_lines(res)))
+    print(measured_cost(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
