@@ -46,20 +46,27 @@ def _strengths(r: dict) -> str:
     return ", λ = " + "/".join(f"{x:g}" for x in r["chosen_strengths"])
 
 
+def best_lineas(res: dict):
+    """The LinEAS row chosen on validation with the lowest validation toxicity (None: none chosen)."""
+    rows = [r for r in chosen_rows(res).values() if r["method"] == "lineas"]
+    return min(rows, key=lambda r: r["validation"]["toxicity_mean_prob"]) if rows else None
+
+
 def goal_lines(res: dict) -> list[str]:
     """Markdown bullets: the best LinEAS row chosen on validation, every baseline row, the verdict."""
+    from lineas_fast.apps.sweep_report import row_label
+
     base = res["rows"][0]
-    rows = chosen_rows(res)
-    lineas = {k: r for k, r in rows.items() if r["method"] == "lineas"}
-    others = {k: r for k, r in rows.items() if r["method"] != "lineas"}
-    if not lineas:
+    others = {k: r for k, r in chosen_rows(res).items() if r["method"] != "lineas"}
+    best = best_lineas(res)
+    if best is None:
         return ["* no LinEAS row was chosen on validation (no strength within the budget there)"]
-    label, best = min(lineas.items(), key=lambda kv: kv[1]["validation"]["toxicity_mean_prob"])
+    label = row_label(best)
     factor = base["toxicity_mean_prob"] / best["toxicity_mean_prob"]
     ppl = best["perplexity"] / base["perplexity"] - 1
     n = best["n"]
     lines = [
-        f"* LinEAS ({label}{_strengths(best)}; {n['draws']} draws × {n['seeds']} seeds × "
+        f"* {label}{_strengths(best)} ({n['draws']} draws × {n['seeds']} seeds × "
         f"{n['prompts']} test prompts): mean toxicity {base['toxicity_mean_prob']:.3f} → "
         f"{best['toxicity_mean_prob']:.3f}, {_ratio(best, 'toxicity_mean_prob')} "
         f"(**{factor:.1f}× lower**), perplexity {_ratio(best, 'perplexity', 3)} (**{ppl:+.1%}**)"

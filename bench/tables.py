@@ -112,6 +112,46 @@ def quality_target(res: Results) -> str:
     return "\n".join(lines)
 
 
+def quality_goal(name: str) -> Callable[[Results], str]:
+    """Issue #31's goal read from an interval sweep's file (bench/quality_goal.py), and its measured cost."""
+
+    def make(res: Results) -> str:
+        from quality_goal import goal_lines, measured_cost
+
+        data = res(f"quality-{name}.json")
+        cost = measured_cost(data)
+        return "\n".join(goal_lines(data)) + f"\n\nMeasured times of this sweep: {cost}."
+
+    return make
+
+
+def _interval_headline(res: Results) -> list[str]:
+    """A headline row per model with an interval sweep (quality-KEY-draws.json): LinEAS at the
+    strength chosen on validation, with its intervals."""
+    from quality_goal import best_lineas
+
+    lines = []
+    for key, model in MODEL_NAMES.items():
+        name = f"quality-{key}-draws.json"
+        if not os.path.isfile(os.path.join(res.folder, name)):
+            continue
+        data = res(name)
+        r, base = best_lineas(data), data["rows"][0]
+        if r is None:
+            continue
+        t, p, n = r["ci"]["toxicity_mean_prob_ratio"], r["ci"]["perplexity_ratio"], r["n"]
+        factor = base["toxicity_mean_prob"] / r["toxicity_mean_prob"]
+        lines.append(
+            f"| steering quality with 95% intervals, {model}, LinEAS's best recipe "
+            f"(strength chosen on validation within "
+            f"{data['ppl_budget']:+.0%} perplexity; {n['draws']} draws × {n['seeds']} seeds × "
+            f"{n['prompts']} test prompts, sampled) | mean toxicity ×{t['mean']:.2f} "
+            f"[{t['low']:.2f}, {t['high']:.2f}] (**{factor:.1f}× "
+            f"lower**) at perplexity ×{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}] | {res.link(name)} |"
+        )
+    return lines
+
+
 def demo(res: Results) -> str:
     from lineas_fast.apps.demo import format_table
 
@@ -526,6 +566,20 @@ def activation_scale(res: Results) -> str:
     )
 
 
+def judge_pools(res: Results) -> str:
+    d = res("judge-pools-cpu.json")
+    lines = [
+        "| texts | n | mean toxicity p | toxic (p ≥ 0.5) | median p | share below 0.5 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in d["pools"].items():
+        lines.append(
+            f"| {name} | {p['n']} | {p['mean_prob']:.3f} | {p['toxic_rate']:.1%} | {p['median_prob']:.3f} | "
+            f"{p['share_below_0.5']:.0%} |"
+        )
+    return "\n".join(lines) + f"\n\n({res.link('judge-pools-cpu.json')}, `python bench/judge_pools.py`)"
+
+
 def kernel_resources(res: Results) -> str:
     lines = ["| report | triton | builds | configurations | archs | failures | over budget or spilling |"]
     lines.append("|---|---|---|---|---|---|---|")
@@ -586,13 +640,14 @@ def gpu(res: Results) -> str:
 
 
 def headline(res: Results) -> str:
-    lines = ["| what | measured | file |", "|---|---|---|"]
+    lines = ["| what | measured | file |", "|---|---|---|", *_interval_headline(res)]
     for key, model in MODEL_NAMES.items():
         data = res(f"quality-{key}.json")
         q = _ratio_row(data, data["best"])
         r, b = q["row"], q["base"]
         lines.append(
-            f"| steering quality, {model} (λ = {r['strength']:g}, 200 prompts) | mean toxicity "
+            f"| steering quality, one draw, greedy, {model} (λ = {r['strength']:g}, 200 prompts) | "
+            f"mean toxicity "
             f"{b['toxicity_mean_prob']:.3f} → {r['toxicity_mean_prob']:.3f} "
             f"(**{q['tox_factor']:.1f}× lower**) "
             f"at {q['ppl_change']:+.1%} perplexity | {res.link(f'quality-{key}.json')} |"
@@ -631,6 +686,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "quality-smollm2": quality_table("smollm2"),
     "quality-gemma3": quality_table("gemma3"),
     "quality-target": quality_target,
+    "quality-smollm2-draws": quality_table("smollm2-draws"),
+    "quality-goal-smollm2": quality_goal("smollm2-draws"),
     "sweep-cost": sweep_cost,
     "trainer": trainer,
     "generation": generation,
@@ -643,6 +700,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "diffusion-crn": diffusion_crn,
     "dsas-token": dsas_token,
     "activation-scale": activation_scale,
+    "judge-pools": judge_pools,
     "kernel-resources": kernel_resources,
     "bench-kernels-cpu": bench_kernels_cpu,
     "roofline": roofline,
