@@ -24,14 +24,11 @@ GOAL_PPL = 0.03  # perplexity at most unsteered x 1.03
 
 
 def chosen_rows(res: dict) -> dict:
-    """{recipe label: row} of the rows chosen on validation, plus prompting (one unit, no strength)."""
+    """{recipe label: row} of the rows chosen on validation (prompting, one unit with no strength,
+    has one too)."""
     from lineas_fast.apps.sweep_report import row_label
 
-    out = {}
-    for r in res["rows"][1:]:
-        if r.get("choice") == "validation" or r["method"] == "prompting":
-            out[row_label(r)] = r
-    return out
+    return {row_label(r): r for r in res["rows"][1:] if r.get("choice") == "validation"}
 
 
 def _ratio(r: dict, key: str, digits: int = 2) -> str:
@@ -101,18 +98,24 @@ def goal_lines(res: dict) -> list[str]:
 
 
 def measured_cost(res: dict) -> str:
-    """The sweep's measured times: median evaluation of a unit, median LinEAS and closed-form fits."""
-    rows = res["rows"]
+    """The sweep's measured times: the median evaluation of one unit, and the median fit of one
+    draw, LinEAS and closed-form, over the grid rows (each fit counted once per recipe and draw)."""
+    grid = [r for r in res["rows"] if r.get("choice") != "validation"]
     evals = [  # a grid row's eval_s sums its draws' units
-        r["eval_s"] / max(1, len(r.get("draws") or []))
-        for r in rows
-        if r.get("choice") != "validation" and r.get("eval_s")
+        r["eval_s"] / max(1, len(r.get("draws") or [])) for r in grid if r.get("eval_s")
     ]
-    fits = lambda ms: [r["fit_s"] for r in rows if r["method"] in ms and r.get("fit_s")]  # noqa: E731
     parts = [f"one unit's evaluation (median of {len(evals)} rows) {statistics.median(evals) / 60:.1f} min"]
-    for name, ms in (("LinEAS fit", ("lineas",)), ("closed-form fit", ("mean_shift", "linear_act", "iti_c"))):
-        if fits(ms):
-            parts.append(f"{name} {statistics.median(fits(ms)) / 60:.1f} min")
+    for name, methods in (
+        ("LinEAS fit", ("lineas",)),
+        ("closed-form fit", ("mean_shift", "linear_act", "iti_c")),
+    ):
+        fits = {}  # (recipe, draw) -> seconds: a recipe's strengths share their draws' fits
+        for r in grid:
+            if r["method"] in methods:
+                per_draw = r.get("fit_s_draws") or [r.get("fit_s", 0.0)] * len(r["draws"])
+                fits.update({(r["recipe"], d): s for d, s in zip(r["draws"], per_draw)})
+        if fits:
+            parts.append(f"{name} (median of {len(fits)}) {statistics.median(fits.values()) / 60:.1f} min")
     return ", ".join(parts)
 
 

@@ -116,6 +116,7 @@ def _row(units: Sequence[dict], base: dict, n_boot: int, seed: int, **fields) ->
         **interval_row(units, base, n_boot, seed, ratios=steered),
         "example": first.get("example"),
         "fit_s": float(np.mean([u.get("fit_s", 0.0) for u in units])),
+        "fit_s_draws": [float(u.get("fit_s", 0.0)) for u in units],  # each draw's fit, in draw order
         "eval_s": float(sum(u.get("eval_s", 0.0) for u in units)),
         **fields,
     }

@@ -16,6 +16,7 @@ def ci(mean, low, high):
 def row(method, tox, lo, hi, ppl, val_tox, strengths=(1.0, 1.0, 1.0), settings=None):
     return {
         "method": method,
+        "recipe": method,
         "label": method,
         "settings": settings,
         "choice": "validation",
@@ -80,7 +81,10 @@ def test_each_failed_condition_is_named():
 def test_measured_cost_is_per_unit():
     res = results(0.03, 0.035, 10.25, 0.05)
     res["rows"][1]["choice"] = None  # a grid row: eval_s sums its three draws' units
-    assert (
-        measured_cost(res)
-        == "one unit's evaluation (median of 2 rows) 4.0 min, LinEAS fit 1.0 min, closed-form fit 1.0 min"
+    res["rows"][1]["fit_s_draws"] = [30.0, 60.0, 120.0]
+    expected = "one unit's evaluation (median of 2 rows) 4.0 min, LinEAS fit (median of 3) 1.0 min"
+    assert measured_cost(res) == expected
+    res["rows"][3]["choice"] = None  # a closed-form grid row without per-draw times: its mean per draw
+    assert measured_cost(res).endswith(
+        "LinEAS fit (median of 3) 1.0 min, closed-form fit (median of 3) 1.0 min"
     )

@@ -79,7 +79,7 @@ def units(out):
 
 
 def stable(rows):
-    return [{k: v for k, v in r.items() if k not in ("fit_s", "eval_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("fit_s", "fit_s_draws", "eval_s")} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,7 @@ def test_rows_are_the_units_pooled_with_intervals(finished):
     base = found[("none", None, 0.0)]
     for r in rows[1:3]:
         us = [found[(key, k, r["strength"])] for k in (0, 1)]
+        assert r["fit_s_draws"] == [u["fit_s"] for u in us]  # each draw's own fit time
         tox = np.array([u["test"]["tox"] for u in us])  # (draws, seeds, prompts)
         assert tox.shape == (2, 2, 4) and r["n"] == {
             "draws": 2,
