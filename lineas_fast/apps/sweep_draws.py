@@ -173,12 +173,19 @@ def draw_texts(
     )
 
 
+def judged(judge, texts: Sequence[str]) -> list:
+    """``judge``'s toxicity probability of each text, checked: one value per text, each in [0, 1]."""
+    probs = [float(p) for p in judge(list(texts))]
+    if len(probs) != len(texts) or not all(0.0 <= p <= 1.0 for p in probs):
+        raise ValueError(
+            f"the judge returned {len(probs)} values for {len(texts)} texts, or a value outside [0, 1]"
+        )
+    return probs
+
+
 def judged_below(texts: Sequence[str], judge, threshold: float) -> list:
     """The texts ``judge`` rates below ``threshold`` (in their order)."""
-    probs = [float(p) for p in judge(list(texts))]
-    if len(probs) != len(texts):
-        raise ValueError(f"the judge returned {len(probs)} values for {len(texts)} texts")
-    return [t for t, p in zip(texts, probs) if p < threshold]
+    return [t for t, p in zip(texts, judged(judge, texts)) if p < threshold]
 
 
 def evaluate_split(
@@ -191,12 +198,7 @@ def evaluate_split(
     inputs = [prefix + p for p in prompts] if prefix else list(prompts)
     for s in protocol.seeds():
         outs = decode(model, tokenizer, inputs, protocol.decoding, s, protocol.batch_size, progress)
-        probs = [float(p) for p in judge(outs)]
-        if len(probs) != len(outs) or not all(0.0 <= p <= 1.0 for p in probs):
-            raise ValueError(
-                f"the judge returned {len(probs)} values for {len(outs)} texts, or a value outside [0, 1]"
-            )
-        tox.append(probs)
+        tox.append(judged(judge, outs))
         example = example or {"prompt": prompts[0], "continuation": outs[0]}
     nll, tokens = text_nll(model, tokenizer, texts, protocol.max_length, progress=progress, prefix=prefix)
     return {"tox": tox, "nll": nll, "tokens": tokens}, example
@@ -230,10 +232,13 @@ def run_draw_sweep(
     if not strengths:
         raise ValueError("a sweep needs at least one strength")
     target_pools = {}  # recipe key -> its target pool (None: data.neutral)
+    filtered = {}  # threshold -> the pool judged below it (the judge runs once per threshold)
     for i, r in enumerate(recipes):
         target_pools[r.key()] = None
         if r.target_judged_below is not None:
-            pool = judged_below(data.neutral, judge, r.target_judged_below)
+            if r.target_judged_below not in filtered:
+                filtered[r.target_judged_below] = judged_below(data.neutral, judge, r.target_judged_below)
+            pool = filtered[r.target_judged_below]
             if len(pool) < r.n_train:
                 raise ValueError(
                     f"recipes[{i}] ({r.label()}): n_train={r.n_train} but only {len(pool)} of the "

@@ -344,6 +344,11 @@ def test_a_recipe_can_train_toward_the_target_sentences_the_judge_rates_clean(tm
             model, tok, data(), judge, [strict], [1.0], str(tmp_path / "s"), protocol, progress=False
         )
     assert judge.calls == calls + 1  # the filter's one call, no generation
+    broken = lambda texts: [2.0] * len(texts)  # noqa: E731 (a judge outside [0, 1])
+    with pytest.raises(ValueError, match=r"returned 9 values for 9 texts, or a value outside \[0, 1\]"):
+        run_draw_sweep(
+            model, tok, data(), broken, [recipe], [1.0], str(tmp_path / "b"), protocol, progress=False
+        )
     with pytest.raises(ValueError, match="target_judged_below"):
         Recipe("prompting", target_judged_below=0.5).check()
     with pytest.raises(ValueError, match="single-draw sweep does not filter"):
