@@ -82,11 +82,12 @@ def evaluate(model, tokenizer, data, judge, max_new_tokens: int, progress: bool,
     }
 
 
-def gate_opening_report(model, tokenizer, gated, data) -> dict:
-    """{"wiki", "prompts"}: the mean per-token gate opening of ``gated`` (at strength 1) on
-    ``data.wiki`` and on ``data.prompts``."""
+def gate_opening_report(model, tokenizer, gated, data, strength: float = 1.0) -> dict:
+    """{"wiki", "prompts"}: the mean per-token gate opening g of ``gated`` on ``data.wiki`` and
+    on ``data.prompts`` while it is applied at ``strength`` (> 0; the gates read the activations
+    of the model steered at that strength). ``model`` must carry no steering of its own."""
     return {
-        name: float(gate_openings(model, tokenizer, gated, texts)["mean"])
+        name: float(gate_openings(model, tokenizer, gated, texts, strength=strength)["mean"]) / strength
         for name, texts in (("wiki", data.wiki), ("prompts", data.prompts))
     }
 

