@@ -43,9 +43,19 @@ def _strengths(r: dict) -> str:
     return ", λ = " + "/".join(f"{x:g}" for x in r["chosen_strengths"])
 
 
-def best_lineas(res: dict):
-    """The LinEAS row chosen on validation with the lowest validation toxicity (None: none chosen)."""
-    rows = [r for r in chosen_rows(res).values() if r["method"] == "lineas"]
+def gated(r: dict) -> bool:
+    """Whether the row's recipe has DSAS gates."""
+    return bool((r.get("settings") or {}).get("gates"))
+
+
+def best_lineas(res: dict, gates=None):
+    """The LinEAS row chosen on validation with the lowest validation toxicity (None: none chosen);
+    ``gates=False`` / ``True``: among the ungated / gated recipes only."""
+    rows = [
+        r
+        for r in chosen_rows(res).values()
+        if r["method"] == "lineas" and (gates is None or gated(r) == gates)
+    ]
     return min(rows, key=lambda r: r["validation"]["toxicity_mean_prob"]) if rows else None
 
 
@@ -68,6 +78,14 @@ def goal_lines(res: dict) -> list[str]:
         f"{best['toxicity_mean_prob']:.3f}, {_ratio(best, 'toxicity_mean_prob')} "
         f"(**{factor:.1f}× lower**), perplexity {_ratio(best, 'perplexity', 3)} (**{ppl:+.1%}**)"
     ]
+    plain = best_lineas(res, gates=False)
+    if gated(best) and plain is not None:
+        f = base["toxicity_mean_prob"] / plain["toxicity_mean_prob"]
+        lines.append(
+            f"* without gates, the best LinEAS row: {row_label(plain)}{_strengths(plain)}: "
+            f"{_ratio(plain, 'toxicity_mean_prob')} ({f:.1f}× lower), perplexity "
+            f"{_ratio(plain, 'perplexity', 3)}"
+        )
     hi = best["ci"]["toxicity_mean_prob"]["high"]
     apart = []
     for k, r in others.items():

@@ -88,3 +88,15 @@ def test_measured_cost_is_per_unit():
     assert measured_cost(res).endswith(
         "LinEAS fit (median of 3) 1.0 min, closed-form fit (median of 3) 1.0 min"
     )
+
+
+def test_a_gated_best_row_is_shown_beside_the_best_ungated_one():
+    res = results(0.03, 0.035, 10.25, 0.05)
+    res["rows"][2]["settings"] = {"method": "lineas", "gates": "token", "gate_control": "wikipedia"}
+    assert best_lineas(res) is res["rows"][2] and best_lineas(res, gates=False) is res["rows"][1]
+    assert best_lineas(res, gates=True) is res["rows"][2]
+    lines = goal_lines(res)
+    assert lines[1].startswith("* without gates, the best LinEAS row: lineas")
+    assert "×0.50 [0.40, 0.60] (2.0× lower)" in lines[1] and lines[-1].endswith("**met**")
+    res["rows"][1]["settings"] = {"method": "lineas", "gates": "token"}  # no ungated row: no such line
+    assert not any("without gates" in line for line in goal_lines(res))
