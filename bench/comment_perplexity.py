@@ -20,6 +20,8 @@ import os
 import random
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, write_json  # noqa: E402
 
@@ -30,7 +32,7 @@ from lineas_fast.apps.sweep_draws import load_draw_data  # noqa: E402
 from lineas_fast.steering import Steering  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-N_COMMENTS = 200
+N_COMMENTS = 100
 MODELS = {"smollm2": "smollm2_folder", "gemma3": "gemma3_folder"}
 
 
@@ -69,7 +71,8 @@ def measure(sweep_dir: str, name: str) -> dict:
         "sweep": {"name": name, "model": model_name, "data_digest": sweep["settings"]["data_digest"]},
         "comments": {"n": len(comments), "source": "insults test file, non-insults, 20-200 characters"},
     }
-    out.update(comment_rows(sweep, sweep_dir, model, tok, comments))
+    with torch.no_grad():
+        out.update(comment_rows(sweep, sweep_dir, model, tok, comments))
     return out
 
 

@@ -128,7 +128,7 @@ def quality_goal(name: str) -> Callable[[Results], str]:
 def _interval_headline(res: Results) -> list[str]:
     """A headline row per model with an interval sweep (quality-KEY-draws.json): LinEAS at the
     strength chosen on validation, with its intervals."""
-    from quality_goal import best_lineas
+    from quality_goal import best_lineas, gated
 
     lines = []
     for key, model in MODEL_NAMES.items():
@@ -141,13 +141,27 @@ def _interval_headline(res: Results) -> list[str]:
             continue
         t, p, n = r["ci"]["toxicity_mean_prob_ratio"], r["ci"]["perplexity_ratio"], r["n"]
         factor = base["toxicity_mean_prob"] / r["toxicity_mean_prob"]
+        shut = {"wikipedia": "Wikipedia", "wikipedia+targets": "Wikipedia and the target sentences"}
+        control = shut.get(r["settings"].get("gate_control"), "the control sentences") if gated(r) else ""
+        gates = f", with DSAS gates shut on {control}" if control else ""
+        comments, links = "", res.link(name)
+        cname = f"comment-perplexity-{key}-draws.json"
+        if os.path.isfile(os.path.join(res.folder, cname)):
+            c = next((x for x in res(cname)["rows"] if x["recipe"] == r["recipe"]), None)
+            if c is not None:
+                ci = c["comment_perplexity_ratio"]
+                comments = (
+                    f"; on held-out comments perplexity ×{ci['mean']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}]"
+                )
+                links += ", " + res.link(cname)
         lines.append(
-            f"| steering quality with 95% intervals, {model}, LinEAS's best recipe "
+            f"| steering quality with 95% intervals, {model}, LinEAS's best recipe{gates} "
             f"(strength chosen on validation within "
-            f"{data['ppl_budget']:+.0%} perplexity; {n['draws']} draws × {n['seeds']} seeds × "
+            f"{data['ppl_budget']:+.0%} Wikipedia perplexity; {n['draws']} draws × {n['seeds']} seeds × "
             f"{n['prompts']} test prompts, sampled) | mean toxicity ×{t['mean']:.2f} "
             f"[{t['low']:.2f}, {t['high']:.2f}] (**{factor:.1f}× "
-            f"lower**) at perplexity ×{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}] | {res.link(name)} |"
+            f"lower**) at Wikipedia perplexity ×{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
+            f"{comments} | {links} |"
         )
     return lines
 
@@ -580,6 +594,33 @@ def judge_pools(res: Results) -> str:
     return "\n".join(lines) + f"\n\n({res.link('judge-pools-cpu.json')}, `python bench/judge_pools.py`)"
 
 
+def comment_perplexity(name: str) -> Callable[[Results], str]:
+    """The rows chosen on validation: toxicity, Wikipedia perplexity and the perplexity on held-out
+    non-toxic comments, each as a ratio to the unsteered model with its interval."""
+
+    def table(res: Results) -> str:
+        f = f"comment-perplexity-{name}.json"
+        d = res(f)
+        show = lambda ci, k: f"×{ci['mean']:.{k}f} [{ci['low']:.{k}f}, {ci['high']:.{k}f}]"  # noqa: E731
+        lines = [
+            "| recipe (λ chosen on validation) | λ | mean toxicity × | Wikipedia PPL × | comments PPL × |",
+            "|---|---|---|---|---|",
+        ]
+        for r in d["rows"]:
+            lam = "–" if r["method"] == "prompting" else "/".join(f"{x:g}" for x in r["chosen_strengths"])
+            lines.append(
+                f"| {r['label']} | {lam} | {show(r['toxicity_mean_prob_ratio'], 2)} | "
+                f"{show(r['wikipedia_perplexity_ratio'], 3)} | {show(r['comment_perplexity_ratio'], 3)} |"
+            )
+        base = d["unsteered"]["perplexity"]["mean"]
+        return "\n".join(lines) + (
+            f"\n\n{d['comments']['n']} comments ({d['comments']['source']}), unsteered perplexity "
+            f"{base:.1f} ({res.link(f)}, `python bench/comment_perplexity.py SWEEP_DIR {name}`)"
+        )
+
+    return table
+
+
 def kernel_resources(res: Results) -> str:
     lines = ["| report | triton | builds | configurations | archs | failures | over budget or spilling |"]
     lines.append("|---|---|---|---|---|---|---|")
@@ -701,6 +742,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "dsas-token": dsas_token,
     "activation-scale": activation_scale,
     "judge-pools": judge_pools,
+    "comment-perplexity-smollm2": comment_perplexity("smollm2-draws"),
     "kernel-resources": kernel_resources,
     "bench-kernels-cpu": bench_kernels_cpu,
     "roofline": roofline,
