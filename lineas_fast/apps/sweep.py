@@ -111,11 +111,8 @@ class Recipe:
         d = asdict(self)
         if d["lr"] is None:  # the default as a number: defaults change
             d["lr"] = TrainConfig(optimizer=self.optimizer).resolved_lr()
-        for k in (
-            "control_opening",
-            "target_judged_below",
-            "gate_control",
-        ):  # keys of sweeps before the fields existed
+        # unset, these fields keep the keys (and files) of sweeps made before they existed
+        for k in ("control_opening", "target_judged_below", "gate_control"):
             if d[k] is None:
                 d.pop(k)
         if self.method != "lineas":

@@ -108,7 +108,7 @@ class DrawData:
     samples from; ``control``: neutral sentences outside the pools (DSAS gates);
     ``val_prompts``/``test_prompts`` and ``val_wiki``/``test_wiki``: the validation and test
     splits, disjoint and held out from the pools; ``control_wikipedia``: Wikipedia extracts
-    outside both Wikipedia splits (the control of gates with ``gate_control="wikipedia"``). It is
+    outside both Wikipedia splits (the control of gates with a recipe's ``gate_control``). It is
     not part of ``digest()`` (which names the data every unit reads): the units it enters are
     those of such recipes, whose fit key hashes the control texts themselves."""
 
@@ -243,6 +243,7 @@ def run_draw_sweep(
         raise ValueError("a sweep needs at least one strength")
     target_pools = {}  # recipe key -> its target pool (None: data.neutral)
     filtered = {}  # threshold -> the pool judged below it (the judge runs once per threshold)
+    overlap = set(data.control_wikipedia) & (set(data.val_wiki) | set(data.test_wiki))
     for i, r in enumerate(recipes):
         target_pools[r.key()] = None
         if r.target_judged_below is not None:
@@ -260,7 +261,6 @@ def run_draw_sweep(
                 f"recipes[{i}] ({r.label()}): gate_control={r.gate_control!r} needs at least 4 Wikipedia "
                 f"control extracts, the data has {len(data.control_wikipedia)}"
             )
-        overlap = set(data.control_wikipedia) & (set(data.val_wiki) | set(data.test_wiki))
         if r.gate_control and overlap:
             raise ValueError(
                 f"recipes[{i}] ({r.label()}): {len(overlap)} Wikipedia control extracts are also "
