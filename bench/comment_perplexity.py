@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, write_json  # noqa: E402
+from quality_goal import gated  # noqa: E402
 
 from lineas_fast.apps.eval import text_nll  # noqa: E402
 from lineas_fast.apps.intervals import perplexity_interval, perplexity_ratio_interval  # noqa: E402
@@ -103,7 +104,7 @@ def comment_rows(sweep: dict, sweep_dir: str, model, tok, comments: list[str]) -
                 "label": row["label"],
                 "recipe": row["recipe"],
                 "method": row["method"],
-                "gates": bool((row.get("settings") or {}).get("gates")),
+                "gates": gated(row),
                 "chosen_strengths": row["chosen_strengths"],
                 "comment_perplexity": perplexity_interval(nll, tokens).as_dict(),
                 "comment_perplexity_ratio": ratio.as_dict(),

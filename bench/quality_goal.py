@@ -48,14 +48,9 @@ def gated(r: dict) -> bool:
     return bool((r.get("settings") or {}).get("gates"))
 
 
-def best_lineas(res: dict, gates=None):
-    """The LinEAS row chosen on validation with the lowest validation toxicity (None: none chosen);
-    ``gates=False`` / ``True``: among the ungated / gated recipes only."""
-    rows = [
-        r
-        for r in chosen_rows(res).values()
-        if r["method"] == "lineas" and (gates is None or gated(r) == gates)
-    ]
+def best_lineas(res: dict):
+    """The LinEAS row chosen on validation with the lowest validation toxicity (None: none chosen)."""
+    rows = [r for r in chosen_rows(res).values() if r["method"] == "lineas"]
     return min(rows, key=lambda r: r["validation"]["toxicity_mean_prob"]) if rows else None
 
 
@@ -64,8 +59,8 @@ def goal_lines(res: dict) -> list[str]:
     LinEAS rows chosen on validation, every baseline row, the verdict."""
     from lineas_fast.apps.sweep_report import row_label
 
-    base = res["rows"][0]
-    others = {k: r for k, r in chosen_rows(res).items() if r["method"] != "lineas"}
+    base, chosen = res["rows"][0], chosen_rows(res)
+    others = {k: r for k, r in chosen.items() if r["method"] != "lineas"}
     best = best_lineas(res)
     if best is None:
         return ["* no LinEAS row was chosen on validation (no strength within the budget there)"]
@@ -79,7 +74,7 @@ def goal_lines(res: dict) -> list[str]:
         f"{best['toxicity_mean_prob']:.3f}, {_ratio(best, 'toxicity_mean_prob')} "
         f"(**{factor:.1f}× lower**), perplexity {_ratio(best, 'perplexity', 3)} (**{ppl:+.1%}**)"
     ]
-    for r in chosen_rows(res).values():  # the other LinEAS recipes, ranked below it on validation
+    for r in chosen.values():  # the other LinEAS recipes, ranked below it on validation
         if r["method"] == "lineas" and r is not best:
             f = base["toxicity_mean_prob"] / r["toxicity_mean_prob"]
             lines.append(

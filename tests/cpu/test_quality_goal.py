@@ -93,8 +93,7 @@ def test_measured_cost_is_per_unit():
 def test_the_other_lineas_recipes_are_listed_and_the_goal_read_on_the_chosen_one():
     res = results(0.03, 0.035, 10.25, 0.05)
     res["rows"][2]["settings"] = {"method": "lineas", "gates": "token", "gate_control": "wikipedia"}
-    assert best_lineas(res) is res["rows"][2] and best_lineas(res, gates=False) is res["rows"][1]
-    assert best_lineas(res, gates=True) is res["rows"][2]
+    assert best_lineas(res) is res["rows"][2]
     lines = goal_lines(res)
     assert lines[1].startswith(
         "* other LinEAS recipe: lineas (λ chosen on validation), λ = 1/1/1: ×0.50 [0.40, 0.60] (2.0× lower)"
